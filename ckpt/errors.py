@@ -1,0 +1,63 @@
+"""Typed errors.
+
+Every error subclasses :class:`CkptError` *and* the builtin a caller would already
+catch (``ValueError``, ``FileNotFoundError``, ...), names the path involved, says what
+was expected, and ends with a hint on how to fix it. Causes are chained by the raiser.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CkptError(Exception):
+    """Base class of every error ckpt raises on purpose."""
+
+    def __init__(self, message: str, *, path: Optional[PathLike] = None, hint: str = "") -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.hint = hint
+        text = message
+        if self.path is not None and self.path not in message:
+            text = f"{self.path}: {message}"
+        if hint:
+            text = f"{text}\n  hint: {hint}"
+        super().__init__(text)
+
+    def __str__(self) -> str:  # builtins such as OSError format args differently
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(CkptError, ValueError):
+    """An option or argument is invalid; raised before anything is written."""
+
+
+class CheckpointNotFoundError(CkptError, FileNotFoundError):
+    """No checkpoint matches the request (missing file, empty directory, no such epoch)."""
+
+
+class CheckpointExistsError(CkptError, FileExistsError):
+    """A checkpoint for the same (epoch, step) is already committed."""
+
+
+class CorruptCheckpointError(CkptError, ValueError):
+    """A checkpoint file is truncated, damaged, or not a ckpt checkpoint."""
+
+
+class FormatVersionError(CkptError, ValueError):
+    """A checkpoint was written by a newer, incompatible format version."""
+
+
+class UnsafeCheckpointError(CkptError, pickle.UnpicklingError):
+    """A file's pickle names a type outside the ``weights_only`` allow-list."""
+
+
+class StateMismatchError(CkptError, RuntimeError):
+    """Saved state does not fit the object it is loaded into (keys or shapes differ)."""
+
+
+class StorageError(CkptError, OSError):
+    """The directory cannot be used (not a directory, not writable, disk full, ...)."""

@@ -1,0 +1,334 @@
+"""CheckpointManager: orchestration only.
+
+Policy lives in :mod:`ckpt.policy`, files in :mod:`ckpt.storage` and :mod:`ckpt.index`,
+the schema in :mod:`ckpt.format`, object state in :mod:`ckpt.state`. This module
+decides *when* each runs: capture, commit under the lock, index, then retention.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from . import __version__, fileio, format, index, policy, state, storage
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError,
+                     CorruptCheckpointError, StorageError)
+from .record import CheckpointRecord
+
+Which = Union[str, int, "os.PathLike[str]", CheckpointRecord]
+
+
+class CheckpointManager:
+    """Tracks training state and writes, rotates and restores checkpoints in a directory.
+
+    Keyword arguments other than the options below are the objects to track, by name:
+    anything with ``state_dict()``/``load_state_dict()``. Options:
+
+    keep_last, keep_best, monitor, mode, keep_every
+        Retention (see :mod:`ckpt.policy`). With none of them every checkpoint is kept.
+    map_location
+        Where loaded tensors go before they are copied into your objects; ``"cpu"``
+        (default) loads checkpoints written on GPU on any machine.
+    weights_only
+        ``True`` (default) refuses files whose pickle names anything but plain data
+        and tensors. ``False`` trusts the files: only for files you wrote yourself.
+    strict
+        Key and shape mismatches raise :class:`StateMismatchError` (default); with
+        ``False`` matching entries load and the rest are skipped with a warning.
+    progress
+        Byte progress bars: ``None`` (default) on a terminal for large files only,
+        ``True`` always, ``False`` never.
+    """
+
+    def __init__(self, directory: Union[str, "os.PathLike[str]"], *,
+                 keep_last: Optional[int] = None, keep_best: Optional[int] = None,
+                 monitor: Optional[str] = None, mode: str = "min",
+                 keep_every: Optional[int] = None, map_location: Any = "cpu",
+                 weights_only: bool = True, strict: bool = True,
+                 progress: Optional[bool] = None, **trackables: Any) -> None:
+        self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
+                                             monitor=monitor, mode=mode, keep_every=keep_every)
+        for name, obj in trackables.items():
+            if name in format.RESERVED:
+                raise ConfigError(f"{name!r} is a reserved checkpoint entry, not a trackable name",
+                                  hint=f"track it under another name, e.g. my_{name}=...")
+            state.check_trackable(name, obj)
+        self.directory = storage.prepare_directory(Path(directory))
+        self.trackables: Dict[str, Any] = dict(trackables)
+        self.map_location = map_location
+        self.weights_only = weights_only
+        self.strict = strict
+        self.progress = progress
+        self.epoch = 0
+        self.step = 0
+        self.resumed: Optional[CheckpointRecord] = None
+        self._protected: Optional[Tuple[int, int]] = None
+        self._warned_no_metric = False
+        self._closed = False
+        storage.clean_temporaries(self.directory)
+        self._records = self._scan(rewrite=True)
+
+    # -- records -------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> List[CheckpointRecord]:
+        """Committed checkpoints, oldest first (by epoch, then step)."""
+        return list(self._records)
+
+    @property
+    def latest(self) -> Optional[CheckpointRecord]:
+        return self._records[-1] if self._records else None
+
+    @property
+    def best(self) -> Optional[CheckpointRecord]:
+        """The best checkpoint by ``monitor``/``mode`` (None without a monitor or metric)."""
+        if not self.policy.monitor:
+            return None
+        ranked = policy.best(self._records, self.policy.monitor, self.policy.mode, 1)
+        return ranked[0] if ranked else None
+
+    def refresh(self) -> List[CheckpointRecord]:
+        """Re-read the directory (another process may have committed) and return records."""
+        self._records = self._scan(rewrite=False)
+        return self.checkpoints
+
+    def _scan(self, *, rewrite: bool) -> List[CheckpointRecord]:
+        records, changed = index.reconcile(self.directory)
+        if changed and rewrite:
+            try:
+                with storage.lock(self.directory).acquire(timeout=0):
+                    index.write(self.directory, records)
+            except (OSError, TimeoutError):
+                pass  # a read-only directory or a busy writer: the files still describe themselves
+        return records
+
+    # -- saving --------------------------------------------------------------------
+
+    def save(self, epoch: Optional[int] = None, step: Optional[int] = None, *,
+             metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
+             mid_epoch: bool = False, overwrite: bool = False) -> CheckpointRecord:
+        """Write one checkpoint of every tracked object and return its record.
+
+        ``epoch`` and ``step`` default to the last saved or resumed values.
+        ``mid_epoch=True`` marks a checkpoint taken inside ``epoch`` (resume continues
+        that epoch); by default a checkpoint closes its epoch (resume starts the next).
+        Saving an (epoch, step) that exists raises :class:`CheckpointExistsError`
+        unless ``overwrite=True``; an end-of-epoch save replaces a mid-epoch
+        checkpoint of the same (epoch, step) without asking.
+        """
+        self._check_open()
+        epoch = self.epoch if epoch is None else _count("epoch", epoch)
+        step = self.step if step is None else _count("step", step)
+        metric_values = format.metrics_to_floats(metrics)
+        if self.policy.keep_best and self.policy.monitor not in metric_values and not self._warned_no_metric:
+            self._warned_no_metric = True
+            warnings.warn(f"save(epoch={epoch}, step={step}) has no {self.policy.monitor!r} metric: "
+                          "such checkpoints are not eligible for keep_best", stacklevel=2)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
+                              hint="pass extra={'lr': lr, 'best_acc': best_acc}")
+        self._check_new(epoch, step, mid_epoch, overwrite, self._records)
+        obj, nbytes = format.build(state.capture(self.trackables), epoch=epoch, step=step,
+                                   mid_epoch=mid_epoch, metrics=metric_values,
+                                   rng=state.capture_rng(), extra=dict(extra or {}),
+                                   library_version=__version__)
+        record = self._commit(obj, nbytes, overwrite)
+        self.epoch, self.step = epoch, step
+        return record
+
+    def _check_new(self, epoch: int, step: int, mid_epoch: bool, overwrite: bool,
+                   records: List[CheckpointRecord]) -> None:
+        existing = next((r for r in records if r.key == (epoch, step)), None)
+        if existing is not None and not overwrite and not (existing.mid_epoch and not mid_epoch):
+            raise CheckpointExistsError(
+                f"a checkpoint for epoch {epoch}, step {step} already exists", path=existing.path,
+                hint="pass a new step (save(epoch=..., step=global_step)), or overwrite=True to replace it")
+
+    def _commit(self, obj: Dict[str, Any], nbytes: int, overwrite: bool) -> CheckpointRecord:
+        """Write, index, then apply retention; all under the directory lock."""
+        epoch, step, meta = obj["epoch"], obj["step"], obj["ckpt"]
+        name = format.file_name(epoch, step)
+        with storage.lock(self.directory):
+            records, _ = index.reconcile(self.directory)
+            self._check_new(epoch, step, meta["mid_epoch"], overwrite, records)
+            existed = (self.directory / name).exists()
+            try:
+                written = fileio.write(self.directory, name, obj, nbytes=nbytes, progress=self.progress)
+            except OSError as e:
+                raise storage.storage_error(e, self.directory / name, "writing the checkpoint") from e
+            record = CheckpointRecord(epoch=epoch, step=step, path=written.path,
+                                      metrics=obj["metrics"], mid_epoch=meta["mid_epoch"],
+                                      size=written.size, checksum=written.checksum, time=meta["created"])
+            record._extra = obj["extra"]
+            records = [r for r in records if r.key != record.key] + [record]
+            if self._protected is not None and record.key > self._protected:
+                self._protected = None
+            protected = {record.key} | ({self._protected} if self._protected else set())
+            kept_keys = policy.select_kept(records, self.policy, protected)
+            kept = sorted((r for r in records if r.key in kept_keys), key=lambda r: r.key)
+            try:
+                index.write(self.directory, kept)
+            except OSError as e:
+                if not existed:
+                    storage.remove(written.path)
+                raise storage.storage_error(e, self.directory / index.INDEX_NAME,
+                                            "updating the index") from e
+            self._records = kept
+            self._delete([r for r in records if r.key not in kept_keys])
+        return record
+
+    def _delete(self, evicted: List[CheckpointRecord]) -> None:
+        for record in evicted:
+            try:
+                storage.remove(record.path)
+            except OSError as e:
+                raise storage.storage_error(e, record.path, "deleting an evicted checkpoint "
+                                            "(the new checkpoint is committed)") from e
+
+    # -- restoring -----------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint that verifies; return the epoch to run next.
+
+        Damaged checkpoints are skipped with a warning and renamed ``*.corrupt``. On an
+        empty directory nothing is touched and 0 is returned.
+        """
+        self._check_open()
+        self.refresh()
+        damaged: List[str] = []
+        for record in reversed(self._records):
+            try:
+                obj = self._load(record)
+            except (CorruptCheckpointError, FileNotFoundError) as e:
+                damaged.append(str(record.path))
+                self._quarantine(record, e)
+                continue
+            self._apply(obj, record)
+            return record.next_epoch
+        if damaged:
+            raise CheckpointNotFoundError(
+                f"no valid checkpoint to resume from; damaged: {', '.join(damaged)}",
+                path=self.directory, hint="the damaged files were kept as *.corrupt; "
+                                          "start a fresh run or restore one by path")
+        return 0
+
+    def restore(self, which: Which = "latest", *, step: Optional[int] = None) -> CheckpointRecord:
+        """Restore a chosen checkpoint (``"latest"``, ``"best"``, an epoch, a path or a
+        record; ``step=`` narrows an epoch or picks by step alone) and return its record."""
+        self._check_open()
+        self.refresh()
+        record = self._find(which, step)
+        obj = self._load(record)
+        self._apply(obj, record)
+        return record
+
+    def _find(self, which: Which, step: Optional[int]) -> CheckpointRecord:
+        if isinstance(which, CheckpointRecord):
+            return which
+        found: Optional[CheckpointRecord] = None
+        if which == "latest" and step is None:
+            found = self.latest
+        elif which == "best":
+            if not self.policy.monitor:
+                raise ConfigError("restore('best') needs a monitored metric",
+                                  hint="create the manager with monitor='val_loss' (and mode=)")
+            found = self.best
+        elif isinstance(which, int) and not isinstance(which, bool) or which == "latest":
+            matches = [r for r in self._records
+                       if (which == "latest" or r.epoch == which) and (step is None or r.step == step)]
+            found = matches[-1] if matches else None
+        elif isinstance(which, (str, os.PathLike)):
+            path = Path(which)
+            known = next((r for r in self._records if r.path.resolve() == path.resolve()), None)
+            if known is not None:
+                return known
+            if not path.is_file():
+                raise CheckpointNotFoundError("no such checkpoint file", path=path,
+                                              hint="pass 'latest', 'best', an epoch number or an existing path")
+            return index.describe_file(path)
+        if found is None:
+            have = ", ".join(f"e{r.epoch}/s{r.step}" for r in self._records) or "none"
+            raise CheckpointNotFoundError(f"no checkpoint matches {which!r}"
+                                          + (f" with step {step}" if step is not None else "")
+                                          + f" (committed: {have})", path=self.directory,
+                                          hint="list them with mgr.checkpoints or `python -m ckpt list DIR`")
+        return found
+
+    def _load(self, record: CheckpointRecord) -> Dict[str, Any]:
+        obj = fileio.load(record.path, map_location=self.map_location, weights_only=self.weights_only,
+                          checksum=record.checksum, progress=self.progress)
+        format.header(obj, str(record.path))
+        return obj
+
+    def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> None:
+        state.restore(self.trackables, obj, strict=self.strict, path=str(record.path))
+        state.restore_rng(obj.get("rng") or {})
+        record._extra = obj.get("extra", {})
+        self.epoch, self.step = record.epoch, record.step
+        self.resumed = record
+        self._protected = record.key
+
+    def _quarantine(self, record: CheckpointRecord, error: BaseException) -> None:
+        moved = None
+        try:
+            with storage.lock(self.directory):
+                if record.path.exists():
+                    moved = storage.quarantine(record.path)
+                records = [r for r in index.reconcile(self.directory)[0] if r.key != record.key]
+                index.write(self.directory, records)
+        except OSError:
+            pass  # read-only directory: skipping the file is enough
+        self._records = [r for r in self._records if r.key != record.key]
+        where = f"; kept as {moved}" if moved else ""
+        warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=3)
+
+    # -- integrity -----------------------------------------------------------------
+
+    def verify(self) -> Dict[str, str]:
+        """Check every committed checkpoint against its checksum: file name -> "ok",
+        "damaged" or "missing". Reads every file once; loads nothing into your objects."""
+        report: Dict[str, str] = {}
+        for record in self.refresh():
+            try:
+                fileio.verify(record.path, record.checksum, progress=self.progress)
+                report[record.path.name] = "ok"
+            except FileNotFoundError:
+                report[record.path.name] = "missing"
+            except CorruptCheckpointError:
+                report[record.path.name] = "damaged"
+        return report
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until background writes are committed (a no-op for synchronous saves)."""
+
+    def close(self) -> None:
+        """Flush pending writes; the manager cannot save afterwards."""
+        if not self._closed:
+            self.wait()
+            self._closed = True
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("this CheckpointManager is closed", path=self.directory,
+                               hint="create a new CheckpointManager for the directory")
+
+    def __repr__(self) -> str:
+        return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "
+                f"checkpoints={len(self._records)})")
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative int, got {value!r}",
+                          hint=f"pass {name}=<loop counter>, e.g. save(epoch=epoch, step=global_step)")
+    return value

@@ -1,0 +1,158 @@
+"""State capture and restore: tracked objects, wrapped models and RNG states."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+
+from .errors import ConfigError, StateMismatchError
+
+_WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LISTED = 8
+
+
+def unwrap(obj: Any) -> Any:
+    """The plain module inside DDP, DataParallel and ``torch.compile`` wrappers."""
+    while isinstance(obj, torch.nn.Module):
+        inner = next((getattr(obj, a) for a in _WRAPPER_ATTRS
+                      if isinstance(getattr(obj, a, None), torch.nn.Module)
+                      and type(obj).__name__ in ("DistributedDataParallel", "DataParallel",
+                                                 "OptimizedModule", "FullyShardedDataParallel")), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def check_trackable(name: str, obj: Any) -> None:
+    """Raise :class:`ConfigError` unless ``obj`` can be checkpointed under ``name``."""
+    missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise ConfigError(
+            f"tracked object {name!r} ({type(obj).__name__}) has no {' or '.join(missing)}()",
+            hint="track objects with state_dict()/load_state_dict() (modules, optimizers, "
+                 "schedulers, GradScaler), or store plain values in save(extra=...)")
+
+
+def capture(trackables: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state_dict()`` of every tracked object, models under their unwrapped names."""
+    return {name: unwrap(obj).state_dict() for name, obj in trackables.items()}
+
+
+def strip_wrapper_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop a ``module.``/``_orig_mod.`` prefix that every key carries (wrapped saves)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            return strip_wrapper_prefix({k[len(prefix):]: v for k, v in state.items()})
+    return state
+
+
+def _listing(items: List[str]) -> str:
+    shown = ", ".join(items[:_LISTED])
+    return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+
+
+def module_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> Tuple[List[str], List[str], List[str]]:
+    """(missing keys, unexpected keys, 'key: saved shape vs model shape') of a module load."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items()
+              if k in state and isinstance(v, torch.Tensor) and isinstance(state[k], torch.Tensor)
+              and state[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], *,
+                strict: bool, path: str) -> None:
+    """Load a module's state, naming every missing/unexpected key and shape mismatch."""
+    state = strip_wrapper_prefix(state)
+    missing, unexpected, shapes = module_mismatch(module, state)
+    if missing or unexpected or shapes:
+        parts = [f"missing keys: {_listing(missing)}" if missing else "",
+                 f"unexpected keys: {_listing(unexpected)}" if unexpected else "",
+                 f"shape mismatches: {_listing(shapes)}" if shapes else ""]
+        detail = "; ".join(p for p in parts if p)
+        if strict:
+            raise StateMismatchError(
+                f"the checkpoint's {name!r} does not fit the model ({detail})", path=path,
+                hint="build the model with the same architecture, or pass strict=False to "
+                     "load the matching entries and skip the rest")
+        warnings.warn(f"{path}: loading {name!r} with strict=False skipped {detail}", stacklevel=3)
+        bad = {s.split(":")[0] for s in shapes}
+        state = {k: v for k, v in state.items() if k not in bad}
+    module.load_state_dict(state, strict=False if not strict else True)
+
+
+def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
+            strict: bool, path: str) -> None:
+    """Load every tracked object from ``checkpoint``; modules first, as they are checked."""
+    absent = [n for n in trackables if n not in checkpoint]
+    if absent:
+        msg = f"the checkpoint has no state for {_listing(absent)}"
+        if strict:
+            raise StateMismatchError(msg, path=path,
+                                     hint="pass strict=False to restore the other objects")
+        warnings.warn(f"{path}: {msg}; left as they are", stacklevel=3)
+    order = sorted((n for n in trackables if n in checkpoint),
+                   key=lambda n: not isinstance(unwrap(trackables[n]), torch.nn.Module))
+    for name in order:
+        target = unwrap(trackables[name])
+        if isinstance(target, torch.nn.Module):
+            load_module(name, target, checkpoint[name], strict=strict, path=path)
+        else:
+            try:
+                target.load_state_dict(checkpoint[name])
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                raise StateMismatchError(
+                    f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}",
+                    path=path, hint="track the same kind of object, built the same way, "
+                                    "as when the checkpoint was saved") from e
+
+
+def capture_rng() -> Dict[str, Any]:
+    """Python, NumPy (when installed), torch CPU and every initialised CUDA device."""
+    version, internal, gauss = random.getstate()
+    rng: Dict[str, Any] = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+                           "torch": torch.get_rng_state()}
+    np = _numpy()
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: Mapping[str, Any]) -> None:
+    """Restore what :func:`capture_rng` saved; absent entries are left alone."""
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    np = _numpy()
+    if np is not None and "numpy" in rng:
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"]
+        count = torch.cuda.device_count()
+        if len(states) != count:
+            warnings.warn(f"checkpoint has CUDA RNG states for {len(states)} devices, this machine "
+                          f"has {count}; restoring the first {min(count, len(states))}", stacklevel=3)
+        for device, state in enumerate(states[:count]):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
