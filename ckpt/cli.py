@@ -1,0 +1,102 @@
+"""Command line: ``python -m ckpt`` / ``ckpt``.
+
+    ckpt list DIR       committed checkpoints with epoch, step, metrics, size
+    ckpt verify DIR     check every checkpoint against its checksum (exit 1 if any is bad)
+    ckpt inspect FILE   a checkpoint's metadata and tracked objects, loaded safely
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import fileio, format, index
+from .errors import CkptError
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: not a directory (pass a checkpoint directory)")
+    return path
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    records, _ = index.reconcile(args.directory)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=1))
+        return 0
+    if not records:
+        print(f"{args.directory}: no checkpoints")
+        return 0
+    for r in records:
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items())
+        mark = " (mid-epoch)" if r.mid_epoch else ""
+        print(f"{r.path.name}  epoch {r.epoch} step {r.step}{mark}  {_size(r.size)}  {metrics}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    records, _ = index.reconcile(args.directory)
+    bad = 0
+    for r in records:
+        try:
+            fileio.verify(r.path, r.checksum)
+            status = "ok" if r.checksum else "ok (no recorded checksum)"
+        except FileNotFoundError:
+            status, bad = "missing", bad + 1
+        except CkptError as e:
+            status, bad = f"damaged: {e}", bad + 1
+        print(f"{r.path.name}: {status}")
+    print(f"{len(records) - bad} ok, {bad} bad")
+    return 1 if bad else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    obj = fileio.load(args.file)
+    meta = format.header(obj, str(args.file))
+    info = {"file": str(args.file), **format.describe(obj), "format": meta["format"],
+            "library": meta.get("library"), "torch": meta.get("torch"),
+            "objects": meta.get("objects", []), "extra": sorted(obj.get("extra", {}))}
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckpt", description="Inspect and verify ckpt checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list committed checkpoints")
+    ls.add_argument("directory", type=_existing_dir)
+    ls.add_argument("--json", action="store_true", help="print the records as JSON")
+    ls.set_defaults(run=cmd_list)
+    vf = sub.add_parser("verify", help="verify every checkpoint against its checksum")
+    vf.add_argument("directory", type=_existing_dir)
+    vf.set_defaults(run=cmd_verify)
+    ins = sub.add_parser("inspect", help="show one checkpoint's metadata (safe load)")
+    ins.add_argument("file", type=Path)
+    ins.set_defaults(run=cmd_inspect)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CkptError, OSError) as e:
+        print(f"ckpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

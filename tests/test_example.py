@@ -1,0 +1,57 @@
+"""The README's main example: kill it with SIGKILL after a checkpoint, run it again."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_and_resume.py"
+
+
+def run_until_saved(directory: Path, epochs: int, saves: int) -> str:
+    """Start the example, SIGKILL it once ``saves`` checkpoints were reported; its output."""
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--dir", str(directory), "--epochs", str(epochs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if sum("saved ckpt-" in seen for seen in lines) >= saves:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)
+    return "".join(lines)
+
+
+def committed_epochs(directory: Path) -> list:
+    index = json.loads((directory / "ckpt-index.json").read_text())
+    return [entry["epoch"] for entry in index["checkpoints"]]
+
+
+@pytest.mark.slow
+def test_killed_example_resumes_at_next_epoch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = run_until_saved(run, epochs=12, saves=2)
+    assert "fresh run" in first
+    last = max(committed_epochs(run))
+    assert last >= 1  # at least the two reported saves are committed
+
+    second = subprocess.run([sys.executable, str(EXAMPLE), "--dir", str(run), "--epochs", "12"],
+                            capture_output=True, text=True, timeout=300, check=True).stdout
+    resumed = re.search(r"continuing at epoch (\d+)", second)
+    assert resumed, second
+    assert int(resumed.group(1)) == last + 1
+    assert f"epoch {last}:" not in second  # no epoch is trained twice
+    assert "epoch 11:" in second and "done; kept epochs" in second
+    # retention: the 3 newest, the 2 best and every 5th epoch; nothing else remains
+    kept = committed_epochs(run)
+    assert {9, 10, 11} <= set(kept) and {4, 9} <= set(kept)
+    assert len(kept) <= 3 + 2 + 2
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".ckpt-tmp-")) == []
