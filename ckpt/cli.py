@@ -59,7 +59,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except CkptError as e:
             status, bad = f"damaged: {e}", bad + 1
         print(f"{r.path.name}: {status}")
-    print(f"{len(records) - bad} ok, {bad} bad")
+    missing = index.missing_files(args.directory)  # listed in the index, gone from disk
+    for name in missing:
+        print(f"{name}: missing")
+    print(f"{len(records) - bad} ok, {bad + len(missing)} bad")
+    bad += len(missing)
     return 1 if bad else 0
 
 

@@ -61,3 +61,15 @@ class StateMismatchError(CkptError, RuntimeError):
 
 class StorageError(CkptError, OSError):
     """The directory cannot be used (not a directory, not writable, disk full, ...)."""
+
+
+class UntrustedModuleError(UnsafeCheckpointError):
+    """A model spec names a module the caller has not trusted; nothing was imported."""
+
+
+class ArchitectureError(CkptError, ValueError):
+    """A model's architecture cannot be recorded, or cannot be built again from its spec."""
+
+
+class ExportError(CkptError, RuntimeError):
+    """``torch.export`` or TorchScript cannot turn the model into a class-free program."""

@@ -25,7 +25,7 @@ from .errors import ConfigError, CorruptCheckpointError, FormatVersionError
 
 FORMAT_VERSION = 1
 RESERVED = frozenset({"epoch", "step", "metrics", "rng", "extra", "ckpt"})
-NAME_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
+NAME_RE = re.compile(r"ckpt-e([0-9]+)-s([0-9]+)\.pt")
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray,
           torch.Size, torch.dtype, torch.device, torch.Tensor, torch.nn.Parameter)
@@ -37,9 +37,14 @@ def file_name(epoch: int, step: int) -> str:
 
 
 def parse_name(name: str) -> Optional[Tuple[int, int]]:
-    """(epoch, step) of a checkpoint file name, or None for any other file."""
-    m = NAME_RE.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    """(epoch, step) of a checkpoint file name, or None for any other file.
+
+    Only the exact names :func:`file_name` writes match (not ``ckpt-e1-s2.pt``, nor a
+    trailing newline), so no foreign file can alias a checkpoint's (epoch, step).
+    """
+    m = NAME_RE.fullmatch(name)
+    key = (int(m.group(1)), int(m.group(2))) if m else None
+    return key if key is not None and file_name(*key) == name else None
 
 
 def check_loadable(obj: Any, where: str) -> int:
@@ -54,7 +59,7 @@ def check_loadable(obj: Any, where: str) -> int:
     while stack:
         value, at = stack.pop()
         kind = type(value)
-        if kind in _PLAIN:
+        if kind in _PLAIN and not (kind is bytes and not value):  # b"" pickles as a call to bytes()
             if isinstance(value, torch.Tensor):
                 nbytes += value.nelement() * value.element_size()
             continue
@@ -66,9 +71,9 @@ def check_loadable(obj: Any, where: str) -> int:
             else:
                 stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
             continue
+        what = "an empty bytes (b'')" if kind is bytes else f"a {kind.__module__}.{kind.__qualname__}"
         raise ConfigError(
-            f"{at} is a {kind.__module__}.{kind.__qualname__}, which a safe "
-            "(weights_only) load cannot read back",
+            f"{at} is {what}, which a safe (weights_only) load cannot read back",
             hint="store plain numbers, strings, lists, dicts or tensors: use float(x), "
                  "x.tolist(), torch.from_numpy(x) or a dict of the object's fields")
     return nbytes

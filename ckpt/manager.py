@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import __version__, fileio, format, index, policy, state, storage
+from . import __version__, data, exporting, fileio, format, index, interop, models, policy, state, storage
+from . import async_writer
+from . import preemption as preempt
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError,
                      CorruptCheckpointError, StorageError)
 from .record import CheckpointRecord
@@ -40,6 +43,12 @@ class CheckpointManager:
     progress
         Byte progress bars: ``None`` (default) on a terminal for large files only,
         ``True`` always, ``False`` never.
+    preemption
+        ``True`` handles SIGTERM and SIGUSR1 (or pass a list of signals): the handler
+        only sets :attr:`preempted`; call :meth:`save_if_preempted` after each step.
+    async_save
+        ``True``: :meth:`save` copies the state into reused host buffers and returns;
+        a background thread commits it (one save in flight; see :mod:`ckpt.async_writer`).
     """
 
     def __init__(self, directory: Union[str, "os.PathLike[str]"], *,
@@ -47,7 +56,8 @@ class CheckpointManager:
                  monitor: Optional[str] = None, mode: str = "min",
                  keep_every: Optional[int] = None, map_location: Any = "cpu",
                  weights_only: bool = True, strict: bool = True,
-                 progress: Optional[bool] = None, **trackables: Any) -> None:
+                 progress: Optional[bool] = None, preemption: preempt.Option = False,
+                 async_save: bool = False, **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
         for name, obj in trackables.items():
@@ -67,8 +77,10 @@ class CheckpointManager:
         self._protected: Optional[Tuple[int, int]] = None
         self._warned_no_metric = False
         self._closed = False
+        self._writer = async_writer.create(self.directory, async_save)
         storage.clean_temporaries(self.directory)
         self._records = self._scan(rewrite=True)
+        self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
     # -- records -------------------------------------------------------------------
 
@@ -91,6 +103,8 @@ class CheckpointManager:
 
     def refresh(self) -> List[CheckpointRecord]:
         """Re-read the directory (another process may have committed) and return records."""
+        if self._writer is not None:
+            self._writer.join()  # our own save in flight first; its error waits for save()/wait()
         self._records = self._scan(rewrite=False)
         return self.checkpoints
 
@@ -99,7 +113,9 @@ class CheckpointManager:
         if changed and rewrite:
             try:
                 with storage.lock(self.directory).acquire(timeout=0):
-                    index.write(self.directory, records)
+                    records, changed = index.reconcile(self.directory)  # a writer may have committed
+                    if changed:
+                        index.write(self.directory, records)
             except (OSError, TimeoutError):
                 pass  # a read-only directory or a busy writer: the files still describe themselves
         return records
@@ -116,9 +132,12 @@ class CheckpointManager:
         that epoch); by default a checkpoint closes its epoch (resume starts the next).
         Saving an (epoch, step) that exists raises :class:`CheckpointExistsError`
         unless ``overwrite=True``; an end-of-epoch save replaces a mid-epoch
-        checkpoint of the same (epoch, step) without asking.
+        checkpoint of the same (epoch, step) without asking. With ``async_save`` it returns
+        once the state is copied; the record's size and checksum are set at commit.
         """
         self._check_open()
+        if self._writer is not None:
+            self._writer.ready()  # the save in flight commits (or raises) before this one starts
         epoch = self.epoch if epoch is None else _count("epoch", epoch)
         step = self.step if step is None else _count("step", step)
         metric_values = format.metrics_to_floats(metrics)
@@ -130,11 +149,20 @@ class CheckpointManager:
             raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
                               hint="pass extra={'lr': lr, 'best_acc': best_acc}")
         self._check_new(epoch, step, mid_epoch, overwrite, self._records)
+        if not mid_epoch and data.inside_epoch(self.trackables):
+            warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
+                          f"{', '.join(map(repr, data.inside_epoch(self.trackables)))} is part-way "
+                          "through the epoch: resuming from it starts the next epoch and skips the "
+                          "rest of this one; pass mid_epoch=True for step checkpoints", stacklevel=2)
         obj, nbytes = format.build(state.capture(self.trackables), epoch=epoch, step=step,
                                    mid_epoch=mid_epoch, metrics=metric_values,
                                    rng=state.capture_rng(), extra=dict(extra or {}),
-                                   library_version=__version__)
-        record = self._commit(obj, nbytes, overwrite)
+                                   library_version=__version__,
+                                   spec=models.checkpoint_specs(self.trackables))
+        if self._writer is not None:
+            record = self._writer.submit(obj, lambda staged: self._commit(staged, nbytes, overwrite))
+        else:
+            record = self._commit(obj, nbytes, overwrite)
         self.epoch, self.step = epoch, step
         return record
 
@@ -154,6 +182,7 @@ class CheckpointManager:
             records, _ = index.reconcile(self.directory)
             self._check_new(epoch, step, meta["mid_epoch"], overwrite, records)
             existed = (self.directory / name).exists()
+            before = index.snapshot(self.directory)
             try:
                 written = fileio.write(self.directory, name, obj, nbytes=nbytes, progress=self.progress)
             except OSError as e:
@@ -171,8 +200,12 @@ class CheckpointManager:
             try:
                 index.write(self.directory, kept)
             except OSError as e:
-                if not existed:
+                if existed:  # the file it replaced is gone: best effort to index the new one
+                    with suppress(OSError):
+                        index.write(self.directory, records)
+                else:
                     storage.remove(written.path)
+                    index.roll_back(self.directory, before)
                 raise storage.storage_error(e, self.directory / index.INDEX_NAME,
                                             "updating the index") from e
             self._records = kept
@@ -224,6 +257,17 @@ class CheckpointManager:
         self._apply(obj, record)
         return record
 
+    def export_model(self, which: Which, path: Union[str, "os.PathLike[str]"], *, example_inputs: Any,
+                     **options: Any) -> Path:
+        """Export the tracked model with the weights of checkpoint ``which`` (``"best"``,
+        ``"latest"``, an epoch or a path) as a class-free program; the live model is not
+        touched. ``options`` as for :func:`ckpt.export` (plus ``object=`` for the module)."""
+        self._check_open()
+        self.refresh()
+        record = self._find(which, None)
+        return exporting.export_checkpoint(self.trackables, self._load(record), str(record.path), path,
+                                           example_inputs=example_inputs, **options)
+
     def _find(self, which: Which, step: Optional[int]) -> CheckpointRecord:
         if isinstance(which, CheckpointRecord):
             return which
@@ -247,7 +291,7 @@ class CheckpointManager:
             if not path.is_file():
                 raise CheckpointNotFoundError("no such checkpoint file", path=path,
                                               hint="pass 'latest', 'best', an epoch number or an existing path")
-            return index.describe_file(path)
+            return interop.record_for(path, weights_only=self.weights_only)  # foreign layouts too
         if found is None:
             have = ", ".join(f"e{r.epoch}/s{r.step}" for r in self._records) or "none"
             raise CheckpointNotFoundError(f"no checkpoint matches {which!r}"
@@ -259,8 +303,7 @@ class CheckpointManager:
     def _load(self, record: CheckpointRecord) -> Dict[str, Any]:
         obj = fileio.load(record.path, map_location=self.map_location, weights_only=self.weights_only,
                           checksum=record.checksum, progress=self.progress)
-        format.header(obj, str(record.path))
-        return obj
+        return interop.as_checkpoint(obj, self.trackables, str(record.path))
 
     def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> None:
         state.restore(self.trackables, obj, strict=self.strict, path=str(record.path))
@@ -274,9 +317,9 @@ class CheckpointManager:
         moved = None
         try:
             with storage.lock(self.directory):
-                if record.path.exists():
-                    moved = storage.quarantine(record.path)
                 records = [r for r in index.reconcile(self.directory)[0] if r.key != record.key]
+                if record.path.exists():  # moved after reconcile, which would warn it is missing
+                    moved = storage.quarantine(record.path)
                 index.write(self.directory, records)
         except OSError:
             pass  # read-only directory: skipping the file is enough
@@ -298,18 +341,42 @@ class CheckpointManager:
                 report[record.path.name] = "missing"
             except CorruptCheckpointError:
                 report[record.path.name] = "damaged"
+        report.update({name: "missing" for name in index.missing_files(self.directory)})
         return report
 
     # -- lifecycle -----------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until background writes are committed (a no-op for synchronous saves)."""
+        """Block until background writes are committed (a no-op for synchronous saves);
+        raise the error of a background save that failed."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    @property
+    def preempted(self) -> bool:
+        """True once a preemption signal arrived (always False without ``preemption=``)."""
+        return self._preemption is not None and self._preemption.triggered
+
+    def save_if_preempted(self, *, epoch: int, step: int, metrics: Optional[Mapping[str, Any]] = None,
+                          extra: Optional[Mapping[str, Any]] = None) -> None:
+        """Call after each optimizer step: a no-op until a preemption signal arrived; then
+        save a mid-epoch checkpoint, close the manager (restoring the signal handlers) and
+        raise :class:`ckpt.Preempted`, a ``SystemExit`` with status 128 + signal number."""
+        if self.preempted:
+            raise preempt.stop(self, self._preemption, epoch=epoch, step=step,
+                                  metrics=metrics, extra=extra)
 
     def close(self) -> None:
         """Flush pending writes; the manager cannot save afterwards."""
+        if self._preemption is not None:
+            self._preemption.close()
         if not self._closed:
-            self.wait()
-            self._closed = True
+            try:
+                self.wait()
+            finally:
+                self._closed = True
+                if self._writer is not None:
+                    self._writer.close()  # frees the staging buffers
 
     def __enter__(self) -> "CheckpointManager":
         return self

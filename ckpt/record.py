@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -44,8 +45,10 @@ class CheckpointRecord:
         return self._extra
 
     def to_json(self) -> Dict[str, Any]:
+        """Strict JSON: NaN and +-inf metrics become "nan"/"inf"/"-inf" (float() reads them back)."""
+        metrics = {k: v if math.isfinite(v) else str(v) for k, v in self.metrics.items()}
         return {"file": self.path.name, "epoch": self.epoch, "step": self.step,
-                "mid_epoch": self.mid_epoch, "metrics": self.metrics, "size": self.size,
+                "mid_epoch": self.mid_epoch, "metrics": metrics, "size": self.size,
                 "checksum": self.checksum, "time": self.time}
 
     @classmethod

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+import sys
 import warnings
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -15,23 +16,26 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LISTED = 8
 
 
+def _wrapper_types() -> Tuple[type, ...]:
+    types: List[type] = [torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel]
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded whenever torch.compile ran
+    if dynamo is not None:
+        types.append(dynamo.OptimizedModule)
+    return tuple(types)
+
+
 def unwrap(obj: Any) -> Any:
     """The plain module inside DDP, DataParallel and ``torch.compile`` wrappers."""
-    while isinstance(obj, torch.nn.Module):
-        inner = next((getattr(obj, a) for a in _WRAPPER_ATTRS
-                      if isinstance(getattr(obj, a, None), torch.nn.Module)
-                      and type(obj).__name__ in ("DistributedDataParallel", "DataParallel",
-                                                 "OptimizedModule", "FullyShardedDataParallel")), None)
-        if inner is None:
-            return obj
-        obj = inner
+    wrappers = _wrapper_types()
+    while isinstance(obj, wrappers):
+        obj = next(getattr(obj, a) for a in _WRAPPER_ATTRS if hasattr(obj, a))
     return obj
 
 
 def check_trackable(name: str, obj: Any) -> None:
     """Raise :class:`ConfigError` unless ``obj`` can be checkpointed under ``name``."""
     missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
-    if missing:
+    if missing and not isinstance(obj, torch.Generator):
         raise ConfigError(
             f"tracked object {name!r} ({type(obj).__name__}) has no {' or '.join(missing)}()",
             hint="track objects with state_dict()/load_state_dict() (modules, optimizers, "
@@ -40,14 +44,31 @@ def check_trackable(name: str, obj: Any) -> None:
 
 def capture(trackables: Mapping[str, Any]) -> Dict[str, Any]:
     """``state_dict()`` of every tracked object, models under their unwrapped names."""
-    return {name: unwrap(obj).state_dict() for name, obj in trackables.items()}
+    return {name: _state_of(obj) for name, obj in trackables.items()}
 
 
-def strip_wrapper_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Drop a ``module.``/``_orig_mod.`` prefix that every key carries (wrapped saves)."""
+def _state_of(obj: Any) -> Any:
+    # A torch.Generator (e.g. a DataLoader's generator=) has get_state(), not state_dict().
+    if isinstance(obj, torch.Generator):
+        return {"generator_state": obj.get_state(), "device": str(obj.device)}
+    return unwrap(obj).state_dict()
+
+
+def _load_state(target: Any, saved: Any) -> None:
+    if isinstance(target, torch.Generator):
+        target.set_state(saved["generator_state"].cpu())  # set_state takes a CPU ByteTensor
+    else:
+        target.load_state_dict(saved)
+
+
+def strip_wrapper_prefix(state: Mapping[str, Any], own: Collection[str] = ()) -> Mapping[str, Any]:
+    """Drop a ``module.``/``_orig_mod.`` prefix that every key carries (wrapped saves),
+    unless the keys already fit ``own``, the target's keys (a child named ``module``)."""
+    if any(k in own for k in state):
+        return state
     for prefix in _WRAPPER_PREFIXES:
         if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            return strip_wrapper_prefix({k[len(prefix):]: v for k, v in state.items()})
+            return strip_wrapper_prefix({k[len(prefix):]: v for k, v in state.items()}, own)
     return state
 
 
@@ -71,7 +92,7 @@ def module_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> Tuple[
 def load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], *,
                 strict: bool, path: str) -> None:
     """Load a module's state, naming every missing/unexpected key and shape mismatch."""
-    state = strip_wrapper_prefix(state)
+    state = strip_wrapper_prefix(state, module.state_dict().keys())
     missing, unexpected, shapes = module_mismatch(module, state)
     if missing or unexpected or shapes:
         parts = [f"missing keys: {_listing(missing)}" if missing else "",
@@ -107,7 +128,7 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             load_module(name, target, checkpoint[name], strict=strict, path=path)
         else:
             try:
-                target.load_state_dict(checkpoint[name])
+                _load_state(target, checkpoint[name])
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise StateMismatchError(
                     f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}",
@@ -130,16 +151,20 @@ def capture_rng() -> Dict[str, Any]:
 
 
 def restore_rng(rng: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng` saved; absent entries are left alone."""
+    """Restore what :func:`capture_rng` saved; absent entries are left alone.
+
+    States are moved to the CPU first: the setters take CPU tensors, whatever
+    ``map_location`` the checkpoint was loaded with.
+    """
     if "python" in rng:
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
     if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng["torch"].cpu())
     np = _numpy()
     if np is not None and "numpy" in rng:
         kind, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+        np.random.set_state((kind, keys.cpu().numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in rng and torch.cuda.is_available():
         states = rng["cuda"]
         count = torch.cuda.device_count()
@@ -147,7 +172,7 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
             warnings.warn(f"checkpoint has CUDA RNG states for {len(states)} devices, this machine "
                           f"has {count}; restoring the first {min(count, len(states))}", stacklevel=3)
         for device, state in enumerate(states[:count]):
-            torch.cuda.set_rng_state(state, device)
+            torch.cuda.set_rng_state(state.cpu(), device)
 
 
 def _numpy() -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import zlib
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from filelock import FileLock, Timeout
 
+from . import fastio
 from .errors import StorageError
 
 TMP_PREFIX = ".ckpt-tmp-"
 LOCK_NAME = ".ckpt.lock"
 QUARANTINE_SUFFIX = ".corrupt"
-CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -44,21 +43,29 @@ class ChecksumWriter:
     """File-like wrapper that computes CRC-32 and counts bytes as they are written.
 
     The checksum is computed on the bytes in flight, so integrity costs no second pass
-    over the file. ``on_write`` receives the byte count of each write (progress bars).
+    over the file; for large buffers it runs on a helper thread while the bytes are
+    written, and completed ranges go to the kernel's writeback early (:mod:`ckpt.fastio`).
+    ``on_write`` receives the byte count of each write (progress bars).
     """
 
     def __init__(self, raw: BinaryIO, on_write: Optional[Callable[[int], object]] = None) -> None:
         self._raw = raw
         self._on_write = on_write
+        self._writeback = fastio.Writeback(raw)
         self.crc = 0
         self.size = 0
+        self.error: Optional[BaseException] = None
 
     def write(self, data) -> int:  # noqa: ANN001 - bytes-like
         view = memoryview(data).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
-        written = self._raw.write(view)
-        n = len(view) if written is None else written
-        self.size += n
+        try:
+            self.crc, written = fastio.crc_during(view, self.crc, self._raw.write, view)
+            n = len(view) if written is None else written
+            self.size += n
+            self._writeback.advance(self.size)  # may flush: its errors are this write's
+        except BaseException as e:  # torch.save turns it into an opaque RuntimeError: keep it
+            self.error = e
+            raise
         if self._on_write is not None:
             self._on_write(n)
         return n
@@ -100,7 +107,12 @@ def atomic_write(directory: Path, name: str, write: Callable[[ChecksumWriter], N
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
             writer = ChecksumWriter(f, on_write)
-            write(writer)
+            try:
+                write(writer)
+            except BaseException as e:
+                if writer.error is not None and e is not writer.error:
+                    raise writer.error from e  # ENOSPC or Ctrl-C, not torch's "unexpected pos"
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -117,19 +129,8 @@ def atomic_write(directory: Path, name: str, write: Callable[[ChecksumWriter], N
 
 
 def file_checksum(path: Path, on_read: Optional[Callable[[int], object]] = None) -> str:
-    """CRC-32 of a whole file, read in large chunks."""
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            if on_read is not None:
-                on_read(n)
-    return format_checksum(crc)
+    """CRC-32 of a whole file, read in large chunks (summed while the next one is read)."""
+    return format_checksum(fastio.file_crc(path, on_read))
 
 
 def prepare_directory(directory: Path) -> Path:
@@ -148,9 +149,21 @@ def prepare_directory(directory: Path) -> Path:
     return directory
 
 
+class _DirectoryLock(FileLock):
+    """A FileLock whose failures to open the lock file (read-only, full, gone) are clear errors."""
+
+    def acquire(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - FileLock's signature
+        try:
+            return super().acquire(*args, **kwargs)
+        except Timeout:
+            raise
+        except OSError as e:
+            raise storage_error(e, Path(self.lock_file), "locking the checkpoint directory") from e
+
+
 def lock(directory: Path) -> FileLock:
     """The inter-process lock that serialises commits in ``directory``."""
-    return FileLock(str(directory / LOCK_NAME), thread_local=False)
+    return _DirectoryLock(str(directory / LOCK_NAME), thread_local=False)
 
 
 def clean_temporaries(directory: Path) -> List[Path]:
@@ -194,8 +207,8 @@ def storage_error(e: OSError, path: Path, action: str) -> StorageError:
     """Wrap an OSError raised while committing, keeping its errno and a useful hint."""
     if e.errno == errno.ENOSPC:
         hint = "the disk is full: free space or lower keep_last/keep_best; earlier checkpoints are intact"
-    elif isinstance(e, PermissionError):
-        hint = "the directory is not writable: fix its permissions or choose another directory"
+    elif isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        hint = "the directory is not writable (permissions or a read-only mount): fix it or choose another directory"
     else:
         hint = "earlier checkpoints and the index are unchanged; fix the cause and save again"
     err = StorageError(f"{action} failed: {e.strerror or e}", path=path, hint=hint)

@@ -1,0 +1,360 @@
+"""Architecture specs: a model's class and constructor arguments, as plain data.
+
+A spec is what ``load_model`` needs to build a model again before loading its
+weights: ``{"version": 1, "module": "pkg.mod", "qualname": "Net", "args": [...],
+"kwargs": {...}}``. It holds only values that ``torch.load(weights_only=True)``
+reads (numbers, strings, lists, tuples, dicts, tensors, dtypes); classes, enums and
+functions are stored by import path, never pickled, and nothing is ever ``eval``-ed.
+
+How the arguments are known, without a hand-written config:
+
+* ``torch.nn`` layers and containers (``nn.Sequential`` of torch layers) need
+  nothing: their arguments are read back from the attributes torch stores under the
+  argument names, and the result is checked by building the layer again on the
+  ``meta`` device and comparing it with the original, so a wrong guess is refused at
+  save time instead of rebuilding a different model.
+* Your own classes record the arguments of each construction with the
+  :func:`rebuildable` class decorator. Nothing fully automatic is possible without
+  patching ``torch.nn.Module.__init__`` for every module in the process (or a
+  tracing hook during construction): the arguments are gone once ``__init__``
+  returns, and guessing them from attributes runs your ``__init__`` again at save time
+  with no guarantee it matches. One decorator line per class is the least ceremony
+  that is exact and free of global side effects.
+
+Rebuilding lives in :mod:`ckpt.rebuild`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import functools
+import importlib
+import inspect
+import sys
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, ConfigError
+
+SPEC_VERSION = 1
+RECORD_ATTR = "_ckpt_init_args"
+NATIVE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_SKIPPED_PARAMS = frozenset({"device", "dtype"})
+_FIX = ("decorate the class with @ckpt.rebuildable so its constructor arguments are recorded, "
+        "or use ckpt.export(model, path, example_inputs=...), which needs no class at all")
+
+M = TypeVar("M", bound=Type[nn.Module])
+
+
+# -- recording your own classes ---------------------------------------------------------
+
+def rebuildable(cls: M) -> M:
+    """Class decorator: record the arguments of every construction of ``cls``.
+
+    The arguments are kept on the instance (containers copied, so a later mutation of
+    a dict you passed does not change the record) and turned into a spec when the
+    model is saved. Only the class that was decorated records: a subclass needs its
+    own decorator, since its arguments differ.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"@rebuildable decorates torch.nn.Module subclasses, got {cls!r}",
+                          hint="put @ckpt.rebuildable on the line above `class MyModel(nn.Module):`")
+    original = cls.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        record = _bind(signature, self, args, kwargs) if type(self) is cls else None
+        original(self, *args, **kwargs)
+        if record is not None:
+            object.__setattr__(self, RECORD_ATTR, (cls, *record))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _bind(signature: inspect.Signature, obj: Any, args: tuple, kwargs: dict) -> Optional[Tuple[list, dict]]:
+    """Split a call's arguments into positional and keyword ones, by parameter kind."""
+    try:
+        bound = signature.bind(obj, *args, **kwargs)
+    except TypeError:
+        return None  # the real __init__ raises the user-facing error
+    params = signature.parameters
+    has_varargs = any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments)
+    out_args: List[Any] = []
+    out_kwargs: Dict[str, Any] = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = params[name].kind
+        if i == 0 and kind is not inspect.Parameter.VAR_POSITIONAL:
+            continue  # self
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out_args.extend(_snapshot(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out_kwargs.update((k, _snapshot(v)) for k, v in value.items())
+        elif kind is inspect.Parameter.POSITIONAL_ONLY or (has_varargs and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            out_args.append(_snapshot(value))
+        else:
+            out_kwargs[name] = _snapshot(value)
+    return out_args, out_kwargs
+
+
+def _snapshot(value: Any) -> Any:
+    """Copy plain containers (not their leaves) so the record survives later mutation."""
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset):
+        return kind(_snapshot(v) for v in value)
+    if kind in (dict, collections.OrderedDict):
+        return kind((k, _snapshot(v)) for k, v in value.items())
+    return value
+
+
+# -- capture -------------------------------------------------------------------------
+
+def capture(module: nn.Module, where: str = "model") -> Dict[str, Any]:
+    """The spec of ``module``; :class:`ArchitectureError` when it cannot be recorded."""
+    cls = type(module)
+    record = module.__dict__.get(RECORD_ATTR)
+    if record is not None and record[0] is cls:
+        args, kwargs = record[1], record[2]
+    elif _is_torch_class(cls):
+        args, kwargs = _infer(module, where)
+    else:
+        raise ArchitectureError(
+            f"{where} ({qualified_name(cls)}) does not record its constructor arguments, so it "
+            "cannot be built again from the file", hint=_FIX)
+    module_name, qualname = global_ref(cls, where)
+    return {"version": SPEC_VERSION, "module": module_name, "qualname": qualname,
+            "args": [encode(v, f"{where}[{i}]") for i, v in enumerate(args)],
+            "kwargs": {k: encode(v, f"{where}.{k}") for k, v in kwargs.items()}}
+
+
+def encode(value: Any, where: str) -> Any:
+    """One argument value as plain data; tagged dicts for what is not plain."""
+    kind = type(value)
+    if kind in NATIVE:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, nn.Module):
+        return {"kind": "module", "spec": capture(value, where)}
+    if isinstance(value, enum.Enum):
+        return {"kind": "enum", **_ref(type(value), where), "name": value.name}
+    if kind is list:
+        return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind is tuple:
+        return tuple(encode(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if kind in (dict, collections.OrderedDict):
+        items = [[encode(k, f"{where} key {k!r}"), encode(v, f"{where}[{k!r}]")] for k, v in value.items()]
+        return {"kind": "odict" if kind is collections.OrderedDict else "dict", "items": items}
+    if kind in (set, frozenset):
+        return {"kind": kind.__name__, "items": [encode(v, f"{where} item") for v in value]}
+    if isinstance(value, tuple) and hasattr(kind, "_fields"):
+        return {"kind": "namedtuple", **_ref(kind, where),
+                "items": [encode(v, f"{where}.{f}") for f, v in zip(kind._fields, value)]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: encode(getattr(value, f.name), f"{where}.{f.name}")
+                  for f in dataclasses.fields(value) if f.init}
+        return {"kind": "dataclass", **_ref(kind, where), "fields": fields}
+    if isinstance(value, functools.partial):
+        return {"kind": "partial", "func": encode(value.func, f"{where}.func"),
+                "args": [encode(v, f"{where}.args[{i}]") for i, v in enumerate(value.args)],
+                "kwargs": {k: encode(v, f"{where}.{k}") for k, v in value.keywords.items()}}
+    if isinstance(value, type) or inspect.isfunction(value) or inspect.isbuiltin(value):
+        return {"kind": "global", **_ref(value, where)}
+    raise ArchitectureError(
+        f"argument {where} is a {qualified_name(kind)}, which a spec cannot record",
+        hint="pass plain values (numbers, strings, tuples, lists, dicts, enums, dataclasses), "
+             "tensors, modules, or classes and functions importable by name; or use ckpt.export")
+
+
+def _ref(obj: Any, where: str) -> Dict[str, str]:
+    module, qualname = global_ref(obj, where)
+    return {"module": module, "qualname": qualname}
+
+
+def global_ref(obj: Any, where: str) -> Tuple[str, str]:
+    """(module, qualname) under which ``obj`` can be imported again."""
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
+    module = getattr(obj, "__module__", None) or ""
+    if "<locals>" in qualname or "<lambda>" in qualname or not module:
+        raise ArchitectureError(
+            f"argument {where} is {obj!r}, defined inside a function or a lambda: it has no "
+            "import path to record", hint="define it at module level (top of a .py file)")
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        return (spec.name if spec is not None else "__main__"), qualname
+    for candidate, name in _candidates(module, qualname, getattr(obj, "__name__", qualname)):
+        if _lookup(candidate, name) is obj:
+            return candidate, name
+    raise ArchitectureError(
+        f"argument {where} is {obj!r}, which is not importable as {module}.{qualname}",
+        hint="pass classes and functions defined at module level under their own name")
+
+
+def _candidates(module: str, qualname: str, name: str) -> List[Tuple[str, str]]:
+    """Where to look for an object; torch defines many functions in private modules."""
+    public = [("torch.nn.functional", name), ("torch", name)] if module.split(".")[0] == "torch" else []
+    return public + [(module, qualname)]
+
+
+def _lookup(module: str, qualname: str) -> Any:
+    found: Any = sys.modules.get(module)
+    if found is None:
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            return None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
+
+
+def qualified_name(cls: Any) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+
+
+# -- inference for torch.nn's own classes ------------------------------------------------
+
+def _is_torch_class(cls: type) -> bool:
+    return cls.__module__ == "torch.nn" or cls.__module__.startswith("torch.nn.")
+
+
+def _infer(module: nn.Module, where: str) -> Tuple[list, dict]:
+    """Constructor arguments of a torch.nn class, read from its attributes and verified."""
+    cls = type(module)
+    if cls is nn.Sequential:
+        children = dict(module._modules)
+        if list(children) == [str(i) for i in range(len(children))]:
+            return list(children.values()), {}
+        return [collections.OrderedDict(children)], {}
+    if cls is nn.ModuleList:
+        return [list(module)], {}
+    if cls is nn.ModuleDict:
+        return [dict(module._modules)], {}
+    kwargs: Dict[str, Any] = {}
+    for name, default in _init_params(cls):
+        try:
+            value = getattr(module, name)
+            found = not inspect.ismethod(value)
+        except Exception:  # noqa: BLE001 - AttributeError, or a property that fails
+            value, found = None, False
+        if found and isinstance(default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None  # bias=True is stored as a Parameter, bias=False as None
+        if not found or isinstance(value, torch.Tensor):
+            if default is inspect.Parameter.empty:
+                raise ArchitectureError(
+                    f"{where} ({qualified_name(cls)}): cannot read its constructor argument "
+                    f"{name!r} back from the layer", hint="build this layer inside your own module "
+                    "class decorated with @ckpt.rebuildable, or use ckpt.export")
+            continue
+        if not _same(value, default):
+            kwargs[name] = value
+    _verify(module, kwargs, where)
+    return [], kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _init_params(cls: type) -> Tuple[Tuple[str, Any], ...]:
+    """(name, default) of the constructor parameters that describe the layer."""
+    if issubclass(cls, nn.RNNBase):  # LSTM/GRU/RNN take (*args, **kwargs) and pass a mode
+        params = [(n, p.default) for n, p in inspect.signature(nn.RNNBase).parameters.items() if n != "mode"]
+        return tuple(params + ([("nonlinearity", "tanh")] if issubclass(cls, nn.RNN) else []))
+    return tuple((name, p.default) for name, p in inspect.signature(cls).parameters.items()
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                 and name not in _SKIPPED_PARAMS and not name.startswith("_"))
+
+
+def _same(value: Any, default: Any) -> bool:
+    if default is inspect.Parameter.empty or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - an exotic __eq__ just means "record it"
+        return False
+
+
+def _verify(module: nn.Module, kwargs: Dict[str, Any], where: str) -> None:
+    """Refuse inferred arguments unless they build a layer identical to ``module``."""
+    cls = type(module)
+    error: Optional[BaseException] = None
+    try:
+        expected = _rebuilt_fingerprint(cls, kwargs)
+        differs = [part for part, a, b in zip(_PARTS, _fingerprint(module), expected) if a != b]
+    except Exception as e:  # noqa: BLE001 - any failure means the guess is wrong
+        error, differs = e, [f"construction ({type(e).__name__}: {e})"]
+    if differs:
+        raise ArchitectureError(
+            f"{where} ({qualified_name(cls)}): its constructor arguments cannot be read back from "
+            f"the layer (a layer rebuilt from {kwargs} differs in {', '.join(differs)})",
+            hint="build this layer inside your own module class decorated with @ckpt.rebuildable, "
+                 "or use ckpt.export") from error
+
+
+_BUILT: Dict[Tuple[type, str], Tuple[Any, ...]] = {}  # memo: (class, arguments) -> fingerprint
+
+
+def _rebuilt_fingerprint(cls: type, kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
+    """Fingerprint of ``cls(**kwargs)`` built on the meta device (no memory, no init).
+
+    Memoised, so a manager that captures the same layers at every save builds each
+    distinct layer once per process.
+    """
+    key = (cls, repr(sorted(kwargs.items())))
+    if key not in _BUILT:
+        with torch.device("meta"):
+            rebuilt = cls(**kwargs)
+        if len(_BUILT) > 4096:
+            _BUILT.clear()
+        _BUILT[key] = _fingerprint(rebuilt)
+    return _BUILT[key]
+
+
+_PARTS = ("extra_repr", "attributes", "parameters", "buffers", "children")
+
+
+def _fingerprint(module: nn.Module) -> Tuple[Any, ...]:
+    attrs = {k: v for k, v in vars(module).items()
+             if not k.startswith("_") and k != "training" and _is_plain(v)}
+    return (module.extra_repr(), attrs,
+            {k: None if v is None else tuple(v.shape) for k, v in module._parameters.items()},
+            {k: None if v is None else tuple(v.shape) for k, v in module._buffers.items()},
+            [(k, type(v)) for k, v in module._modules.items()])
+
+
+def _is_plain(value: Any) -> bool:
+    if type(value) in NATIVE:
+        return True
+    if type(value) in (tuple, list):
+        return all(_is_plain(v) for v in value)
+    return False
+
+
+def describe(spec: Dict[str, Any], limit: int = 300) -> str:
+    """``pkg.mod:Net(4, hidden=8)``: a spec as a call, for error messages."""
+    parts = [_show(a) for a in spec.get("args", [])]
+    parts += [f"{k}={_show(v)}" for k, v in spec.get("kwargs", {}).items()]
+    text = f"{spec.get('module')}:{spec.get('qualname')}({', '.join(parts)})"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        kind = value.get("kind")
+        if kind == "module":
+            return describe(value["spec"], limit=10_000)
+        if kind in ("dict", "odict"):
+            return "{" + ", ".join(f"{_show(k)}: {_show(v)}" for k, v in value["items"]) + "}"
+        if kind == "enum":
+            return f"{value['qualname']}.{value['name']}"
+        if kind in ("global", "dataclass", "namedtuple", "partial"):
+            return f"<{kind} {value.get('module', '')}:{value.get('qualname', '')}>"
+        return f"<{kind}>"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}"
+    return repr(value)

@@ -1,0 +1,136 @@
+"""The background writer of asynchronous saves: one thread, at most one save in flight.
+
+With ``CheckpointManager(..., async_save=True)``, ``save()`` snapshots the checkpoint
+into staging buffers (:mod:`ckpt.staging`) and returns; a ``ckpt-writer`` thread then
+runs the same commit as a synchronous save (write, fsync, rename, index, retention),
+so the index and retention change only once the file is durable.
+
+* One save in flight: the next ``save()`` first waits for it, and logs that it had to
+  (the disk is slower than the save interval).
+* An error in the background is kept and raised by the next ``save()``, ``wait()`` or
+  ``close()``, once.
+* At interpreter exit the save in flight finishes (its thread is not a daemon); an
+  error that nobody collected is logged with its traceback, as is one held by a
+  writer that is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from . import format
+from .errors import ConfigError
+from .record import CheckpointRecord
+from .staging import Stager
+
+log = logging.getLogger("ckpt")
+
+Commit = Callable[[Dict[str, Any]], CheckpointRecord]
+
+
+def create(directory: Path, async_save: bool) -> Optional["AsyncWriter"]:
+    """The writer for ``CheckpointManager(async_save=...)``: None for synchronous saves."""
+    if not isinstance(async_save, bool):
+        raise ConfigError(f"async_save must be True or False, got {async_save!r}",
+                          hint="pass async_save=True to write checkpoints in the background")
+    return AsyncWriter(directory) if async_save else None
+
+
+class _Outcome:
+    """What the background thread leaves behind (shared with the exit/GC report)."""
+
+    def __init__(self) -> None:
+        self.error: Optional[BaseException] = None
+        self.what = ""
+
+
+class AsyncWriter:
+    """Commits staged checkpoints on a background thread, one at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.stager = Stager()
+        self._thread: Optional[threading.Thread] = None
+        self._outcome = _Outcome()
+        self._lock = threading.Lock()
+        weakref.finalize(self, _report_uncollected, self._outcome, str(directory))
+
+    @property
+    def busy(self) -> bool:
+        """True while a save is being written."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def ready(self) -> None:
+        """Wait for the save in flight, logging the stall, then raise its error if it failed."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            start = time.perf_counter()
+            thread.join()
+            log.warning("save() waited %.2f s for the checkpoint of %s to commit in %s "
+                        "(one save in flight at most: saves come faster than the disk writes them)",
+                        time.perf_counter() - start, self._outcome.what, self.directory)
+        self.wait()
+
+    def submit(self, obj: Dict[str, Any], commit: Commit) -> CheckpointRecord:
+        """Stage ``obj`` and commit it in the background; return its pending record.
+
+        The record's ``size`` and ``checksum`` are filled in when the file is committed.
+        """
+        with self._lock:
+            self.ready()
+            staged = self.stager.stage({k: v for k, v in obj.items() if k != "extra"})
+            staged["extra"] = copy.deepcopy(obj["extra"])  # small; kept by the record
+            meta = obj["ckpt"]
+            pending = CheckpointRecord(
+                epoch=obj["epoch"], step=obj["step"], metrics=obj["metrics"],
+                path=self.directory / format.file_name(obj["epoch"], obj["step"]),
+                mid_epoch=meta["mid_epoch"], time=meta["created"])
+            pending._extra = staged["extra"]
+            self._outcome.what = f"epoch {obj['epoch']}, step {obj['step']}"
+            self._thread = threading.Thread(target=self._run, args=(staged, commit, pending),
+                                            name="ckpt-writer")
+            self._thread.start()
+        return pending
+
+    def _run(self, staged: Dict[str, Any], commit: Commit, pending: CheckpointRecord) -> None:
+        try:
+            committed = commit(staged)
+            pending.size, pending.checksum = committed.size, committed.checksum
+        except BaseException as e:  # kept for the caller: a thread has no one to raise to
+            if hasattr(e, "add_note"):
+                e.add_note(f"raised by the background save of {self._outcome.what} in {self.directory}")
+            self._outcome.error = e
+
+    def join(self) -> None:
+        """Wait for the save in flight; its error, if any, stays for :meth:`wait`."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def wait(self) -> None:
+        """Wait for the save in flight and raise its error (once) if it failed."""
+        self.join()
+        error, self._outcome.error = self._outcome.error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Flush, release the staging buffers, and raise an uncollected error."""
+        try:
+            self.wait()
+        finally:
+            self.stager.release()
+
+
+def _report_uncollected(outcome: _Outcome, directory: str) -> None:
+    """At exit or collection: an error nobody received must not vanish."""
+    if outcome.error is not None:
+        log.error("the background save of %s in %s FAILED and the error was never raised "
+                  "(no save(), wait() or close() came after it): that checkpoint was not written",
+                  outcome.what, directory, exc_info=outcome.error)

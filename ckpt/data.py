@@ -1,0 +1,138 @@
+"""Resumable data order: a sampler whose place in the epoch is part of the checkpoint.
+
+A plain ``DataLoader`` forgets where it was: a run resumed in the middle of an epoch
+either replays the epoch from its first batch or skips to the next one.
+:class:`ResumableSampler` shuffles each epoch from ``seed + epoch`` (no global RNG),
+counts the samples it hands to the loader, and saves ``(epoch, position)``; after a
+restore it yields only the rest of the interrupted epoch, in the same order, without
+loading the skipped samples. Track it like any other object::
+
+    sampler = ResumableSampler(dataset, seed=0)
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler, drop_last=True)
+    mgr = CheckpointManager("runs/exp1", model=model, optimizer=opt, sampler=sampler)
+    for epoch in range(mgr.resume(), epochs):
+        sampler.set_epoch(epoch)        # continues the interrupted epoch after resume()
+        for batch in loader:
+            ...
+
+Counting is exact for ``num_workers=0``; worker processes prefetch batches the loop has
+not trained on yet (see the README for what to use instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sized, Union
+
+import torch
+
+from . import state
+from .errors import ConfigError
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Per-epoch shuffled (or sequential) indices whose epoch and position are checkpointed.
+
+    ``position`` is the number of samples of the current epoch already handed to the
+    loader; ``remaining`` is what is left. Call :meth:`set_epoch` at the start of every
+    epoch: right after a restore it continues the saved epoch, otherwise it starts the
+    given epoch from its first sample.
+    """
+
+    def __init__(self, data_source: Union[Sized, int], *, shuffle: bool = True, seed: int = 0) -> None:
+        try:
+            length = data_source if isinstance(data_source, int) else len(data_source)
+        except TypeError:
+            length = -1  # no len(): an iterable-style dataset has no indices to sample
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ConfigError(f"ResumableSampler needs a sized dataset or a sample count, "
+                              f"got {data_source!r}",
+                              hint="pass the (map-style) dataset itself, or len(dataset)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an int, got {seed!r}", hint="pass seed=0, for example")
+        self.length = length
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._armed = True        # the next pass may start: fresh, or set_epoch() was called
+        self._restored = False    # state came from load_state_dict(); no pass since
+        self._resume_rng: Optional[Dict[str, Any]] = None
+
+    def __len__(self) -> int:
+        """Samples in a whole epoch (what schedulers and progress bars expect)."""
+        return self.length
+
+    @property
+    def remaining(self) -> int:
+        """Samples of the current epoch not yet handed to the loader."""
+        return self.length - self.position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Prepare epoch ``epoch``: continue it if it is the restored, interrupted epoch,
+        otherwise start it from its first sample."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"set_epoch() needs a non-negative int, got {epoch!r}",
+                              hint="call sampler.set_epoch(epoch) with the loop's epoch counter")
+        if not (self._restored and epoch == self.epoch):
+            self.epoch, self.position, self._resume_rng = epoch, 0, None
+        self._restored = False
+        self._armed = True
+
+    def order(self, epoch: Optional[int] = None) -> List[int]:
+        """Every index of ``epoch`` (default: the current one), in the order it is served."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return list(range(self.length))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.length, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if not self._armed and (self._restored or self.position >= self.length):
+            done = "was restored from a checkpoint" if self._restored else f"finished epoch {self.epoch}"
+            raise ConfigError(
+                f"ResumableSampler {done}; call sampler.set_epoch(epoch) before iterating",
+                hint="call sampler.set_epoch(epoch) at the start of every epoch: after resume() "
+                     "it continues the interrupted epoch, otherwise it starts a new one")
+        self._armed = self._restored = False
+        return self._serve(self.order(), self.position)
+
+    def _serve(self, order: List[int], start: int) -> Iterator[int]:
+        # Runs on the first index request, i.e. after the DataLoader iterator has drawn
+        # its base seed from torch's RNG: re-applying the checkpoint's RNG undoes that
+        # draw (and any other draw since resume()), as the interrupted run made it before
+        # saving.
+        if self._resume_rng is not None:
+            rng, self._resume_rng = self._resume_rng, None
+            state.restore_rng(rng)
+        for i in range(start, len(order)):
+            self.position = i + 1  # counted when handed out: exact with num_workers=0
+            yield order[i]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Epoch, position, configuration, and the RNG states when inside an epoch."""
+        return {"epoch": self.epoch, "position": self.position, "length": self.length,
+                "seed": self.seed, "shuffle": self.shuffle,
+                "rng": state.capture_rng() if self.position > 0 else None}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore the saved place; the next :meth:`set_epoch` decides whether to continue."""
+        for key, mine in (("length", self.length), ("seed", self.seed), ("shuffle", self.shuffle)):
+            if saved[key] != mine:
+                raise ValueError(f"the checkpoint's sampler has {key}={saved[key]!r}, this one "
+                                 f"{key}={mine!r}; the remaining order would differ")
+        position = int(saved["position"])
+        if not 0 <= position <= self.length:
+            raise ValueError(f"saved position {position} is outside 0..{self.length}")
+        self.epoch, self.position = int(saved["epoch"]), position
+        self._resume_rng = saved.get("rng")
+        self._restored, self._armed = True, False
+
+    def __repr__(self) -> str:
+        return (f"ResumableSampler(length={self.length}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"epoch={self.epoch}, position={self.position})")
+
+
+def inside_epoch(trackables: Mapping[str, Any]) -> List[str]:
+    """Names of tracked samplers part-way through an epoch (samples handed out and left)."""
+    return [name for name, obj in trackables.items()
+            if isinstance(obj, ResumableSampler) and 0 < obj.position < obj.length]

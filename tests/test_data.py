@@ -1,0 +1,234 @@
+"""ResumableSampler: per-epoch order, mid-epoch restore with cheap skip, RNG continuity,
+manager integration, and objects that carry their own state_dict (StatefulDataLoader)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import ckpt
+from ckpt import CheckpointManager, ResumableSampler
+from ckpt.errors import ConfigError, StateMismatchError
+
+
+class Counted(Dataset):
+    """Sample i is i; records every index that was actually loaded."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.loaded: List[int] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+def _batches(loader: DataLoader, limit: Optional[int] = None) -> List[List[int]]:
+    out: List[List[int]] = []
+    if limit == 0:
+        return out
+    for batch in loader:
+        out.append(batch.tolist() if isinstance(batch, torch.Tensor) else [batch])
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_order_depends_only_on_seed_and_epoch() -> None:
+    a, b = ResumableSampler(10, seed=1), ResumableSampler(10, seed=1)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(123)
+    assert list(b) == first and sorted(first) == list(range(10))
+    a.set_epoch(1)
+    assert list(a) != first and a.order(0) == first
+    assert list(ResumableSampler(10, seed=2)) != first
+    assert list(ResumableSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n, batch_size, drop_last, taken", [
+    (10, 3, False, 2), (10, 3, True, 2), (10, 3, True, 3), (10, 3, False, 3), (12, 4, True, 3),
+    (7, 1, False, 0), (9, 4, False, 1),
+])
+def test_restore_yields_exactly_the_rest_without_loading_the_skipped(
+        n: int, batch_size: int, drop_last: bool, taken: int) -> None:
+    full = _batches(DataLoader(Counted(n), batch_size, sampler=ResumableSampler(n, seed=4),
+                               drop_last=drop_last))
+    sampler = ResumableSampler(n, seed=4)
+    assert _batches(DataLoader(Counted(n), batch_size, sampler=sampler, drop_last=drop_last), taken) \
+        == full[:taken]
+    assert sampler.position == taken * batch_size and sampler.remaining == n - taken * batch_size
+    saved = sampler.state_dict()
+
+    dataset = Counted(n)
+    resumed = ResumableSampler(n, seed=4)
+    resumed.load_state_dict(saved)
+    resumed.set_epoch(0)
+    assert _batches(DataLoader(dataset, batch_size, sampler=resumed, drop_last=drop_last)) == full[taken:]
+    skipped = {i for batch in full[:taken] for i in batch}
+    assert not skipped & set(dataset.loaded)  # cheap skip: skipped samples were never loaded
+
+
+def test_set_epoch_after_restore_continues_only_the_saved_epoch() -> None:
+    sampler = ResumableSampler(6, seed=0)
+    sampler.set_epoch(2)
+    it = iter(sampler)
+    head = [next(it), next(it)]
+    saved = sampler.state_dict()
+
+    other = ResumableSampler(6, seed=0)
+    other.load_state_dict(saved)
+    other.set_epoch(3)  # a different epoch starts from its first sample
+    assert list(other) == ResumableSampler(6, seed=0).order(3)
+
+    same = ResumableSampler(6, seed=0)
+    same.load_state_dict(saved)
+    same.set_epoch(2)
+    assert head + list(same) == sampler.order(2)
+    same.set_epoch(2)  # not right after a restore: restarts the epoch
+    assert list(same) == sampler.order(2)
+
+
+def test_iterating_without_set_epoch_fails_loudly_where_the_order_would_be_ambiguous() -> None:
+    sampler = ResumableSampler(4)
+    assert len(list(sampler)) == 4  # a fresh sampler serves epoch 0
+    with pytest.raises(ConfigError, match=r"finished epoch 0.*set_epoch") as info:
+        iter(sampler)
+    assert isinstance(info.value, ValueError)
+    restored = ResumableSampler(4)
+    restored.load_state_dict(sampler.state_dict())
+    with pytest.raises(ConfigError, match="restored from a checkpoint"):
+        iter(restored)
+
+
+def test_a_partly_consumed_pass_continues_when_iterated_again() -> None:
+    sampler = ResumableSampler(5, seed=9)
+    it = iter(sampler)
+    head = [next(it), next(it)]
+    assert head + list(sampler) == sampler.order()
+
+
+def test_checkpoint_after_the_last_batch_resumes_into_an_empty_rest() -> None:
+    # Saved inside the loop body of the last batch (no drop_last): the sampler is done, the
+    # loop body is not. Continuing the epoch must serve nothing, then the next epoch starts.
+    sampler = ResumableSampler(6, seed=0)
+    loader = DataLoader(Counted(6), 4, sampler=sampler)
+    assert len(_batches(loader)) == 2 and sampler.remaining == 0
+    restored = ResumableSampler(6, seed=0)
+    restored.load_state_dict(sampler.state_dict())
+    restored.set_epoch(0)
+    assert _batches(DataLoader(Counted(6), 4, sampler=restored)) == []
+    restored.set_epoch(1)
+    served = _batches(DataLoader(Counted(6), 4, sampler=restored))
+    assert sorted(i for b in served for i in b) == list(range(6))
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_mid_epoch_resume_continues_the_random_streams_exactly(tmp_path: Path,
+                                                               batch_size: Optional[int]) -> None:
+    """Creating the DataLoader iterator draws a seed from torch's RNG; after a mid-epoch
+    resume the sampler re-applies the checkpoint's RNG at the first remaining batch."""
+
+    def run(resume: bool) -> List[float]:
+        model = torch.nn.Linear(2, 2)
+        sampler = ResumableSampler(12, seed=1)
+        loader = DataLoader(Counted(12), batch_size, sampler=sampler)
+        out = []
+        with CheckpointManager(tmp_path, model=model, sampler=sampler) as mgr:
+            epoch = mgr.resume() if resume else 0
+            sampler.set_epoch(epoch)
+            for i, batch in enumerate(loader):
+                out.append(float(torch.rand(1)))
+                if not resume and i == 1:
+                    mgr.save(epoch=0, step=2, mid_epoch=True)
+                    out = []
+        return out
+
+    torch.manual_seed(0)
+    expected = run(resume=False)
+    torch.manual_seed(42)
+    assert run(resume=True) == expected and expected
+
+
+def test_manager_api_for_the_position_in_the_epoch(tmp_path: Path) -> None:
+    sampler = ResumableSampler(10, seed=0)
+    loader = DataLoader(Counted(10), 2, sampler=sampler)
+    with CheckpointManager(tmp_path, sampler=sampler) as mgr:
+        sampler.set_epoch(3)
+        _batches(loader, 2)
+        mgr.save(epoch=3, step=32, mid_epoch=True)
+    sampler = ResumableSampler(10, seed=0)
+    with CheckpointManager(tmp_path, sampler=sampler) as mgr:
+        assert mgr.resume() == 3  # a mid-epoch checkpoint continues its epoch
+        assert mgr.resumed.mid_epoch and mgr.step == 32
+        assert (sampler.epoch, sampler.position, sampler.remaining) == (3, 4, 6)
+        saved = torch.load(mgr.resumed.path, weights_only=True)["sampler"]
+        assert (saved["epoch"], saved["position"]) == (3, 4)
+
+
+def test_end_of_epoch_save_inside_an_epoch_warns(tmp_path: Path) -> None:
+    sampler = ResumableSampler(10)
+    loader = DataLoader(Counted(10), 2, sampler=sampler)
+    with CheckpointManager(tmp_path, sampler=sampler) as mgr:
+        _batches(loader, 1)
+        with pytest.warns(UserWarning, match=r"'sampler' is part-way through the epoch.*mid_epoch=True"):
+            mgr.save(epoch=0, step=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mgr.save(epoch=0, step=2, mid_epoch=True)
+            _batches(loader)
+            mgr.save(epoch=0, step=5)
+
+
+@pytest.mark.parametrize("change", [{"data_source": 11}, {"seed": 1}, {"shuffle": False}])
+def test_restoring_into_a_differently_configured_sampler_is_refused(tmp_path: Path, change: dict) -> None:
+    with CheckpointManager(tmp_path, sampler=ResumableSampler(10)) as mgr:
+        mgr.save(epoch=0)
+    kwargs = {"data_source": 10, "seed": 0, "shuffle": True, **change}
+    with CheckpointManager(tmp_path, sampler=ResumableSampler(**kwargs)) as mgr:
+        with pytest.raises(StateMismatchError, match=r"'sampler'.*the remaining order would differ"):
+            mgr.resume()
+
+
+@pytest.mark.parametrize("bad", [dict(data_source=-1), dict(data_source=object()),
+                                 dict(data_source=3, seed=1.5)])
+def test_invalid_arguments_raise_config_error(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        ResumableSampler(**bad)
+    with pytest.raises(ConfigError, match="set_epoch"):
+        ResumableSampler(3).set_epoch(-1)
+
+
+def test_public_names() -> None:
+    assert ckpt.ResumableSampler is ResumableSampler and "ResumableSampler" in ckpt.__all__
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_dataloader_is_tracked_like_any_object(tmp_path: Path, workers: int) -> None:
+    """torchdata's StatefulDataLoader counts what it delivered, worker prefetch included."""
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def loader() -> DataLoader:
+        return stateful.StatefulDataLoader(list(range(20)), batch_size=3, shuffle=True, num_workers=workers,
+                                           generator=torch.Generator().manual_seed(0))
+
+    first = loader()
+    it = iter(first)
+    head = [next(it).tolist() for _ in range(2)]
+    with CheckpointManager(tmp_path, loader=first) as mgr:
+        mgr.save(epoch=0, step=2, mid_epoch=True)
+    rest = [b.tolist() for b in it]
+    again = loader()
+    with CheckpointManager(tmp_path, loader=again) as mgr:
+        assert mgr.resume() == 0
+    assert [b.tolist() for b in again] == rest
+    assert sorted(i for b in head + rest for i in b) == list(range(20))

@@ -1,0 +1,242 @@
+"""save_model / load_model and manager checkpoints that rebuild their model.
+
+Every file is loaded in a fresh process that imports the model's module only
+through load_model's trust rule, and its outputs are compared with the original.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch
+from torch import nn
+
+import ckpt
+from ckpt.errors import ArchitectureError, StateMismatchError
+from model_zoo import MLP, Undecorated, make_models, run_fresh
+
+TESTS = str(Path(__file__).parent)
+
+LOADER = r"""
+import sys, torch
+work = sys.argv[1]
+plan = torch.load(f"{work}/plan.pt", weights_only=True)
+res = {"plain_keys": {}, "outputs": {}, "training": {}, "types": {}, "dtypes": {}}
+for name, path in plan["files"].items():
+    res["plain_keys"][name] = sorted(torch.load(path, weights_only=True))  # no ckpt needed
+res["ckpt_needed_for_plain_load"] = "ckpt" in sys.modules
+import ckpt
+try:
+    ckpt.load_model(plan["files"]["mlp"])
+    res["refusal"] = ""
+except ckpt.UntrustedModuleError as e:
+    res["refusal"] = str(e)
+res["imported_after_refusal"] = "model_zoo" in sys.modules
+ckpt.load_model(plan["files"]["sequential"])  # torch.nn only: trusted by default
+res["imported_for_sequential"] = "model_zoo" in sys.modules
+for name, path in plan["files"].items():
+    model = ckpt.load_model(path, trusted=["model_zoo"])
+    res["training"][name] = model.training
+    res["types"][name] = type(model).__qualname__
+    res["dtypes"][name] = str(next(model.parameters()).dtype)
+    with torch.no_grad():
+        res["outputs"][name] = model(plan["inputs"][name])
+torch.save(res, f"{work}/results.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> Dict[str, Any]:
+    """Save the zoo and a manager run, load everything in one fresh process."""
+    work = tmp_path_factory.mktemp("models")
+    zoo = make_models()
+    torch.manual_seed(1)
+    zoo["mlp64"] = (MLP(3, (5,), 2).double().eval(), torch.randn(4, 3, dtype=torch.float64))
+    files, inputs, expected = {}, {}, {}
+    for name, (model, x) in zoo.items():
+        files[name] = str(ckpt.save_model(model, work / f"{name}.pt"))
+        inputs[name] = x
+        with torch.no_grad():
+            expected[name] = model(x)
+    files["best"], inputs["best"], expected["best"] = _manager_run(work / "run")
+    torch.save({"files": files, "inputs": inputs}, work / "plan.pt")
+    run_fresh(LOADER, str(work), cwd=str(work), pythonpath=TESTS)
+    results = torch.load(work / "results.pt", weights_only=True)
+    return {"results": results, "expected": expected, "zoo": zoo, "work": work}
+
+
+def _manager_run(directory: Path):
+    """A short run whose best checkpoint is not the latest; returns its path and outputs."""
+    torch.manual_seed(2)
+    model = MLP(4, (8, 8), 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 4)
+    best_out = None
+    with ckpt.CheckpointManager(directory, model=model, optimizer=opt, monitor="val_loss", keep_best=1) as mgr:
+        for epoch, val_loss in enumerate([0.9, 0.2, 0.5]):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mgr.save(epoch=epoch, metrics={"val_loss": val_loss})
+            if val_loss == 0.2:
+                with torch.no_grad():
+                    best_out = model.eval()(x)
+                model.train()
+        assert mgr.best is not None and mgr.best.epoch == 1 and mgr.latest.epoch == 2
+        return str(mgr.best.path), x, best_out
+
+
+NAMES = ["mlp", "cnn", "custom", "wrapper", "sequential", "mlp64", "best"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_a_fresh_process_rebuilds_the_model_with_identical_outputs(loaded, name: str) -> None:
+    got = loaded["results"]["outputs"][name]
+    torch.testing.assert_close(got, loaded["expected"][name], rtol=0, atol=0)
+    assert loaded["results"]["training"][name] is False  # returned in eval mode
+
+
+@pytest.mark.slow
+def test_the_rebuilt_models_have_their_classes_and_dtypes(loaded) -> None:
+    types = loaded["results"]["types"]
+    assert types == {"mlp": "MLP", "cnn": "CNN", "custom": "Custom", "wrapper": "Wrapper",
+                     "sequential": "Sequential", "mlp64": "MLP", "best": "MLP"}
+    assert loaded["results"]["dtypes"]["mlp64"] == "torch.float64"
+
+
+@pytest.mark.slow
+def test_model_files_load_with_plain_torch_weights_only(loaded) -> None:
+    results = loaded["results"]
+    assert results["ckpt_needed_for_plain_load"] is False
+    assert results["plain_keys"]["mlp"] == ["ckpt", "epoch", "extra", "metrics", "model", "rng", "step"]
+    assert "optimizer" in results["plain_keys"]["best"]
+
+
+@pytest.mark.slow
+def test_untrusted_code_is_refused_before_it_is_imported(loaded) -> None:
+    results = loaded["results"]
+    assert "'model_zoo'" in results["refusal"] and "trusted=['model_zoo']" in results["refusal"]
+    assert results["imported_after_refusal"] is False
+    assert results["imported_for_sequential"] is False
+
+
+def test_save_model_refuses_an_unrecordable_model_and_writes_nothing(tmp_path) -> None:
+    with pytest.raises(ArchitectureError, match="Undecorated") as info:
+        ckpt.save_model(Undecorated(), tmp_path / "m.pt")
+    assert "@ckpt.rebuildable" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manager_checkpoint_explains_why_it_cannot_rebuild(tmp_path) -> None:
+    mgr = ckpt.CheckpointManager(tmp_path, model=Undecorated())
+    record = mgr.save(epoch=0)  # saving never fails because of the spec
+    with pytest.raises(ArchitectureError, match="not recorded when the file was saved") as info:
+        ckpt.load_model(record.path)
+    assert "@ckpt.rebuildable" in str(info.value) and "weights_only=True" in str(info.value)
+
+
+def test_several_tracked_modules_are_chosen_by_name(tmp_path) -> None:
+    gen, disc = MLP(2, (3,), 2), nn.Sequential(nn.Linear(2, 1))
+    record = ckpt.CheckpointManager(tmp_path, generator=gen, discriminator=disc).save(epoch=0)
+    assert type(ckpt.load_model(record.path, trusted="model_zoo")) is MLP  # the first module
+    rebuilt = ckpt.load_model(record.path, object="discriminator")
+    assert torch.equal(rebuilt[0].weight, disc[0].weight)
+    with pytest.raises(ArchitectureError, match="no module named 'model'"):
+        ckpt.load_model(record.path, object="model")
+
+
+def test_a_damaged_manager_checkpoint_is_caught_by_its_recorded_checksum(tmp_path) -> None:
+    record = ckpt.CheckpointManager(tmp_path, model=nn.Linear(64, 64)).save(epoch=0)
+    data = bytearray(record.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    record.path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="checksum"):
+        ckpt.load_model(record.path)
+
+
+# -- the class moved or changed --------------------------------------------------------------
+
+def write_module(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text("import ckpt\nfrom torch import nn\n" + textwrap.dedent(body))
+
+
+V1 = """
+@ckpt.rebuildable
+class Net(nn.Module):
+    def __init__(self, width, depth=1):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+"""
+
+
+@pytest.fixture
+def saved_v1(tmp_path, monkeypatch):
+    """A model saved from module ``netmod_<id>``; the test then changes or moves the code."""
+    name = f"netmod_{abs(hash(tmp_path)) % 10**8}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_module(tmp_path, name, V1)
+    module = __import__(name)
+    path = ckpt.save_model(module.Net(4, depth=2), tmp_path / "net.pt")
+    sys.modules.pop(name)
+    yield tmp_path, name, path
+    sys.modules.pop(name, None)
+
+
+def forget(directory: Path) -> None:
+    import importlib
+    importlib.invalidate_caches()
+    for cached in directory.glob("__pycache__"):
+        for f in cached.iterdir():
+            f.unlink()
+
+
+def test_a_moved_class_names_its_old_path_and_the_rename_fix(saved_v1) -> None:
+    directory, name, path = saved_v1
+    (directory / f"{name}.py").rename(directory / "renamed_mod.py")
+    forget(directory)
+    with pytest.raises(ArchitectureError) as info:
+        ckpt.load_model(path, trusted=[name, "renamed_mod"])
+    message = str(info.value)
+    assert f"{name}:Net cannot be imported" in message and "rename=" in message
+    model = ckpt.load_model(path, trusted=["renamed_mod"], rename={f"{name}:Net": "renamed_mod:Net"})
+    assert len(model.layers) == 2
+    sys.modules.pop("renamed_mod", None)
+
+
+def test_a_changed_signature_names_the_recorded_arguments_and_the_fix(saved_v1) -> None:
+    directory, name, path = saved_v1
+    write_module(directory, name, V1.replace("depth=1", "n_layers=1").replace("range(depth)", "range(n_layers)"))
+    forget(directory)
+    with pytest.raises(ArchitectureError) as info:
+        ckpt.load_model(path, trusted=[name])
+    message = str(info.value)
+    assert f"{name}:Net(width=4, depth=2)" in message and "(width, n_layers=1)" in message
+    assert "load_state_dict" in message
+
+
+def test_a_changed_architecture_names_the_keys_that_do_not_fit(saved_v1) -> None:
+    directory, name, path = saved_v1
+    write_module(directory, name, V1.replace("nn.Linear(width, width)", "nn.Linear(width, 2 * width)"))
+    forget(directory)
+    with pytest.raises(StateMismatchError, match=r"layers.0.weight: checkpoint \(4, 4\) vs model \(8, 4\)"):
+        ckpt.load_model(path, trusted=[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ckpt.load_model(path, trusted=[name], strict=False).training is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_model_onto_a_gpu(tmp_path) -> None:
+    model = MLP(4, (8,), 2).eval()
+    path = ckpt.save_model(model, tmp_path / "m.pt")
+    rebuilt = ckpt.load_model(path, trusted=["model_zoo"], device="cuda")
+    assert all(p.is_cuda for p in rebuilt.parameters())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(rebuilt(x.cuda()).cpu(), model(x))

@@ -1,0 +1,259 @@
+"""Storage: atomic durable writes, temporaries, listing, removal, the lock, errors."""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from ckpt import CheckpointManager, storage
+from ckpt.errors import CkptError, StorageError
+
+
+def payload(f) -> None:
+    f.write(b"hello ")
+    f.write(bytearray(b"world"))
+
+
+def temporaries(directory: Path) -> list:
+    return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
+
+
+def test_atomic_write_commits_bytes_size_and_checksum(tmp_path):
+    written = storage.atomic_write(tmp_path, "out.bin", payload)
+    assert written.path == tmp_path / "out.bin"
+    assert written.path.read_bytes() == b"hello world"
+    assert written.size == 11
+    assert written.checksum == f"crc32:{zlib.crc32(b'hello world'):08x}"
+    assert written.checksum == storage.file_checksum(written.path)
+    assert temporaries(tmp_path) == []
+
+
+def test_atomic_write_goes_through_a_unique_temporary_in_the_same_directory(tmp_path):
+    final, seen = tmp_path / "out.bin", []
+
+    def writer(data: bytes, before: object):
+        def write(f):
+            f.write(data)
+            seen.extend(temporaries(tmp_path))
+            assert (final.read_bytes() if final.exists() else None) == before  # not replaced yet
+        return write
+
+    storage.atomic_write(tmp_path, "out.bin", writer(b"one", None))
+    storage.atomic_write(tmp_path, "out.bin", writer(b"two", b"one"))
+    assert final.read_bytes() == b"two"
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert all(name.startswith(f"{storage.TMP_PREFIX}{os.getpid()}-") for name in seen)
+    assert temporaries(tmp_path) == []
+
+
+def test_checksum_writer_counts_every_byte_of_any_buffer(tmp_path):
+    calls = []
+    data = array.array("i", range(1000))  # a multi-byte buffer: counted in bytes, not items
+    written = storage.atomic_write(tmp_path, "a.bin", lambda f: f.write(data), on_write=calls.append)
+    assert written.size == len(data.tobytes()) == sum(calls)
+    assert written.checksum == f"crc32:{zlib.crc32(data.tobytes()):08x}"
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_write(f):
+    f.write(b"partial bytes")
+    raise Boom("writer failed")
+
+
+def interrupted_write(f):
+    f.write(b"partial bytes")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("write, error", [(failing_write, Boom), (interrupted_write, KeyboardInterrupt)])
+def test_failed_write_leaves_no_temporary_and_no_final_file(tmp_path, write, error):
+    with pytest.raises(error):
+        storage.atomic_write(tmp_path, "out.bin", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("write, error", [(failing_write, Boom), (interrupted_write, KeyboardInterrupt)])
+def test_failed_overwrite_keeps_the_old_file_byte_identical(tmp_path, write, error):
+    storage.atomic_write(tmp_path, "out.bin", lambda f: f.write(b"old"))
+    with pytest.raises(error):
+        storage.atomic_write(tmp_path, "out.bin", write)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    assert (tmp_path / "out.bin").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("target", ["fsync", "replace"])
+@pytest.mark.parametrize("existing", [None, b"old"])
+def test_fsync_or_replace_failure_leaves_nothing_partial(tmp_path, monkeypatch, target, existing):
+    if existing is not None:
+        (tmp_path / "out.bin").write_bytes(existing)
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "injected I/O error")
+
+    monkeypatch.setattr(storage.os, target, fail)
+    with pytest.raises(OSError, match="injected"):
+        storage.atomic_write(tmp_path, "out.bin", payload)
+    monkeypatch.undo()
+    assert temporaries(tmp_path) == []
+    if existing is None:
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert (tmp_path / "out.bin").read_bytes() == existing
+
+
+def test_directory_fsync_failure_takes_a_new_file_back(tmp_path, monkeypatch):
+    def fail(directory):
+        raise OSError(errno.EIO, "injected directory fsync error")
+
+    monkeypatch.setattr(storage, "fsync_dir", fail)
+    with pytest.raises(OSError, match="injected"):
+        storage.atomic_write(tmp_path, "out.bin", payload)
+    assert list(tmp_path.iterdir()) == []  # the rename may not be durable: not reported as committed
+
+
+def test_file_checksum_reports_progress_in_bytes(tmp_path):
+    path = tmp_path / "f"
+    data = b"\x01" * 1000
+    path.write_bytes(data)
+    seen = []
+    assert storage.file_checksum(path, seen.append) == f"crc32:{zlib.crc32(data):08x}"
+    assert sum(seen) == 1000
+
+
+def test_prepare_directory_creates_nested_directories_and_the_lock_file(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert storage.prepare_directory(target) == target
+    assert sorted(p.name for p in target.iterdir()) == [storage.LOCK_NAME]
+
+
+def test_prepare_directory_refuses_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"mine")
+    with pytest.raises(StorageError) as info:
+        storage.prepare_directory(path)
+    assert isinstance(info.value, OSError) and isinstance(info.value, CkptError)
+    assert str(path) in str(info.value) and "hint:" in str(info.value)
+    assert path.read_bytes() == b"mine"
+
+
+def test_list_names_yields_only_files_with_the_prefix(tmp_path):
+    (tmp_path / "ckpt-a").write_bytes(b"")
+    (tmp_path / "ckpt-dir").mkdir()
+    (tmp_path / "other").write_bytes(b"")
+    assert [p.name for p in storage.list_names(tmp_path, "ckpt-")] == ["ckpt-a"]
+
+
+def test_clean_temporaries_removes_only_temporaries(tmp_path):
+    storage.prepare_directory(tmp_path)
+    stale = tmp_path / f"{storage.TMP_PREFIX}123-abcd-ckpt-e000001-s000000000.pt"
+    stale.write_bytes(b"half a checkpoint")
+    keep = {"notes.txt": b"n", "model.pt": b"m", "ckpt-e1.pt.bak": b"b", "ckpt-tmp-looking.pt": b"c"}
+    for name, data in keep.items():
+        (tmp_path / name).write_bytes(data)
+    assert storage.clean_temporaries(tmp_path) == [stale]
+    assert not stale.exists()
+    assert {n: (tmp_path / n).read_bytes() for n in keep} == keep
+
+
+def test_opening_a_manager_cleans_stale_temporaries(tmp_path):
+    stale = tmp_path / f"{storage.TMP_PREFIX}4242-dead-ckpt-e000003-s000000000.pt"
+    stale.write_bytes(b"left by a writer that was killed")
+    (tmp_path / "notes.txt").write_bytes(b"mine")
+    mgr = CheckpointManager(tmp_path)
+    assert not stale.exists() and mgr.checkpoints == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.LOCK_NAME, "notes.txt"]
+
+
+def test_clean_temporaries_leaves_a_busy_writers_temporaries(tmp_path):
+    storage.prepare_directory(tmp_path)
+    live = tmp_path / f"{storage.TMP_PREFIX}999-beef-ckpt-e000001-s000000000.pt"
+    live.write_bytes(b"being written")
+    with storage.lock(tmp_path):  # another writer holds the directory lock
+        assert storage.clean_temporaries(tmp_path) == []
+    assert live.exists()
+    assert storage.clean_temporaries(tmp_path) == [live]
+
+
+def test_remove_tolerates_a_missing_file(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"1")
+    storage.remove(path)
+    storage.remove(path)
+    assert not path.exists()
+
+
+def test_quarantine_keeps_the_bytes_under_a_corrupt_name(tmp_path):
+    path = tmp_path / "ckpt-e000001-s000000000.pt"
+    path.write_bytes(b"damaged")
+    moved = storage.quarantine(path)
+    assert moved == tmp_path / "ckpt-e000001-s000000000.pt.corrupt"
+    assert moved.read_bytes() == b"damaged" and not path.exists()
+    assert storage.quarantine(path) is None  # already gone
+
+
+@pytest.mark.parametrize("error, hint", [
+    (OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
+    (PermissionError(errno.EACCES, "Permission denied"), "not writable"),
+    (OSError(errno.EIO, "Input/output error"), "unchanged"),
+])
+def test_storage_error_names_path_keeps_errno_and_hints(tmp_path, error, hint):
+    err = storage.storage_error(error, tmp_path / "f.pt", "writing the checkpoint")
+    assert isinstance(err, StorageError) and isinstance(err, OSError)
+    assert err.errno == error.errno
+    text = str(err)
+    assert str(tmp_path / "f.pt") in text and "writing the checkpoint failed" in text and hint in text
+
+
+# -- a directory that cannot be written, through the manager -------------------------
+
+@pytest.fixture
+def read_only(tmp_path):
+    """(path, make_read_only): a directory, and a function that makes it unwritable: chmod for a
+    normal user; root ignores modes, so for root a bind mount remounted read-only."""
+    source = tmp_path / "source"
+    source.mkdir()
+    if os.geteuid() != 0:
+        yield source, lambda: source.chmod(0o555)
+        source.chmod(0o755)
+        return
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    done = subprocess.run(["mount", "--bind", str(source), str(mounted)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"running as root without permission to bind-mount: {done.stderr.strip()}")
+
+    def make_read_only():
+        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(mounted)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"running as root without permission to remount read-only: {done.stderr.strip()}")
+
+    try:
+        yield mounted, make_read_only
+    finally:
+        subprocess.run(["umount", str(mounted)], capture_output=True)
+
+
+def test_a_directory_that_cannot_be_written(read_only, trainables, snapshot):
+    path, make_read_only = read_only
+    objs = trainables()
+    with CheckpointManager(path, **objs) as mgr:
+        mgr.save(epoch=0)
+    before = snapshot(path)
+    make_read_only()
+    with pytest.raises(StorageError) as info:
+        CheckpointManager(path / "new_run", **objs)
+    assert str(path / "new_run") in str(info.value) and "write" in str(info.value)
+    with pytest.raises(StorageError) as info:  # at construction (read-only mount) or at save (chmod)
+        CheckpointManager(path, **objs).save(epoch=1)
+    assert str(path) in str(info.value) and "writ" in str(info.value)
+    assert snapshot(path) == before
+    assert not (path / "new_run").exists()
