@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -118,15 +119,32 @@ def reset_peak() -> bool:
 
 
 def peak_during(fn: Callable[[], Any]) -> Dict[str, Any]:
-    """Bytes of resident memory ``fn`` added at its peak (mapped file pages count too)."""
+    """Resident bytes ``fn`` added at its peak: all of them (VmHWM, mapped file pages
+    included) and anonymous memory alone (RssAnon, sampled every millisecond)."""
     exact = reset_peak()
-    base = status_bytes("VmRSS")
+    base, base_anon = status_bytes("VmRSS"), status_bytes("RssAnon")
     hwm_before = status_bytes("VmHWM")
-    fn()
+    anon = [base_anon]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            anon.append(status_bytes("RssAnon"))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
     hwm = status_bytes("VmHWM")
+    anon.append(status_bytes("RssAnon"))
+    found: Dict[str, Any] = {"extra_anon_bytes": max(0, max(anon) - base_anon)}
     if not exact and hwm <= hwm_before:
-        return {"extra_bytes": None, "note": "peak hidden by setup (VmHWM not resettable)"}
-    return {"extra_bytes": max(0, hwm - base)}
+        found.update(extra_bytes=None, note="peak hidden by setup (VmHWM not resettable)")
+    else:
+        found["extra_bytes"] = max(0, hwm - base)
+    return found
 
 
 def run_child(module: str, args: List[str], timeout: float = 1800) -> Dict[str, Any]:
@@ -154,7 +172,7 @@ def fmt_ratio(value: Optional[float]) -> str:
 def fmt_bytes(value: Optional[float], state: int) -> str:
     if value is None:
         return "—"
-    return f"{value / 2**20:.0f} MiB ({value / state:.2f}×)"
+    return f"{value / state:.2f}× ({value / 2**20:.0f} MiB)"
 
 
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:

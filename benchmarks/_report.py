@@ -20,8 +20,11 @@ def render(report: Dict[str, Any], savers: List[Any], loaders: List[Any]) -> str
         f"ckpt's CRC-32 from {report['crc']}.",
         "",
         "Time ratios: `× floor` is time ÷ the floor's time (1.00× = at the floor, lower is better); "
-        "`× atomic` is time ÷ `torch.save` atomic + fsync. Memory: peak resident bytes the "
-        "operation adds (VmHWM in a fresh process; memory-mapped file pages count).",
+        "`× atomic` is time ÷ `torch.save` atomic + fsync. Memory, as a multiple of the state: "
+        "the peak resident bytes the operation adds, all / anonymous only (a fresh process "
+        "per row; all = VmHWM, which counts memory-mapped file pages; anonymous = RssAnon "
+        "sampled every ms). An untimed first round precedes the timed ones (on thin-provisioned "
+        "VM disks the first write to fresh blocks is several times slower).",
         "",
         save_table(report, savers),
         "",
@@ -46,7 +49,8 @@ def _memory(report: Dict[str, Any], name: str) -> str:
         return "—"
     if "extra_bytes" not in found:
         return found.get("skipped") or "error: " + str(found.get("error", "?"))[:60]
-    return h.fmt_bytes(found["extra_bytes"], report["state"]["bytes"])
+    state = report["state"]["bytes"]
+    return f"{h.fmt_bytes(found['extra_bytes'], state)} / {h.fmt_bytes(found['extra_anon_bytes'], state)}"
 
 
 def save_table(report: Dict[str, Any], savers: List[Any]) -> str:
@@ -72,7 +76,8 @@ def save_table(report: Dict[str, Any], savers: List[Any]) -> str:
             label += ": time to commit"
         rows.append([label, h.fmt_seconds(t), f"{t / floor:.2f}× write", h.fmt_ratio(t / atomic),
                      _memory(report, name) if name != "ckpt_async" else "(above)"])
-    return "### Save\n\n" + h.markdown_table(["save", "time (s)", "× floor", "× atomic", "peak extra memory"], rows)
+    return "### Save\n\n" + h.markdown_table(["save", "time (s)", "× floor", "× atomic",
+                                               "peak extra memory: all / anon"], rows)
 
 
 def load_table(report: Dict[str, Any], loaders: List[Any]) -> str:
@@ -86,7 +91,7 @@ def load_table(report: Dict[str, Any], loaders: List[Any]) -> str:
         t = loads[name]["time"]
         rows.append([label, h.fmt_seconds(t), f"{t / floor:.2f}× read", _memory(report, name)])
     return ("### Load (cold page cache; every page of the result touched)\n\n"
-            + h.markdown_table(["load", "time (s)", "× floor", "peak extra memory"], rows))
+            + h.markdown_table(["load", "time (s)", "× floor", "peak extra memory: all / anon"], rows))
 
 
 def breakdown_table(report: Dict[str, Any]) -> str:

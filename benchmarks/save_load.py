@@ -46,6 +46,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=2048, help="Linear layer width (default 2048: 16 MiB weights)")
     p.add_argument("--small-mb", type=float, default=10.0, help="small many-tensor state, MB (default 10)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of the saves first (default 1)")
     p.add_argument("--dir", default=".", help="where to write (default: current directory)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -75,11 +76,13 @@ def main(argv: Optional[List[str]] = None) -> None:
 def run(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
     machine = h.describe_machine(root)
     bench = Bench(root / "big", int(args.size_gb * 1e9), args.width)
-    report: Dict[str, Any] = {"machine": machine, "reps": args.reps, "crc": fastio.CRC_IMPL,
+    report: Dict[str, Any] = {"machine": machine, "reps": args.reps, "warmup": args.warmup, "crc": fastio.CRC_IMPL,
                               "state": {"bytes": bench.nbytes, "tensors": len(bench.tensors)}}
     try:
         report["first_async_stall"] = bench.ckpt_async()["stall"]  # allocates the staging buffers
-        report["saves"] = repeat(bench, [(n, a) for n, _, a in SAVERS], args.reps, lambda _: None)
+        savers = [(n, a) for n, _, a in SAVERS]
+        repeat(bench, savers, args.warmup, lambda _: None)  # fresh disk blocks are slow on VMs
+        report["saves"] = repeat(bench, savers, args.reps, lambda _: None)
         loaders = [(n, a) for n, _, a, needs in LOADERS if needs in report["saves"]]
         report["loads"] = repeat(bench, loaders, args.reps,
                                  lambda n: h.cold([bench.path(p) for p in LOAD_INPUTS[n]]))

@@ -32,7 +32,7 @@ OVERLAP_MIN = 1 << 20
 #: Start writeback each time this many new bytes have been written.
 WRITEBACK_EVERY = 64 << 20
 #: Read size when checksumming a file (two buffers of it are in use at once).
-READ_CHUNK = 32 << 20
+READ_CHUNK = 16 << 20
 
 _FADVISE = getattr(os, "posix_fadvise", None)
 

@@ -7,6 +7,7 @@ decides *when* each runs: capture, commit under the lock, index, then retention.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from contextlib import suppress
@@ -308,7 +309,7 @@ class CheckpointManager:
     def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> None:
         state.restore(self.trackables, obj, strict=self.strict, path=str(record.path))
         state.restore_rng(obj.get("rng") or {})
-        record._extra = obj.get("extra", {})
+        record._extra = copy.deepcopy(obj.get("extra", {}))  # not tied to the file mapping
         self.epoch, self.step = record.epoch, record.step
         self.resumed = record
         self._protected = record.key

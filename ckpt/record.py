@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ class CheckpointRecord:
     def extra(self) -> Dict[str, Any]:
         if self._extra is _UNSET:
             from . import fileio
-            self._extra = fileio.load(self.path, checksum=None).get("extra", {})
+            self._extra = copy.deepcopy(fileio.load(self.path, checksum=None).get("extra", {}))  # unmapped
         return self._extra
 
     def to_json(self) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import warnings
@@ -128,7 +129,10 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             load_module(name, target, checkpoint[name], strict=strict, path=path)
         else:
             try:
-                _load_state(target, checkpoint[name])
+                # optimizers keep the tensors they are given: copy them out of the checkpoint's
+                # file mapping, which would otherwise pin the file (and its disk space once
+                # retention deletes it) for the rest of the run
+                _load_state(target, copy.deepcopy(checkpoint[name]))
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise StateMismatchError(
                     f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}",
