@@ -18,11 +18,12 @@ from .errors import CkptError
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def _existing_dir(text: str) -> Path:
@@ -48,22 +49,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    records, _ = index.reconcile(args.directory)
-    bad = 0
-    for r in records:
-        try:
-            fileio.verify(r.path, r.checksum)
-            status = "ok" if r.checksum else "ok (no recorded checksum)"
-        except FileNotFoundError:
-            status, bad = "missing", bad + 1
-        except CkptError as e:
-            status, bad = f"damaged: {e}", bad + 1
-        print(f"{r.path.name}: {status}")
-    missing = index.missing_files(args.directory)  # listed in the index, gone from disk
-    for name in missing:
-        print(f"{name}: missing")
-    print(f"{len(records) - bad} ok, {bad + len(missing)} bad")
-    bad += len(missing)
+    report = index.verify_all(args.directory)
+    for name, (status, detail) in report.items():
+        print(f"{name}: {status}" + (f" ({detail})" if detail else ""))
+    bad = sum(status != "ok" for status, _ in report.values())
+    print(f"{len(report) - bad} ok, {bad} bad")
     return 1 if bad else 0
 
 

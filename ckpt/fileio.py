@@ -8,6 +8,7 @@ file is memory-mapped, so verification reads it once and loading adds no second 
 from __future__ import annotations
 
 import _compat_pickle
+import errno
 import pickle
 import re
 import zipfile
@@ -22,6 +23,9 @@ from .progress import Progress
 
 MapLocation = Any
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+#: torch.load's RuntimeErrors that mean the bytes are bad (zip reader, unpickler, storages).
+_ARCHIVE_ERROR = re.compile(r"PytorchStreamReader|zip archive|central directory|file not found|"
+                            r"storage|invalid load key|unpickl|truncated|size mismatch|out of range", re.I)
 
 
 def write(directory: Path, name: str, obj: Any, *, nbytes: int, progress: Optional[bool]) -> storage.Written:
@@ -54,7 +58,7 @@ def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = 
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if weights_only and "weights_only" in str(e).lower().replace(" ", "_"):
+        if weights_only and _GLOBAL_RE.search(str(e)):  # code needs a global; garbage does not
             raise unsafe_error(path, e) from e
         raise CorruptCheckpointError(f"cannot unpickle the file ({e})", path=path) from e
     except FileNotFoundError as e:
@@ -66,9 +70,16 @@ def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = 
         if mmap and "mmap" in str(e):  # legacy (non-zip) torch.save format cannot be mapped
             return load(path, map_location=map_location, weights_only=weights_only,
                         progress=progress, mmap=False)
+        if isinstance(e, torch.OutOfMemoryError) or not _ARCHIVE_ERROR.search(str(e)):
+            raise  # out of memory, a CUDA error...: a problem of this process, not of the file
         raise CorruptCheckpointError(f"cannot read the file: {first_line(e)}", path=path,
                                      hint="the file is truncated or damaged") from e
-    except (EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError) as e:
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EIO, ENOMEM, EMFILE...: retry later, the file may be fine
+            raise
+        raise CorruptCheckpointError(f"cannot read the file: {first_line(e)}", path=path,
+                                     hint="the file is truncated or damaged") from e
+    except (EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
         raise CorruptCheckpointError(f"cannot read the file: {first_line(e)}", path=path,
                                      hint="the file is truncated or damaged") from e
 

@@ -13,7 +13,7 @@ import os
 import warnings
 from contextlib import suppress
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import fileio, format, storage
 from .errors import CkptError, FormatVersionError
@@ -27,6 +27,10 @@ _OBSERVE_TRIES = 5
 def _entries(directory: Path, raw: Optional[bytes] = None) -> List[CheckpointRecord]:
     text = (directory / INDEX_NAME).read_bytes() if raw is None else raw
     data = json.loads(text.decode("utf-8"))
+    if isinstance(data.get("format"), int) and data["format"] > INDEX_VERSION:
+        raise FormatVersionError(f"index format {data['format']} is newer than this ckpt reads "
+                                 f"({INDEX_VERSION})", path=directory / INDEX_NAME,
+                                 hint="upgrade ckpt (pip install -U ckpt) to use this directory")
     return [CheckpointRecord.from_json(e, directory) for e in data["checkpoints"]
             if format.parse_name(str(e["file"])) is not None]
 
@@ -38,7 +42,9 @@ def read(directory: Path, raw: Optional[bytes] = None) -> Optional[List[Checkpoi
         return _entries(directory, raw)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except FormatVersionError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         warnings.warn(f"{path}: index unreadable ({e}); rebuilding it from the checkpoint files",
                       stacklevel=2)
         return None
@@ -52,33 +58,12 @@ def write(directory: Path, records: List[CheckpointRecord]) -> None:
     storage.atomic_write(directory, INDEX_NAME, lambda f: f.write(data))
 
 
-def missing_files(directory: Path) -> List[str]:
-    """Names the index lists whose file is gone (reconcile drops them from its records)."""
-    try:
-        entries = _entries(directory)
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return sorted(r.path.name for r in entries if not r.path.exists())
-
-
-def snapshot(directory: Path) -> Optional[bytes]:
-    """The index file's bytes (None when absent), to put back if a save fails."""
-    try:
-        return (directory / INDEX_NAME).read_bytes()
-    except FileNotFoundError:
-        return None
-
-
 def roll_back(directory: Path, before: Optional[bytes]) -> None:
-    """Put back a :func:`snapshot`. Best effort: the caller is raising the original error.
-
-    Needed when the failure came after the new index was renamed into place (its
-    directory ``fsync`` failed): the index must not list a checkpoint that was removed.
-    """
+    """Put the index back to the bytes ``before`` (None: no index). Best effort: the
+    caller is raising the original error, and a failed roll-back leaves an index that
+    reconciliation repairs (entries of missing files are dropped, unindexed files read)."""
     path = directory / INDEX_NAME
     with suppress(OSError):
-        if snapshot(directory) == before:
-            return
         if before is None:
             os.unlink(path)
         else:
@@ -99,31 +84,56 @@ def describe_file(path: Path, *, weights_only: bool = True) -> CheckpointRecord:
                             checksum=storage.file_checksum(path), **info)
 
 
-def _observe(directory: Path) -> Tuple[Optional[bytes], Dict[str, Path]]:
+def _observe(directory: Path, locked: bool) -> Tuple[Optional[bytes], Dict[str, Path]]:
     """The index's bytes and the checkpoint files, seen with no commit in between.
 
     A writer replaces the index once per commit, between adding its file and deleting
     evicted ones; an index unchanged around the listing means the listing matches it,
-    so a reader racing a writer does not report evicted files as missing.
+    so a reader racing a writer does not report evicted files as missing. A caller
+    holding the lock sees no commits and reads the index once.
     """
-    raw = snapshot(directory)
+    raw = _read_bytes(directory)
     for _ in range(_OBSERVE_TRIES):
         on_disk = {p.name: p for p in storage.list_names(directory, "ckpt-") if format.parse_name(p.name)}
-        again = snapshot(directory)
+        if locked:
+            break
+        again = _read_bytes(directory)
         if again == raw:
             break
         raw = again
     return raw, on_disk
 
 
-def reconcile(directory: Path) -> Tuple[List[CheckpointRecord], bool]:
-    """Records of the committed checkpoints in ``directory``, sorted by (epoch, step).
+def _read_bytes(directory: Path) -> Optional[bytes]:
+    try:
+        return (directory / INDEX_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
 
-    Returns the records and whether they differ from the index on disk (so a writer
-    holding the lock knows to rewrite it). Unreadable unindexed files are skipped with
-    a warning and left in place.
+
+class Listing(NamedTuple):
+    """What :func:`scan` found."""
+
+    records: List[CheckpointRecord]  #: committed checkpoints, sorted by (epoch, step)
+    changed: bool  #: the records differ from the index on disk (a writer should rewrite it)
+    missing: List[str]  #: names the index lists whose file is gone
+    raw: Optional[bytes]  #: the index bytes the records were built from
+
+
+def reconcile(directory: Path) -> Tuple[List[CheckpointRecord], bool]:
+    """(records, changed) of :func:`scan`."""
+    listing = scan(directory)
+    return listing.records, listing.changed
+
+
+def scan(directory: Path, *, locked: bool = False) -> Listing:
+    """The committed checkpoints in ``directory``: the index reconciled with the files.
+
+    Unreadable unindexed files are skipped with a warning and left in place; a file in a
+    newer format raises :class:`FormatVersionError` (skipping it would resume from older
+    state). Pass ``locked=True`` when holding the directory lock.
     """
-    raw, on_disk = _observe(directory)
+    raw, on_disk = _observe(directory, locked)
     indexed = read(directory, raw) if raw is not None else None
     by_name: Dict[str, CheckpointRecord] = {r.path.name: r for r in indexed or []}
     records: List[CheckpointRecord] = []
@@ -137,13 +147,29 @@ def reconcile(directory: Path) -> Tuple[List[CheckpointRecord], bool]:
         except FileNotFoundError:
             continue  # deleted since it was listed: a concurrent writer evicted it
         except FormatVersionError:
-            raise  # a newer ckpt wrote it: skipping it would silently resume from older state
+            raise
         except (CkptError, OSError) as e:
             warnings.warn(f"{path}: not listed in the index and unreadable, ignored: {e}", stacklevel=2)
             continue
         changed = True
-    gone = set(by_name) - set(on_disk)
-    if gone:  # not `changed`: the index keeps them until the next save, so verify() reports them
-        warnings.warn(f"{directory}: indexed checkpoints missing on disk: {sorted(gone)}", stacklevel=2)
+    missing = sorted(set(by_name) - set(on_disk))
+    if missing:  # not `changed`: the index keeps them until the next save, so verify() reports them
+        warnings.warn(f"{directory}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
     records.sort(key=lambda r: r.key)
-    return records, changed
+    return Listing(records, changed, missing, raw)
+
+
+def verify_all(directory: Path, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
+    """File name -> ("ok" | "damaged" | "missing", detail) for every indexed checkpoint."""
+    listing = scan(directory)
+    report: Dict[str, Tuple[str, str]] = {}
+    for record in listing.records:
+        try:
+            fileio.verify(record.path, record.checksum, progress=progress)
+            report[record.path.name] = ("ok", "" if record.checksum else "no recorded checksum")
+        except FileNotFoundError:
+            report[record.path.name] = ("missing", "deleted since it was listed")
+        except CkptError as e:
+            report[record.path.name] = ("damaged", str(e))
+    report.update({name: ("missing", "listed in the index, gone from disk") for name in listing.missing})
+    return report

@@ -14,7 +14,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import __version__, data, exporting, fileio, format, index, interop, models, policy, state, storage
+from filelock import Timeout
+
+from . import __version__, commit, data, exporting, fileio, format, index, interop, models, policy, state, storage
 from . import async_writer
 from . import preemption as preempt
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError,
@@ -114,11 +116,15 @@ class CheckpointManager:
         if changed and rewrite:
             try:
                 with storage.lock(self.directory).acquire(timeout=0):
-                    records, changed = index.reconcile(self.directory)  # a writer may have committed
-                    if changed:
+                    listing = index.scan(self.directory, locked=True)  # a writer may have committed
+                    records = listing.records
+                    if listing.changed:
                         index.write(self.directory, records)
-            except (OSError, TimeoutError):
-                pass  # a read-only directory or a busy writer: the files still describe themselves
+            except Timeout:
+                pass  # a writer is committing: it rewrites the index itself
+            except OSError as e:
+                warnings.warn(f"{self.directory}: could not rewrite the index ({e}); the checkpoint "
+                              "files still describe themselves", stacklevel=3)
         return records
 
     # -- saving --------------------------------------------------------------------
@@ -149,10 +155,11 @@ class CheckpointManager:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
                               hint="pass extra={'lr': lr, 'best_acc': best_acc}")
-        self._check_new(epoch, step, mid_epoch, overwrite, self._records)
-        if not mid_epoch and data.inside_epoch(self.trackables):
+        commit.check_new((epoch, step), mid_epoch, overwrite, self._records)
+        inside = [] if mid_epoch else data.inside_epoch(self.trackables)
+        if inside:
             warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
-                          f"{', '.join(map(repr, data.inside_epoch(self.trackables)))} is part-way "
+                          f"{', '.join(map(repr, inside))} is part-way "
                           "through the epoch: resuming from it starts the next epoch and skips the "
                           "rest of this one; pass mid_epoch=True for step checkpoints", stacklevel=2)
         obj, nbytes = format.build(state.capture(self.trackables), epoch=epoch, step=step,
@@ -167,59 +174,15 @@ class CheckpointManager:
         self.epoch, self.step = epoch, step
         return record
 
-    def _check_new(self, epoch: int, step: int, mid_epoch: bool, overwrite: bool,
-                   records: List[CheckpointRecord]) -> None:
-        existing = next((r for r in records if r.key == (epoch, step)), None)
-        if existing is not None and not overwrite and not (existing.mid_epoch and not mid_epoch):
-            raise CheckpointExistsError(
-                f"a checkpoint for epoch {epoch}, step {step} already exists", path=existing.path,
-                hint="pass a new step (save(epoch=..., step=global_step)), or overwrite=True to replace it")
-
     def _commit(self, obj: Dict[str, Any], nbytes: int, overwrite: bool) -> CheckpointRecord:
-        """Write, index, then apply retention; all under the directory lock."""
-        epoch, step, meta = obj["epoch"], obj["step"], obj["ckpt"]
-        name = format.file_name(epoch, step)
-        with storage.lock(self.directory):
-            records, _ = index.reconcile(self.directory)
-            self._check_new(epoch, step, meta["mid_epoch"], overwrite, records)
-            existed = (self.directory / name).exists()
-            before = index.snapshot(self.directory)
-            try:
-                written = fileio.write(self.directory, name, obj, nbytes=nbytes, progress=self.progress)
-            except OSError as e:
-                raise storage.storage_error(e, self.directory / name, "writing the checkpoint") from e
-            record = CheckpointRecord(epoch=epoch, step=step, path=written.path,
-                                      metrics=obj["metrics"], mid_epoch=meta["mid_epoch"],
-                                      size=written.size, checksum=written.checksum, time=meta["created"])
-            record._extra = obj["extra"]
-            records = [r for r in records if r.key != record.key] + [record]
-            if self._protected is not None and record.key > self._protected:
-                self._protected = None
-            protected = {record.key} | ({self._protected} if self._protected else set())
-            kept_keys = policy.select_kept(records, self.policy, protected)
-            kept = sorted((r for r in records if r.key in kept_keys), key=lambda r: r.key)
-            try:
-                index.write(self.directory, kept)
-            except OSError as e:
-                if existed:  # the file it replaced is gone: best effort to index the new one
-                    with suppress(OSError):
-                        index.write(self.directory, records)
-                else:
-                    storage.remove(written.path)
-                    index.roll_back(self.directory, before)
-                raise storage.storage_error(e, self.directory / index.INDEX_NAME,
-                                            "updating the index") from e
-            self._records = kept
-            self._delete([r for r in records if r.key not in kept_keys])
+        """Commit ``obj`` (runs on the writer thread with ``async_save``)."""
+        newer = self._protected is None or (obj["epoch"], obj["step"]) > self._protected
+        record, self._records = commit.commit(
+            self.directory, obj, nbytes, retention=self.policy, overwrite=overwrite,
+            protected=set() if newer else {self._protected}, progress=self.progress)
+        if newer:
+            self._protected = None  # a newer checkpoint is committed: the resume source may go
         return record
-
-    def _delete(self, evicted: List[CheckpointRecord]) -> None:
-        for record in evicted:
-            try:
-                storage.remove(record.path)
-            except OSError as e:
-                raise storage.storage_error(e, record.path, "deleting an evicted checkpoint "
-                                            "(the new checkpoint is committed)") from e
 
     # -- restoring -----------------------------------------------------------------
 
@@ -237,7 +200,7 @@ class CheckpointManager:
                 obj = self._load(record)
             except (CorruptCheckpointError, FileNotFoundError) as e:
                 damaged.append(str(record.path))
-                self._quarantine(record, e)
+                self._skip(record, e)
                 continue
             self._apply(obj, record)
             return record.next_epoch
@@ -314,18 +277,19 @@ class CheckpointManager:
         self.resumed = record
         self._protected = record.key
 
-    def _quarantine(self, record: CheckpointRecord, error: BaseException) -> None:
-        moved = None
-        try:
-            with storage.lock(self.directory):
-                records = [r for r in index.reconcile(self.directory)[0] if r.key != record.key]
-                if record.path.exists():  # moved after reconcile, which would warn it is missing
-                    moved = storage.quarantine(record.path)
-                index.write(self.directory, records)
-        except OSError:
-            pass  # read-only directory: skipping the file is enough
+    def _skip(self, record: CheckpointRecord, error: BaseException) -> None:
+        """Leave out a checkpoint that failed to load; a damaged one (not a missing one)
+        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it."""
         self._records = [r for r in self._records if r.key != record.key]
-        where = f"; kept as {moved}" if moved else ""
+        where = ""
+        if isinstance(error, CorruptCheckpointError):
+            try:
+                with storage.lock(self.directory):
+                    records = [r for r in index.scan(self.directory, locked=True).records if r.key != record.key]
+                    where = f"; kept as {storage.quarantine(record.path)}"
+                    index.write(self.directory, records)
+            except OSError as e:
+                where = f"; could not move it aside ({e}), so it will be skipped again"
         warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=3)
 
     # -- integrity -----------------------------------------------------------------
@@ -333,17 +297,10 @@ class CheckpointManager:
     def verify(self) -> Dict[str, str]:
         """Check every committed checkpoint against its checksum: file name -> "ok",
         "damaged" or "missing". Reads every file once; loads nothing into your objects."""
-        report: Dict[str, str] = {}
-        for record in self.refresh():
-            try:
-                fileio.verify(record.path, record.checksum, progress=self.progress)
-                report[record.path.name] = "ok"
-            except FileNotFoundError:
-                report[record.path.name] = "missing"
-            except CorruptCheckpointError:
-                report[record.path.name] = "damaged"
-        report.update({name: "missing" for name in index.missing_files(self.directory)})
-        return report
+        if self._writer is not None:
+            self._writer.join()
+        report = index.verify_all(self.directory, progress=self.progress)
+        return {name: status for name, (status, _) in report.items()}
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -193,13 +193,14 @@ def remove(path: Path) -> None:
         os.unlink(path)
 
 
-def quarantine(path: Path) -> Optional[Path]:
+def quarantine(path: Path) -> Path:
     """Move a damaged checkpoint out of the checkpoint namespace, keeping its bytes."""
     target = path.with_name(path.name + QUARANTINE_SUFFIX)
-    try:
-        os.replace(path, target)
-    except OSError:
-        return None
+    n = 0
+    while target.exists():  # never overwrite an earlier quarantined copy
+        n += 1
+        target = path.with_name(f"{path.name}{QUARANTINE_SUFFIX}.{n}")
+    os.replace(path, target)
     return target
 
 

@@ -242,19 +242,34 @@ def test_interrupt_during_write_leaves_nothing(tmp_path: Path, monkeypatch: pyte
                 ("write", "tmp-ckpt"))
 
 
-def test_overwrite_with_failed_index_keeps_index_truthful(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """overwrite=True replaces the old file before the index; if the index update then
-    fails, the index must describe the new bytes, not call a good file damaged."""
+@pytest.mark.parametrize("rename", [0, 1, 2], ids=["unindex-old", "checkpoint", "index"])
+def test_a_failed_overwrite_puts_the_old_checkpoint_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         rename: int) -> None:
+    """overwrite=True: the old entry leaves the index, the old file is linked aside, the new
+    one replaces it, then the index. A failure at any rename restores the old bytes and
+    the old index, so a failed save changes nothing (design §4)."""
     directory = tmp_path / "run"
     mgr = populated(directory)
+    before = snapshot(directory)
     injector = Injector(monkeypatch, directory)
-    injector.arm(("replace", 1, OSError(errno.EIO, "injected")))  # the index rename
-    with pytest.raises(StorageError, match="updating the index failed"):
+    injector.arm(("replace", rename, OSError(errno.EIO, "injected")))
+    with pytest.raises(StorageError, match="failed: injected"):
         mgr.save(epoch=2, overwrite=True)
     injector.armed = False
     assert temporaries(directory) == []
+    assert snapshot(directory) == before
     assert manager(directory).verify() == {format.file_name(1, 0): "ok", format.file_name(2, 0): "ok"}
+
+
+def test_an_overwrite_commits_the_new_bytes(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    mgr = populated(directory)
+    old = (directory / format.file_name(2, 0)).read_bytes()
+    mgr.save(epoch=2, overwrite=True, extra={"second": True})
+    assert (directory / format.file_name(2, 0)).read_bytes() != old
+    fresh = manager(directory)
+    assert fresh.verify() == {format.file_name(1, 0): "ok", format.file_name(2, 0): "ok"}
+    assert fresh.latest.extra == {"second": True} and temporaries(directory) == []
 
 
 def test_commit_order_follows_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,7 +197,12 @@ def test_quarantine_keeps_the_bytes_under_a_corrupt_name(tmp_path):
     moved = storage.quarantine(path)
     assert moved == tmp_path / "ckpt-e000001-s000000000.pt.corrupt"
     assert moved.read_bytes() == b"damaged" and not path.exists()
-    assert storage.quarantine(path) is None  # already gone
+    path.write_bytes(b"damaged again")
+    again = storage.quarantine(path)  # an earlier quarantined copy is never overwritten
+    assert again == tmp_path / "ckpt-e000001-s000000000.pt.corrupt.1"
+    assert moved.read_bytes() == b"damaged" and again.read_bytes() == b"damaged again"
+    with pytest.raises(FileNotFoundError):
+        storage.quarantine(path)  # already gone: the caller reports it
 
 
 @pytest.mark.parametrize("error, hint", [

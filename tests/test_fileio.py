@@ -1,0 +1,70 @@
+"""ckpt.fileio: only damage counts as damage.
+
+A load can fail because the *process* is in trouble (out of memory, an I/O error, a
+CUDA error) or because the *file* is bad. Only the second may make ``resume()`` skip
+and quarantine a checkpoint; the first must reach the caller with every file intact.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt import CheckpointManager, CorruptCheckpointError, fileio
+
+
+def saved_run(directory: Path) -> CheckpointManager:
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(4, 2), progress=False)
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+    return mgr
+
+
+def files(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    OSError(errno.EIO, "Input/output error"),
+    OSError(errno.EMFILE, "Too many open files"),
+], ids=["oom", "cuda-error", "eio", "emfile"])
+def test_a_failing_process_is_not_a_damaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 error: BaseException) -> None:
+    saved_run(tmp_path)
+    before = files(tmp_path)
+
+    def failing_load(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
+    with pytest.raises(type(error)):
+        mgr.resume()
+    assert files(tmp_path) == before  # nothing renamed *.corrupt, the index untouched
+    assert len(mgr.checkpoints) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "garbage", "tail"])
+def test_damaged_bytes_are_damage(tmp_path: Path, damage: str) -> None:
+    path = saved_run(tmp_path).latest.path
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "zero": b"", "garbage": bytes(range(256)) * 8,
+                      "tail": data[:-10]}[damage])
+    with pytest.raises(CorruptCheckpointError, match=path.name):
+        fileio.load(path)  # no recorded checksum: the reader itself must notice
+
+
+def test_resume_falls_back_and_keeps_the_damaged_bytes(tmp_path: Path) -> None:
+    path = saved_run(tmp_path).latest.path
+    damaged = path.read_bytes()[:100]
+    path.write_bytes(damaged)
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint .*{path.name}"):
+        assert mgr.resume() == 2
+    assert path.with_name(path.name + ".corrupt").read_bytes() == damaged
+    assert not path.exists() and [r.epoch for r in mgr.checkpoints] == [0, 1]
