@@ -9,7 +9,13 @@ mid-epoch checkpoint and raises :class:`Preempted` (a ``SystemExit``).
 
 Handlers are installed from the main thread only (Python runs handlers there), a
 previous Python handler is still called (chained), and the previous handlers are put
-back on close.
+back on close, in whatever order several managers close: each handler remembers its
+predecessor, and one closed while another sits above it only marks itself closed, so
+the handlers above skip past it (and restore past it when they close).
+
+A second delivery of the same signal before the save is done gives up on the graceful
+path: the previous handler (or the default action) is put back and the signal raised
+again, so a second Ctrl+C or SIGTERM always ends the job.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Set, Tuple, Union
 
 from .errors import ConfigError
 
@@ -60,7 +66,9 @@ class PreemptionHandler:
                                    "preemption=False and check for preemption yourself")
         self.signals = tuple(_signal(s) for s in signals)
         self.received: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
+        self.closed = False
+        self._seen: Set[int] = set()
+        self._previous: Dict[int, Any] = {}  # kept after close: handlers above skip past it
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -75,23 +83,38 @@ class PreemptionHandler:
         return self.received is not None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.closed or signum in self._seen:  # closed, or a second signal: the escape hatch
+            self._pass_on(signum, frame)
+            return
         # Only a flag: no I/O here, the loop saves at its next step boundary.
+        self._seen.add(signum)
         if self.received is None:
             self.received = signum
-        previous = self._previous.get(signum)
+        previous = _live(self._previous.get(signum), signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # chained; SIG_DFL/SIG_IGN and Ctrl+C's KeyboardInterrupt are not
 
+    def _pass_on(self, signum: int, frame: Optional[FrameType]) -> None:
+        """Hand the signal to what was installed before us, as if we had never been."""
+        previous = _live(self._previous.get(signum), signum)
+        if signal.getsignal(signum) == self._handle:
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+            signal.raise_signal(signum)  # the default action ends the process here
+        elif callable(previous):  # a handler above called us: let it reach the one below
+            previous(signum, frame)
+
     def close(self) -> None:
-        """Put back the previous handlers (where ours is still the installed one)."""
+        """Put back the previous handlers where ours is the installed one; elsewhere a
+        handler installed later sits above ours and skips past it from now on."""
+        self.closed = True
         if threading.current_thread() is not threading.main_thread():
             log.warning("ckpt: signal handlers can only be restored from the main thread; "
-                        "left in place (they only set a flag)")
+                        "left in place (the next signal is handed to the previous handler)")
             return
         for sig, previous in self._previous.items():
             if signal.getsignal(sig) == self._handle:
+                previous = _live(previous, sig)
                 signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
 
 
 def install(option: Option) -> Optional[PreemptionHandler]:
@@ -118,6 +141,16 @@ def stop(mgr: Any, handler: PreemptionHandler, *, epoch: int, step: int,
     exit_ = Preempted(handler.received or signal.SIGTERM, record)
     log.warning("ckpt: %s; exiting with status %d", exit_, exit_.code)
     return exit_
+
+
+def _live(previous: Any, signum: int) -> Any:
+    """``previous``, or if it is a closed :class:`PreemptionHandler`'s, the first open one
+    (or foreign handler) below it: closing out of order leaves no dead link in the chain."""
+    owner = getattr(previous, "__self__", None)
+    while isinstance(owner, PreemptionHandler) and owner.closed:
+        previous = owner._previous.get(signum)
+        owner = getattr(previous, "__self__", None)
+    return previous
 
 
 def signal_name(signum: int) -> str:

@@ -108,7 +108,7 @@ def load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], *,
         warnings.warn(f"{path}: loading {name!r} with strict=False skipped {detail}", stacklevel=3)
         bad = {s.split(":")[0] for s in shapes}
         state = {k: v for k, v in state.items() if k not in bad}
-    module.load_state_dict(state, strict=False if not strict else True)
+    module.load_state_dict(state, strict=strict)
 
 
 def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,

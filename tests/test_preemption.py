@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import itertools
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any, List
@@ -26,7 +28,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mid_epoch.py
 
 @pytest.fixture(autouse=True)
 def _restore_handlers() -> Any:
-    saved = {s: signal.getsignal(s) for s in (TERM, USR1, signal.SIGUSR2)}
+    saved = {s: signal.getsignal(s) for s in (TERM, USR1, signal.SIGUSR2, signal.SIGINT)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
@@ -67,6 +69,82 @@ def test_previous_python_handler_is_chained(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path, preemption=True) as mgr:
         signal.raise_signal(TERM)
         assert mgr.preempted and seen == [TERM]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_closing_in_any_order_keeps_the_chain_and_restores_the_original(
+        tmp_path: Path, order: Any) -> None:
+    seen: List[int] = []
+
+    def original(signum: int, frame: Any) -> None:
+        seen.append(signum)
+
+    signal.signal(USR1, original)
+    mgrs = [CheckpointManager(tmp_path / str(i), preemption=[USR1]) for i in range(3)]
+    for n, i in enumerate(order, 1):
+        mgrs[i].close()
+        if n < 3:  # the open ones and the original still get it, once each
+            signal.raise_signal(USR1)
+            assert seen == [USR1] * n
+            assert [m.preempted for m in mgrs] == [j != order[0] for j in range(3)]
+    assert signal.getsignal(USR1) is original
+
+
+def _run(*code: str) -> "subprocess.CompletedProcess[str]":
+    """Run ``code`` in a fresh interpreter: a signal whose default action ends the process
+    must not reach the test runner."""
+    source = "\n".join(["import os, signal, sys, tempfile, threading, time", "import ckpt",
+                        *(textwrap.dedent(part) for part in code)])
+    return subprocess.run([sys.executable, "-c", source],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("close, restored", [
+    ("a.close(); b.close()", True),  # out of order
+    ("b.close(); a.close()", True),
+    ("for m in (a, b): (t := threading.Thread(target=m.close)).start(); t.join()", False),
+], ids=["a-then-b", "b-then-a", "in-a-thread"])
+def test_after_close_sigterm_ends_the_process_again(close: str, restored: bool) -> None:
+    result = _run("""
+        a = ckpt.CheckpointManager(tempfile.mkdtemp(), preemption=True)
+        b = ckpt.CheckpointManager(tempfile.mkdtemp(), preemption=True)
+    """, close, """
+        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        print("survived")
+    """)
+    assert result.returncode == -TERM, result.stderr
+    assert result.stdout == f"{restored}\n"  # off the main thread: handed on at the signal
+
+
+@pytest.mark.parametrize("managers", [1, 2])
+def test_a_second_sigterm_ends_the_process(managers: int) -> None:
+    result = _run(f"mgrs = [ckpt.CheckpointManager(tempfile.mkdtemp(), preemption=True) "
+                  f"for _ in range({managers})]", """
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(3000):  # the handler runs in the main thread, soon
+            if all(m.preempted for m in mgrs):
+                break
+            time.sleep(0.01)
+        print("first swallowed", all(m.preempted for m in mgrs), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        print("survived")
+    """)
+    assert result.returncode == -TERM, result.stderr
+    assert result.stdout == "first swallowed True\n"
+
+
+def test_a_second_ctrl_c_raises_keyboard_interrupt(tmp_path: Path) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with CheckpointManager(tmp_path, preemption=[signal.SIGINT]) as mgr:
+        signal.raise_signal(signal.SIGINT)
+        assert mgr.preempted  # the first one only sets the flag
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_save_if_preempted_is_a_no_op_until_a_signal(tmp_path: Path) -> None:
