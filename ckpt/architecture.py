@@ -33,7 +33,7 @@ import functools
 import importlib
 import inspect
 import sys
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
@@ -187,7 +187,7 @@ def global_ref(obj: Any, where: str) -> Tuple[str, str]:
     if module == "__main__":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         return (spec.name if spec is not None else "__main__"), qualname
-    for candidate, name in _candidates(module, qualname, getattr(obj, "__name__", qualname)):
+    for candidate, name in _candidates(obj, module, qualname):
         if _lookup(candidate, name) is obj:
             return candidate, name
     raise ArchitectureError(
@@ -195,10 +195,19 @@ def global_ref(obj: Any, where: str) -> Tuple[str, str]:
         hint="pass classes and functions defined at module level under their own name")
 
 
-def _candidates(module: str, qualname: str, name: str) -> List[Tuple[str, str]]:
-    """Where to look for an object; torch defines many functions in private modules."""
-    public = [("torch.nn.functional", name), ("torch", name)] if module.split(".")[0] == "torch" else []
-    return public + [(module, qualname)]
+def _candidates(obj: Any, module: str, qualname: str) -> Iterator[Tuple[str, str]]:
+    """Where to look for an object; torch defines many functions in private modules
+    (``F.logsigmoid`` is ``torch._C._nn.log_sigmoid``), so its public names come first."""
+    if module.split(".")[0] == "torch" and not isinstance(obj, type):
+        name = getattr(obj, "__name__", qualname)
+        yield from ((m, name) for m in _TORCH_PUBLIC)
+        for m in _TORCH_PUBLIC:
+            yield from ((m, n) for n, v in getattr(sys.modules.get(m), "__dict__", {}).items()
+                        if v is obj and not n.startswith("_"))
+    yield module, qualname
+
+
+_TORCH_PUBLIC = ("torch.nn.functional", "torch.nn.init", "torch")
 
 
 def _lookup(module: str, qualname: str) -> Any:
@@ -257,7 +266,6 @@ def _infer(module: nn.Module, where: str) -> Tuple[list, dict]:
     return [], kwargs
 
 
-@functools.lru_cache(maxsize=None)
 def _init_params(cls: type) -> Tuple[Tuple[str, Any], ...]:
     """(name, default) of the constructor parameters that describe the layer."""
     if issubclass(cls, nn.RNNBase):  # LSTM/GRU/RNN take (*args, **kwargs) and pass a mode
@@ -294,23 +302,10 @@ def _verify(module: nn.Module, kwargs: Dict[str, Any], where: str) -> None:
                  "or use ckpt.export") from error
 
 
-_BUILT: Dict[Tuple[type, str], Tuple[Any, ...]] = {}  # memo: (class, arguments) -> fingerprint
-
-
 def _rebuilt_fingerprint(cls: type, kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
-    """Fingerprint of ``cls(**kwargs)`` built on the meta device (no memory, no init).
-
-    Memoised, so a manager that captures the same layers at every save builds each
-    distinct layer once per process.
-    """
-    key = (cls, repr(sorted(kwargs.items())))
-    if key not in _BUILT:
-        with torch.device("meta"):
-            rebuilt = cls(**kwargs)
-        if len(_BUILT) > 4096:
-            _BUILT.clear()
-        _BUILT[key] = _fingerprint(rebuilt)
-    return _BUILT[key]
+    """Fingerprint of ``cls(**kwargs)`` built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return _fingerprint(cls(**kwargs))
 
 
 _PARTS = ("extra_repr", "attributes", "parameters", "buffers", "children")

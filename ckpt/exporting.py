@@ -21,13 +21,14 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import state, storage
-from .errors import ConfigError, CorruptCheckpointError, ExportError, StateMismatchError
+from . import fileio, models, state, storage
+from .errors import (ConfigError, CorruptCheckpointError, ExportError, StateMismatchError,
+                     UnsafeCheckpointError)
 
 PathLike = Union[str, "os.PathLike[str]"]
 METHODS = ("export", "torchscript", "trace")
@@ -84,8 +85,7 @@ def _batch_of_two(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
 
 
 def _export_error(e: BaseException, path: Path, dynamic_batch: bool) -> ExportError:
-    text = str(e)
-    first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    text, first = str(e), fileio.first_line(e)
     if dynamic_batch and ("batch" in text and ("special" in text or "onstraint" in text)):
         return ExportError(f"torch.export cannot make the batch dimension dynamic for this model: {first}",
                            path=path, hint="pass dynamic_batch=False for a program fixed to the example "
@@ -100,7 +100,7 @@ def _torchscript(module: nn.Module, inputs: Tuple[Any, ...], method: str, path: 
     try:
         program = torch.jit.script(module) if method == "torchscript" else torch.jit.trace(module, inputs)
     except Exception as e:  # noqa: BLE001 - the TorchScript compiler raises many types
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        first = fileio.first_line(e)
         hint = ("method='trace' records one run with example_inputs instead (Python control flow is "
                 "frozen to the path that run took)" if method == "torchscript"
                 else "fix the error above, or use method='export' or 'torchscript'")
@@ -111,45 +111,64 @@ def _torchscript(module: nn.Module, inputs: Tuple[Any, ...], method: str, path: 
     return buffer.getvalue()
 
 
-def load_exported(path: PathLike, *, device: Any = None) -> nn.Module:
+def load_exported(path: PathLike, *, trusted: bool = False, device: Any = None) -> nn.Module:
     """Load a program written by :func:`export`; no model class is needed.
+
+    ``trusted=True`` is required: loading is not data-only. ``torch.export.load``
+    unpickles parts of a ``.pt2`` archive with ``weights_only=False`` (a crafted file
+    runs code while it loads), and both formats hold a program whose operators can read
+    and write files (``aten::save``, ``aten::from_file``). Load only files you trust.
 
     Returns a callable module: ``torch.export``'s ``program.module()`` (already in
     eval mode: it cannot switch modes) or a TorchScript module.
     """
     path = Path(path)
+    names = _archive_names(path)
+    export_format = any(n == "archive_format" or n.endswith("/archive_format") for n in names)
+    if not export_format and not any(n.endswith("constants.pkl") for n in names):
+        raise CorruptCheckpointError("not an exported model (neither torch.export nor TorchScript)",
+                                     path=path, hint="for checkpoints and model files use ckpt.load_model")
+    if trusted is not True:
+        kind = "a torch.export program" if export_format else "a TorchScript program"
+        raise UnsafeCheckpointError(
+            f"refused to load {kind} without trusted=True: loading it can run code "
+            "(torch.export.load unpickles parts of the archive with weights_only=False, and the "
+            "program's operators can read and write files)", path=path,
+            hint="only if you trust where the file came from, call "
+                 "ckpt.load_exported(path, trusted=True); for untrusted files use ckpt.load_model "
+                 "(weights_only=True, with its trust rule) or safetensors")
+    if export_format:
+        module = torch.export.load(path).module()
+    else:
+        module = torch.jit.load(str(path), map_location=device)
+    if device is not None:
+        module.to(device)
+    return module
+
+
+def _archive_names(path: Path) -> List[str]:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise CorruptCheckpointError(f"not an exported model: {e}", path=path,
                                      hint="write it with ckpt.export(model, path, example_inputs=...)") from e
-    if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
-        module = torch.export.load(path).module()
-    elif any(n.endswith("constants.pkl") for n in names):
-        module = torch.jit.load(str(path), map_location=device)
-    else:
-        raise CorruptCheckpointError("not an exported model (neither torch.export nor TorchScript)",
-                                     path=path, hint="for checkpoints and model files use ckpt.load_model")
-    if device is not None:
-        module.to(device)
-    return module
 
 
 def export_checkpoint(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], source: str,
                       path: PathLike, *, example_inputs: Any, object: Optional[str] = None,
                       **options: Any) -> Path:
     """Export the tracked model with a checkpoint's weights (the live model is untouched)."""
-    modules = [n for n, o in trackables.items() if isinstance(state.unwrap(o), nn.Module)]
-    name = object or ("model" if "model" in modules else modules[0] if len(modules) == 1 else None)
-    if name not in modules:
-        raise ConfigError(f"which tracked module to export? tracked modules: {modules}",
+    modules = models.tracked_modules(trackables)
+    name = models.pick_module(modules, object)
+    if name is None:
+        raise ConfigError(f"which tracked module to export? tracked modules: {list(modules)}",
                           hint="pass object='<name>' to export_model")
     if name not in checkpoint:
         raise StateMismatchError(f"the checkpoint has no state for {name!r}", path=source,
                                  hint="export a checkpoint that was saved with this model tracked")
-    model = copy.deepcopy(state.unwrap(trackables[name]))
+    model = copy.deepcopy(modules[name])
     state.load_module(name, model, checkpoint[name], strict=True, path=source)
     return export(model, path, example_inputs, **options)

@@ -112,9 +112,14 @@ def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
     return obj, nbytes
 
 
+def is_checkpoint(obj: Any) -> bool:
+    """Was ``obj`` written by ckpt (a dict with a ``ckpt`` metadata entry)?"""
+    return isinstance(obj, dict) and isinstance(obj.get("ckpt"), dict)
+
+
 def header(obj: Any, path: str) -> Dict[str, Any]:
     """Validate a loaded checkpoint dict and return its ``ckpt`` metadata."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("ckpt"), dict):
+    if not is_checkpoint(obj):
         raise CorruptCheckpointError(
             "not a ckpt checkpoint (expected a dict with a 'ckpt' entry)", path=path,
             hint="for plain torch.save files use CheckpointManager.restore(path)")

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import fileio, format, index, state, storage
+from . import fileio, format, index, models, state, storage
 from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
 from .record import CheckpointRecord
 
@@ -45,14 +45,10 @@ _STEP_KEYS = ("global_step", "step", "iteration", "iter")
 _LIGHTNING_KEYS = ("pytorch-lightning_version", "loops", "callbacks", "hparams_name")
 
 
-def is_ckpt(obj: Any) -> bool:
-    return isinstance(obj, dict) and isinstance(obj.get("ckpt"), dict)
-
-
 def record_for(path: Path, *, weights_only: bool = True) -> CheckpointRecord:
     """A record for any checkpoint file: ckpt's own, or a foreign layout."""
     obj = fileio.load(path, weights_only=weights_only)
-    if is_ckpt(obj):
+    if format.is_checkpoint(obj):
         return index.describe_file(path, weights_only=weights_only)
     epoch, step, mid_epoch = progress(obj)
     return CheckpointRecord(epoch=epoch, step=step, path=path, metrics=_metrics(obj), mid_epoch=mid_epoch,
@@ -61,7 +57,7 @@ def record_for(path: Path, *, weights_only: bool = True) -> CheckpointRecord:
 
 def as_checkpoint(obj: Any, trackables: Mapping[str, Any], path: str) -> Dict[str, Any]:
     """``obj`` in ckpt's layout: validated as is when ckpt wrote it, else converted."""
-    if is_ckpt(obj):
+    if format.is_checkpoint(obj):
         format.header(obj, path)
         return obj
     if isinstance(obj, nn.Module):  # torch.save(model): only loads with weights_only=False
@@ -103,7 +99,12 @@ def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -
         if not modules:
             raise StateMismatchError("the file is a bare state dict, but no module is tracked", path=path,
                                      hint="track the model: CheckpointManager(dir, model=model)")
-        name = "model" if "model" in modules else modules[0]
+        name = models.pick_module(modules)
+        if name is None:
+            raise StateMismatchError(f"the file is a bare state dict, and several modules are tracked "
+                                     f"({modules}), none named 'model'", path=path,
+                                     hint="track the module it belongs to as model=, or load it "
+                                          "yourself: module.load_state_dict(torch.load(path))")
         return {name: _fit(obj, trackables[name])}, set(obj)
     states: Dict[str, Any] = {}
     used: set = set()
@@ -135,8 +136,8 @@ def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -
 
 def _fit(weights: Mapping[str, Any], module: Any) -> Mapping[str, Any]:
     """Drop a Lightning-style attribute prefix (``net.``) when that makes the keys fit."""
-    weights = state.strip_wrapper_prefix(weights)
     own = set(state.unwrap(module).state_dict())
+    weights = state.strip_wrapper_prefix(weights, own)
     if set(weights) == own:
         return weights
     for prefix in sorted({k.split(".", 1)[0] + "." for k in weights if "." in k}):
@@ -196,8 +197,9 @@ def save_safetensors(source: Union[nn.Module, Mapping[str, Any], PathLike], path
     """Write model weights as a ``.safetensors`` file (atomic, durable).
 
     ``source``: a module, a state dict, or a checkpoint file (ckpt's, a ``save_model``
-    file, or a foreign layout; its model entry is used). Tied weights are stored once
-    per name. Needs the optional extra: ``pip install "ckpt[safetensors]"``.
+    file, or a foreign layout; its model entry is used); a state dict's keys are written
+    as they are. Tied weights are stored once per name. Needs the optional extra:
+    ``pip install "ckpt[safetensors]"``.
     """
     try:
         from safetensors.torch import save as st_save
@@ -217,13 +219,14 @@ def _weights(source: Any) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
     obj = fileio.load(Path(source))
-    if is_ckpt(obj):
-        names = list(obj["ckpt"].get("objects", []))
-        name = (obj["ckpt"].get("model_spec") or {}).get("default") or (
-            "model" if "model" in names else names[0] if len(names) == 1 else None)
+    if format.is_checkpoint(obj):
+        meta = format.header(obj, str(source))
+        names = list((meta.get("model_spec") or {}).get("objects") or meta.get("objects", []))
+        name = models.pick_module(names)
         if name is None or name not in obj:
-            raise ConfigError("the checkpoint has no model entry to export", path=Path(source),
-                              hint="pass the state dict itself: save_safetensors(obj['<name>'], path)")
+            raise ConfigError(f"which module to export? the checkpoint holds {names}, none named 'model'",
+                              path=Path(source), hint="pass the state dict itself: save_safetensors("
+                                                      "torch.load(path, weights_only=True)['<name>'], out)")
         return obj[name]
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         key = next((k for k in _ALIASES["module"] if isinstance(obj.get(k), Mapping)), None)
@@ -242,7 +245,7 @@ def _tensors(weights: Mapping[str, Any], where: str) -> Dict[str, torch.Tensor]:
     if bad:
         raise ConfigError(f"safetensors stores tensors only; not tensors: {bad[:8]}", path=where,
                           hint="export a model's state dict (optimizer state is not weights)")
-    for key, tensor in state.strip_wrapper_prefix(weights).items():
+    for key, tensor in weights.items():  # no target to fit, so the keys are kept as they are
         tensor = tensor.detach().to("cpu").contiguous()
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in seen or tensor.untyped_storage().nbytes() != tensor.nbytes:

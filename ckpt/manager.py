@@ -79,6 +79,7 @@ class CheckpointManager:
         self.resumed: Optional[CheckpointRecord] = None
         self._protected: Optional[Tuple[int, int]] = None
         self._warned_no_metric = False
+        self._specs = models.SpecCache()  # each tracked module's architecture, captured once
         self._closed = False
         self._writer = async_writer.create(self.directory, async_save)
         storage.clean_temporaries(self.directory)
@@ -166,7 +167,7 @@ class CheckpointManager:
                                    mid_epoch=mid_epoch, metrics=metric_values,
                                    rng=state.capture_rng(), extra=dict(extra or {}),
                                    library_version=__version__,
-                                   spec=models.checkpoint_specs(self.trackables))
+                                   spec=models.checkpoint_specs(self.trackables, self._specs))
         if self._writer is not None:
             record = self._writer.submit(obj, lambda staged: self._commit(staged, nbytes, overwrite))
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -46,23 +46,68 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     return fileio.write(path.parent, path.name, obj, nbytes=nbytes, progress=None).path
 
 
-def checkpoint_specs(trackables: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def tracked_modules(trackables: Mapping[str, Any]) -> Dict[str, nn.Module]:
+    """The tracked objects that are modules, unwrapped (DDP, ``torch.compile``), by name."""
+    return {n: state.unwrap(o) for n, o in trackables.items() if isinstance(state.unwrap(o), nn.Module)}
+
+
+def pick_module(names: Iterable[str], wanted: Optional[str] = None) -> Optional[str]:
+    """Which tracked module is "the model": ``wanted``, else ``model``, else the only one.
+
+    None when ``wanted`` is not among ``names`` or when the choice is ambiguous: the
+    caller raises an error that lists ``names`` and asks for ``object=``.
+    """
+    names = list(names)
+    if wanted is not None:
+        return wanted if wanted in names else None
+    if "model" in names:
+        return "model"
+    return names[0] if len(names) == 1 else None
+
+
+class SpecCache:
+    """Architecture specs of tracked modules, captured once per module (a manager owns one).
+
+    Capturing rebuilds torch layers on the meta device and copies tensor arguments, too
+    much to repeat at every save. A module's recorded constructor arguments cannot
+    change after construction, so its spec is reused while the module tree is the same
+    objects under the same names; replacing or adding a submodule captures it again.
+    (A torch layer's arguments are read from its attributes: the first capture stands.)
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[str, Tuple[List[Tuple[str, nn.Module]], Dict[str, Any]]] = {}
+
+    def entry(self, name: str, module: nn.Module) -> Dict[str, Any]:
+        tree = list(module.named_modules())
+        cached = self._entries.get(name)
+        if cached is not None and len(cached[0]) == len(tree) and all(
+                a == c and b is d for (a, b), (c, d) in zip(cached[0], tree)):
+            return cached[1]
+        self._entries[name] = (tree, _entry(name, module))
+        return self._entries[name][1]
+
+
+def _entry(name: str, module: nn.Module) -> Dict[str, Any]:
+    try:
+        return {"architecture": architecture.capture(module, where=name)}
+    except Exception as e:  # noqa: BLE001 - an optional record never fails the save
+        return {"error": str(e) if isinstance(e, ArchitectureError) else f"{type(e).__name__}: {e}"}
+
+
+def checkpoint_specs(trackables: Mapping[str, Any], cache: Optional[SpecCache] = None) -> Optional[Dict[str, Any]]:
     """Specs of every tracked module, for CheckpointManager; None when it tracks none.
 
     A module whose architecture cannot be recorded gets the reason instead, so the
-    checkpoint still saves and ``load_model`` can say why it cannot rebuild it.
+    checkpoint still saves and ``load_model`` can say why it cannot rebuild it. Pass
+    the manager's ``cache`` so each module is captured once, not at every save.
     """
-    modules = {n: state.unwrap(o) for n, o in trackables.items() if isinstance(state.unwrap(o), nn.Module)}
+    modules = tracked_modules(trackables)
     if not modules:
         return None
-    objects: Dict[str, Any] = {}
-    for name, module in modules.items():
-        try:
-            objects[name] = {"architecture": architecture.capture(module, where=name)}
-        except Exception as e:  # noqa: BLE001 - an optional record never fails the save
-            objects[name] = {"error": str(e) if isinstance(e, ArchitectureError) else f"{type(e).__name__}: {e}"}
-    default = "model" if "model" in modules else next(iter(modules))
-    return {"version": SPECS_VERSION, "default": default, "objects": objects}
+    cache = cache if cache is not None else SpecCache()
+    objects = {name: cache.entry(name, module) for name, module in modules.items()}
+    return {"version": SPECS_VERSION, "default": pick_module(modules), "objects": objects}
 
 
 def load_model(path: PathLike, trusted: Iterable[str] = (), *, trust_all: bool = False,
@@ -83,7 +128,7 @@ def load_model(path: PathLike, trusted: Iterable[str] = (), *, trust_all: bool =
     name, spec = _pick(meta.get("model_spec"), object, path)
     resolver = rebuild.Resolver(trusted, trust_all=trust_all, rename=rename, source=str(path))
     model = rebuild.build(spec, resolver, where=name)
-    weights = state.strip_wrapper_prefix(obj[name])
+    weights = state.strip_wrapper_prefix(obj[name], model.state_dict().keys())
     if any(state.module_mismatch(model, weights)):
         state.load_module(name, model, weights, strict=strict, path=str(path))  # names the keys
     else:
@@ -101,9 +146,10 @@ def _pick(specs: Any, wanted: Optional[str], path: Path) -> "tuple[str, Dict[str
             "that tracks no module)", path=path,
             hint="build the model yourself and load torch.load(path, weights_only=True)['model']")
     objects = specs["objects"]
-    name = wanted or specs.get("default")
-    if name not in objects:
-        raise ArchitectureError(f"the file has no module named {name!r} (it has {sorted(objects)})",
+    name = pick_module(objects, wanted or specs.get("default"))
+    if name is None:
+        what = f"no module named {wanted!r}" if wanted else "several modules and none is named 'model'"
+        raise ArchitectureError(f"the file has {what} (it has {sorted(objects)})",
                                 path=path, hint=f"pass object= one of {sorted(objects)}")
     entry = objects[name]
     if "architecture" not in entry:

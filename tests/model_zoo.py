@@ -111,6 +111,18 @@ class Wrapper(nn.Module):
         return self.head(self.backbone(x) / self.temperature)
 
 
+@ckpt.rebuildable
+class Holder(nn.Module):
+    """Its only child is named ``module``, like a DDP wrapper's: its keys are not a prefix."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.module = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow: torch.export cannot trace it, TorchScript can."""
 

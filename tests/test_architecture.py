@@ -302,3 +302,115 @@ def test_rename_maps_a_moved_class_and_is_trust_checked() -> None:
         rebuild.build(moved, rebuild.Resolver(rename=rename))
     assert type(rebuild.build(moved, rebuild.Resolver([HERE], rename=rename))) is DecoratedChild
     assert type(rebuild.build(moved, rebuild.Resolver([HERE], rename={"old_location": HERE}))) is DecoratedChild
+
+
+# -- what a name may resolve to -------------------------------------------------------------
+
+BUILT = []  # constructions of Recorder, to prove a refused spec built nothing
+
+
+@ckpt.rebuildable
+class Recorder(nn.Module):
+    def __init__(self, fn: Any = None) -> None:
+        super().__init__()
+        BUILT.append(fn)
+
+
+def global_value(module: str, qualname: str) -> dict:
+    return {"kind": "global", "module": module, "qualname": qualname}
+
+
+@pytest.fixture
+def hub_repo(tmp_path):
+    """A torch.hub repository whose hubconf leaves a marker file when it runs."""
+    marker = tmp_path / "hub_ran"
+    (tmp_path / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef x(*a, **k):\n    pass\n")
+    return tmp_path, marker
+
+
+def test_a_partial_of_torch_hub_load_is_refused_before_anything_runs(hub_repo) -> None:
+    # the reviewer's attack: no trusted=, a torch.nn layer, and an "activation" that
+    # walks from the trusted module torch to torch.hub.load, called by the layer's forward
+    repo, marker = hub_repo
+    BUILT.clear()
+    attack = {"kind": "partial", "func": global_value("torch", "hub.load"), "args": [str(repo), "x"],
+              "kwargs": {"source": "local", "trust_repo": True}}
+    spec = {**spec_naming("torch.nn", "Sequential"),
+            "args": [{"kind": "module", "spec": {**spec_naming(HERE, "Recorder")}},
+                     {"kind": "module", "spec": {**spec_naming("torch.nn", "TransformerEncoderLayer"),
+                                                 "kwargs": {"d_model": 4, "nhead": 1, "activation": attack}}}]}
+    with pytest.raises(UntrustedModuleError) as info:
+        rebuild.build(spec, rebuild.Resolver([HERE]))
+    message = str(info.value)
+    assert "torch:hub.load" in message and "'torch.hub'" in message
+    assert "rename={'torch:hub.load': 'torch.hub:load'}" in message and "trusted=['torch.hub']" in message
+    assert BUILT == [] and not marker.exists()  # nothing constructed, nothing called
+
+
+@pytest.mark.parametrize("module, qualname, names", [
+    ("torch", "os.system", "through the module 'os'"),
+    ("torch", "hub.load", "through the module 'torch.hub'"),
+    ("torch", "load", "torch.serialization.load"),
+    ("torch", "save", "torch.serialization.save"),
+    ("torch.nn.modules.module", "OrderedDict", "collections.OrderedDict"),
+    ("torch.nn.functional", "torch", "is a module"),
+    ("torch.nn", "Module.__init__.__globals__", "through a function"),
+    ("torch.nn", "Module.__class__", "builtins.type"),
+    ("torch.nn.init", "warnings", "is a module"),
+    ("builtins", "eval", "builtins:eval: code in 'builtins', which is not trusted"),
+    ("builtins", "exec", "builtins:exec: code in 'builtins', which is not trusted"),
+    ("os", "system", "os:system: code in 'os', which is not trusted"),
+])
+def test_names_that_reach_untrusted_code_are_refused(module: str, qualname: str, names: str) -> None:
+    BUILT.clear()
+    spec = {**spec_naming(HERE, "Recorder"), "kwargs": {"fn": global_value(module, qualname)}}
+    with pytest.raises(UntrustedModuleError) as info:
+        rebuild.build(spec, rebuild.Resolver([HERE]))
+    assert f"{module}:{qualname}" in str(info.value)
+    assert names in str(info.value) and "hint:" in str(info.value)
+    assert BUILT == []
+
+
+def test_the_walk_rule_holds_even_when_everything_is_trusted() -> None:
+    with pytest.raises(UntrustedModuleError, match="through the module 'os'"):
+        rebuild.Resolver(trust_all=True).resolve("torch", "os.system", "x")
+
+
+def test_an_untrusted_function_names_the_opt_in_and_the_opt_in_works() -> None:
+    with pytest.raises(UntrustedModuleError) as info:
+        rebuild.Resolver().resolve("torch", "load", "x")
+    assert "trusted=['torch.serialization']" in str(info.value) and "trust_all=True" in str(info.value)
+    assert rebuild.Resolver(["torch.serialization"]).resolve("torch", "load", "x") is torch.load
+    with pytest.raises(UntrustedModuleError, match="through the module 'torch.hub'"):
+        rebuild.Resolver(["torch"]).resolve("torch", "hub.load", "x")
+    hub = rebuild.Resolver(["torch.hub"], rename={"torch:hub.load": "torch.hub:load"})
+    assert hub.resolve("torch", "hub.load", "x") is torch.hub.load  # the hint's opt-in
+
+
+@pytest.mark.parametrize("value", [torch.tanh, torch.relu, torch.sigmoid, F.gelu, F.silu, F.logsigmoid,
+                                   F.softplus, torch.nn.init.kaiming_uniform_, nn.GELU, nn.LayerNorm])
+def test_torch_nn_classes_and_allow_listed_functions_are_trusted_by_default(value: Any) -> None:
+    spec = architecture.capture(Recorder(fn=value))
+    arg = spec["kwargs"]["fn"]
+    assert arg["module"] in ("torch", "torch.nn.functional", "torch.nn.init") or arg["module"].startswith("torch.nn.")
+    BUILT.clear()
+    rebuild.build(spec, rebuild.Resolver([HERE]))
+    assert BUILT == [value]
+
+
+def test_capture_and_rebuild_keep_no_state_between_calls() -> None:
+    """No module-level memo (design: no hidden global state)."""
+    def sizes() -> dict:
+        out = {}
+        for mod in (architecture, rebuild):
+            for name, value in vars(mod).items():
+                if isinstance(value, (dict, list, set)) and not name.isupper():
+                    out[f"{mod.__name__}.{name}"] = len(value)
+                elif hasattr(value, "cache_info"):
+                    out[f"{mod.__name__}.{name}"] = value.cache_info().currsize
+        return out
+
+    before = sizes()
+    for width in (3, 5, 7):
+        roundtrip(nn.Sequential(nn.Linear(width, width + 1), nn.LayerNorm(width + 1), nn.GRU(2, width)))
+    assert sizes() == before

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.errors import ConfigError, CorruptCheckpointError, ExportError
+from ckpt.errors import ConfigError, CorruptCheckpointError, ExportError, UnsafeCheckpointError
 from model_zoo import MLP, Branchy, make_models, run_fresh
 
 LOADER = r"""
@@ -19,7 +19,7 @@ res = {"zoo_importable": importlib.util.find_spec("model_zoo") is not None, "out
 plan = torch.load(f"{work}/plan.pt", weights_only=True)
 import ckpt
 for name, path in plan["files"].items():
-    program = ckpt.load_exported(path)
+    program = ckpt.load_exported(path, trusted=True)
     for i, x in enumerate(plan["inputs"][name]):
         try:
             with torch.no_grad():
@@ -133,11 +133,29 @@ def test_invalid_options_and_foreign_files_are_refused(tmp_path) -> None:
         ckpt.load_exported(tmp_path / "junk.pt2")
 
 
+@pytest.mark.parametrize("method", ["export", "trace"])
+def test_loading_a_program_needs_an_explicit_trusted_true(tmp_path, method: str) -> None:
+    # torch.export.load unpickles with weights_only=False and TorchScript can call aten::save:
+    # neither is data-only, so ckpt loads them only when told the file is trusted
+    model = MLP(2, (3,), 1).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = ckpt.export(model, tmp_path / "m.pt2", example_inputs=torch.randn(2, 2), method=method)
+    for trusted in (False, "yes"):
+        with pytest.raises(UnsafeCheckpointError, match="without trusted=True") as info:
+            ckpt.load_exported(path, trusted=trusted)  # type: ignore[arg-type]
+        assert "ckpt.load_exported(path, trusted=True)" in str(info.value)
+    x = torch.randn(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        torch.testing.assert_close(ckpt.load_exported(path, trusted=True)(x), model(x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_model_exports_and_loads_on_the_gpu(tmp_path) -> None:
     model = MLP(4, (8,), 2).cuda().eval()
     x = torch.randn(3, 4, device="cuda")
     path = ckpt.export(model, tmp_path / "m.pt2", example_inputs=x)
-    program = ckpt.load_exported(path, device="cuda")
+    program = ckpt.load_exported(path, trusted=True, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(program(torch.cat([x, x])), model(torch.cat([x, x])))

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import ckpt
-from ckpt.errors import ConfigError, StateMismatchError, UnsafeCheckpointError
-from model_zoo import run_fresh
+from ckpt.errors import ArchitectureError, ConfigError, StateMismatchError, UnsafeCheckpointError
+from model_zoo import Holder, run_fresh
 
 DATA = Path(__file__).parent / "data"
 
@@ -90,6 +90,39 @@ def test_a_bare_state_dict_restores_the_model_and_starts_at_epoch_0(tmp_path, pr
     with pytest.raises(StateMismatchError, match="no state for optimizer") as info:
         ckpt.CheckpointManager(tmp_path / "run2", model=fresh, optimizer=opt).restore(tmp_path / "weights.pt")
     assert "strict=False" in str(info.value)
+
+
+def test_a_bare_state_dict_of_a_model_whose_only_child_is_named_module(tmp_path) -> None:
+    saved = Holder(3)
+    torch.save(saved.state_dict(), tmp_path / "plain.pt")  # keys: module.weight, module.bias
+    fresh = Holder(3)
+    ckpt.CheckpointManager(tmp_path / "run", model=fresh).restore(tmp_path / "plain.pt")
+    assert_same(fresh.state_dict(), saved.state_dict())
+
+
+def test_every_entry_point_picks_the_tracked_model_by_the_same_rule(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    gen, disc = nn.Linear(2, 2), nn.Linear(2, 1)
+    mgr = ckpt.CheckpointManager(tmp_path / "run", generator=gen, discriminator=disc)
+    record = mgr.save(epoch=0)
+    torch.save(gen.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ArchitectureError, match="none is named 'model'"):
+        ckpt.load_model(record.path)
+    with pytest.raises(ConfigError, match="which tracked module to export"):
+        mgr.export_model(record, tmp_path / "g.pt2", example_inputs=torch.randn(2, 2))
+    with pytest.raises(ConfigError, match="none named 'model'"):
+        ckpt.save_safetensors(record.path, tmp_path / "g.safetensors")
+    with pytest.raises(StateMismatchError, match="none named 'model'"):
+        ckpt.CheckpointManager(tmp_path / "run2", generator=nn.Linear(2, 2),
+                               discriminator=nn.Linear(2, 1)).restore(tmp_path / "bare.pt")
+    # one module under another name is "the model" everywhere
+    net = nn.Linear(2, 2)
+    single = ckpt.CheckpointManager(tmp_path / "single", net=net, opt=torch.optim.SGD(net.parameters(), lr=0.1))
+    record = single.save(epoch=0)
+    assert torch.equal(ckpt.load_model(record.path).weight, net.weight)
+    from safetensors.torch import load_file
+    out = ckpt.save_safetensors(record.path, tmp_path / "n.safetensors")
+    assert torch.equal(load_file(str(out))["weight"], net.weight.detach())
 
 
 def test_a_file_with_nothing_that_fits_names_what_is_missing(tmp_path) -> None:
@@ -189,8 +222,10 @@ def test_weights_export_to_safetensors_from_a_model_a_checkpoint_and_a_foreign_f
              ckpt.save_safetensors({"module." + k: v for k, v in expected.items()}, tmp_path / "d.safetensors")]
     run_fresh(SAFETENSORS_LOADER, *map(str, paths), cwd=str(tmp_path))
     results: Dict[str, Any] = torch.load(str(paths[0]) + ".results", weights_only=True)
-    for path in paths:
+    for path in paths[:3]:
         assert_same(results[str(path)]["tensors"], dict(expected))
+    # a bare state dict has no model to fit its keys to, so they are written as they are
+    assert_same(results[str(paths[3])]["tensors"], {"module." + k: v for k, v in expected.items()})
     assert results[str(paths[0])]["meta"] == {"origin": "test"}
     assert model.out.weight.data_ptr() == model.embed.weight.data_ptr()  # the model is untouched
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import ckpt
-from ckpt.errors import ArchitectureError, StateMismatchError
-from model_zoo import MLP, Undecorated, make_models, run_fresh
+from ckpt.errors import ArchitectureError, StateMismatchError, UntrustedModuleError
+from model_zoo import MLP, Holder, Undecorated, make_models, run_fresh
+from ckpt import architecture
 
 TESTS = str(Path(__file__).parent)
 
@@ -145,7 +146,10 @@ def test_a_manager_checkpoint_explains_why_it_cannot_rebuild(tmp_path) -> None:
 def test_several_tracked_modules_are_chosen_by_name(tmp_path) -> None:
     gen, disc = MLP(2, (3,), 2), nn.Sequential(nn.Linear(2, 1))
     record = ckpt.CheckpointManager(tmp_path, generator=gen, discriminator=disc).save(epoch=0)
-    assert type(ckpt.load_model(record.path, trusted="model_zoo")) is MLP  # the first module
+    with pytest.raises(ArchitectureError, match="none is named 'model'") as info:
+        ckpt.load_model(record.path, trusted="model_zoo")  # no guess between two models
+    assert "pass object= one of ['discriminator', 'generator']" in str(info.value)
+    assert type(ckpt.load_model(record.path, trusted="model_zoo", object="generator")) is MLP
     rebuilt = ckpt.load_model(record.path, object="discriminator")
     assert torch.equal(rebuilt[0].weight, disc[0].weight)
     with pytest.raises(ArchitectureError, match="no module named 'model'"):
@@ -159,6 +163,51 @@ def test_a_damaged_manager_checkpoint_is_caught_by_its_recorded_checksum(tmp_pat
     record.path.write_bytes(bytes(data))
     with pytest.raises(ckpt.CorruptCheckpointError, match="checksum"):
         ckpt.load_model(record.path)
+
+
+def test_a_model_whose_only_child_is_named_module_loads(tmp_path) -> None:
+    model = Holder(3)
+    rebuilt = ckpt.load_model(ckpt.save_model(model, tmp_path / "m.pt"), trusted=["model_zoo"])
+    assert list(rebuilt.state_dict()) == ["module.weight", "module.bias"]
+    assert torch.equal(rebuilt.module.weight, model.module.weight)
+
+
+def test_a_file_whose_spec_calls_torch_hub_load_is_refused_before_any_code_runs(tmp_path) -> None:
+    # /tmp/exp/b_trust.py: a valid, weights_only-loadable file; default trust; the layer's
+    # activation is partial(torch.hub.load, <repo>) reached by walking from `torch`
+    (tmp_path / "repo").mkdir()
+    marker = tmp_path / "PWNED"
+    (tmp_path / "repo" / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef x(): pass\n")
+    path = ckpt.save_model(nn.Linear(2, 2), tmp_path / "m.pt")
+    obj = torch.load(path, weights_only=True)
+    layer = nn.TransformerEncoderLayer(d_model=4, nhead=1, dim_feedforward=8, batch_first=True)
+    obj["model"] = layer.state_dict()
+    obj["ckpt"]["model_spec"]["objects"]["model"]["architecture"] = {
+        "version": 1, "module": "torch.nn", "qualname": "TransformerEncoderLayer", "args": [],
+        "kwargs": {"d_model": 4, "nhead": 1, "dim_feedforward": 8, "batch_first": True, "activation": {
+            "kind": "partial", "func": {"kind": "global", "module": "torch", "qualname": "hub.load"},
+            "args": [str(tmp_path / "repo"), "x"], "kwargs": {"source": "local", "trust_repo": True}}}}
+    torch.save(obj, path)
+    with pytest.raises(UntrustedModuleError, match="torch:hub.load") as info:
+        ckpt.load_model(path)
+    assert "trusted=['torch.hub']" in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_manager_captures_each_module_once_until_its_structure_changes(tmp_path, monkeypatch) -> None:
+    captured = []
+    real = architecture.capture
+    monkeypatch.setattr(architecture, "capture", lambda m, where="model": captured.append(where) or real(m, where))
+    tracked = lambda: sorted(w for w in captured if w in ("model", "other"))  # noqa: E731 - not nested ones
+    model, other = nn.Sequential(nn.Linear(2, 3)), MLP(2, (3,), 1)
+    mgr = ckpt.CheckpointManager(tmp_path, model=model, other=other)
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+    assert tracked() == ["model", "other"]  # not once per save
+    model.append(nn.ReLU())  # the architecture changed: captured again at the next save
+    record = mgr.save(epoch=3)
+    assert tracked() == ["model", "model", "other"]
+    assert type(ckpt.load_model(record.path)[1]) is nn.ReLU
 
 
 # -- the class moved or changed --------------------------------------------------------------
