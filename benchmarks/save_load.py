@@ -74,10 +74,21 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
-    machine = h.describe_machine(root)
-    bench = Bench(root / "big", int(args.size_gb * 1e9), args.width)
-    report: Dict[str, Any] = {"machine": machine, "reps": args.reps, "warmup": args.warmup, "crc": fastio.CRC_IMPL,
-                              "state": {"bytes": bench.nbytes, "tensors": len(bench.tensors)}}
+    report: Dict[str, Any] = {"machine": h.describe_machine(root), "reps": args.reps,
+                              "warmup": args.warmup, "crc": fastio.CRC_IMPL}
+    big_state(args, root / "big", report)
+    gc.collect()  # free the state before the subprocesses build theirs
+    report["small"] = small_state(args, root / "small")
+    report["memory"] = {} if args.no_memory else memory(args, root / "mem")
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["targets"] = targets(report)
+    return report
+
+
+def big_state(args: argparse.Namespace, root: Path, report: Dict[str, Any]) -> None:
+    """Saves, loads and the breakdown on the ~1 GB state, into ``report``."""
+    bench = Bench(root, int(args.size_gb * 1e9), args.width)
+    report["state"] = {"bytes": bench.nbytes, "tensors": len(bench.tensors)}
     try:
         report["first_async_stall"] = bench.ckpt_async()["stall"]  # allocates the staging buffers
         savers = [(n, a) for n, _, a in SAVERS]
@@ -90,13 +101,6 @@ def run(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
         report["breakdown"] = breakdown(bench, args.reps)
     finally:
         bench.close()
-    del bench
-    gc.collect()
-    report["small"] = small_state(args, root / "small")
-    report["memory"] = {} if args.no_memory else memory(args, root / "mem")
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["targets"] = targets(report)
-    return report
 
 
 def repeat(bench: Bench, variants: List[Any], reps: int, before: Any) -> Dict[str, Dict[str, Any]]:

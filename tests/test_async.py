@@ -293,7 +293,8 @@ def test_interpreter_exit_flushes_the_save_in_flight(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_an_error_nobody_collected_is_logged_at_exit(tmp_path: Path) -> None:
-    fail = "import os, errno; os.replace = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space left on device'))"
+    fail = ("import os, errno; os.replace = lambda *a: "
+            "(_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space left on device'))")
     child = run_child(tmp_path / "run", 1, setup=fail)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0
