@@ -61,11 +61,6 @@ class AsyncWriter:
         self._lock = threading.Lock()
         weakref.finalize(self, _report_uncollected, self._outcome, str(directory))
 
-    @property
-    def busy(self) -> bool:
-        """True while a save is being written."""
-        return self._thread is not None and self._thread.is_alive()
-
     def ready(self) -> None:
         """Wait for the save in flight, logging the stall, then raise its error if it failed."""
         thread = self._thread
