@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -19,7 +18,7 @@ from filelock import Timeout
 from . import __version__, commit, data, exporting, fileio, format, index, interop, models, policy, state, storage
 from . import async_writer
 from . import preemption as preempt
-from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError,
+from .errors import (CheckpointNotFoundError, ConfigError,
                      CorruptCheckpointError, StorageError)
 from .record import CheckpointRecord
 
