@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import fileio, format, storage
-from .errors import CkptError, FormatVersionError
+from .errors import CkptError, CorruptCheckpointError, FormatVersionError
 from .record import CheckpointRecord
 
 INDEX_NAME = "ckpt-index.json"
@@ -148,6 +148,13 @@ def scan(directory: Path, *, locked: bool = False) -> Listing:
             continue  # deleted since it was listed: a concurrent writer evicted it
         except FormatVersionError:
             raise
+        except CorruptCheckpointError as e:
+            where = ""
+            if locked:  # a writer moves it aside, or every later scan would read it again
+                with suppress(OSError):
+                    where = f"; kept as {storage.quarantine(path)}"
+            warnings.warn(f"{path}: not listed in the index and damaged, ignored: {e}{where}", stacklevel=2)
+            continue
         except (CkptError, OSError) as e:
             warnings.warn(f"{path}: not listed in the index and unreadable, ignored: {e}", stacklevel=2)
             continue

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import fileio, format, index, models, state, storage
+from . import fileio, format, models, state, storage
 from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
 from .record import CheckpointRecord
 
@@ -47,9 +47,11 @@ _LIGHTNING_KEYS = ("pytorch-lightning_version", "loops", "callbacks", "hparams_n
 
 def record_for(path: Path, *, weights_only: bool = True) -> CheckpointRecord:
     """A record for any checkpoint file: ckpt's own, or a foreign layout."""
+    fileio.check_archive(path)  # its own CRCs: no index entry to compare with
     obj = fileio.load(path, weights_only=weights_only)
     if format.is_checkpoint(obj):
-        return index.describe_file(path, weights_only=weights_only)
+        format.header(obj, str(path))
+        return CheckpointRecord(path=path, size=path.stat().st_size, **format.describe(obj))
     epoch, step, mid_epoch = progress(obj)
     return CheckpointRecord(epoch=epoch, step=step, path=path, metrics=_metrics(obj), mid_epoch=mid_epoch,
                             size=path.stat().st_size, checksum=None, time=path.stat().st_mtime)
