@@ -18,7 +18,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ckpt import CheckpointManager, fastio, fileio
+from ckpt import CheckpointManager
+from ckpt.store import checksum as fastio
+from ckpt.store import torchfile as fileio
 
 from ._harness import fsync_path, timed
 

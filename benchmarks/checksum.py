@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ckpt import storage  # noqa: E402
+from ckpt.store.checksum import ChecksumWriter
 
 
 def candidates() -> Dict[str, Callable[[memoryview], object]]:
@@ -74,7 +75,7 @@ def durable_write(directory: Path, data: memoryview) -> None:
 
 def ckpt_write(directory: Path, data: memoryview) -> None:
     """ckpt's commit path: CRC-32 in flight, fsync, rename, directory fsync."""
-    def write(f: storage.ChecksumWriter) -> None:
+    def write(f: ChecksumWriter) -> None:
         for at in range(0, len(data), 64 << 20):
             f.write(data[at:at + (64 << 20)])
     written = storage.atomic_write(directory, ".bench-ckpt", write)
@@ -118,7 +119,7 @@ def main() -> None:
           f"= {size / write_s / 1e9:.2f} GB/s (the floor)\n")
     print(f"{'candidate':<18} {'GB/s':>7} {'seconds':>8} {'% of write':>11}")
     for name, func in candidates().items():
-        seconds = best(args.repeat, lambda: func(data))
+        seconds = best(args.repeat, lambda func=func: func(data))
         print(f"{name:<18} {size / seconds / 1e9:>7.2f} {seconds:>8.3f} {100 * seconds / write_s:>10.1f}%")
     ckpt_s = best(args.repeat, lambda: ckpt_write(args.dir, data))
     print(f"\nckpt commit path (CRC-32 in flight + fsync + rename): {ckpt_s:.3f} s = "

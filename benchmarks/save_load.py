@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ckpt import fastio
+from ckpt.store import checksum as fastio
 
 from . import _harness as h
 from ._variants import LOAD_INPUTS, LOADERS, SAVERS, Bench

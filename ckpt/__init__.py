@@ -6,22 +6,43 @@
     for epoch in range(start, epochs):
         ...
         mgr.save(epoch=epoch, metrics={"val_loss": val_loss})
+
+Model portability (``save_model``, ``load_model``, ``export``, ``load_exported``,
+``save_safetensors``) is imported on first use, so a training loop that only saves
+and resumes never loads that code.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .errors import (CheckpointExistsError, CheckpointNotFoundError, CkptError, ConfigError,  # noqa: E402
-                     CorruptCheckpointError, FormatVersionError, StateMismatchError, StorageError,
-                     UnsafeCheckpointError)
-from .data import ResumableSampler  # noqa: E402
-from .manager import CheckpointManager  # noqa: E402
-from .preemption import Preempted  # noqa: E402
-from .record import CheckpointRecord  # noqa: E402
-from .architecture import rebuildable  # noqa: E402
-from .errors import ArchitectureError, ExportError, UntrustedModuleError  # noqa: E402
-from .exporting import export, load_exported  # noqa: E402
-from .interop import save_safetensors  # noqa: E402
-from .models import load_model, save_model  # noqa: E402
+import importlib
+from typing import Any
+
+from ._version import __version__
+from .errors import (
+    ArchitectureError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptError,
+    ConfigError,
+    CorruptCheckpointError,
+    ExportError,
+    FormatVersionError,
+    StateMismatchError,
+    StorageError,
+    UnsafeCheckpointError,
+    UntrustedModuleError,
+)
+from .manager import CheckpointManager
+from .preemption import Preempted
+from .record import CheckpointRecord
+from .sampler import ResumableSampler
+from .spec import rebuildable
+
+_LAZY = {
+    "save_model": "ckpt.models.files", "load_model": "ckpt.models.files",
+    "export": "ckpt.models.export", "load_exported": "ckpt.models.export",
+    "save_safetensors": "ckpt.interop.safetensors",
+}
 
 __all__ = [
     "CheckpointManager", "CheckpointRecord", "CkptError", "ConfigError", "CheckpointNotFoundError",
@@ -31,3 +52,15 @@ __all__ = [
     "ArchitectureError", "ExportError", "UntrustedModuleError",
     "ResumableSampler", "Preempted",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import fileio, format, index
+from . import schema
 from .errors import CkptError
+from .store import Catalog, LocalStore, torchfile
 
 
 def _size(n: int) -> str:
@@ -34,7 +35,7 @@ def _existing_dir(text: str) -> Path:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    records, _ = index.reconcile(args.directory)
+    records = Catalog(LocalStore(args.directory, create=False)).scan().records
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=1))
         return 0
@@ -49,7 +50,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = index.verify_all(args.directory)
+    report = Catalog(LocalStore(args.directory, create=False)).verify()
     for name, (status, detail) in report.items():
         print(f"{name}: {status}" + (f" ({detail})" if detail else ""))
     bad = sum(status != "ok" for status, _ in report.values())
@@ -58,11 +59,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    obj = fileio.load(args.file)
-    meta = format.header(obj, str(args.file))
-    info = {"file": str(args.file), **format.describe(obj), "format": meta["format"],
-            "library": meta.get("library"), "torch": meta.get("torch"),
-            "objects": meta.get("objects", []), "extra": sorted(obj.get("extra", {}))}
+    obj = torchfile.load(args.file, check_records=True)
+    head = schema.header(obj, str(args.file))
+    info = {"file": str(args.file), "epoch": head.epoch, "step": head.step, "mid_epoch": head.mid_epoch,
+            "metrics": head.metrics, "time": head.created, "format": head.format,
+            "library": head.library, "torch": head.torch,
+            "objects": list(head.objects), "extra": sorted(obj.get("extra", {}))}
     print(json.dumps(info, indent=1, default=str))
     return 0
 
@@ -86,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except (CkptError, OSError) as e:
         print(f"ckpt: error: {e}", file=sys.stderr)
         return 2

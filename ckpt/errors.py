@@ -7,9 +7,10 @@ was expected, and ends with a hint on how to fix it. Causes are chained by the r
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -73,3 +74,16 @@ class ArchitectureError(CkptError, ValueError):
 
 class ExportError(CkptError, RuntimeError):
     """``torch.export`` or TorchScript cannot turn the model into a class-free program."""
+
+
+def storage_error(e: OSError, path: Any, action: str) -> StorageError:
+    """Wrap an OSError raised while committing, keeping its errno and a useful hint."""
+    if e.errno == errno.ENOSPC:
+        hint = "the disk is full: free space or lower keep_last/keep_best; earlier checkpoints are intact"
+    elif isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        hint = "the directory is not writable (permissions or a read-only mount): fix it or choose another directory"
+    else:
+        hint = "earlier checkpoints and the index are unchanged; fix the cause and save again"
+    err = StorageError(f"{action} failed: {e.strerror or e}", path=path, hint=hint)
+    err.errno = e.errno
+    return err

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Collection, Iterable, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, TypeVar
 
 from .errors import ConfigError
 
@@ -25,10 +25,17 @@ Key = Tuple[int, int]
 
 
 class RecordLike(Protocol):
-    epoch: int
-    step: int
-    mid_epoch: bool
-    metrics: Mapping[str, float]
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def mid_epoch(self) -> bool: ...
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+
+
+R = TypeVar("R", bound=RecordLike)
 
 
 def key_of(record: RecordLike) -> Key:
@@ -80,7 +87,7 @@ def rank_key(record: RecordLike, monitor: str, mode: str) -> Tuple[bool, float, 
     return (nan, 0.0 if nan else (value if mode == "min" else -value), key_of(record))
 
 
-def best(records: Iterable[RecordLike], monitor: str, mode: str, k: int) -> list:
+def best(records: Iterable[R], monitor: str, mode: str, k: int) -> List[R]:
     """The ``k`` best records that carry ``monitor``, best first."""
     eligible = [r for r in records if monitor in r.metrics]
     return sorted(eligible, key=lambda r: rank_key(r, monitor, mode))[:k]
@@ -92,7 +99,7 @@ def is_milestone(record: RecordLike, keep_every: int) -> bool:
 
 
 def select_kept(records: Sequence[RecordLike], policy: RetentionPolicy,
-                protected: Collection[Key] = ()) -> set:
+                protected: Collection[Key] = ()) -> Set[Key]:
     """Keys of the records to keep; every other record may be deleted."""
     keys = {key_of(r) for r in records}
     if not policy.deletes or not records:

@@ -130,7 +130,7 @@ def install(option: Option) -> Optional[PreemptionHandler]:
 
 
 def stop(mgr: Any, handler: PreemptionHandler, *, epoch: int, step: int,
-         metrics: Any = None, extra: Any = None) -> "Preempted":
+         metrics: Any = None, extra: Any = None) -> Preempted:
     """Commit a mid-epoch checkpoint (unless ``(epoch, step)`` already is one), close the
     manager, log why, and return the :class:`Preempted` to raise."""
     mgr.wait()

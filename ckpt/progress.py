@@ -27,7 +27,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

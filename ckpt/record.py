@@ -1,23 +1,44 @@
-"""Checkpoint records: what the index says about one committed checkpoint."""
+"""Checkpoint records: what ckpt knows about one committed checkpoint.
+
+A record is frozen and built in one place, :func:`make` (from a validated
+:class:`~ckpt.schema.Header` or an index entry): every field has been checked once.
+``extra``, the dict saved with the checkpoint, is read from the file on first access
+through the loader the record was made with.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-_UNSET: Any = object()
+from . import schema
+
+Key = Tuple[int, int]
+#: Reads the ``extra`` dict of a checkpoint (called at most once per record).
+ExtraLoader = Callable[[], Dict[str, Any]]
 
 
-@dataclass
+class _Extra:
+    """The ``extra`` dict of a record: given at creation, or loaded once on demand."""
+
+    def __init__(self, value: Optional[Dict[str, Any]], loader: Optional[ExtraLoader]) -> None:
+        self._value, self._loader = value, loader
+        self._lock = threading.Lock()
+
+    def get(self) -> Dict[str, Any]:
+        with self._lock:
+            if self._value is None:
+                self._value = copy.deepcopy(self._loader()) if self._loader is not None else {}
+            return self._value
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
-    """One committed checkpoint: numbers, metrics, file, size, checksum and time.
-
-    ``extra`` (the dict saved with it) is read from the file on first access; the
-    tensors of the file are memory-mapped, not read.
-    """
+    """One committed checkpoint: numbers, metrics, file, size, checksum and time."""
 
     epoch: int
     step: int
@@ -27,11 +48,16 @@ class CheckpointRecord:
     size: int = 0
     checksum: Optional[str] = None
     time: float = 0.0
-    _extra: Any = field(default=_UNSET, repr=False, compare=False)
+    _extra: _Extra = field(default_factory=lambda: _Extra({}, None), repr=False, compare=False)
 
     @property
-    def key(self) -> Tuple[int, int]:
+    def key(self) -> Key:
         return (self.epoch, self.step)
+
+    @property
+    def name(self) -> str:
+        """The file (or directory) name inside the run directory."""
+        return self.path.name
 
     @property
     def next_epoch(self) -> int:
@@ -40,10 +66,8 @@ class CheckpointRecord:
 
     @property
     def extra(self) -> Dict[str, Any]:
-        if self._extra is _UNSET:
-            from . import fileio
-            self._extra = copy.deepcopy(fileio.load(self.path, checksum=None).get("extra", {}))  # unmapped
-        return self._extra
+        """The ``extra`` dict saved with the checkpoint (read from the file on first access)."""
+        return self._extra.get()
 
     def to_json(self) -> Dict[str, Any]:
         """Strict JSON: NaN and +-inf metrics become "nan"/"inf"/"-inf" (float() reads them back)."""
@@ -52,10 +76,36 @@ class CheckpointRecord:
                 "mid_epoch": self.mid_epoch, "metrics": metrics, "size": self.size,
                 "checksum": self.checksum, "time": self.time}
 
-    @classmethod
-    def from_json(cls, entry: Dict[str, Any], directory: Path) -> "CheckpointRecord":
-        return cls(epoch=int(entry["epoch"]), step=int(entry["step"]),
-                   path=directory / str(entry["file"]),
-                   metrics={str(k): float(v) for k, v in dict(entry.get("metrics") or {}).items()},
-                   mid_epoch=bool(entry.get("mid_epoch", False)), size=int(entry.get("size", 0)),
-                   checksum=entry.get("checksum"), time=float(entry.get("time", 0.0)))
+
+def make(header: schema.Header, path: Path, *, size: int, checksum: Optional[str],
+         extra: Optional[Dict[str, Any]] = None, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
+    """The record of a checkpoint whose header has been validated."""
+    return CheckpointRecord(epoch=header.epoch, step=header.step, path=path, metrics=dict(header.metrics),
+                            mid_epoch=header.mid_epoch, size=size, checksum=checksum, time=header.created,
+                            _extra=_Extra(extra, load_extra))
+
+
+def from_json(entry: Any, path: Path, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
+    """A record from an index entry; :class:`ValueError` for anything ckpt never writes
+    (the caller then rebuilds the index from the files)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"index entry {entry!r} is not an object")
+    where = str(path)
+    checksum = entry.get("checksum")
+    if not (isinstance(checksum, str) and checksum.startswith("crc32:") and len(checksum) == 14):
+        raise ValueError(f"index entry for {path.name} has checksum {checksum!r}")
+    size = entry.get("size")
+    if type(size) is not int or size < 0:
+        raise ValueError(f"index entry for {path.name} has size {size!r}")
+    header = schema.Header(
+        epoch=schema.count(entry.get("epoch"), "epoch", where), step=schema.count(entry.get("step"), "step", where),
+        mid_epoch=schema.flag(entry.get("mid_epoch", False), "mid_epoch", where),
+        metrics=schema.parse_metrics(entry.get("metrics"), where),
+        created=schema.parse_time(entry.get("time", 0.0), where),
+        format=schema.FORMAT_VERSION, library="", torch="", objects=(), model_spec=None)
+    return make(header, path, size=size, checksum=checksum, load_extra=load_extra)
+
+
+def with_extra(rec: CheckpointRecord, extra: Dict[str, Any]) -> CheckpointRecord:
+    """``rec`` with its ``extra`` already known (a copy, not tied to a file mapping)."""
+    return replace(rec, _extra=_Extra(copy.deepcopy(extra), None))

@@ -6,6 +6,7 @@ import copy
 import random
 import sys
 import warnings
+from contextlib import suppress
 from typing import Any, Collection, Dict, List, Mapping, Tuple
 
 import torch
@@ -31,6 +32,12 @@ def unwrap(obj: Any) -> Any:
     while isinstance(obj, wrappers):
         obj = next(getattr(obj, a) for a in _WRAPPER_ATTRS if hasattr(obj, a))
     return obj
+
+
+def trackable(obj: Any) -> bool:
+    """Can ``obj`` be checkpointed (``state_dict``/``load_state_dict``, or a torch.Generator)?"""
+    return isinstance(obj, torch.Generator) or all(
+        callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict"))
 
 
 def check_trackable(name: str, obj: Any) -> None:
@@ -112,8 +119,15 @@ def load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], *,
 
 
 def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
-            strict: bool, path: str) -> None:
-    """Load every tracked object from ``checkpoint``; modules first, as they are checked."""
+            strict: bool, path: str, rng: Any = None) -> None:
+    """Load every tracked object (and the RNG states ``rng``) from ``checkpoint``, all or nothing.
+
+    Everything that can be checked without changing an object is checked first: every
+    module's keys and shapes, every optimizer's parameter groups, the RNG states. Then
+    the other objects are loaded, each one's previous state kept; if one fails, those
+    already loaded are put back and nothing else is touched. Modules (already checked)
+    and the RNG come last.
+    """
     absent = [n for n in trackables if n not in checkpoint]
     if absent:
         msg = f"the checkpoint has no state for {_listing(absent)}"
@@ -121,23 +135,67 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             raise StateMismatchError(msg, path=path,
                                      hint="pass strict=False to restore the other objects")
         warnings.warn(f"{path}: {msg}; left as they are", stacklevel=3)
-    order = sorted((n for n in trackables if n in checkpoint),
-                   key=lambda n: not isinstance(unwrap(trackables[n]), torch.nn.Module))
-    for name in order:
-        target = unwrap(trackables[name])
-        if isinstance(target, torch.nn.Module):
-            load_module(name, target, checkpoint[name], strict=strict, path=path)
-        else:
+    present = [n for n in trackables if n in checkpoint]
+    modules = [n for n in present if isinstance(unwrap(trackables[n]), torch.nn.Module)]
+    others = [n for n in present if n not in modules]
+    for name in modules:
+        check_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
+    for name in others:
+        _check_optimizer(name, unwrap(trackables[name]), checkpoint[name], path)
+    rng_states = _parse_rng(rng, path) if rng is not None else None
+    done: List[Tuple[Any, Any]] = []
+    try:
+        for name in others:
+            target = unwrap(trackables[name])
+            before = copy.deepcopy(_state_of(target)) if not isinstance(target, torch.optim.Optimizer) else None
             try:
                 # optimizers keep the tensors they are given: copy them out of the checkpoint's
                 # file mapping, which would otherwise pin the file (and its disk space once
                 # retention deletes it) for the rest of the run
                 _load_state(target, copy.deepcopy(checkpoint[name]))
-            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
                 raise StateMismatchError(
-                    f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}",
-                    path=path, hint="track the same kind of object, built the same way, "
-                                    "as when the checkpoint was saved") from e
+                    f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}; "
+                    "nothing was restored", path=path, hint="track the same kind of object, built the "
+                                                            "same way, as when the checkpoint was saved") from e
+            if before is not None:
+                done.append((target, before))
+    except BaseException:
+        for target, before in reversed(done):
+            with suppress(Exception):
+                _load_state(target, before)
+        raise
+    for name in modules:
+        load_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
+    if rng_states is not None:
+        _apply_rng(rng_states)
+
+
+def check_module(name: str, module: torch.nn.Module, saved: Any, *, strict: bool, path: str) -> None:
+    """Raise :class:`StateMismatchError` (when ``strict``) if ``saved`` does not fit ``module``."""
+    if not isinstance(saved, Mapping):
+        raise StateMismatchError(f"the checkpoint's {name!r} is a {type(saved).__name__}, not a state dict",
+                                 path=path, hint="the file was not written for this model")
+    if strict:
+        state = strip_wrapper_prefix(saved, module.state_dict().keys())
+        missing, unexpected, shapes = module_mismatch(module, state)
+        if missing or unexpected or shapes:
+            load_module(name, module, state, strict=True, path=path)  # raises, naming them
+
+
+def _check_optimizer(name: str, target: Any, saved: Any, path: str) -> None:
+    """What ``Optimizer.load_state_dict`` would refuse, checked before anything is loaded."""
+    if not isinstance(target, torch.optim.Optimizer):
+        return
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    ok = (isinstance(groups, list) and isinstance(saved.get("state"), Mapping)
+          and len(groups) == len(target.param_groups)
+          and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                  and len(g["params"]) == len(t["params"]) for g, t in zip(groups, target.param_groups)))
+    if not ok:
+        raise StateMismatchError(f"cannot load the checkpoint's {name!r} into {type(target).__name__} "
+                                 "(different parameter groups or sizes); nothing was restored", path=path,
+                                 hint="build the optimizer over the same parameters as when it was saved")
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -149,34 +207,61 @@ def capture_rng() -> Dict[str, Any]:
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         rng["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
-def restore_rng(rng: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng` saved; absent entries are left alone.
+def restore_rng(rng: Mapping[str, Any], path: str = "the checkpoint") -> None:
+    """Restore what :func:`capture_rng` saved; absent entries are left alone."""
+    _apply_rng(_parse_rng(rng, path))
 
-    States are moved to the CPU first: the setters take CPU tensors, whatever
-    ``map_location`` the checkpoint was loaded with.
-    """
-    if "python" in rng:
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"].cpu())
+
+def _parse_rng(rng: Any, path: str) -> Dict[str, Any]:
+    """The RNG states in the form their setters take (CPU tensors, Python tuples), checked,
+    so that applying them cannot fail half-way."""
+    if not isinstance(rng, Mapping):
+        raise StateMismatchError(f"the RNG entry is a {type(rng).__name__}, not a dict", path=path,
+                                 hint="the file is damaged or was not written by ckpt")
+    out: Dict[str, Any] = {}
+    try:
+        if "python" in rng:
+            version, internal, gauss = rng["python"]
+            out["python"] = (version, tuple(int(x) for x in internal.tolist()), gauss)
+            random.Random().setstate(out["python"])  # validates without touching the global RNG
+        if "torch" in rng:
+            out["torch"] = rng["torch"].cpu()
+            torch.Generator().set_state(out["torch"])
+        np = _numpy()
+        if np is not None and "numpy" in rng:
+            kind, keys, pos, has_gauss, cached = rng["numpy"]
+            out["numpy"] = (kind, keys.cpu().numpy().astype("uint32"), pos, has_gauss, cached)
+            np.random.RandomState().set_state(out["numpy"])
+        if "cuda" in rng:
+            out["cuda"] = [state.cpu() for state in rng["cuda"]]
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise StateMismatchError(f"the saved RNG states are malformed ({type(e).__name__}: {e}); "
+                                 "nothing was restored", path=path,
+                                 hint="the file is damaged or was not written by ckpt") from e
+    return out
+
+
+def _apply_rng(states: Mapping[str, Any]) -> None:
+    if "python" in states:
+        random.setstate(states["python"])
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
     np = _numpy()
-    if np is not None and "numpy" in rng:
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((kind, keys.cpu().numpy().astype("uint32"), pos, has_gauss, cached))
-    if "cuda" in rng and torch.cuda.is_available():
-        states = rng["cuda"]
+    if np is not None and "numpy" in states:
+        np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        cuda = states["cuda"]
         count = torch.cuda.device_count()
-        if len(states) != count:
-            warnings.warn(f"checkpoint has CUDA RNG states for {len(states)} devices, this machine "
-                          f"has {count}; restoring the first {min(count, len(states))}", stacklevel=3)
-        for device, state in enumerate(states[:count]):
-            torch.cuda.set_rng_state(state.cpu(), device)
+        if len(cuda) != count:
+            warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda)} devices, this machine "
+                          f"has {count}; restoring the first {min(count, len(cuda))}", stacklevel=3)
+        for device, state in enumerate(cuda[:count]):
+            torch.cuda.set_rng_state(state, device)
 
 
 def _numpy() -> Any:

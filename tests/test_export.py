@@ -7,10 +7,10 @@ from typing import Any, Dict
 
 import pytest
 import torch
+from model_zoo import MLP, Branchy, make_models, run_fresh
 
 import ckpt
 from ckpt.errors import ConfigError, CorruptCheckpointError, ExportError, UnsafeCheckpointError
-from model_zoo import MLP, Branchy, make_models, run_fresh
 
 LOADER = r"""
 import importlib.util, sys, torch

@@ -18,7 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import torch
 
-from ckpt import CheckpointManager, StorageError, format, index, storage
+from ckpt import CheckpointManager, StorageError
+from ckpt import schema as format
+from ckpt.store import index
+from ckpt.store import local as storage
 
 KEEP_LAST = 2
 Event = Tuple[str, str]  # (operation, what it touched), e.g. ("fsync", "dir")
@@ -44,7 +47,7 @@ def fd_path(fd: int) -> str:
 class FaultyFile:
     """The file storage.atomic_write writes through; one write can fail half-way."""
 
-    def __init__(self, raw, injector: "Injector") -> None:
+    def __init__(self, raw, injector: Injector) -> None:
         self._raw, self._injector = raw, injector
 
     def write(self, data) -> int:
@@ -58,7 +61,7 @@ class FaultyFile:
     def __getattr__(self, name: str):
         return getattr(self._raw, name)
 
-    def __enter__(self) -> "FaultyFile":
+    def __enter__(self) -> FaultyFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,7 +100,8 @@ class Injector:
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(os, "unlink", unlink)
-        monkeypatch.setattr(storage, "open", lambda *a, **k: FaultyFile(open(*a, **k), self), raising=False)
+        monkeypatch.setattr(storage, "open", lambda *a, **k: FaultyFile(open(*a, **k), self),  # noqa: SIM115
+                            raising=False)
 
     def event(self, kind: str, what: str) -> Optional[BaseException]:
         if not self.armed:

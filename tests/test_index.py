@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt import CheckpointManager, fileio, format, index, storage
+from ckpt import CheckpointManager, record
+from ckpt import schema as format
 from ckpt.record import CheckpointRecord
+from ckpt.store import Catalog, LocalStore, index
+from ckpt.store import local as storage
+from ckpt.store import torchfile as fileio
+from ckpt.store.checksum import file_checksum
 
 FOREIGN = {"notes.txt": b"my notes", "model.pt": b"not ours", "ckpt-e1.pt.bak": b"backup",
            "ckpt-e000001-s000000000.pt.corrupt": b"kept damaged", "ckpt-e000002-s000000000.pth": b"x",
@@ -20,13 +25,12 @@ FOREIGN = {"notes.txt": b"my notes", "model.pt": b"not ours", "ckpt-e1.pt.bak": 
 
 def write_checkpoint(directory: Path, epoch: int, step: int = 0, metrics=None, mid_epoch=False) -> CheckpointRecord:
     """One real checkpoint file, committed the way the manager commits it (no index)."""
-    obj, nbytes = format.build({"model": {"w": torch.full((3,), float(epoch))}}, epoch=epoch, step=step,
-                               mid_epoch=mid_epoch, metrics=dict(metrics or {}), rng={}, extra={"e": epoch},
-                               library_version="test")
-    written = fileio.write(directory, format.file_name(epoch, step), obj, nbytes=nbytes, progress=False)
-    return CheckpointRecord(epoch=epoch, step=step, path=written.path, metrics=obj["metrics"],
-                            mid_epoch=mid_epoch, size=written.size, checksum=written.checksum,
-                            time=obj["ckpt"]["created"])
+    checkpoint = format.build({"model": {"w": torch.full((3,), float(epoch))}}, epoch=epoch, step=step,
+                              mid_epoch=mid_epoch, metrics=dict(metrics or {}), rng={}, extra={"e": epoch},
+                              library_version="test")
+    written = fileio.write(LocalStore(directory), checkpoint.name, checkpoint.obj, nbytes=checkpoint.nbytes,
+                           progress=False)
+    return record.make(checkpoint.header, directory / written.name, size=written.size, checksum=written.checksum)
 
 
 @pytest.fixture
@@ -44,7 +48,7 @@ def three(directory):
 def reconcile_quietly(directory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return index.reconcile(directory)
+        return Catalog(LocalStore(directory)).scan()[:2]
 
 
 def same(a, b) -> bool:
@@ -53,13 +57,13 @@ def same(a, b) -> bool:
 
 
 def test_index_is_human_readable_json_with_every_field(directory, three):
-    index.write(directory, list(reversed(three)))
+    index.write(LocalStore(directory), list(reversed(three)))
     data = json.loads((directory / index.INDEX_NAME).read_text())
     assert data["format"] == index.INDEX_VERSION
     entry = data["checkpoints"][0]  # sorted by (epoch, step), whatever the input order
     assert entry == {"file": "ckpt-e000000-s000000010.pt", "epoch": 0, "step": 10, "mid_epoch": False,
                      "metrics": {"loss": 0.5}, "size": three[0].path.stat().st_size,
-                     "checksum": storage.file_checksum(three[0].path), "time": three[0].time}
+                     "checksum": file_checksum(three[0].path), "time": three[0].time}
     assert [e["step"] for e in data["checkpoints"]] == [10, 20, 25]
     assert "\n" in (directory / index.INDEX_NAME).read_text()  # indented, one field per line
 
@@ -72,17 +76,17 @@ def strict_json(text: str):
 
 
 def test_index_round_trip_keeps_nan_and_inf_metrics(directory, three):
-    index.write(directory, three)
+    index.write(LocalStore(directory), three)
     data = strict_json((directory / index.INDEX_NAME).read_text())
     assert data["checkpoints"][1]["metrics"] == {"loss": "nan", "acc": "inf"}
-    back = index.read(directory)
+    back = index.read(LocalStore(directory), index.read_raw(LocalStore(directory)))
     assert same(back, three)
     assert math.isnan(back[1].metrics["loss"]) and back[1].metrics["acc"] == math.inf
 
 
 def test_missing_index_is_rebuilt_from_the_files(directory, three):
-    assert index.read(directory) is None
-    records, changed = index.reconcile(directory)
+    assert index.read(LocalStore(directory), index.read_raw(LocalStore(directory))) is None
+    records, changed = Catalog(LocalStore(directory)).scan()[:2]
     assert changed
     assert same(records, three)  # epoch, step, metrics (NaN too), size, checksum, time, mid_epoch
 
@@ -93,44 +97,44 @@ def test_missing_index_is_rebuilt_from_the_files(directory, three):
 def test_garbage_index_warns_and_is_rebuilt(directory, three, damage):
     (directory / index.INDEX_NAME).write_bytes(damage)
     with pytest.warns(UserWarning, match="index unreadable"):
-        records, changed = index.reconcile(directory)
+        records, changed = Catalog(LocalStore(directory)).scan()[:2]
     assert changed and same(records, three)
 
 
 def test_torn_index_is_rebuilt(directory, three):
-    index.write(directory, three)
+    index.write(LocalStore(directory), three)
     text = (directory / index.INDEX_NAME).read_bytes()
     (directory / index.INDEX_NAME).write_bytes(text[: len(text) // 2])
     with pytest.warns(UserWarning, match="index unreadable"):
-        records, _ = index.reconcile(directory)
+        records, _ = Catalog(LocalStore(directory)).scan()[:2]
     assert same(records, three)
 
 
 def test_entries_whose_file_is_gone_are_dropped_with_a_warning(directory, three):
-    index.write(directory, three)
+    index.write(LocalStore(directory), three)
     three[1].path.unlink()
     with pytest.warns(UserWarning, match="missing on disk.*ckpt-e000001-s000000020.pt"):
-        records, _ = index.reconcile(directory)
+        records, _ = Catalog(LocalStore(directory)).scan()[:2]
     assert same(records, [three[0], three[2]])
 
 
 def test_files_without_an_entry_are_added(directory, three):
-    index.write(directory, three[:1])
-    records, changed = index.reconcile(directory)
+    index.write(LocalStore(directory), three[:1])
+    records, changed = Catalog(LocalStore(directory)).scan()[:2]
     assert changed and same(records, three)
 
 
 def test_index_that_matches_the_files_is_not_rewritten(directory, three):
-    index.write(directory, three)
-    assert index.reconcile(directory)[1] is False
+    index.write(LocalStore(directory), three)
+    assert Catalog(LocalStore(directory)).scan()[:2][1] is False
 
 
 def test_unreadable_unindexed_file_is_skipped_and_left_in_place(directory, three):
-    index.write(directory, three)
+    index.write(LocalStore(directory), three)
     bad = directory / format.file_name(7, 0)
     bad.write_bytes(b"garbage, not a zip archive")
     with pytest.warns(UserWarning, match="ckpt-e000007-s000000000.pt.*unreadable"):
-        records, _ = index.reconcile(directory)
+        records, _ = Catalog(LocalStore(directory)).scan()[:2]
     assert same(records, three)
     assert bad.read_bytes() == b"garbage, not a zip archive"
 
@@ -144,7 +148,7 @@ def test_foreign_files_are_never_listed(directory, three):
 
 
 def test_index_entries_naming_foreign_files_are_ignored(directory, three):
-    index.write(directory, three)
+    index.write(LocalStore(directory), three)
     data = json.loads((directory / index.INDEX_NAME).read_text())
     for name in ["notes.txt", "../outside.pt", "model.pt"]:
         data["checkpoints"].append({**data["checkpoints"][0], "file": name, "epoch": 9})

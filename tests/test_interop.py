@@ -7,11 +7,11 @@ from typing import Any, Dict
 
 import pytest
 import torch
+from model_zoo import Holder, run_fresh
 from torch import nn
 
 import ckpt
 from ckpt.errors import ArchitectureError, ConfigError, StateMismatchError, UnsafeCheckpointError
-from model_zoo import Holder, run_fresh
 
 DATA = Path(__file__).parent / "data"
 

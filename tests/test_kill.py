@@ -28,7 +28,10 @@ from typing import Set
 import pytest
 import torch
 
-from ckpt import CheckpointManager, fileio, storage
+from ckpt import CheckpointManager
+from ckpt.store import local as storage
+from ckpt.store import torchfile as fileio
+from ckpt.store.catalog import QUARANTINE_SUFFIX
 
 STATE_MB = 24
 KEEP_LAST = 3
@@ -90,10 +93,10 @@ class Zygote:
     """The forking parent of the writers, and a reader of their output lines."""
 
     def __init__(self, stderr_path: Path) -> None:
-        self._stderr = open(stderr_path, "wb")
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(STATE_MB), str(KEEP_LAST), str(PARTS)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
-        self.lines: "queue.Queue[tuple[float, str]]" = queue.Queue()
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -130,7 +133,7 @@ def check_after_kill(directory: Path, figures: Figures) -> int:
         mgr = make_manager(directory)
         names = os.listdir(directory)
         assert not [n for n in names if n.startswith(storage.TMP_PREFIX)], "temporary file left after open"
-        assert not [n for n in names if n.endswith(storage.QUARANTINE_SUFFIX)], "a checkpoint was damaged"
+        assert not [n for n in names if n.endswith(QUARANTINE_SUFFIX)], "a checkpoint was damaged"
         listed = [r.epoch for r in mgr.checkpoints]
         for record in mgr.checkpoints:  # every listed checkpoint is complete and holds its own epoch
             try:

@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt import (CheckpointExistsError, CheckpointManager, CheckpointNotFoundError, ConfigError, StateMismatchError,
-                  StorageError, index, storage)
-from ckpt.format import file_name
+from ckpt import (
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    ConfigError,
+    StateMismatchError,
+    StorageError,
+)
+from ckpt.schema import file_name
+from ckpt.store import index
+from ckpt.store import local as storage
+from ckpt.store.checksum import file_checksum
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -49,7 +58,7 @@ def test_save_returns_the_committed_record(run_dir, trainables):
         assert (record.epoch, record.step, record.metrics) == (2, 30, {"loss": 0.25, "acc": 0.5})
         assert record.path == run_dir / file_name(2, 30) and record.path.is_file()
         assert record.size == record.path.stat().st_size and record.time > 0
-        assert record.checksum == storage.file_checksum(record.path)
+        assert record.checksum == file_checksum(record.path)
         assert record.extra["lr"] == 0.01 and torch.equal(record.extra["ids"], torch.arange(3))
         assert mgr.latest == record and mgr.checkpoints == [record]
     entry = json.loads((run_dir / index.INDEX_NAME).read_text())["checkpoints"][0]
@@ -83,12 +92,17 @@ def test_epoch_and_step_default_to_the_last_saved_values(run_dir, trainables):
         assert mgr.save(step=25, mid_epoch=True).key == (1, 25)
 
 
-def test_missing_monitored_metric_warns_once(run_dir, trainables):
-    with CheckpointManager(run_dir, keep_best=1, monitor="loss", **trainables()) as mgr:
-        with pytest.warns(UserWarning, match="no 'loss' metric") as seen:
-            mgr.save(epoch=0)
-            mgr.save(epoch=1, metrics={"acc": 1.0})
-        assert len([w for w in seen if "no 'loss' metric" in str(w.message)]) == 1
+def test_a_save_without_metrics_is_allowed_but_a_missing_monitored_metric_is_an_error(run_dir, trainables):
+    """Design §5: a step checkpoint without metrics is normal; an epoch's metrics without the
+    monitored name is a typo, which must never make best-K delete history."""
+    with CheckpointManager(run_dir, keep_best=1, keep_last=5, monitor="val_loss", **trainables()) as mgr:
+        mgr.save(epoch=0, metrics={"val_loss": 1.0})
+        mgr.save(epoch=1)  # no metrics: kept by the other rules only
+        mgr.save(epoch=1, step=5, mid_epoch=True, metrics={"train_loss": 2.0})  # training metrics mid-epoch
+        with pytest.raises(ConfigError, match=r"\['val_los'\] without the monitored 'val_loss'.*closest: 'val_los'"):
+            mgr.save(epoch=2, metrics={"val_los": 0.5})
+        assert [r.key for r in mgr.checkpoints] == [(0, 0), (1, 0), (1, 5)]
+        assert not (run_dir / file_name(2, 0)).exists()
 
 
 # -- resume ---------------------------------------------------------------------------

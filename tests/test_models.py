@@ -14,12 +14,12 @@ from typing import Any, Dict
 
 import pytest
 import torch
+from model_zoo import MLP, Holder, Undecorated, make_models, run_fresh
 from torch import nn
 
 import ckpt
+from ckpt import spec as architecture
 from ckpt.errors import ArchitectureError, StateMismatchError, UntrustedModuleError
-from model_zoo import MLP, Holder, Undecorated, make_models, run_fresh
-from ckpt import architecture
 
 TESTS = str(Path(__file__).parent)
 

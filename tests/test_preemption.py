@@ -4,10 +4,10 @@ this process (the four-way proof in test_exact_resume.py sends SIGTERM from outs
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import signal
-import itertools
 import subprocess
 import sys
 import textwrap
@@ -90,7 +90,7 @@ def test_closing_in_any_order_keeps_the_chain_and_restores_the_original(
     assert signal.getsignal(USR1) is original
 
 
-def _run(*code: str) -> "subprocess.CompletedProcess[str]":
+def _run(*code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter: a signal whose default action ends the process
     must not reach the test runner."""
     source = "\n".join(["import os, signal, sys, tempfile, threading, time", "import ckpt",
@@ -230,7 +230,7 @@ def test_public_names() -> None:
     assert ckpt.Preempted is Preempted and "Preempted" in ckpt.__all__
 
 
-def _example(directory: Path) -> "subprocess.Popen[str]":
+def _example(directory: Path) -> subprocess.Popen[str]:
     args = ["--dir", str(directory), "--epochs", "5", "--samples", "640", "--save-every", "7"]
     return subprocess.Popen([sys.executable, str(EXAMPLE), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -19,8 +19,13 @@ from typing import Callable, Dict, Iterator, List
 import pytest
 import torch
 
-from ckpt import (CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError,
-                  StorageError, fileio, format, index, storage)
+from ckpt import CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StorageError
+from ckpt import schema as format
+from ckpt.store import index
+from ckpt.store import local as storage
+from ckpt.store import torchfile as fileio
+from ckpt.store.catalog import QUARANTINE_SUFFIX
+from ckpt.store.checksum import file_checksum
 
 PAGE = 4096
 
@@ -210,7 +215,7 @@ def test_damaged_newest_is_detected_and_skipped(tmp_path: Path, damage: str) -> 
     with pytest.warns(UserWarning, match=f"skipping damaged checkpoint .*{name(2)}"):
         assert mgr.resume() == 2
     assert weights_epoch(mgr) == 1 and mgr.resumed.epoch == 1
-    quarantined = directory / (name(2) + storage.QUARANTINE_SUFFIX)
+    quarantined = directory / (name(2) + QUARANTINE_SUFFIX)
     assert not newest.exists() and quarantined.read_bytes() == damaged  # kept for inspection
     assert [r.epoch for r in make_manager(directory).checkpoints] == [0, 1]
     save_epochs(mgr, range(2, 3))
@@ -345,7 +350,7 @@ def test_newer_format_version_is_a_clear_error(tmp_path: Path) -> None:
     newer = hand_written(1, format.FORMAT_VERSION + 1, 9.0, library="ckpt 9.0.0")
     torch.save(newer, directory / name(1))  # a newer ckpt overwrote epoch 1 ...
     data = json.loads((directory / index.INDEX_NAME).read_text())
-    data["checkpoints"][-1]["checksum"] = storage.file_checksum(directory / name(1))  # ... and indexed it
+    data["checkpoints"][-1]["checksum"] = file_checksum(directory / name(1))  # ... and indexed it
     (directory / index.INDEX_NAME).write_text(json.dumps(data))
     for attempt in (make_manager(directory).resume, lambda: make_manager(directory).restore(directory / name(1))):
         with pytest.raises(FormatVersionError) as info:

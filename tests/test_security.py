@@ -23,7 +23,11 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import CheckpointManager, UnsafeCheckpointError, cli, fileio, format, index, storage
+from ckpt import CheckpointManager, UnsafeCheckpointError, cli
+from ckpt import schema as format
+from ckpt.store import index
+from ckpt.store import torchfile as fileio
+from ckpt.store.checksum import file_checksum
 
 
 class Payload:
@@ -81,7 +85,7 @@ def plant_indexed(directory: Path, payload: Any) -> Path:
     path = directory / format.file_name(1, 0)
     torch.save(checkpoint_dict(payload), path)
     data = json.loads((directory / index.INDEX_NAME).read_text())
-    data["checkpoints"][-1]["checksum"] = storage.file_checksum(path)
+    data["checkpoints"][-1]["checksum"] = file_checksum(path)
     (directory / index.INDEX_NAME).write_text(json.dumps(data))
     return path
 
@@ -115,7 +119,7 @@ def test_resume_and_record_extra_refuse_an_indexed_file(tmp_path: Path, kind: st
     assert_refused(info, unsafe, marker)
     assert path.exists() and mgr.resumed is None  # refused, not mistaken for damage and skipped
     with pytest.raises(UnsafeCheckpointError) as info:
-        mgr.checkpoints[-1].extra
+        _ = mgr.checkpoints[-1].extra
     assert_refused(info, unsafe, marker)
     with pytest.raises(UnsafeCheckpointError) as info:
         mgr.restore("latest")

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from ckpt.staging import Stager
+from ckpt.background.staging import Stager
 
 
 def state(scale: float = 1.0) -> dict:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
-from ckpt import CheckpointManager, format, state
+from ckpt import CheckpointManager, state
+from ckpt import schema as format
 from ckpt.errors import ConfigError, StateMismatchError
-from ckpt.format import file_name
+from ckpt.schema import file_name
 
 
 class Holder(torch.nn.Module):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt import CheckpointManager, CorruptCheckpointError, fileio
+from ckpt import CheckpointManager, CorruptCheckpointError
+from ckpt.store import torchfile as fileio
 
 
 def saved_run(directory: Path) -> CheckpointManager:

@@ -84,7 +84,8 @@ class Writeback:
             return
         self._raw.flush()  # the buffered tail must reach the kernel; its errors are the write's
         try:
-            _FADVISE(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
+            if _FADVISE is not None:
+                _FADVISE(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
         except OSError:  # not supported here: fsync will do all the work
             self._enabled = False
         self._done = end
@@ -114,3 +115,53 @@ def _sequential(f: BinaryIO) -> None:
     if _FADVISE is not None:
         with suppress(OSError, ValueError):
             _FADVISE(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def format_checksum(crc: int) -> str:
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def file_checksum(path: Path, on_read: Optional[Callable[[int], object]] = None) -> str:
+    """``crc32:...`` of a whole file (summed while the next chunk is read)."""
+    return format_checksum(file_crc(path, on_read))
+
+
+class ChecksumWriter:
+    """File-like wrapper that computes CRC-32 and counts bytes as they are written.
+
+    The checksum is computed on the bytes in flight, so integrity costs no second pass
+    over the file; for large buffers it runs on a helper thread while the bytes are
+    written, and completed ranges go to the kernel's writeback early.
+    ``on_write`` receives the byte count of each write (progress bars).
+    """
+
+    def __init__(self, raw: BinaryIO, on_write: Optional[Callable[[int], object]] = None) -> None:
+        self._raw = raw
+        self._on_write = on_write
+        self._writeback = Writeback(raw)
+        self.crc = 0
+        self.size = 0
+        self.error: Optional[BaseException] = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            self.crc, written = crc_during(view, self.crc, self._raw.write, view)
+            n = len(view) if written is None else written
+            self.size += n
+            self._writeback.advance(self.size)  # may flush: its errors are this write's
+        except BaseException as e:  # torch.save turns it into an opaque RuntimeError: keep it
+            self.error = e
+            raise
+        if self._on_write is not None:
+            self._on_write(n)
+        return n
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()

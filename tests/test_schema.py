@@ -17,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckpt
-from ckpt import CheckpointManager, format, index, storage
+from ckpt import CheckpointManager
+from ckpt import schema as format
 from ckpt.errors import ConfigError, CorruptCheckpointError, FormatVersionError
+from ckpt.store import index
+from ckpt.store import local as storage
 
 EPOCHS, STEPS = st.integers(0, 999_999), st.integers(0, 999_999_999)
 
@@ -151,15 +154,18 @@ def build(**overrides):
 
 
 def test_build_makes_the_documented_schema():
-    obj, nbytes = build()
+    checkpoint = build()
+    obj, nbytes = checkpoint.obj, checkpoint.nbytes
     assert set(obj) == {"model", "optimizer", "epoch", "step", "metrics", "rng", "extra", "ckpt"}
     meta = obj["ckpt"]
     assert meta["format"] == format.FORMAT_VERSION and meta["library"] == "ckpt 9.9"
     assert meta["torch"] == str(torch.__version__) and meta["objects"] == ["model", "optimizer"]
     assert meta["mid_epoch"] is False and meta["created"] > 0
     assert nbytes == 8
-    assert format.describe(obj) == {"epoch": 3, "step": 40, "mid_epoch": False, "metrics": {"loss": 0.1},
-                                    "time": meta["created"]}
+    head = format.header(obj, "p")
+    assert head == checkpoint.header
+    assert (head.epoch, head.step, head.mid_epoch, head.metrics, head.created) == (3, 40, False, {"loss": 0.1},
+                                                                                   meta["created"])
 
 
 def test_build_refuses_unloadable_extra_before_anything_is_written():
@@ -181,8 +187,28 @@ def test_header_rejects_what_it_cannot_read(obj, error, match):
 
 
 def test_header_accepts_current_and_older_versions():
-    assert format.header({"ckpt": {"format": 0}}, "p")["format"] == 0
-    assert format.header(build()[0], "p")["format"] == format.FORMAT_VERSION
+    assert format.header({"ckpt": {"format": 0}, "epoch": 1, "step": 2}, "p").format == 0
+    assert format.header(build().obj, "p").format == format.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({"ckpt": {"format": 1}, "step": 0}, "epoch is None"),
+    ({"ckpt": {"format": 1}, "epoch": "three", "step": 0}, "epoch is 'three'"),
+    ({"ckpt": {"format": 1}, "epoch": True, "step": 0}, "epoch is True"),
+    ({"ckpt": {"format": 1}, "epoch": -1, "step": 0}, "epoch is -1"),
+    ({"ckpt": {"format": 1}, "epoch": 0, "step": 0, "metrics": [1.0]}, r"metrics is \[1.0\]"),
+    ({"ckpt": {"format": 1}, "epoch": 0, "step": 0, "metrics": {"a": 10 ** 400}}, "metric 'a' is 1000"),
+    ({"ckpt": {"format": 1}, "epoch": 0, "step": 0, "metrics": {"a": "x"}}, "metric 'a' is 'x'"),
+    ({"ckpt": {"format": 1, "created": float("inf")}, "epoch": 0, "step": 0}, "creation time is inf"),
+    ({"ckpt": {"format": 1, "created": "now"}, "epoch": 0, "step": 0}, "creation time is 'now'"),
+    ({"ckpt": {"format": 1, "mid_epoch": "no"}, "epoch": 0, "step": 0}, "mid_epoch is 'no'"),
+    ({"ckpt": {"format": 1, "objects": "model"}, "epoch": 0, "step": 0}, "objects is 'model'"),
+])
+def test_header_validates_every_field_in_one_place(obj, match):
+    """A planted file with bad fields is damage (skipped with a warning), never a raw
+    KeyError/ValueError/OverflowError that stops the directory from opening."""
+    with pytest.raises(CorruptCheckpointError, match=match):
+        format.header(obj, "/some/file.pt")
 
 
 # -- plain torch.load without ckpt ----------------------------------------------------

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt import fastio, storage
+from ckpt.store import checksum as fastio
+from ckpt.store import local as storage
+from ckpt.store.checksum import ChecksumWriter, format_checksum
 
 
 @pytest.mark.parametrize("size", [0, 1, fastio.OVERLAP_MIN - 1, fastio.OVERLAP_MIN, 3 * fastio.OVERLAP_MIN + 7])
@@ -59,8 +61,8 @@ def test_writer_requests_writeback_of_each_completed_range(tmp_path: Path,
     chunks = [os.urandom(700 << 10) for _ in range(6)]
     written = storage.atomic_write(tmp_path, "out.bin", lambda f: [f.write(c) for c in chunks])
     data = b"".join(chunks)
-    assert written.path.read_bytes() == data
-    assert written.checksum == storage.format_checksum(zlib.crc32(data))
+    assert (tmp_path / written.name).read_bytes() == data
+    assert written.checksum == format_checksum(zlib.crc32(data))
     assert [a for _, _, a in calls] == [os.POSIX_FADV_DONTNEED] * len(calls) and len(calls) >= 2
     assert [o for o, _, _ in calls] == [0] + [o + n for o, n, _ in calls[:-1]]  # contiguous, in order
 
@@ -72,7 +74,7 @@ def test_writeback_turns_itself_off_without_a_file_descriptor(monkeypatch: pytes
         def write(self, b: bytes) -> int:
             return len(b)
 
-    writer = storage.ChecksumWriter(NoFd())  # type: ignore[arg-type]
+    writer = ChecksumWriter(NoFd())  # type: ignore[arg-type]
     assert writer.write(b"abc") == 3 and writer.write(b"de") == 2
     assert writer.crc == zlib.crc32(b"abcde")
 
@@ -104,7 +106,7 @@ def test_a_failing_flush_before_writeback_is_the_writes_error(tmp_path: Path,
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with open(tmp_path / "f", "wb") as f:
-        writer = storage.ChecksumWriter(FullDisk(f))  # type: ignore[arg-type]
+        writer = ChecksumWriter(FullDisk(f))  # type: ignore[arg-type]
         with pytest.raises(OSError, match="No space"):
             writer.write(bytes(2 << 10))
         assert isinstance(writer.error, OSError)

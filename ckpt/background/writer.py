@@ -22,24 +22,24 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Optional
 
-from . import format
-from .errors import ConfigError
-from .record import CheckpointRecord
+from .. import record, schema
+from ..errors import ConfigError
+from ..record import CheckpointRecord
 from .staging import Stager
 
 log = logging.getLogger("ckpt")
 
-Commit = Callable[[Dict[str, Any]], CheckpointRecord]
+Commit = Callable[[schema.Checkpoint], CheckpointRecord]
 
 
-def create(directory: Path, async_save: bool) -> Optional["AsyncWriter"]:
+def create(where: str, async_save: bool) -> Optional[AsyncWriter]:
     """The writer for ``CheckpointManager(async_save=...)``: None for synchronous saves."""
     if not isinstance(async_save, bool):
         raise ConfigError(f"async_save must be True or False, got {async_save!r}",
                           hint="pass async_save=True to write checkpoints in the background")
-    return AsyncWriter(directory) if async_save else None
+    return AsyncWriter(where) if async_save else None
 
 
 class _Outcome:
@@ -53,13 +53,13 @@ class _Outcome:
 class AsyncWriter:
     """Commits staged checkpoints on a background thread, one at a time."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, where: str) -> None:
+        self.directory = where
         self.stager = Stager()
         self._thread: Optional[threading.Thread] = None
         self._outcome = _Outcome()
         self._lock = threading.Lock()
-        weakref.finalize(self, _report_uncollected, self._outcome, str(directory))
+        weakref.finalize(self, _report_uncollected, self._outcome, where)
 
     def ready(self) -> None:
         """Wait for the save in flight, logging the stall, then raise its error if it failed."""
@@ -72,31 +72,29 @@ class AsyncWriter:
                         time.perf_counter() - start, self._outcome.what, self.directory)
         self.wait()
 
-    def submit(self, obj: Dict[str, Any], commit: Commit) -> CheckpointRecord:
-        """Stage ``obj`` and commit it in the background; return its pending record.
+    def submit(self, checkpoint: schema.Checkpoint, path: Path, commit: Commit) -> CheckpointRecord:
+        """Stage ``checkpoint`` and commit it in the background; return its pending record.
 
-        The record's ``size`` and ``checksum`` are filled in when the file is committed.
+        The pending record has no size or checksum yet (0 and None); once the commit is
+        done, the manager's :attr:`~ckpt.CheckpointManager.latest` is the committed record.
         """
         with self._lock:
             self.ready()
+            obj = checkpoint.obj
             staged = self.stager.stage({k: v for k, v in obj.items() if k != "extra"})
             staged["extra"] = copy.deepcopy(obj["extra"])  # small; kept by the record
-            meta = obj["ckpt"]
-            pending = CheckpointRecord(
-                epoch=obj["epoch"], step=obj["step"], metrics=obj["metrics"],
-                path=self.directory / format.file_name(obj["epoch"], obj["step"]),
-                mid_epoch=meta["mid_epoch"], time=meta["created"])
-            pending._extra = staged["extra"]
-            self._outcome.what = f"epoch {obj['epoch']}, step {obj['step']}"
-            self._thread = threading.Thread(target=self._run, args=(staged, commit, pending),
-                                            name="ckpt-writer")
-            self._thread.start()
+            pending = record.make(checkpoint.header, path, size=0, checksum=None,
+                                  extra=staged["extra"])
+            self._outcome.what = f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}"
+            thread = threading.Thread(target=self._run, args=(schema.with_states(checkpoint, staged), commit),
+                                      name="ckpt-writer")
+            thread.start()
+            self._thread = thread  # visible to join() only once it has started
         return pending
 
-    def _run(self, staged: Dict[str, Any], commit: Commit, pending: CheckpointRecord) -> None:
+    def _run(self, staged: schema.Checkpoint, commit: Commit) -> None:
         try:
-            committed = commit(staged)
-            pending.size, pending.checksum = committed.size, committed.checksum
+            commit(staged)
         except BaseException as e:  # kept for the caller: a thread has no one to raise to
             if hasattr(e, "add_note"):
                 e.add_note(f"raised by the background save of {self._outcome.what} in {self.directory}")

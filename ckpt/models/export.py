@@ -18,19 +18,25 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import zipfile
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import fileio, models, state, storage
-from .errors import (ConfigError, CorruptCheckpointError, ExportError, StateMismatchError,
-                     UnsafeCheckpointError)
+from .. import spec, state
+from ..errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    ExportError,
+    PathLike,
+    StateMismatchError,
+    UnsafeCheckpointError,
+)
+from ..store.local import write_file
+from ..store.torchfile import first_line
 
-PathLike = Union[str, "os.PathLike[str]"]
 METHODS = ("export", "torchscript", "trace")
 
 
@@ -58,7 +64,7 @@ def export(model: nn.Module, path: PathLike, example_inputs: Any, *, dynamic_bat
     finally:
         module.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return storage.atomic_write(path.parent, path.name, lambda f: f.write(data)).path
+    return write_file(path, lambda f: f.write(data))
 
 
 def _export_program(module: nn.Module, inputs: Tuple[Any, ...], dynamic_batch: bool, path: Path) -> bytes:
@@ -85,7 +91,7 @@ def _batch_of_two(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
 
 
 def _export_error(e: BaseException, path: Path, dynamic_batch: bool) -> ExportError:
-    text, first = str(e), fileio.first_line(e)
+    text, first = str(e), first_line(e)
     if dynamic_batch and ("batch" in text and ("special" in text or "onstraint" in text)):
         return ExportError(f"torch.export cannot make the batch dimension dynamic for this model: {first}",
                            path=path, hint="pass dynamic_batch=False for a program fixed to the example "
@@ -98,9 +104,9 @@ def _export_error(e: BaseException, path: Path, dynamic_batch: bool) -> ExportEr
 
 def _torchscript(module: nn.Module, inputs: Tuple[Any, ...], method: str, path: Path) -> bytes:
     try:
-        program = torch.jit.script(module) if method == "torchscript" else torch.jit.trace(module, inputs)
+        program = torch.jit.script(module) if method == "torchscript" else torch.jit.trace(module, inputs)  # type: ignore[no-untyped-call]
     except Exception as e:  # noqa: BLE001 - the TorchScript compiler raises many types
-        first = fileio.first_line(e)
+        first = first_line(e)
         hint = ("method='trace' records one run with example_inputs instead (Python control flow is "
                 "frozen to the path that run took)" if method == "torchscript"
                 else "fix the error above, or use method='export' or 'torchscript'")
@@ -140,7 +146,7 @@ def load_exported(path: PathLike, *, trusted: bool = False, device: Any = None) 
     if export_format:
         module = torch.export.load(path).module()
     else:
-        module = torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     if device is not None:
         module.to(device)
     return module
@@ -161,8 +167,8 @@ def export_checkpoint(trackables: Mapping[str, Any], checkpoint: Mapping[str, An
                       path: PathLike, *, example_inputs: Any, object: Optional[str] = None,
                       **options: Any) -> Path:
     """Export the tracked model with a checkpoint's weights (the live model is untouched)."""
-    modules = models.tracked_modules(trackables)
-    name = models.pick_module(modules, object)
+    modules = spec.tracked_modules(trackables)
+    name = spec.pick_module(modules, object)
     if name is None:
         raise ConfigError(f"which tracked module to export? tracked modules: {list(modules)}",
                           hint="pass object='<name>' to export_model")

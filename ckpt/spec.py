@@ -33,12 +33,13 @@ import functools
 import importlib
 import inspect
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
 
 from .errors import ArchitectureError, ConfigError
+from .state import unwrap
 
 SPEC_VERSION = 1
 RECORD_ATTR = "_ckpt_init_args"
@@ -77,7 +78,8 @@ def rebuildable(cls: M) -> M:
     return cls
 
 
-def _bind(signature: inspect.Signature, obj: Any, args: tuple, kwargs: dict) -> Optional[Tuple[list, dict]]:
+def _bind(signature: inspect.Signature, obj: Any, args: Tuple[Any, ...],
+          kwargs: Dict[str, Any]) -> Optional[Tuple[List[Any], Dict[str, Any]]]:
     """Split a call's arguments into positional and keyword ones, by parameter kind."""
     try:
         bound = signature.bind(obj, *args, **kwargs)
@@ -95,7 +97,8 @@ def _bind(signature: inspect.Signature, obj: Any, args: tuple, kwargs: dict) -> 
             out_args.extend(_snapshot(v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
             out_kwargs.update((k, _snapshot(v)) for k, v in value.items())
-        elif kind is inspect.Parameter.POSITIONAL_ONLY or (has_varargs and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        elif kind is inspect.Parameter.POSITIONAL_ONLY or (
+                has_varargs and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
             out_args.append(_snapshot(value))
         else:
             out_kwargs[name] = _snapshot(value)
@@ -178,8 +181,8 @@ def _ref(obj: Any, where: str) -> Dict[str, str]:
 
 def global_ref(obj: Any, where: str) -> Tuple[str, str]:
     """(module, qualname) under which ``obj`` can be imported again."""
-    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
-    module = getattr(obj, "__module__", None) or ""
+    qualname = str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", ""))
+    module = str(getattr(obj, "__module__", None) or "")
     if "<locals>" in qualname or "<lambda>" in qualname or not module:
         raise ArchitectureError(
             f"argument {where} is {obj!r}, defined inside a function or a lambda: it has no "
@@ -232,7 +235,7 @@ def _is_torch_class(cls: type) -> bool:
     return cls.__module__ == "torch.nn" or cls.__module__.startswith("torch.nn.")
 
 
-def _infer(module: nn.Module, where: str) -> Tuple[list, dict]:
+def _infer(module: nn.Module, where: str) -> Tuple[List[Any], Dict[str, Any]]:
     """Constructor arguments of a torch.nn class, read from its attributes and verified."""
     cls = type(module)
     if cls is nn.Sequential:
@@ -241,7 +244,7 @@ def _infer(module: nn.Module, where: str) -> Tuple[list, dict]:
             return list(children.values()), {}
         return [collections.OrderedDict(children)], {}
     if cls is nn.ModuleList:
-        return [list(module)], {}
+        return [list(module.children())], {}
     if cls is nn.ModuleDict:
         return [dict(module._modules)], {}
     kwargs: Dict[str, Any] = {}
@@ -353,3 +356,72 @@ def _show(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}"
     return repr(value)
+
+
+# -- the specs a manager records in every checkpoint ----------------------------------------
+
+SPECS_VERSION = 1
+
+
+def tracked_modules(trackables: Mapping[str, Any]) -> Dict[str, nn.Module]:
+    """The tracked objects that are modules, unwrapped (DDP, ``torch.compile``), by name."""
+    return {n: unwrap(o) for n, o in trackables.items() if isinstance(unwrap(o), nn.Module)}
+
+
+def pick_module(names: Iterable[str], wanted: Optional[str] = None) -> Optional[str]:
+    """Which tracked module is "the model": ``wanted``, else ``model``, else the only one.
+
+    None when ``wanted`` is not among ``names`` or when the choice is ambiguous: the
+    caller raises an error that lists ``names`` and asks for ``object=``.
+    """
+    names = list(names)
+    if wanted is not None:
+        return wanted if wanted in names else None
+    if "model" in names:
+        return "model"
+    return names[0] if len(names) == 1 else None
+
+
+class SpecCache:
+    """Architecture specs of tracked modules, captured once per module (a manager owns one).
+
+    Capturing rebuilds torch layers on the meta device and copies tensor arguments, too
+    much to repeat at every save. A module's recorded constructor arguments cannot
+    change after construction, so its spec is reused while the module tree is the same
+    objects under the same names; replacing or adding a submodule captures it again.
+    (A torch layer's arguments are read from its attributes: the first capture stands.)
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[str, Tuple[List[Tuple[str, nn.Module]], Dict[str, Any]]] = {}
+
+    def entry(self, name: str, module: nn.Module) -> Dict[str, Any]:
+        tree = list(module.named_modules())
+        cached = self._entries.get(name)
+        if cached is not None and len(cached[0]) == len(tree) and all(
+                a == c and b is d for (a, b), (c, d) in zip(cached[0], tree)):
+            return cached[1]
+        self._entries[name] = (tree, _entry(name, module))
+        return self._entries[name][1]
+
+
+def _entry(name: str, module: nn.Module) -> Dict[str, Any]:
+    try:
+        return {"architecture": capture(module, where=name)}
+    except Exception as e:  # noqa: BLE001 - an optional record never fails the save
+        return {"error": str(e) if isinstance(e, ArchitectureError) else f"{type(e).__name__}: {e}"}
+
+
+def checkpoint_specs(trackables: Mapping[str, Any], cache: Optional[SpecCache] = None) -> Optional[Dict[str, Any]]:
+    """Specs of every tracked module, for CheckpointManager; None when it tracks none.
+
+    A module whose architecture cannot be recorded gets the reason instead, so the
+    checkpoint still saves and ``load_model`` can say why it cannot rebuild it. Pass
+    the manager's ``cache`` so each module is captured once, not at every save.
+    """
+    modules = tracked_modules(trackables)
+    if not modules:
+        return None
+    cache = cache if cache is not None else SpecCache()
+    objects = {name: cache.entry(name, module) for name, module in modules.items()}
+    return {"version": SPECS_VERSION, "default": pick_module(modules), "objects": objects}

@@ -20,20 +20,19 @@ other entry that is not mapped is kept in ``record.extra``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from . import fileio, format, models, state, storage
-from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
-from .record import CheckpointRecord
+from .. import record, schema, state
+from ..errors import CorruptCheckpointError, StateMismatchError
+from ..record import CheckpointRecord
+from ..spec import pick_module
+from ..store import torchfile
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-_ALIASES = {
+ALIASES = {
     "module": ("model_state_dict", "model_state", "state_dict", "model", "net", "network", "module"),
     "optimizer": ("optimizer_state_dict", "optimizer_state", "optimizer", "optim", "opt"),
     "scheduler": ("scheduler_state_dict", "lr_scheduler_state_dict", "scheduler", "lr_scheduler", "sched"),
@@ -47,21 +46,30 @@ _LIGHTNING_KEYS = ("pytorch-lightning_version", "loops", "callbacks", "hparams_n
 
 def record_for(path: Path, *, weights_only: bool = True) -> CheckpointRecord:
     """A record for any checkpoint file: ckpt's own, or a foreign layout."""
-    fileio.check_archive(path)  # its own CRCs: no index entry to compare with
-    obj = fileio.load(path, weights_only=weights_only)
-    if format.is_checkpoint(obj):
-        format.header(obj, str(path))
-        return CheckpointRecord(path=path, size=path.stat().st_size, **format.describe(obj))
-    epoch, step, mid_epoch = progress(obj)
-    return CheckpointRecord(epoch=epoch, step=step, path=path, metrics=_metrics(obj), mid_epoch=mid_epoch,
-                            size=path.stat().st_size, checksum=None, time=path.stat().st_mtime)
+    obj = torchfile.load(path, weights_only=weights_only, check_records=True)  # its own CRCs
+    return record_of(obj, path, weights_only=weights_only)
+
+
+def record_of(obj: Any, path: Path, *, weights_only: bool = True) -> CheckpointRecord:
+    """The record of a loaded file: ckpt's own header, or what a foreign layout says."""
+    if schema.is_checkpoint(obj):
+        head = schema.header(obj, str(path))
+    else:
+        epoch, step, mid_epoch = progress(obj)
+        head = schema.Header(epoch=epoch, step=step, mid_epoch=mid_epoch, metrics=_metrics(obj),
+                             created=path.stat().st_mtime, format=schema.FORMAT_VERSION, library="foreign",
+                             torch="", objects=(), model_spec=None)
+    extra = obj.get("extra") if schema.is_checkpoint(obj) else None
+    return record.make(head, path, size=path.stat().st_size, checksum=None,
+                       extra=dict(extra) if isinstance(extra, dict) else None,
+                       load_extra=lambda: torchfile.load(path, weights_only=weights_only, mmap=False).get("extra", {}))
 
 
 def as_checkpoint(obj: Any, trackables: Mapping[str, Any], path: str) -> Dict[str, Any]:
     """``obj`` in ckpt's layout: validated as is when ckpt wrote it, else converted."""
-    if format.is_checkpoint(obj):
-        format.header(obj, path)
-        return obj
+    if schema.is_checkpoint(obj):
+        schema.header(obj, path)
+        return dict(obj)
     if isinstance(obj, nn.Module):  # torch.save(model): only loads with weights_only=False
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
@@ -72,7 +80,7 @@ def as_checkpoint(obj: Any, trackables: Mapping[str, Any], path: str) -> Dict[st
     extra = {k: v for k, v in obj.items() if k not in used and k not in _metrics(obj)
              and k not in _EPOCH_KEYS + _STEP_KEYS}
     return {**states, "epoch": epoch, "step": step, "metrics": _metrics(obj), "rng": {}, "extra": extra,
-            "ckpt": {"format": format.FORMAT_VERSION, "library": "foreign", "mid_epoch": mid_epoch,
+            "ckpt": {"format": schema.FORMAT_VERSION, "library": "foreign", "mid_epoch": mid_epoch,
                      "objects": list(states)}}
 
 
@@ -89,19 +97,19 @@ def _kind(obj: Any) -> str:
     return "other"
 
 
-def _is_state_dict(obj: Mapping[str, Any]) -> bool:
+def is_state_dict(obj: Mapping[str, Any]) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -> Tuple[Dict[str, Any], set]:
+def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -> Tuple[Dict[str, Any], Set[str]]:
     """{tracked name: its state} found in ``obj``, and the keys of ``obj`` that were used."""
     kinds = {name: _kind(o) for name, o in trackables.items()}
     modules = [n for n, k in kinds.items() if k == "module"]
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         if not modules:
             raise StateMismatchError("the file is a bare state dict, but no module is tracked", path=path,
                                      hint="track the model: CheckpointManager(dir, model=model)")
-        name = models.pick_module(modules)
+        name = pick_module(modules)
         if name is None:
             raise StateMismatchError(f"the file is a bare state dict, and several modules are tracked "
                                      f"({modules}), none named 'model'", path=path,
@@ -109,7 +117,7 @@ def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -
                                           "yourself: module.load_state_dict(torch.load(path))")
         return {name: _fit(obj, trackables[name])}, set(obj)
     states: Dict[str, Any] = {}
-    used: set = set()
+    used: Set[str] = set()
     for name in trackables:  # exact names first, so aliases never steal a named entry
         key = next((k for k in (name, f"{name}_state_dict", f"{name}_state") if k in obj), None)
         if key is not None:
@@ -117,7 +125,7 @@ def _map_states(obj: Dict[str, Any], trackables: Mapping[str, Any], path: str) -
     for name, kind in kinds.items():
         if name in states:
             continue
-        key = next((k for k in _ALIASES.get(kind, ()) if k in obj and k not in used
+        key = next((k for k in ALIASES.get(kind, ()) if k in obj and k not in used
                     and isinstance(obj[k], (Mapping, nn.Module))), None)
         if key is not None:
             states[name], used = obj[key], used | {key}
@@ -153,14 +161,14 @@ def progress(obj: Any) -> Tuple[int, int, bool]:
     """(epoch, step, mid_epoch) of a foreign checkpoint dict."""
     if not isinstance(obj, Mapping):
         return 0, 0, True
-    step = next((_int(obj[k]) for k in _STEP_KEYS if _int(obj.get(k)) is not None), 0)
+    step = next((n for n in (_int(obj.get(k)) for k in _STEP_KEYS) if n is not None), 0)
     lightning = _lightning_epochs(obj)
     if lightning is not None:
         started, processed = lightning
         if started > processed:  # saved inside an epoch
             return started - 1, step, True
         return max(processed - 1, 0), step, processed == 0
-    epoch = next((_int(obj[k]) for k in _EPOCH_KEYS if _int(obj.get(k)) is not None), None)
+    epoch = next((n for n in (_int(obj.get(k)) for k in _EPOCH_KEYS) if n is not None), None)
     return (0, step, True) if epoch is None else (epoch, step, False)
 
 
@@ -189,69 +197,4 @@ def _metrics(obj: Any) -> Dict[str, float]:
             v = v.item()
         if isinstance(k, str) and isinstance(v, float):
             out[k] = v
-    return out
-
-
-# -- safetensors ----------------------------------------------------------------------
-
-def save_safetensors(source: Union[nn.Module, Mapping[str, Any], PathLike], path: PathLike, *,
-                     metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write model weights as a ``.safetensors`` file (atomic, durable).
-
-    ``source``: a module, a state dict, or a checkpoint file (ckpt's, a ``save_model``
-    file, or a foreign layout; its model entry is used); a state dict's keys are written
-    as they are. Tied weights are stored once per name. Needs the optional extra:
-    ``pip install "ckpt[safetensors]"``.
-    """
-    try:
-        from safetensors.torch import save as st_save
-    except ImportError as e:
-        raise ConfigError("saving safetensors needs the safetensors package",
-                          hint='pip install "ckpt[safetensors]"') from e
-    path = Path(path)
-    tensors = _tensors(_weights(source), str(path))
-    data = st_save(tensors, metadata=dict(metadata) if metadata else None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return storage.atomic_write(path.parent, path.name, lambda f: f.write(data)).path
-
-
-def _weights(source: Any) -> Mapping[str, Any]:
-    if isinstance(source, nn.Module):
-        return state.unwrap(source).state_dict()
-    if isinstance(source, Mapping):
-        return source
-    obj = fileio.load(Path(source))
-    if format.is_checkpoint(obj):
-        meta = format.header(obj, str(source))
-        names = list((meta.get("model_spec") or {}).get("objects") or meta.get("objects", []))
-        name = models.pick_module(names)
-        if name is None or name not in obj:
-            raise ConfigError(f"which module to export? the checkpoint holds {names}, none named 'model'",
-                              path=Path(source), hint="pass the state dict itself: save_safetensors("
-                                                      "torch.load(path, weights_only=True)['<name>'], out)")
-        return obj[name]
-    if isinstance(obj, Mapping) and not _is_state_dict(obj):
-        key = next((k for k in _ALIASES["module"] if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            raise ConfigError(f"no model state found among the file's keys {sorted(map(str, obj))}",
-                              path=Path(source), hint="pass the state dict itself")
-        return obj[key]
-    return obj
-
-
-def _tensors(weights: Mapping[str, Any], where: str) -> Dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, each with its own storage (safetensors refuses sharing)."""
-    out: Dict[str, torch.Tensor] = {}
-    seen: set = set()
-    bad: List[str] = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConfigError(f"safetensors stores tensors only; not tensors: {bad[:8]}", path=where,
-                          hint="export a model's state dict (optimizer state is not weights)")
-    for key, tensor in weights.items():  # no target to fit, so the keys are kept as they are
-        tensor = tensor.detach().to("cpu").contiguous()
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
     return out

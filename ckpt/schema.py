@@ -15,8 +15,10 @@ file loads without ckpt installed. Names are ``ckpt-e<epoch>-s<step>.pt``: uniqu
 from __future__ import annotations
 
 import collections
+import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -29,6 +31,7 @@ NAME_RE = re.compile(r"ckpt-e([0-9]+)-s([0-9]+)\.pt")
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray,
           torch.Size, torch.dtype, torch.device, torch.Tensor, torch.nn.Parameter)
+_MAX_FLOAT = 1.7976931348623157e308
 _CONTAINERS = (dict, collections.OrderedDict, list, tuple, set)
 
 
@@ -81,22 +84,48 @@ def check_loadable(obj: Any, where: str) -> int:
 
 def metrics_to_floats(metrics: Optional[Mapping[str, Any]]) -> Dict[str, float]:
     """Metrics as plain floats (accepts ints, NumPy scalars and one-element tensors)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}",
+                          hint="pass metrics={'val_loss': 0.3}")
     out: Dict[str, float] = {}
-    for name, value in (metrics or {}).items():
+    for name, value in metrics.items():
         if not isinstance(name, str):
             raise ConfigError(f"metric names must be str, got {name!r}", hint="use metrics={'val_loss': 0.3}")
         try:
             out[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise ConfigError(f"metric {name!r} must be a number, got {value!r}",
                               hint="pass a float, an int or a one-element tensor") from e
     return out
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint dict ready to write, with its header and the bytes of its tensors."""
+
+    obj: Dict[str, Any]
+    header: Header
+    nbytes: int
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return (self.header.epoch, self.header.step)
+
+    @property
+    def name(self) -> str:
+        return file_name(self.header.epoch, self.header.step)
+
+    @property
+    def extra(self) -> Dict[str, Any]:
+        return dict(self.obj["extra"])
+
+
 def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
           metrics: Dict[str, float], rng: Dict[str, Any], extra: Dict[str, Any],
-          library_version: str, spec: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], int]:
-    """The checkpoint dict and its tensor bytes; :class:`ConfigError` for unloadable values."""
+          library_version: str, spec: Optional[Dict[str, Any]] = None) -> Checkpoint:
+    """The checkpoint dict to write; :class:`ConfigError` for values a safe load cannot read."""
     meta: Dict[str, Any] = {
         "format": FORMAT_VERSION, "library": f"ckpt {library_version}",
         "torch": str(torch.__version__), "created": time.time(), "mid_epoch": mid_epoch,
@@ -109,7 +138,15 @@ def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
         nbytes += check_loadable(state, f"state of {name!r}")
     obj = {**states, "epoch": epoch, "step": step, "metrics": metrics, "rng": rng,
            "extra": extra, "ckpt": meta}
-    return obj, nbytes
+    head = Header(epoch=epoch, step=step, mid_epoch=mid_epoch, metrics=dict(metrics), created=meta["created"],
+                  format=FORMAT_VERSION, library=meta["library"], torch=meta["torch"],
+                  objects=tuple(states), model_spec=spec)
+    return Checkpoint(obj, head, nbytes)
+
+
+def with_states(checkpoint: Checkpoint, obj: Dict[str, Any]) -> Checkpoint:
+    """The same checkpoint over another dict of the same content (a staged copy)."""
+    return Checkpoint(obj, checkpoint.header, checkpoint.nbytes)
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -117,28 +154,103 @@ def is_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("ckpt"), dict)
 
 
-def header(obj: Any, path: str) -> Dict[str, Any]:
-    """Validate a loaded checkpoint dict and return its ``ckpt`` metadata."""
+@dataclass(frozen=True)
+class Header:
+    """The validated facts of one checkpoint dict: what the index records about it."""
+
+    epoch: int
+    step: int
+    mid_epoch: bool
+    metrics: Dict[str, float]
+    created: float
+    format: int
+    library: str
+    torch: str
+    objects: Tuple[str, ...]
+    model_spec: Optional[Dict[str, Any]]
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return (self.epoch, self.step)
+
+
+def header(obj: Any, path: str) -> Header:
+    """Validate every field ckpt reads from a loaded checkpoint dict, in one place.
+
+    Anything missing or of the wrong type raises :class:`CorruptCheckpointError` (the
+    file is skipped like a damaged one); a newer format raises :class:`FormatVersionError`.
+    """
     if not is_checkpoint(obj):
         raise CorruptCheckpointError(
             "not a ckpt checkpoint (expected a dict with a 'ckpt' entry)", path=path,
             hint="for plain torch.save files use CheckpointManager.restore(path)")
     meta = obj["ckpt"]
     version = meta.get("format")
-    if not isinstance(version, int):
+    if type(version) is not int:
         raise CorruptCheckpointError("checkpoint metadata has no format version", path=path)
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"written with checkpoint format {version} by {meta.get('library', 'a newer ckpt')}; "
             f"this ckpt reads format {FORMAT_VERSION} and older", path=path,
             hint="upgrade ckpt (pip install -U ckpt) to load it")
-    return meta
+    objects = meta.get("objects", [])
+    spec = meta.get("model_spec")
+    return Header(epoch=count(obj.get("epoch"), "epoch", path), step=count(obj.get("step"), "step", path),
+                  mid_epoch=flag(meta.get("mid_epoch", False), "ckpt.mid_epoch", path),
+                  metrics=parse_metrics(obj.get("metrics"), path),
+                  created=parse_time(meta.get("created", 0.0), path),
+                  format=version, library=str(meta.get("library", "")), torch=str(meta.get("torch", "")),
+                  objects=tuple(str(n) for n in _field(objects, list, "ckpt.objects", path)),
+                  model_spec=spec if isinstance(spec, dict) else None)
 
 
-def describe(obj: Dict[str, Any]) -> Dict[str, Any]:
-    """Index fields recoverable from a checkpoint dict (used to rebuild a lost index)."""
-    meta = obj["ckpt"]
-    metrics = {k: float(v) for k, v in (obj.get("metrics") or {}).items()}
-    return {"epoch": int(obj["epoch"]), "step": int(obj["step"]),
-            "mid_epoch": bool(meta.get("mid_epoch", False)), "metrics": metrics,
-            "time": float(meta.get("created", 0.0))}
+def _bad(what: str, value: Any, path: str) -> CorruptCheckpointError:
+    shown = repr(value)
+    return CorruptCheckpointError(f"{what} is {shown[:80]}{'...' if len(shown) > 80 else ''}, which ckpt "
+                                  "never writes: the file is damaged or was not written by ckpt",
+                                  path=path, hint="ckpt skips it; restore another checkpoint")
+
+
+def _field(value: Any, kind: type, what: str, path: str) -> Any:
+    if type(value) is not kind:
+        raise _bad(what, value, path)
+    return value
+
+
+def flag(value: Any, what: str, path: str) -> bool:
+    return bool(_field(value, bool, what, path))
+
+
+def count(value: Any, what: str, path: str) -> int:
+    if type(value) is not int or value < 0:
+        raise _bad(what, value, path)
+    return value
+
+
+def parse_time(value: Any, path: str) -> float:
+    """A creation time: a finite, non-negative number of seconds."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise _bad("the creation time", value, path)
+    return float(value)
+
+
+def parse_metrics(value: Any, path: str) -> Dict[str, float]:
+    """Metrics as ckpt writes them: a dict of names to floats (NaN and +-inf allowed).
+
+    Also reads the index's spelling of non-finite values (``"nan"``, ``"inf"``, ``"-inf"``).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("metrics", value, path)
+    out: Dict[str, float] = {}
+    for name, v in value.items():
+        if not isinstance(name, str):
+            raise _bad("a metric name", name, path)
+        if type(v) is float:
+            out[name] = v
+        elif type(v) is int and abs(v) <= _MAX_FLOAT or isinstance(v, str) and v in ("nan", "inf", "-inf"):
+            out[name] = float(v)
+        else:
+            raise _bad(f"metric {name!r}", v, path)
+    return out

@@ -28,10 +28,12 @@ import inspect
 import types
 from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple
 
+import torch
 from torch import nn
 
-from .architecture import SPEC_VERSION, describe
-from .errors import ArchitectureError, ConfigError, FormatVersionError, UntrustedModuleError
+from ..errors import ArchitectureError, ConfigError, FormatVersionError, StateMismatchError, UntrustedModuleError
+from .. import state
+from ..spec import SPEC_VERSION, describe
 
 DEFAULT_TRUSTED = ("torch.nn",)  # importable, and their classes usable, by default
 _DEFAULT_EXACT = ("torch",)  # importable by default; only _SAFE_FUNCTIONS from it are usable
@@ -223,17 +225,46 @@ def refs(spec: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
             stack.extend(item["items"])
 
 
-def build(spec: Mapping[str, Any], resolver: Resolver, where: str = "model") -> nn.Module:
-    """Construct the module a spec describes (weights are loaded by the caller)."""
+def build(spec: Mapping[str, Any], resolver: Resolver, where: str = "model",
+          weights: Optional[Mapping[str, Any]] = None, strict: bool = True) -> nn.Module:
+    """Construct the module a spec describes (weights are loaded by the caller).
+
+    With ``weights``, the module is first built on the ``meta`` device (no memory) and
+    its parameter names and shapes compared with ``weights``, so a spec that names
+    huge sizes next to small stored weights is refused before anything is allocated.
+    """
     version = spec.get("version") if isinstance(spec, Mapping) else None
-    if not isinstance(version, int):
+    if type(version) is not int:
         raise ArchitectureError(f"{resolver.source}: the model spec is malformed",
                                 hint="the file is damaged or was not written by ckpt")
     if version > SPEC_VERSION:
         raise FormatVersionError(f"{resolver.source}: model spec version {version} is newer than "
                                  f"this ckpt reads ({SPEC_VERSION})", hint="upgrade ckpt")
-    resolver.check(spec)
-    return _module(spec, resolver, where)
+    try:
+        resolver.check(spec)
+        if weights is not None:
+            with torch.device("meta"):
+                _check_sizes(_module(spec, resolver, where), weights, resolver.source, where, strict)
+        return _module(spec, resolver, where)
+    except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        raise ArchitectureError(f"{resolver.source}: the model spec of {where!r} is malformed "
+                                f"({type(e).__name__}: {e})",
+                                hint="the file is damaged or was not written by ckpt") from e
+
+
+def _check_sizes(model: nn.Module, weights: Mapping[str, Any], source: str, where: str, strict: bool) -> None:
+    """Refuse a spec whose tensors do not match the stored weights they would receive
+    (checked on the meta device: nothing is allocated). With ``strict=False`` mismatches
+    are allowed, but not a model far larger than the weights stored for it."""
+    _, _, shapes = state.module_mismatch(model, state.strip_wrapper_prefix(weights, model.state_dict().keys()))
+    built = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
+    stored = sum(t.nelement() * t.element_size() for t in weights.values() if isinstance(t, torch.Tensor))
+    if shapes and (strict or built > 4 * stored + (64 << 20)):
+        raise StateMismatchError(
+            f"the checkpoint's {where!r} does not fit the model its spec builds (shape mismatches: "
+            f"{', '.join(shapes[:8])})", path=source,
+            hint="the class's code changed since the file was saved, or the file is damaged; "
+                 "nothing was allocated")
 
 
 def _module(spec: Mapping[str, Any], r: Resolver, where: str) -> nn.Module:
@@ -253,7 +284,8 @@ def _module(spec: Mapping[str, Any], r: Resolver, where: str) -> nn.Module:
     except ValueError:
         pass  # no signature to check (some builtins): let the call decide
     try:
-        return cls(*args, **kwargs)
+        built: nn.Module = cls(*args, **kwargs)
+        return built
     except Exception as e:
         raise ArchitectureError(f"{where}: building {call} failed: {type(e).__name__}: {e}",
                                 hint="the class no longer accepts the recorded arguments; restore "
@@ -289,7 +321,7 @@ def _decode(value: Any, r: Resolver, where: str) -> Any:
         return cls(*(_decode(v, r, where) for v in value["items"]))
     if kind == "dataclass":
         cls = r.resolve(value["module"], value["qualname"], where, object)
-        if not dataclasses.is_dataclass(cls):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise ArchitectureError(f"{where}: {value['module']}:{value['qualname']} is not a dataclass")
         return cls(**{k: _decode(v, r, where) for k, v in value["fields"].items()})
     if kind == "partial":

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ckpt import CheckpointManager, storage
-from ckpt.errors import CkptError, StorageError
+from ckpt import CheckpointManager
+from ckpt.errors import CkptError, StorageError, storage_error
+from ckpt.store import Catalog, LocalStore
+from ckpt.store import local as storage
+from ckpt.store.checksum import file_checksum
 
 
 def payload(f) -> None:
@@ -26,11 +29,11 @@ def temporaries(directory: Path) -> list:
 
 def test_atomic_write_commits_bytes_size_and_checksum(tmp_path):
     written = storage.atomic_write(tmp_path, "out.bin", payload)
-    assert written.path == tmp_path / "out.bin"
-    assert written.path.read_bytes() == b"hello world"
+    assert written.name == "out.bin"
+    assert (tmp_path / "out.bin").read_bytes() == b"hello world"
     assert written.size == 11
     assert written.checksum == f"crc32:{zlib.crc32(b'hello world'):08x}"
-    assert written.checksum == storage.file_checksum(written.path)
+    assert written.checksum == file_checksum(tmp_path / written.name)
     assert temporaries(tmp_path) == []
 
 
@@ -125,7 +128,7 @@ def test_file_checksum_reports_progress_in_bytes(tmp_path):
     data = b"\x01" * 1000
     path.write_bytes(data)
     seen = []
-    assert storage.file_checksum(path, seen.append) == f"crc32:{zlib.crc32(data):08x}"
+    assert file_checksum(path, seen.append) == f"crc32:{zlib.crc32(data):08x}"
     assert sum(seen) == 1000
 
 
@@ -145,11 +148,13 @@ def test_prepare_directory_refuses_a_file(tmp_path):
     assert path.read_bytes() == b"mine"
 
 
-def test_list_names_yields_only_files_with_the_prefix(tmp_path):
-    (tmp_path / "ckpt-a").write_bytes(b"")
+def test_list_yields_committed_files_with_the_prefix_and_their_sizes(tmp_path):
+    (tmp_path / "ckpt-a").write_bytes(b"abc")
     (tmp_path / "ckpt-dir").mkdir()
     (tmp_path / "other").write_bytes(b"")
-    assert [p.name for p in storage.list_names(tmp_path, "ckpt-")] == ["ckpt-a"]
+    (tmp_path / f"{storage.TMP_PREFIX}1-ab-ckpt-b").write_bytes(b"")
+    (tmp_path / "ckpt-link").symlink_to(tmp_path / "ckpt-a")
+    assert LocalStore(tmp_path).list("ckpt-") == {"ckpt-a": 3}
 
 
 def test_clean_temporaries_removes_only_temporaries(tmp_path):
@@ -159,7 +164,7 @@ def test_clean_temporaries_removes_only_temporaries(tmp_path):
     keep = {"notes.txt": b"n", "model.pt": b"m", "ckpt-e1.pt.bak": b"b", "ckpt-tmp-looking.pt": b"c"}
     for name, data in keep.items():
         (tmp_path / name).write_bytes(data)
-    assert storage.clean_temporaries(tmp_path) == [stale]
+    assert LocalStore(tmp_path).clean_temporaries() == [stale.name]
     assert not stale.exists()
     assert {n: (tmp_path / n).read_bytes() for n in keep} == keep
 
@@ -177,32 +182,33 @@ def test_clean_temporaries_leaves_a_busy_writers_temporaries(tmp_path):
     storage.prepare_directory(tmp_path)
     live = tmp_path / f"{storage.TMP_PREFIX}999-beef-ckpt-e000001-s000000000.pt"
     live.write_bytes(b"being written")
-    with storage.lock(tmp_path):  # another writer holds the directory lock
-        assert storage.clean_temporaries(tmp_path) == []
+    with LocalStore(tmp_path).lock():  # another writer holds the directory lock
+        assert LocalStore(tmp_path).clean_temporaries() == []
     assert live.exists()
-    assert storage.clean_temporaries(tmp_path) == [live]
+    assert LocalStore(tmp_path).clean_temporaries() == [live.name]
 
 
 def test_remove_tolerates_a_missing_file(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(b"1")
-    storage.remove(path)
-    storage.remove(path)
+    LocalStore(path.parent).delete(path.name)
+    LocalStore(path.parent).delete(path.name)
     assert not path.exists()
 
 
 def test_quarantine_keeps_the_bytes_under_a_corrupt_name(tmp_path):
     path = tmp_path / "ckpt-e000001-s000000000.pt"
     path.write_bytes(b"damaged")
-    moved = storage.quarantine(path)
+    moved = (path.parent / Catalog(LocalStore(path.parent)).move_aside(path.name))
     assert moved == tmp_path / "ckpt-e000001-s000000000.pt.corrupt"
     assert moved.read_bytes() == b"damaged" and not path.exists()
     path.write_bytes(b"damaged again")
-    again = storage.quarantine(path)  # an earlier quarantined copy is never overwritten
+    # an earlier quarantined copy is never overwritten
+    again = (path.parent / Catalog(LocalStore(path.parent)).move_aside(path.name))
     assert again == tmp_path / "ckpt-e000001-s000000000.pt.corrupt.1"
     assert moved.read_bytes() == b"damaged" and again.read_bytes() == b"damaged again"
     with pytest.raises(FileNotFoundError):
-        storage.quarantine(path)  # already gone: the caller reports it
+        (path.parent / Catalog(LocalStore(path.parent)).move_aside(path.name))  # already gone: the caller reports it
 
 
 @pytest.mark.parametrize("error, hint", [
@@ -211,7 +217,7 @@ def test_quarantine_keeps_the_bytes_under_a_corrupt_name(tmp_path):
     (OSError(errno.EIO, "Input/output error"), "unchanged"),
 ])
 def test_storage_error_names_path_keeps_errno_and_hints(tmp_path, error, hint):
-    err = storage.storage_error(error, tmp_path / "f.pt", "writing the checkpoint")
+    err = storage_error(error, tmp_path / "f.pt", "writing the checkpoint")
     assert isinstance(err, StorageError) and isinstance(err, OSError)
     assert err.errno == error.errno
     text = str(err)

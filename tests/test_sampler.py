@@ -145,7 +145,7 @@ def test_mid_epoch_resume_continues_the_random_streams_exactly(tmp_path: Path,
         with CheckpointManager(tmp_path, model=model, sampler=sampler) as mgr:
             epoch = mgr.resume() if resume else 0
             sampler.set_epoch(epoch)
-            for i, batch in enumerate(loader):
+            for i, _batch in enumerate(loader):
                 out.append(float(torch.rand(1)))
                 if not resume and i == 1:
                     mgr.save(epoch=0, step=2, mid_epoch=True)

@@ -1,0 +1,1 @@
+"""Asynchronous saves: staging buffers (:mod:`.staging`) and the writer thread (:mod:`.writer`)."""

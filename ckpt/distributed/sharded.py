@@ -1,0 +1,361 @@
+"""Sharded checkpoints: a directory written by ``torch.distributed.checkpoint`` (DCP), committed atomically.
+
+A committed checkpoint directory holds::
+
+    .metadata, __<rank>_<n>.distcp   DCP: model and optimizer state, each rank writing its own shards
+    ckpt-meta.pt                     rank 0: the plain entries (epoch, step, metrics, extra, per-rank
+                                     RNG, header); loads with torch.load(weights_only=True)
+    ckpt-manifest.json               rank 0, last: format, world size, what each state is, and the
+                                     size and CRC-32 of every other file
+
+Save (every rank): capture, then agree; DCP writes into ``tmp_dir``, then agree; rank 0
+checksums every file, writes the manifest, fsyncs files and directory, renames
+``tmp_dir`` to ``final_dir`` and fsyncs the parent, then agree -- so a rank that fails or
+is killed at any step makes every other rank raise (bounded: see ckpt.distributed) and
+nothing appears under ``final_dir``. Load: rank 0 verifies the checksums, every rank
+reads its slices through DCP, which reshards: a checkpoint saved by 2 ranks loads on
+1, 2 or 3, and in a plain process with no process group at all.
+
+Findings on torch 2.13 (CPU build, gloo):
+
+- FSDP2 works on CPU: ``fully_shard(module, mesh=init_device_mesh("cpu", (world,)))``
+  trains (forward, backward, optimizer step) over gloo; parameters are ``DTensor``
+  sharded on dim 0, with uneven shards padded. The tests use it directly.
+- Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``:
+  ``get_model_state_dict(model)`` / ``get_optimizer_state_dict(model, optimizer)``
+  (sharded DTensors, keyed by parameter name), loaded back in place with ``dcp.load``
+  into the same calls' output on the new layout, then ``set_model_state_dict`` /
+  ``set_optimizer_state_dict``. An optimizer is paired with the tracked module that
+  owns its parameters.
+- DCP's collectives run on ``Group.control``, ckpt's gloo group with a timeout, not on
+  the training group: they stay bounded, and would work the same beside NCCL.
+- DCP raises ``CheckpointException``, a ``BaseException``: ``except Exception`` misses it.
+- ``dcp.save``/``dcp.load`` without a process group (``no_dist``) warn on every call;
+  ckpt passes ``no_dist`` itself and silences that one warning.
+- DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor entries (optimizer
+  hyperparameters) with ``torch.load(weights_only=False)``: loading is only as safe as the
+  directory. ckpt first unpickles ``.metadata`` with an allow-list of DCP's metadata
+  classes and checks every non-tensor entry with ``weights_only=True``, so a sharded
+  checkpoint is held to the same rule as a single file.
+- ``format_utils.dcp_to_torch_save`` is the model for :func:`export_single`; it uses
+  the private ``_load_state_dict`` and ``_EmptyStateDictLoadPlanner``, as ckpt does (to
+  rebuild a state dict from the metadata alone), with the checks above added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from ..errors import (
+    CheckpointExistsError,
+    CkptError,
+    ConfigError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+from .collective import Group, agree, broadcast_object
+from .shardfiles import FORMAT, MANIFEST, VERSION, commit, fsync_dir, read_manifest, verify_files
+
+META = "ckpt-meta.pt"
+__all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
+_T = TypeVar("_T")
+Trackable = torch.nn.Module | torch.optim.Optimizer
+
+
+def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str, Trackable],
+                 meta: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+    """Write ``states`` (modules and optimizers, through DCP) and ``meta`` (plain values,
+    rank 0) as the checkpoint directory ``final_dir``; collective. Returns the manifest.
+
+    ``tmp_dir`` is a scratch name beside ``final_dir`` (same filesystem); a leftover of a
+    crashed save under that name is removed first. A rank that fails or dies before every
+    rank's files are written leaves nothing under ``final_dir``; one that dies after that
+    finds the checkpoint committed (it is complete), while the others still raise.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    what = f"save of {final_dir.name}"
+
+    def prepare() -> dict[str, Any]:
+        kinds, state = _capture(states)
+        clash = sorted(set(kinds) & set(meta))
+        if clash:
+            raise ConfigError(f"{clash} name both a tracked state and a plain entry", path=final_dir,
+                              hint="rename the extra entries")
+        if ctx.is_leader:
+            if final_dir.exists():
+                raise CheckpointExistsError("a checkpoint of that name is already committed", path=final_dir,
+                                            hint="save under a new (epoch, step)")
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+            with open(tmp_dir / META, "wb") as f:
+                torch.save(dict(meta), f)
+                os.fsync(f.fileno())
+        return {"kinds": kinds, "state": state}
+
+    def write() -> None:
+        with _quiet_no_dist():
+            dcp_save(captured["state"], storage_writer=FileSystemWriter(tmp_dir),
+                     process_group=ctx.control, no_dist=not ctx.active)
+
+    try:
+        captured = _step(ctx, f"{what} (capture)", timeout, prepare, final_dir, StorageError)
+        _step(ctx, f"{what} (write)", timeout, write, final_dir, StorageError)
+        manifest = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "states": captured["kinds"]}
+        manifest = _step(ctx, f"{what} (commit)", timeout,
+                         lambda: commit(tmp_dir, final_dir, manifest) if ctx.is_leader else manifest,
+                         final_dir, StorageError)
+        return cast(dict[str, Any], broadcast_object(ctx, manifest, timeout=timeout, what=f"{what} (manifest)"))
+    except BaseException:
+        if ctx.is_leader:  # a stuck rank may still write here; resume's cleanup gets what is left
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def load_sharded(ctx: Group, final_dir: Path, states: Mapping[str, Trackable], *, timeout: float,
+                 strict: bool = True, verify: bool = True) -> dict[str, Any]:
+    """Load a directory written by :func:`save_sharded` into ``states``, on any number of
+    ranks (DCP reshards); collective. Returns the plain entries (``ckpt-meta.pt``).
+
+    Rank 0 verifies every file's CRC-32 first (``verify``): one read of the directory,
+    not one per rank. ``strict=False`` skips tracked states the checkpoint lacks.
+    """
+    final_dir = Path(final_dir)
+    what = f"load of {final_dir.name}"
+
+    def check() -> tuple[dict[str, Any], dict[str, Any]]:
+        manifest = read_manifest(final_dir)
+        if verify and ctx.is_leader:
+            verify_files(final_dir, manifest)
+        _check_metadata(final_dir)
+        missing = [n for n in states if n not in manifest["states"]]
+        if missing and strict:
+            raise StateMismatchError(f"the checkpoint has no state for {missing}", path=final_dir,
+                                     hint="pass strict=False to restore the other objects")
+        return manifest, _torch_load(final_dir / META)
+
+    def read() -> None:
+        present = {n: obj for n, obj in states.items() if n in manifest["states"]}
+        kinds, state = _capture(present)
+        wrong = [f"{n}: saved {manifest['states'][n]}, given {k}" for n, k in kinds.items()
+                 if manifest["states"][n] != k]
+        if wrong:
+            raise StateMismatchError(f"tracked objects differ from the saved ones ({'; '.join(wrong)})",
+                                     path=final_dir, hint="track the same kinds of objects under the same names")
+        with _quiet_no_dist():
+            dcp_load(state, storage_reader=FileSystemReader(final_dir),
+                     planner=_SafeLoadPlanner(allow_partial_load=not strict),
+                     process_group=ctx.control, no_dist=not ctx.active)
+        options = StateDictOptions(strict=strict)
+        modules = _modules(present)
+        for name, obj in present.items():
+            if isinstance(obj, torch.nn.Module):
+                set_model_state_dict(obj, state[name], options=options)
+            else:
+                set_optimizer_state_dict(_owner(name, obj, modules), obj, state[name], options=options)
+
+    manifest, meta = _step(ctx, f"{what} (verify)", timeout, check, final_dir, CorruptCheckpointError)
+    _step(ctx, f"{what} (load)", timeout, read, final_dir, StateMismatchError)
+    return meta
+
+
+def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Path:
+    """One plain ``torch.save`` file of a sharded checkpoint's full state, in the
+    single-process layout (optimizers numbered like ``optimizer.state_dict()``); loads with
+    ``torch.load(weights_only=True)``. Single process; holds the whole state in memory."""
+    final_dir, out_path = Path(final_dir), Path(out_path)
+    manifest = read_manifest(final_dir)
+    if verify:
+        verify_files(final_dir, manifest)
+    _check_metadata(final_dir)
+    full: dict[str, Any] = {}
+    try:
+        _load_state_dict(full, storage_reader=FileSystemReader(final_dir),
+                         planner=_SafeEmptyPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        raise _translate(e, final_dir, CorruptCheckpointError) from e
+    out = _torch_load(final_dir / META)
+    for name, kind in manifest["states"].items():
+        if name not in full:
+            raise CorruptCheckpointError(f"the DCP files hold no {name!r}, which the manifest lists", path=final_dir)
+        out[name] = _numbered(full[name]) if kind == "optimizer" else full[name]
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(out, f)
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write the export: {e}", path=out_path,
+                           hint="check free space and permissions") from e
+    return out_path
+
+
+def _step(ctx: Group, what: str, timeout: float, fn: Callable[[], _T], path: Path,
+          kind: type[CkptError]) -> _T:
+    """Run this rank's part of ``what``, then agree with every rank on the outcome."""
+    try:
+        result = fn()
+    except (Exception, CheckpointException) as e:  # every failure must reach the others
+        error = _translate(e, path, kind)
+        if error is not e:
+            error.__cause__ = e
+        agree(ctx, what, error, timeout=timeout)
+        raise  # agree() raised already
+    agree(ctx, what, None, timeout=timeout)
+    return result
+
+
+def _translate(e: BaseException, path: Path, kind: type[CkptError]) -> BaseException:
+    """ckpt's errors as they are; DCP's and the rest as ``kind`` (with this rank's message)."""
+    if isinstance(e, CkptError):
+        return e
+    if isinstance(e, CheckpointException):
+        first = min(e.failures)
+        inner = e.failures[first][0]
+        if isinstance(inner, CkptError):
+            return inner
+        msg = f"{type(inner).__name__} on rank {first}: {inner}"
+    else:
+        msg = f"{type(e).__name__}: {e}"
+    if kind is StateMismatchError and ("Missing key" in msg or "Size mismatch" in msg or "size mismatch" in msg):
+        return StateMismatchError(f"the checkpoint does not fit the tracked objects ({msg})", path=path,
+                                  hint="build the model with the same architecture as when it was saved")
+    return kind(msg, path=path)
+
+
+def _capture(states: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(name -> "module"/"optimizer", name -> DCP state dict) of the tracked objects."""
+    modules = _modules(states)
+    kinds: dict[str, str] = {}
+    state: dict[str, Any] = {}
+    for name, obj in states.items():
+        if isinstance(obj, torch.nn.Module):
+            kinds[name], state[name] = "module", get_model_state_dict(obj)
+        elif isinstance(obj, torch.optim.Optimizer):
+            kinds[name], state[name] = "optimizer", get_optimizer_state_dict(_owner(name, obj, modules), obj)
+        else:
+            raise ConfigError(f"{name!r} ({type(obj).__name__}) is neither a module nor an optimizer",
+                              hint="sharded states are modules and optimizers; put other state "
+                                   "(schedulers, samplers) in the plain entries")
+    return kinds, state
+
+
+def _modules(states: Mapping[str, Any]) -> list[torch.nn.Module]:
+    return [obj for obj in states.values() if isinstance(obj, torch.nn.Module)]
+
+
+def _owner(name: str, optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """The tracked module holding every parameter of ``optimizer`` (DCP keys optimizer
+    state by that module's parameter names)."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules:
+        if params <= {id(p) for p in module.parameters()}:
+            return module
+    raise ConfigError(f"optimizer {name!r} has parameters outside every tracked module",
+                      hint="track the model the optimizer was built from, in the same save()")
+
+
+def _numbered(optim: Mapping[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state (DCP's) keyed by position, like ``Optimizer.state_dict()``."""
+    ids: dict[str, int] = {}
+    groups = [{**g, "params": [ids.setdefault(p, len(ids)) for p in g["params"]]} for g in optim["param_groups"]]
+    return {"state": {ids[p]: s for p, s in optim.get("state", {}).items()}, "param_groups": groups}
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"refusing to unpickle: {e}", path=path) from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CorruptCheckpointError(f"cannot read the plain entries: {e}", path=path) from e
+    if not isinstance(loaded, dict):
+        raise CorruptCheckpointError("the plain entries are not a dict", path=path)
+    return loaded
+
+
+@contextlib.contextmanager
+def _quiet_no_dist() -> Iterator[None]:
+    """DCP warns on every call made without a process group, even when asked to (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                   ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                   ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                   ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` with nothing but its own classes, torch dtypes and paths."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_NAMES or module in _METADATA_MODULES or module == "torch":  # import only these
+            found = super().find_class(module, name)
+            if ((module, name) in _METADATA_NAMES or isinstance(found, torch.dtype)
+                    or (isinstance(found, type) and found.__module__ == module != "torch")):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+def _check_metadata(final_dir: Path) -> None:
+    path = final_dir / ".metadata"
+    try:
+        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, AttributeError, ImportError) as e:
+        raise UnsafeCheckpointError(f"refusing to unpickle DCP metadata: {e}", path=path,
+                                    hint="only load sharded checkpoints written by ckpt/DCP") from e
+    except (OSError, EOFError, ValueError) as e:
+        raise CorruptCheckpointError(f"unreadable DCP metadata: {e}", path=path) from e
+
+
+class _SafeBytes:
+    """Load-planner mixin: a non-tensor entry must load with ``weights_only=True`` before DCP
+    (which uses ``weights_only=False``) may unpickle it."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"refusing to unpickle entry {read_item.dest_index.fqn!r}: {e}") from e
+        value.seek(0)
+        super().load_bytes(read_item, value)  # type: ignore[misc]
+
+
+class _SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+    pass
+
+
+class _SafeEmptyPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+    pass

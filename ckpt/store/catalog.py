@@ -1,0 +1,243 @@
+"""The committed checkpoints of a run directory: the index reconciled with the files.
+
+A :class:`Catalog` is everything the manager needs of a run directory, over any
+:class:`~ckpt.store.base.Store`: list what is committed, load one checkpoint, commit
+a new one (:mod:`ckpt.store.commit`), move a damaged one aside, verify them all. Locks
+and index transactions happen here, never in the manager.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+from filelock import Timeout
+
+from .. import policy, record, schema
+from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from ..record import CheckpointRecord
+from . import commit as _commit
+from . import index, torchfile
+from .base import Store
+from .checksum import file_checksum
+
+QUARANTINE_SUFFIX = ".corrupt"
+_OBSERVE_TRIES = 5
+
+
+class Listing(NamedTuple):
+    """What :meth:`Catalog.scan` found."""
+
+    records: List[CheckpointRecord]  #: committed checkpoints, sorted by (epoch, step)
+    changed: bool  #: the records differ from the index on disk (a writer should rewrite it)
+    missing: List[str]  #: names the index lists whose file is gone
+    raw: Optional[bytes]  #: the index bytes the records were built from
+
+
+class Catalog:
+    """The checkpoints of one run directory (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- listing ---------------------------------------------------------------------
+
+    def open(self) -> List[CheckpointRecord]:
+        """Clean what crashed writers left and list the checkpoints, rewriting a stale
+        index when no writer is active."""
+        self.store.clean_temporaries()
+        listing = self.scan()
+        if not listing.changed:
+            return listing.records
+        try:
+            with self.store.lock(timeout=0):
+                listing = self.scan(locked=True)  # a writer may have committed meanwhile
+                if listing.changed:
+                    index.write(self.store, listing.records)
+        except Timeout:
+            pass  # a writer is committing: it rewrites the index itself
+        except OSError as e:
+            warnings.warn(f"{self.store.url}: could not rewrite the index ({e}); the checkpoint "
+                          "files still describe themselves", stacklevel=2)
+        return listing.records
+
+    def scan(self, *, locked: bool = False) -> Listing:
+        """The committed checkpoints: the index reconciled with the files.
+
+        Unindexed files are read and adopted when they verify and their contents match
+        their name; a damaged one is moved aside when ``locked`` (a writer), else skipped
+        with a warning. A file in a newer format raises :class:`FormatVersionError`
+        (skipping it would resume from older state).
+        """
+        raw, on_disk = self._observe(locked)
+        indexed = index.read(self.store, raw, self.extra_loader)
+        by_name: Dict[str, CheckpointRecord] = {r.name: r for r in indexed or []}
+        records: List[CheckpointRecord] = []
+        changed = indexed is None and (raw is not None or bool(on_disk))
+        for name in on_disk:
+            if name in by_name:
+                records.append(by_name[name])
+                continue
+            try:
+                records.append(self.describe(name))
+            except FileNotFoundError:
+                continue  # deleted since it was listed: a concurrent writer evicted it
+            except FormatVersionError:
+                raise
+            except CorruptCheckpointError as e:
+                where = ""
+                if locked:  # a writer moves it aside, or every later scan would read it again
+                    try:
+                        where = f"; kept as {self.store.where(self.move_aside(name))}"
+                    except OSError:
+                        pass
+                warnings.warn(f"{self.store.where(name)}: not listed in the index and damaged, ignored: "
+                              f"{e}{where}", stacklevel=2)
+                continue
+            except (CkptError, OSError) as e:
+                warnings.warn(f"{self.store.where(name)}: not listed in the index and unreadable, ignored: {e}",
+                              stacklevel=2)
+                continue
+            changed = True
+        missing = sorted(set(by_name) - set(on_disk))
+        if missing:  # not `changed`: the index keeps them until the next save, so verify() reports them
+            warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
+        records.sort(key=lambda r: r.key)
+        return Listing(records, changed, missing, raw)
+
+    def _observe(self, locked: bool) -> Tuple[Optional[bytes], Dict[str, int]]:
+        """The index's bytes and the checkpoint files, seen with no commit in between.
+
+        A writer replaces the index once per commit, between adding its file and
+        deleting evicted ones; an index unchanged around the listing means the listing
+        matches it, so a reader racing a writer does not report evicted files as
+        missing. A caller holding the lock sees no commits and reads the index once.
+        """
+        raw = index.read_raw(self.store)
+        on_disk: Dict[str, int] = {}
+        for _ in range(_OBSERVE_TRIES):
+            on_disk = {n: s for n, s in self.store.list("ckpt-").items() if schema.parse_name(n)}
+            if locked:
+                break
+            again = index.read_raw(self.store)
+            if again == raw:
+                break
+            raw = again
+        return raw, on_disk
+
+    def describe(self, name: str) -> CheckpointRecord:
+        """A record rebuilt from a checkpoint file that the index does not list.
+
+        With no recorded checksum to compare, the archive's own per-record CRC-32s are
+        checked, so a damaged file is not adopted (and its damage not blessed) as good;
+        its contents must name the same (epoch, step) as its file name.
+        """
+        path = self.store.where(name)
+        with self.store.local_path(name) as local, torchfile.opened(local) as real:
+            obj = torchfile.load_open(real, path, check_records=True)
+            head = schema.header(obj, str(path))
+            if (head.epoch, head.step) != schema.parse_name(name):
+                raise CorruptCheckpointError(
+                    f"holds epoch {head.epoch}, step {head.step}, which does not match its name "
+                    "(a renamed or copied file)", path=path,
+                    hint=f"its own name is {schema.file_name(head.epoch, head.step)}")
+            checksum = file_checksum(real)
+            size = real.stat().st_size
+        return record.make(head, path, size=size, checksum=checksum, load_extra=self.extra_loader(name))
+
+    # -- loading ---------------------------------------------------------------------
+
+    def load(self, rec: CheckpointRecord, *, map_location: Any = "cpu", weights_only: bool = True,
+             progress: Optional[bool] = None) -> Tuple[Dict[str, Any], schema.Header]:
+        """Verify and load one committed checkpoint and validate its header."""
+        with self.store.local_path(rec.name) as local:
+            obj = torchfile.load(local, map_location=map_location, weights_only=weights_only,
+                                 checksum=rec.checksum, progress=progress)
+        head = schema.header(obj, str(rec.path))
+        if head.key != rec.key:
+            raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, not "
+                                         f"epoch {rec.epoch}, step {rec.step} as its name says", path=rec.path)
+        return obj, head
+
+    def extra_loader(self, name: str) -> record.ExtraLoader:
+        """Reads the ``extra`` dict of ``name`` (unmapped, so the file is not pinned)."""
+        def load() -> Dict[str, Any]:
+            with self.store.local_path(name) as local:
+                obj = torchfile.load(local, mmap=False)
+            extra = obj.get("extra", {}) if isinstance(obj, dict) else {}
+            return dict(extra) if isinstance(extra, dict) else {}
+        return load
+
+    # -- changing --------------------------------------------------------------------
+
+    def commit(self, checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy,
+               protected: Tuple[Tuple[int, int], ...] = (), overwrite: bool = False,
+               progress: Optional[bool] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
+        """Commit ``checkpoint``, then apply retention; return its record and the records kept."""
+        with self.store.lock():
+            listing = self.scan(locked=True)
+            return _commit.commit(self.store, listing.records, listing.raw, checkpoint, retention=retention,
+                                  protected=protected, overwrite=overwrite, progress=progress)
+
+    def quarantine(self, rec: CheckpointRecord, error: BaseException) -> str:
+        """Move a checkpoint that failed to load out of the namespace, if it still fails
+        under the lock (a concurrent writer may have replaced it meanwhile: then it is
+        left alone). Returns what happened, for the warning."""
+        try:
+            with self.store.lock():
+                listing = self.scan(locked=True)
+                now = next((r for r in listing.records if r.name == rec.name), None)
+                if now is None:
+                    return "; it is gone (a concurrent writer's retention)"
+                if now.checksum != rec.checksum:
+                    return "; a writer has replaced it since: left as it is"
+                try:
+                    with self.store.local_path(rec.name) as local:
+                        torchfile.load(local, checksum=now.checksum)
+                    return "; it reads now (a concurrent replace): left as it is"
+                except CorruptCheckpointError:
+                    pass
+                aside = self.move_aside(rec.name)
+                index.write(self.store, [r for r in listing.records if r.name != rec.name])
+                return f"; kept as {self.store.where(aside)}"
+        except (OSError, CkptError) as e:
+            return f"; could not move it aside ({e}), so it will be skipped again"
+
+    def move_aside(self, name: str) -> str:
+        taken = self.store.list(name + QUARANTINE_SUFFIX)
+        target, n = name + QUARANTINE_SUFFIX, 0
+        while target in taken:  # never overwrite an earlier quarantined copy
+            n += 1
+            target = f"{name}{QUARANTINE_SUFFIX}.{n}"
+        self.store.move(name, target)
+        return target
+
+    # -- integrity -------------------------------------------------------------------
+
+    def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
+        """File name -> ("ok" | "damaged" | "missing", detail) for every committed checkpoint.
+
+        A file deleted between listing and checking is checked against a fresh listing:
+        gone from the index too means a concurrent writer's retention evicted it, which
+        is not damage, and it is left out of the report.
+        """
+        listing = self.scan()
+        report: Dict[str, Tuple[str, str]] = {}
+        gone: List[str] = []
+        for rec in listing.records:
+            try:
+                with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
+                    torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
+                report[rec.name] = ("ok", "")
+            except FileNotFoundError:
+                gone.append(rec.name)
+            except CkptError as e:
+                report[rec.name] = ("damaged", str(e))
+        if gone or listing.missing:
+            again = self.scan()
+            still = {r.name for r in again.records} | set(again.missing)
+            for name in gone + listing.missing:
+                if name in still:
+                    report[name] = ("missing", "listed in the index, gone from disk")
+        return dict(sorted(report.items()))
+

@@ -1,0 +1,107 @@
+"""Committing one checkpoint: file, index, retention, in that order, under the lock.
+
+Design §4 at the level of the directory: the checkpoint file is committed, then the
+index, and only then are evicted files deleted. A failure at any step puts the
+directory back as it was. Replacing an existing (epoch, step) takes extra care, since
+the store's commit destroys the old bytes: the old entry leaves the index first (a
+crash now leaves a valid, unindexed file that the next scan adopts), the old bytes are
+kept under a temporary name until the new index is committed, and put back on failure.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, List, Optional, Tuple
+
+from .. import policy, record, schema
+from ..errors import CheckpointExistsError, storage_error
+from ..record import CheckpointRecord
+from . import index, torchfile
+from .base import Store, Written
+
+Key = Tuple[int, int]
+
+
+def check_new(key: Key, mid_epoch: bool, overwrite: bool,
+              records: List[CheckpointRecord]) -> Optional[CheckpointRecord]:
+    """The record ``key`` would replace (None if new); raise unless replacing is allowed.
+
+    An end-of-epoch save may replace a mid-epoch checkpoint of the same (epoch, step):
+    the same training state, now marked complete.
+    """
+    existing = next((r for r in records if r.key == key), None)
+    if existing is not None and not overwrite and not (existing.mid_epoch and not mid_epoch):
+        raise CheckpointExistsError(
+            f"a checkpoint for epoch {key[0]}, step {key[1]} already exists", path=existing.path,
+            hint="pass a new step (save(epoch=..., step=global_step)), or overwrite=True to replace it")
+    return existing
+
+
+def commit(store: Store, records: List[CheckpointRecord], index_before: Optional[bytes],
+           checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy, protected: Collection[Key],
+           overwrite: bool, progress: Optional[bool]) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
+    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock)."""
+    key, name = checkpoint.key, checkpoint.name
+    existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)
+    others = [r for r in records if r.key != key]
+    replacing = existing is not None and name in store.list(name)
+    backup: Optional[str] = None
+    written: Optional[Written] = None
+    try:
+        if replacing:
+            _write_index(store, others)
+            backup = store.keep_aside(name)
+        written = _write_checkpoint(store, checkpoint, progress)
+        rec = record.make(checkpoint.header, store.where(name), size=written.size, checksum=written.checksum,
+                          extra=checkpoint.extra)
+        candidates = others + [rec]
+        kept_keys = policy.select_kept(candidates, retention, {key, *protected})
+        kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
+        _write_index(store, kept)
+    except BaseException:
+        _undo(store, name, index_before, replacing=replacing, backup=backup, written=written)
+        raise
+    finally:
+        if backup is not None:
+            store.delete(backup)
+    _delete(store, [r for r in candidates if r.key not in kept_keys])
+    return rec, kept
+
+
+def _undo(store: Store, name: str, index_before: Optional[bytes], *, replacing: bool,
+          backup: Optional[str], written: Optional[Written]) -> None:
+    """Put the directory back as it was after a failed commit (best effort: the caller
+    re-raises the original error, and scans repair whatever a second failure leaves)."""
+    if replacing and backup is None:
+        return  # the old bytes could not be kept aside: leave the (valid) file unindexed
+    try:
+        if backup is not None:
+            store.move(backup, name)
+        elif written is not None:
+            store.delete(name)
+    except OSError:
+        pass
+    if written is not None or backup is not None:
+        index.restore_bytes(store, index_before)
+
+
+def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Optional[bool]) -> Written:
+    try:
+        return torchfile.write(store, checkpoint.name, checkpoint.obj, nbytes=checkpoint.nbytes, progress=progress)
+    except OSError as e:
+        raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
+
+
+def _write_index(store: Store, records: List[CheckpointRecord]) -> None:
+    try:
+        index.write(store, records)
+    except OSError as e:
+        raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e
+
+
+def _delete(store: Store, evicted: List[CheckpointRecord]) -> None:
+    for rec in evicted:
+        try:
+            store.delete(rec.name)
+        except OSError as e:
+            raise storage_error(e, rec.path, "deleting an evicted checkpoint "
+                                "(the new checkpoint is committed)") from e

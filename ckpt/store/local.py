@@ -1,0 +1,213 @@
+"""A local directory as a :class:`~ckpt.store.base.Store`.
+
+The commit protocol (design §4): write to a unique temporary name in the same
+directory, flush and ``fsync`` it, ``os.replace`` it onto its final name, ``fsync`` the
+directory. A failed write removes its temporary file and re-raises; nothing partial is
+ever visible under a final name. Knows nothing of torch or of the checkpoint schema.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from contextlib import AbstractContextManager, nullcontext, suppress
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from filelock import FileLock, Timeout
+
+from ..errors import StorageError, storage_error
+from .base import OnBytes, Produce, Written
+from .checksum import ChecksumWriter, format_checksum
+
+TMP_PREFIX = ".ckpt-tmp-"
+LOCK_NAME = ".ckpt.lock"
+QUARANTINE_SUFFIX = ".corrupt"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):  # Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(name: str, tag: str = "") -> str:
+    """A name no other writer uses, which listings skip and the next open cleans."""
+    return f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{tag}{name}"
+
+
+def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes = None) -> Written:
+    """Commit ``produce``'s bytes as ``directory/name``, atomically and durably.
+
+    ``produce`` receives a :class:`ChecksumWriter`. On any failure the temporary file is
+    removed, a newly created final file is removed too, and the error propagates.
+    """
+    final = directory / name
+    tmp = directory / temporary_name(name)
+    existed = final.exists()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    replaced = False
+    try:
+        with open(fd, "wb", buffering=1 << 20) as f:
+            writer = ChecksumWriter(f, on_write)
+            try:
+                produce(writer)  # type: ignore[arg-type]  # a file-like, as torch.save expects
+            except BaseException as e:
+                if writer.error is not None and e is not writer.error:
+                    raise writer.error from e  # ENOSPC or Ctrl-C, not torch's "unexpected pos"
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        replaced = True
+        fsync_dir(directory)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        if replaced and not existed:
+            with suppress(OSError):
+                os.unlink(final)
+        raise
+    return Written(name, writer.size, format_checksum(writer.crc))
+
+
+def write_file(path: Path, produce: Produce) -> Path:
+    """Commit one file outside the checkpoint namespace (a model file, an export) atomically.
+
+    In a run directory (one with ckpt's lock file) it is written under the lock, so a
+    manager opening the directory meanwhile does not take its temporary file for a
+    crashed writer's and delete it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(path.parent / LOCK_NAME):
+        with LocalStore(path.parent, create=False).lock():
+            atomic_write(path.parent, path.name, produce)
+    else:
+        atomic_write(path.parent, path.name, produce)
+    return path
+
+
+class _DirectoryLock(FileLock):
+    """A FileLock whose failures to open the lock file (read-only, full, gone, a planted
+    symlink) are clear errors."""
+
+    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_link(Path(self.lock_file))
+        try:
+            return super().acquire(*args, **kwargs)
+        except Timeout:
+            raise
+        except OSError as e:
+            raise storage_error(e, Path(self.lock_file), "locking the checkpoint directory") from e
+
+
+def _refuse_link(path: Path) -> None:
+    """The lock file must be a regular file: a symlink would make opening it create or
+    truncate a file anywhere the link points."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise StorageError("the lock file is not a regular file (a symlink or special file)", path=path,
+                           hint="remove it; ckpt creates a plain lock file in its place")
+
+
+class LocalStore:
+    """A run directory on a local (or shared, POSIX) filesystem."""
+
+    def __init__(self, directory: Path, *, create: bool = True) -> None:
+        self.directory = prepare_directory(Path(directory)) if create else Path(directory)
+        self.url = str(self.directory)
+
+    def where(self, name: str) -> Path:
+        return self.directory / name
+
+    def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
+        return atomic_write(self.directory, name, produce, on_write)
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self.directory / name
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        return path.read_bytes()
+
+    def local_path(self, name: str) -> AbstractContextManager[Path]:
+        return nullcontext(self.directory / name)
+
+    def list(self, prefix: str = "") -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.startswith(prefix) and not entry.name.startswith(TMP_PREFIX):
+                    with suppress(FileNotFoundError):
+                        if entry.is_file(follow_symlinks=False):
+                            out[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return out
+
+    def delete(self, name: str) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(self.directory / name)
+
+    def move(self, src: str, dst: str) -> None:
+        os.replace(self.directory / src, self.directory / dst)
+        fsync_dir(self.directory)
+
+    def keep_aside(self, name: str) -> Optional[str]:
+        aside = temporary_name(name, "prev-")
+        try:
+            os.link(self.directory / name, self.directory / aside)
+        except OSError:  # no hard links here: the replaced checkpoint cannot be put back
+            return None
+        return aside
+
+    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
+        return _DirectoryLock(str(self.directory / LOCK_NAME), thread_local=False, timeout=timeout)
+
+    def clean_temporaries(self) -> List[str]:
+        removed: List[str] = []
+        try:
+            with self.lock(timeout=0):
+                with os.scandir(self.directory) as it:
+                    stale = [e.name for e in it if e.name.startswith(TMP_PREFIX)
+                             and e.is_file(follow_symlinks=False)]
+                for name in stale:
+                    with suppress(FileNotFoundError):
+                        os.unlink(self.directory / name)
+                        removed.append(name)
+        except Timeout:
+            pass  # another writer holds the lock: its temporaries are live
+        return removed
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+
+def prepare_directory(directory: Path) -> Path:
+    """Create ``directory`` if needed and check that ckpt can write there."""
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise StorageError("expected a directory for checkpoints, found a file", path=directory,
+                           hint="pass a directory path (it is created if missing)")
+    lock_file = directory / LOCK_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _refuse_link(lock_file)
+        fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        os.close(fd)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot create or write to the checkpoint directory ({e.strerror})",
+                           path=directory,
+                           hint="check permissions and free space, or choose another directory") from e
+    return directory
