@@ -10,6 +10,7 @@ then apply.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -20,7 +21,9 @@ from . import preemption as preempt
 from . import record as records
 from ._version import __version__
 from .background import writer as background
-from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike, StorageError
+from .cadence import Cadence
+from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike, StateMismatchError,
+                     StorageError)
 from .record import CheckpointRecord
 from .store import Catalog, open_store
 from .store.commit import check_new
@@ -55,6 +58,10 @@ class CheckpointManager:
     async_save
         ``True``: :meth:`save` copies the state into reused host buffers and returns;
         a background thread commits it (one save in flight; see :mod:`ckpt.background`).
+    every_steps, every_seconds, max_overhead
+        Save cadence for :meth:`should_save` (see :mod:`ckpt.cadence`): every N steps,
+        every T seconds, or as often as keeps the loop's checkpoint stall at or under
+        the fraction ``max_overhead`` (then the other two are a floor).
 
     The methods may be called from several threads; they run one at a time.
     """
@@ -65,11 +72,14 @@ class CheckpointManager:
                  keep_every: Optional[int] = None, map_location: Any = "cpu",
                  weights_only: bool = True, strict: bool = True,
                  progress: Optional[bool] = None, preemption: preempt.Option = False,
-                 async_save: bool = False, **trackables: Any) -> None:
+                 async_save: bool = False, every_steps: Optional[int] = None,
+                 every_seconds: Optional[float] = None, max_overhead: Optional[float] = None,
+                 **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
         self.options = opts.Options.check(map_location=map_location, weights_only=weights_only,
                                           strict=strict, progress=progress, async_save=async_save)
+        self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds, max_overhead=max_overhead)
         opts.check_trackables(trackables)
         self._catalog = Catalog(open_store(directory))
         self.directory = Path(self._catalog.store.url)
@@ -120,6 +130,20 @@ class CheckpointManager:
 
     # -- saving --------------------------------------------------------------------
 
+    def should_save(self, *, step: int) -> bool:
+        """True when a step checkpoint is due at ``step`` (the cadence options) or a
+        preemption signal arrived; call it once per training step::
+
+            if mgr.should_save(step=global_step):
+                mgr.save(epoch=epoch, step=global_step, mid_epoch=True)
+        """
+        return self.cadence.due(opts.count("step", step), preempted=self.preempted)
+
+    @property
+    def save_interval(self) -> Optional[int]:
+        """The interval in steps that ``max_overhead`` chose (None until measured, or without it)."""
+        return self.cadence.interval_steps
+
     def save(self, epoch: Optional[int] = None, step: Optional[int] = None, *,
              metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
              mid_epoch: bool = False, overwrite: bool = False) -> CheckpointRecord:
@@ -134,6 +158,7 @@ class CheckpointManager:
         returns the pending record (size 0, no checksum) once the state is copied;
         :attr:`latest` is the committed record after :meth:`wait`.
         """
+        started = time.perf_counter()
         with self._lock:
             self._check_open()
             if self._writer is not None:
@@ -158,13 +183,15 @@ class CheckpointManager:
                                       mid_epoch=mid_epoch, metrics=metric_values,
                                       rng=state.capture_rng(), extra=dict(extra or {}),
                                       library_version=__version__,
-                                      spec=spec.checkpoint_specs(self.trackables, self._specs))
+                                      spec=spec.checkpoint_specs(self.trackables, self._specs),
+                                      cadence=self.cadence.state_dict() if self.cadence.enabled else None)
             if self._writer is not None:
                 path = self._catalog.store.where(checkpoint.name)
                 record = self._writer.submit(checkpoint, path, lambda staged: self._commit(staged, overwrite))
             else:
                 record = self._commit(checkpoint, overwrite)
             self.epoch, self.step = epoch, step
+            self.cadence.saved(step, stall=time.perf_counter() - started)  # what the loop paid
             return record
 
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
@@ -287,6 +314,12 @@ class CheckpointManager:
         state.restore(self.trackables, obj, strict=self.options.strict, path=str(record.path),
                       rng=obj.get("rng") or {})
         extra = obj.get("extra")
+        cadence = obj["ckpt"].get("cadence") if schema.is_checkpoint(obj) else None
+        if isinstance(cadence, dict):
+            try:
+                self.cadence.load_state_dict(cadence, step=record.step)
+            except StateMismatchError as e:
+                warnings.warn(f"{record.path}: save cadence state ignored ({e})", stacklevel=3)
         self.resumed = records.with_extra(record, dict(extra) if isinstance(extra, dict) else {})
         self.epoch, self.step = record.epoch, record.step
         self._protected = record.key

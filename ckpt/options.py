@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 #: The keyword options of CheckpointManager (anything else is a tracked object).
 OPTION_NAMES = ("keep_last", "keep_best", "monitor", "mode", "keep_every", "map_location", "weights_only",
-                "strict", "progress", "preemption", "async_save")
+                "strict", "progress", "preemption", "async_save", "every_steps", "every_seconds", "max_overhead")
 
 
 @dataclass(frozen=True)

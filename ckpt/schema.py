@@ -124,7 +124,8 @@ class Checkpoint:
 
 def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
           metrics: Dict[str, float], rng: Dict[str, Any], extra: Dict[str, Any],
-          library_version: str, spec: Optional[Dict[str, Any]] = None) -> Checkpoint:
+          library_version: str, spec: Optional[Dict[str, Any]] = None,
+          cadence: Optional[Dict[str, Any]] = None) -> Checkpoint:
     """The checkpoint dict to write; :class:`ConfigError` for values a safe load cannot read."""
     meta: Dict[str, Any] = {
         "format": FORMAT_VERSION, "library": f"ckpt {library_version}",
@@ -133,6 +134,8 @@ def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
     }
     if spec is not None:
         meta["model_spec"] = spec
+    if cadence is not None:
+        meta["cadence"] = cadence  # when the next step checkpoint is due, after a resume
     nbytes = check_loadable(extra, "extra") + check_loadable(rng, "rng")
     for name, state in states.items():
         nbytes += check_loadable(state, f"state of {name!r}")

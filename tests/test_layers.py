@@ -1,0 +1,80 @@
+"""The import graph of ckpt/ points down only (README "Architecture"), and the
+save/resume path never loads model portability."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Set
+
+import ckpt
+
+ROOT = Path(ckpt.__file__).parent
+
+#: Layer of each top-level module or package; a module may import only layers <= its own.
+LAYERS = {
+    "errors": 0, "_version": 0, "progress": 0,
+    "policy": 1, "cadence": 1,
+    "schema": 2, "record": 2,
+    "state": 3, "spec": 3, "sampler": 3, "options": 3, "preemption": 3,
+    "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5,
+    "manager": 6, "cli": 7, "__main__": 7, "__init__": 7,
+}
+
+
+def top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def imports_of(path: Path) -> Set[str]:
+    """Top-level ckpt modules that ``path`` imports (relative or absolute)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            parts = base + (node.module.split(".") if node.module else [])
+            if parts:
+                found.add(parts[0])
+            else:
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ckpt."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ckpt."))
+    return found
+
+
+def test_every_import_points_down() -> None:
+    upward: Dict[str, Set[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        own = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        assert own in LAYERS, f"{rel}: add its layer to LAYERS (and to the README's Architecture table)"
+        bad = {m for m in imports_of(path) if m in LAYERS and LAYERS[m] > LAYERS[own]}
+        if bad:
+            upward[str(rel)] = bad
+    assert upward == {}
+
+
+def test_save_and_resume_never_load_model_portability(tmp_path: Path) -> None:
+    script = f"""
+import sys, torch
+from ckpt import CheckpointManager
+model = torch.nn.Linear(3, 2)
+mgr = CheckpointManager({str(tmp_path)!r}, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                        keep_last=2, async_save=True)
+for epoch in range(3):
+    mgr.save(epoch=epoch, metrics={{"loss": 1.0 / (epoch + 1)}})
+mgr.close()
+again = CheckpointManager({str(tmp_path)!r}, model=model)
+assert again.resume() == 3 and again.verify()
+loaded = sorted(m for m in sys.modules if m.startswith(("ckpt.models", "ckpt.interop")))
+print(loaded)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
