@@ -22,8 +22,14 @@ from . import record as records
 from ._version import __version__
 from .background import writer as background
 from .cadence import Cadence
-from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike, StateMismatchError,
-                     StorageError)
+from .errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    PathLike,
+    StateMismatchError,
+    StorageError,
+)
 from .record import CheckpointRecord
 from .store import Catalog, open_store
 from .store.commit import check_new
@@ -58,6 +64,10 @@ class CheckpointManager:
     async_save
         ``True``: :meth:`save` copies the state into reused host buffers and returns;
         a background thread commits it (one save in flight; see :mod:`ckpt.background`).
+    differential
+        ``True``: a tensor whose bytes equal those of the same entry in the previous
+        checkpoint is stored once and referenced (a frozen backbone is written once;
+        see :mod:`ckpt.store.differential`). Every checkpoint still restores on its own.
     every_steps, every_seconds, max_overhead
         Save cadence for :meth:`should_save` (see :mod:`ckpt.cadence`): every N steps,
         every T seconds, or as often as keeps the loop's checkpoint stall at or under
@@ -74,11 +84,12 @@ class CheckpointManager:
                  progress: Optional[bool] = None, preemption: preempt.Option = False,
                  async_save: bool = False, every_steps: Optional[int] = None,
                  every_seconds: Optional[float] = None, max_overhead: Optional[float] = None,
-                 **trackables: Any) -> None:
+                 differential: bool = False, **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
         self.options = opts.Options.check(map_location=map_location, weights_only=weights_only,
-                                          strict=strict, progress=progress, async_save=async_save)
+                                          strict=strict, progress=progress, async_save=async_save,
+                                          differential=differential)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds, max_overhead=max_overhead)
         opts.check_trackables(trackables)
         self._catalog = Catalog(open_store(directory))
@@ -199,7 +210,8 @@ class CheckpointManager:
         newer = self._protected is None or checkpoint.key > self._protected
         protected = () if newer or self._protected is None else (self._protected,)
         record, self._records = self._catalog.commit(checkpoint, retention=self.policy, overwrite=overwrite,
-                                                     protected=protected, progress=self.options.progress)
+                                                     protected=protected, progress=self.options.progress,
+                                                     differential_save=self.options.differential)
         if newer:
             self._protected = None  # a newer checkpoint is committed: the resume source may go
         return record

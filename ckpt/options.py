@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 #: The keyword options of CheckpointManager (anything else is a tracked object).
 OPTION_NAMES = ("keep_last", "keep_best", "monitor", "mode", "keep_every", "map_location", "weights_only",
-                "strict", "progress", "preemption", "async_save", "every_steps", "every_seconds", "max_overhead")
+                "strict", "progress", "preemption", "async_save", "every_steps", "every_seconds", "max_overhead",
+                "differential")
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,16 @@ class Options:
     strict: bool = True
     progress: Optional[bool] = None
     async_save: bool = False
+    differential: bool = False
 
     @classmethod
     def check(cls, *, map_location: Any, weights_only: Any, strict: Any, progress: Any,
-              async_save: Any) -> Options:
+              async_save: Any, differential: Any = False) -> Options:
         if progress is not None:
             flag("progress", progress)
         return cls(map_location=check_map_location(map_location), weights_only=flag("weights_only", weights_only),
-                   strict=flag("strict", strict), progress=progress, async_save=flag("async_save", async_save))
+                   strict=flag("strict", strict), progress=progress, async_save=flag("async_save", async_save),
+                   differential=flag("differential", differential))
 
 
 def flag(name: str, value: Any) -> bool:

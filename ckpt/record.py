@@ -48,6 +48,8 @@ class CheckpointRecord:
     size: int = 0
     checksum: Optional[str] = None
     time: float = 0.0
+    #: Differential checkpoints: the tensor files it references, ``((name, checksum), ...)``.
+    blobs: Tuple[Tuple[str, str], ...] = ()
     _extra: _Extra = field(default_factory=lambda: _Extra({}, None), repr=False, compare=False)
 
     @property
@@ -72,9 +74,12 @@ class CheckpointRecord:
     def to_json(self) -> Dict[str, Any]:
         """Strict JSON: NaN and +-inf metrics become "nan"/"inf"/"-inf" (float() reads them back)."""
         metrics = {k: v if math.isfinite(v) else str(v) for k, v in self.metrics.items()}
-        return {"file": self.path.name, "epoch": self.epoch, "step": self.step,
-                "mid_epoch": self.mid_epoch, "metrics": metrics, "size": self.size,
-                "checksum": self.checksum, "time": self.time}
+        entry = {"file": self.path.name, "epoch": self.epoch, "step": self.step,
+                 "mid_epoch": self.mid_epoch, "metrics": metrics, "size": self.size,
+                 "checksum": self.checksum, "time": self.time}
+        if self.blobs:
+            entry["blobs"] = dict(self.blobs)
+        return entry
 
 
 def make(header: schema.Header, path: Path, *, size: int, checksum: Optional[str],
@@ -82,7 +87,7 @@ def make(header: schema.Header, path: Path, *, size: int, checksum: Optional[str
     """The record of a checkpoint whose header has been validated."""
     return CheckpointRecord(epoch=header.epoch, step=header.step, path=path, metrics=dict(header.metrics),
                             mid_epoch=header.mid_epoch, size=size, checksum=checksum, time=header.created,
-                            _extra=_Extra(extra, load_extra))
+                            blobs=header.blobs, _extra=_Extra(extra, load_extra))
 
 
 def from_json(entry: Any, path: Path, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
@@ -102,7 +107,8 @@ def from_json(entry: Any, path: Path, load_extra: Optional[ExtraLoader] = None) 
         mid_epoch=schema.flag(entry.get("mid_epoch", False), "mid_epoch", where),
         metrics=schema.parse_metrics(entry.get("metrics"), where),
         created=schema.parse_time(entry.get("time", 0.0), where),
-        format=schema.FORMAT_VERSION, library="", torch="", objects=(), model_spec=None)
+        format=schema.FORMAT_VERSION, library="", torch="", objects=(), model_spec=None,
+        blobs=schema.parse_blobs(entry.get("blobs"), where))
     return make(header, path, size=size, checksum=checksum, load_extra=load_extra)
 
 

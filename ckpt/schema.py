@@ -171,6 +171,8 @@ class Header:
     torch: str
     objects: Tuple[str, ...]
     model_spec: Optional[Dict[str, Any]]
+    #: Differential checkpoints: the tensor files this checkpoint references, with their checksums.
+    blobs: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def key(self) -> Tuple[int, int]:
@@ -204,7 +206,8 @@ def header(obj: Any, path: str) -> Header:
                   created=parse_time(meta.get("created", 0.0), path),
                   format=version, library=str(meta.get("library", "")), torch=str(meta.get("torch", "")),
                   objects=tuple(str(n) for n in _field(objects, list, "ckpt.objects", path)),
-                  model_spec=spec if isinstance(spec, dict) else None)
+                  model_spec=spec if isinstance(spec, dict) else None,
+                  blobs=parse_blobs(meta.get("blobs"), path))
 
 
 def _bad(what: str, value: Any, path: str) -> CorruptCheckpointError:
@@ -235,6 +238,23 @@ def parse_time(value: Any, path: str) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
         raise _bad("the creation time", value, path)
     return float(value)
+
+
+#: Names of the tensor files of differential checkpoints (``ckpt-blob-<token>.pt``).
+BLOB_RE = re.compile(r"ckpt-blob-[0-9a-f]{16}\.pt")
+
+
+def parse_blobs(value: Any, path: str) -> Tuple[Tuple[str, str], ...]:
+    """The ``{blob name: checksum}`` a differential checkpoint references, validated."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _bad("the blob list", value, path)
+    for name, checksum in value.items():
+        if not (isinstance(name, str) and BLOB_RE.fullmatch(name) and isinstance(checksum, str)
+                and checksum.startswith("crc32:")):
+            raise _bad(f"blob {name!r}", checksum, path)
+    return tuple(sorted(value.items()))
 
 
 def parse_metrics(value: Any, path: str) -> Dict[str, float]:

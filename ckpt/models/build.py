@@ -31,8 +31,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, ConfigError, FormatVersionError, StateMismatchError, UntrustedModuleError
 from .. import state
+from ..errors import ArchitectureError, ConfigError, FormatVersionError, StateMismatchError, UntrustedModuleError
 from ..spec import SPEC_VERSION, describe
 
 DEFAULT_TRUSTED = ("torch.nn",)  # importable, and their classes usable, by default

@@ -17,7 +17,7 @@ from .. import policy, record, schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
 from ..record import CheckpointRecord
 from . import commit as _commit
-from . import index, torchfile
+from . import differential, index, torchfile
 from .base import Store
 from .checksum import file_checksum
 
@@ -47,13 +47,17 @@ class Catalog:
         index when no writer is active."""
         self.store.clean_temporaries()
         listing = self.scan()
-        if not listing.changed:
+        orphans = differential.unreferenced(self.store, {b for r in listing.records for b, _ in r.blobs})
+        if not listing.changed and not orphans:
             return listing.records
         try:
             with self.store.lock(timeout=0):
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
                     index.write(self.store, listing.records)
+                # tensor files of a differential save that crashed before its commit
+                differential.remove(self.store, differential.unreferenced(
+                    self.store, {b for r in listing.records for b, _ in r.blobs}))
         except Timeout:
             pass  # a writer is committing: it rewrites the index itself
         except OSError as e:
@@ -157,6 +161,8 @@ class Catalog:
         if head.key != rec.key:
             raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, not "
                                          f"epoch {rec.epoch}, step {rec.step} as its name says", path=rec.path)
+        if head.blobs:
+            obj = differential.resolve(self.store, obj, head, map_location=map_location, progress=progress)
         return obj, head
 
     def extra_loader(self, name: str) -> record.ExtraLoader:
@@ -172,12 +178,31 @@ class Catalog:
 
     def commit(self, checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy,
                protected: Tuple[Tuple[int, int], ...] = (), overwrite: bool = False,
-               progress: Optional[bool] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
-        """Commit ``checkpoint``, then apply retention; return its record and the records kept."""
+               progress: Optional[bool] = None,
+               differential_save: bool = False) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
+        """Commit ``checkpoint``, then apply retention; return its record and the records kept.
+
+        ``differential_save``: tensors unchanged since the newest committed checkpoint are
+        referenced, not written again (:mod:`ckpt.store.differential`).
+        """
         with self.store.lock():
             listing = self.scan(locked=True)
+            previous = self._unresolved(listing.records[-1]) if differential_save and listing.records else None
             return _commit.commit(self.store, listing.records, listing.raw, checkpoint, retention=retention,
-                                  protected=protected, overwrite=overwrite, progress=progress)
+                                  protected=protected, overwrite=overwrite, progress=progress,
+                                  differential_save=differential_save, previous=previous)
+
+    def _unresolved(self, rec: CheckpointRecord) -> Optional[Dict[str, Any]]:
+        """The checkpoint dict of ``rec`` with blob references as they are (None if unreadable:
+        the next differential save then writes every tensor)."""
+        if not rec.blobs:
+            return None
+        try:
+            with self.store.local_path(rec.name) as local:
+                obj = torchfile.load(local, checksum=rec.checksum)
+            return obj if schema.is_checkpoint(obj) else None
+        except (CkptError, OSError):
+            return None
 
     def quarantine(self, rec: CheckpointRecord, error: BaseException) -> str:
         """Move a checkpoint that failed to load out of the namespace, if it still fails
@@ -214,6 +239,17 @@ class Catalog:
 
     # -- integrity -------------------------------------------------------------------
 
+    def _verify_blob(self, name: str, checksum: str, progress: Optional[bool]) -> str:
+        """"" when the blob verifies, else what is wrong with it."""
+        try:
+            with self.store.local_path(name) as local, torchfile.opened(local) as real:
+                torchfile.verify(real, checksum, progress=progress, shown=self.store.where(name))
+        except FileNotFoundError:
+            return "is missing"
+        except CkptError as e:
+            return f"is damaged ({e})"
+        return ""
+
     def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
         """File name -> ("ok" | "damaged" | "missing", detail) for every committed checkpoint.
 
@@ -224,10 +260,16 @@ class Catalog:
         listing = self.scan()
         report: Dict[str, Tuple[str, str]] = {}
         gone: List[str] = []
+        checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
         for rec in listing.records:
             try:
                 with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
                     torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
+                for blob, checksum in rec.blobs:
+                    if blob not in checked:
+                        checked[blob] = self._verify_blob(blob, checksum, progress)
+                    if checked[blob]:
+                        raise CorruptCheckpointError(f"its tensor file {blob} {checked[blob]}", path=rec.path)
                 report[rec.name] = ("ok", "")
             except FileNotFoundError:
                 gone.append(rec.name)

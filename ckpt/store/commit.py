@@ -10,12 +10,12 @@ kept under a temporary name until the new index is committed, and put back on fa
 
 from __future__ import annotations
 
-from typing import Collection, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
 from .. import policy, record, schema
 from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
-from . import index, torchfile
+from . import differential, index, torchfile
 from .base import Store, Written
 
 Key = Tuple[int, int]
@@ -38,15 +38,24 @@ def check_new(key: Key, mid_epoch: bool, overwrite: bool,
 
 def commit(store: Store, records: List[CheckpointRecord], index_before: Optional[bytes],
            checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy, protected: Collection[Key],
-           overwrite: bool, progress: Optional[bool]) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
-    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock)."""
+           overwrite: bool, progress: Optional[bool], differential_save: bool = False,
+           previous: Optional[Dict[str, Any]] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
+    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock).
+
+    ``differential_save``: store the large tensors as blobs, reusing those of ``previous``
+    (the previous checkpoint's dict, references unresolved) whose bytes are equal
+    (:mod:`ckpt.store.differential`).
+    """
     key, name = checkpoint.key, checkpoint.name
     existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)
     others = [r for r in records if r.key != key]
     replacing = existing is not None and name in store.list(name)
     backup: Optional[str] = None
     written: Optional[Written] = None
+    new_blobs: List[str] = []
     try:
+        if differential_save:
+            checkpoint, new_blobs = differential.split(store, checkpoint, previous, progress)
         if replacing:
             _write_index(store, others)
             backup = store.keep_aside(name)
@@ -59,11 +68,16 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
         _write_index(store, kept)
     except BaseException:
         _undo(store, name, index_before, replacing=replacing, backup=backup, written=written)
+        differential.remove(store, new_blobs)
         raise
     finally:
         if backup is not None:
             store.delete(backup)
-    _delete(store, [r for r in candidates if r.key not in kept_keys])
+    evicted = [r for r in candidates if r.key not in kept_keys]
+    _delete(store, evicted)
+    still = {b for r in kept for b, _ in r.blobs}
+    replaced = existing.blobs if existing is not None else ()
+    _delete_blobs(store, {b for r in evicted for b, _ in r.blobs} | {b for b, _ in replaced}, still)
     return rec, kept
 
 
@@ -96,6 +110,16 @@ def _write_index(store: Store, records: List[CheckpointRecord]) -> None:
         index.write(store, records)
     except OSError as e:
         raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e
+
+
+def _delete_blobs(store: Store, candidates: Set[str], referenced: Set[str]) -> None:
+    """Blobs that no kept checkpoint references (after the commit, like evicted files)."""
+    for name in sorted(candidates - referenced):
+        try:
+            store.delete(name)
+        except OSError as e:
+            raise storage_error(e, store.where(name), "deleting an unreferenced tensor file "
+                                "(the new checkpoint is committed)") from e
 
 
 def _delete(store: Store, evicted: List[CheckpointRecord]) -> None:
