@@ -50,6 +50,9 @@ from .local import TMP_PREFIX
 
 T = TypeVar("T")
 
+#: ckpt's own key in ``storage_options`` (removed before fsspec sees them): how long one
+#: operation may keep retrying transient errors, in seconds.
+RETRY_OPTION = "ckpt_retry_seconds"
 COMMIT_SUFFIX = ".ckpt-commit"
 WRITER_NAME = ".ckpt-writer"
 #: An uncommitted object younger than this may be a live upload: cleaning leaves it.
@@ -100,10 +103,15 @@ class FsspecStore:
     """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None, *,
-                 deadline: float = retry.DEFAULT_DEADLINE, stale_after: float = STALE_AFTER) -> None:
+                 stale_after: float = STALE_AFTER) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = filesystem(self.url, storage_options)
-        self.deadline = deadline
+        options = dict(storage_options or {})
+        deadline = options.pop(RETRY_OPTION, retry.DEFAULT_DEADLINE)
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0:
+            raise ConfigError(f"storage_options[{RETRY_OPTION!r}] must be a number of seconds, got {deadline!r}",
+                              hint=f"pass {RETRY_OPTION}=60 (the default) or 0 to never retry")
+        self.fs, self.root = filesystem(self.url, options)
+        self.deadline = float(deadline)
         self.stale_after = stale_after
         self._token: Optional[str] = None
         self._check_reachable()
@@ -113,13 +121,20 @@ class FsspecStore:
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def _retry(self, fn: Callable[[], T]) -> T:
-        return retry.call(fn, deadline=self.deadline)
+    def _retry(self, fn: Callable[[], T], name: str = "", action: str = "accessing the store") -> T:
+        """``fn()`` retried on transient errors; what still fails is a :class:`StorageError`
+        naming the URL (a missing object stays a :class:`FileNotFoundError`)."""
+        try:
+            return retry.call(fn, deadline=self.deadline)
+        except (FileNotFoundError, FileExistsError, StorageError):
+            raise
+        except Exception as e:  # botocore/aiohttp errors are not all OSErrors
+            raise self._error(e, name, action) from e
 
     def _check_reachable(self) -> None:
         """Fail now, naming the URL, on wrong credentials, a missing bucket or no server."""
         try:
-            self._retry(lambda: self.fs.ls(self.root, detail=False, refresh=True))
+            retry.call(lambda: self.fs.ls(self.root, detail=False, refresh=True), deadline=self.deadline)
             return
         except FileNotFoundError:
             pass  # no object under the prefix yet: the bucket must exist
@@ -136,7 +151,8 @@ class FsspecStore:
             return
         bucket = self.root.strip("/").split("/")[0]
         try:
-            if bucket and bucket != self.root.strip("/") and not self._retry(lambda: self.fs.exists(bucket)):
+            if bucket and bucket != self.root.strip("/") and not retry.call(lambda: self.fs.exists(bucket),
+                                                                             deadline=self.deadline):
                 raise FileNotFoundError(bucket)
         except PermissionError as e:
             raise StorageError(f"access denied ({e})", path=self.url,
@@ -162,11 +178,9 @@ class FsspecStore:
             return None
         return data if isinstance(data, dict) else None
 
-    def _put(self, name: str, data: bytes) -> None:
-        self._retry(lambda: self.fs.pipe_file(self._key(name), data))
-
     def _write_commit_record(self, name: str, size: int, checksum: Optional[str]) -> None:
-        self._put(name + COMMIT_SUFFIX, json.dumps({"size": size, "checksum": checksum}).encode())
+        data = json.dumps({"size": size, "checksum": checksum}).encode()
+        self._retry(lambda: self.fs.pipe_file(self._key(name + COMMIT_SUFFIX), data), name, "committing")
 
     def _size(self, name: str) -> int:
         info = self._retry(lambda: self.fs.info(self._key(name), refresh=True))
@@ -183,7 +197,7 @@ class FsspecStore:
         except FileNotFoundError:
             pass
         try:
-            written = self._retry(lambda: self._upload(name, produce, on_write))
+            written = self._retry(lambda: self._upload(name, produce, on_write), name, "uploading")
         except BaseException:
             with suppress(Exception):  # best effort: uncommitted, it is never listed anyway
                 self.fs.rm_file(self._key(name))
@@ -251,7 +265,7 @@ class FsspecStore:
 
     def _entries(self) -> Dict[str, Dict[str, Any]]:
         try:
-            listed = self._retry(lambda: self.fs.ls(self.root, detail=True, refresh=True))
+            listed = self._retry(lambda: self.fs.ls(self.root, detail=True, refresh=True), "", "listing")
         except FileNotFoundError:
             return {}
         out: Dict[str, Dict[str, Any]] = {}
@@ -306,11 +320,13 @@ class FsspecStore:
         """Claim the run directory on the first lock; on later ones check no one else has."""
         if self._token is None:
             token = f"{os.getpid()}-{secrets.token_hex(8)}"
-            self._put(WRITER_NAME, token.encode())
+            self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), token.encode()), WRITER_NAME,
+                        "claiming the run directory")
             self._token = token
         else:
             try:
-                now = self._retry(lambda: self.fs.cat_file(self._key(WRITER_NAME))).decode(errors="replace")
+                now = self._retry(lambda: self.fs.cat_file(self._key(WRITER_NAME)), WRITER_NAME,
+                                  "checking the run directory's writer").decode(errors="replace")
             except FileNotFoundError:
                 now = None
             if now != self._token:

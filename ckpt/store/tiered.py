@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import shutil
 import threading
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+import warnings
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
+from ..errors import StorageError
 from .base import OnBytes, Produce, Written
 from .index import INDEX_NAME
 from .local import LocalStore
@@ -44,6 +46,8 @@ class TieredStore:
         self._deletes: Dict[str, None] = {}
         self._worker: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        #: The remote listing failed: list the local tier only (no timeout per save) until an upload succeeds.
+        self._remote_down = False
 
     def where(self, name: str) -> ObjectPath:
         return self.remote.where(name)
@@ -94,7 +98,14 @@ class TieredStore:
     def list(self, prefix: str = "") -> Dict[str, int]:
         with self._cond:
             deleting = set(self._deletes)
-        out = {n: s for n, s in self.remote.list(prefix).items() if n not in deleting}
+        remote: Dict[str, int] = {}
+        if not self._remote_down:
+            try:
+                remote = self.remote.list(prefix)
+            except StorageError as e:  # saves go on locally; the upload reports the outage
+                warnings.warn(f"{e}; listing the local tier only until an upload succeeds", stacklevel=2)
+                self._remote_down = True
+        out = {n: s for n, s in remote.items() if n not in deleting}
         out.update(self.local.list(prefix))
         return out
 
@@ -106,9 +117,7 @@ class TieredStore:
     @contextmanager
     def _locked(self, timeout: float) -> Iterator[object]:
         self._raise_pending()
-        with ExitStack() as stack:
-            stack.enter_context(self.local.lock(timeout))
-            stack.enter_context(self.remote.lock(timeout))
+        with self.local.lock(timeout):  # the remote writer check runs with each upload
             yield self
 
     def clean_temporaries(self) -> List[str]:
@@ -120,6 +129,8 @@ class TieredStore:
         """Wait until every pending upload and deletion reached the remote store; raise
         the error of a failed upload (once)."""
         with self._cond:
+            if self._uploads or self._deletes:
+                self._start()  # what a failed upload left pending goes up now
             while self._worker is not None:
                 self._cond.wait()
         if raise_error:
@@ -162,17 +173,23 @@ class TieredStore:
                 return
             kind, name, n = op
             try:
-                if kind == "upload":
-                    self._upload(name)
-                else:
-                    self.remote.delete(name)
+                with self.remote.lock():  # one writer per run directory: stop if taken over
+                    if kind == "upload":
+                        self._upload(name)
+                    else:
+                        self.remote.delete(name)
             except BaseException as e:  # kept for the next commit, wait() or close()
+                error = StorageError(f"the background upload of {name} failed ({e})", path=self.remote.where(name),
+                                     hint="the local tier holds it and it is uploaded again with the next save, "
+                                          "wait() or close(); check the remote store")
+                error.__cause__ = e
                 with self._cond:
-                    self._error = e
+                    self._error = error
                     self._worker = None
                     self._cond.notify_all()
                 return
             with self._cond:
+                self._remote_down = False
                 if kind == "delete":
                     self._deletes.pop(name, None)
                 elif self._uploads.get(name) == n:  # not written again meanwhile
