@@ -18,7 +18,7 @@ from .base import Store, Written
 from .catalog import Catalog
 from .local import LocalStore
 
-__all__ = ["Store", "Written", "Catalog", "LocalStore", "open_store", "is_url"]
+__all__ = ["Store", "Written", "Catalog", "LocalStore", "open_store", "open_existing", "is_url"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -41,3 +41,11 @@ def open_store(location: Union[str, os.PathLike[str]], storage_options: Optional
         return remote
     from .tiered import TieredStore
     return TieredStore(LocalStore(Path(cache_dir)), remote)
+
+
+def open_existing(location: Union[str, os.PathLike[str]],
+                  storage_options: Optional[Mapping[str, Any]] = None) -> Store:
+    """The store of an existing run directory, for reading (the CLI): never created."""
+    if is_url(location):
+        return open_store(location, storage_options)
+    return LocalStore(Path(location), create=False)
