@@ -366,3 +366,48 @@ def test_cli_accepts_urls(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["inspect", f"{url}/{name}"]) == 0
     assert '"epoch": 0' in capsys.readouterr().out
     fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
+
+
+def test_tiered_damaged_local_copy_falls_back_to_remote(server: MotoServer, bucket: str, tmp_path: Path) -> None:
+    url = f"s3://{bucket}/run"
+    cache = tmp_path / "cache"
+    mgr = manager(url, server, cache_dir=str(cache))
+    for epoch in range(2):
+        mgr.trackables["model"][0].weight.data.fill_(float(epoch))
+        mgr.save(epoch=epoch, step=epoch)
+    mgr.close()
+    newest = cache / mgr.checkpoints[-1].name
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    again = manager(url, server, seed=1, cache_dir=str(cache))
+    with pytest.warns(UserWarning, match="local copy differs from the uploaded one"):
+        assert again.resume() == 2  # the remote copy of the newest verifies
+    assert torch.all(again.trackables["model"][0].weight == 1.0)
+    again.close()
+
+
+def test_transient_errors_are_retried_until_the_deadline() -> None:
+    import errno
+
+    from ckpt.store import retry
+    assert retry.transient(ConnectionResetError()) and retry.transient(OSError(errno.EBUSY, "SlowDown"))
+    assert not retry.transient(FileNotFoundError()) and not retry.transient(PermissionError())
+    calls = []
+
+    def failing() -> None:
+        calls.append(1)
+        raise ConnectionRefusedError("down")
+
+    with pytest.raises(ConnectionRefusedError):
+        retry.call(failing, deadline=0.5)
+    assert len(calls) >= 2
+    calls.clear()
+
+    def refused() -> None:
+        calls.append(1)
+        raise PermissionError("denied")
+
+    with pytest.raises(PermissionError):
+        retry.call(refused, deadline=5)
+    assert len(calls) == 1

@@ -178,6 +178,11 @@ class FsspecStore:
             return None
         return data if isinstance(data, dict) else None
 
+    def recorded_checksum(self, name: str) -> Optional[str]:
+        """The checksum in ``name``'s commit record (None if it has none)."""
+        value = (self._commit_record(name) or {}).get("checksum")
+        return value if isinstance(value, str) else None
+
     def _write_commit_record(self, name: str, size: int, checksum: Optional[str]) -> None:
         data = json.dumps({"size": size, "checksum": checksum}).encode()
         self._retry(lambda: self.fs.pipe_file(self._key(name + COMMIT_SUFFIX), data), name, "committing")

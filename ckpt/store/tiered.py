@@ -28,6 +28,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import StorageError
 from .base import OnBytes, Produce, Written
+from .checksum import file_checksum
 from .index import INDEX_NAME
 from .local import LocalStore
 from .remote import FsspecStore, ObjectPath
@@ -72,10 +73,17 @@ class TieredStore:
             self._start()
 
     def move(self, src: str, dst: str) -> None:
+        """Move both copies; but when they differ (a local copy damaged after its upload)
+        only the local one, the one reads were served from: the remote copy is then read
+        next, and verified on its own."""
         self.flush(raise_error=False)  # the remote side must hold what the local one does
-        if src in self.local.list(src):
+        local = src in self.local.list(src)
+        remote = src in self.remote.list(src)
+        if local:
             self.local.move(src, dst)
-        if src in self.remote.list(src):
+            if remote and self.remote.recorded_checksum(src) != file_checksum(self.local.where(dst)):
+                return
+        if remote:
             self.remote.move(src, dst)
 
     def keep_aside(self, name: str) -> Optional[str]:
@@ -90,10 +98,21 @@ class TieredStore:
             return self.remote.read_bytes(name)
 
     def local_path(self, name: str) -> AbstractContextManager[Path]:
+        """The local copy, unless it differs from the uploaded one (damaged after the
+        upload: then the remote copy, so that resume still gets the newest checkpoint).
+        Costs a read of the local file and one small request; loads are rare."""
         path = self.local.where(name)
-        if path.is_file():
-            return self.local.local_path(name)
-        return self.remote.local_path(name)
+        if not path.is_file():
+            return self.remote.local_path(name)
+        try:
+            uploaded = self.remote.recorded_checksum(name) if not self._remote_down else None
+        except OSError:
+            uploaded = None  # the remote tier is unreachable: the local copy is all there is
+        if uploaded is not None and uploaded != file_checksum(path):
+            warnings.warn(f"{path}: the local copy differs from the uploaded one ({uploaded}); "
+                          f"reading {self.remote.where(name)}", stacklevel=3)
+            return self.remote.local_path(name)
+        return self.local.local_path(name)
 
     def list(self, prefix: str = "") -> Dict[str, int]:
         with self._cond:
