@@ -264,7 +264,7 @@ class CheckpointManager:
                        if (which == "latest" or r.epoch == which) and (step is None or r.step == step)]
             found = matches[-1] if matches else None
         elif isinstance(which, (str, Path)) or hasattr(which, "__fspath__"):
-            if isinstance(which, str) and str(self.directory) != self.url:  # a remote run: by URL or name
+            if isinstance(which, str) and is_url(self.url):  # a remote run: a record by URL or name
                 known = next((r for r in self._records if which in (str(r.path), r.name)), None)
                 if known is None:
                     raise CheckpointNotFoundError(f"no committed checkpoint {which!r}", path=self.url,

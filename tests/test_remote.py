@@ -411,3 +411,44 @@ def test_transient_errors_are_retried_until_the_deadline() -> None:
     with pytest.raises(PermissionError):
         retry.call(refused, deadline=5)
     assert len(calls) == 1
+
+
+def test_failed_upload_leaves_nothing(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    store = FsspecStore(url, server.options(default_block_size=5 << 20))
+
+    def produce(f: Any) -> None:
+        for _ in range(3):  # 12 MiB: two parts are uploaded before the failure
+            f.write(b"x" * (4 << 20))
+        raise RuntimeError("the producer failed")
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        store.write("ckpt-e000000-s000000000.pt", produce)
+    assert store.list() == {}
+    assert not server_fs(server).list_multipart_uploads(bucket)  # the multipart upload was aborted
+    assert "ckpt-e000000-s000000000.pt" not in keys(server, f"{bucket}/run")
+
+
+def test_second_writer_is_detected(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    first = manager(url, server)
+    first.save(epoch=0, step=0)
+    second = manager(url, server, seed=1)
+    second.resume()
+    second.save(epoch=1, step=1)  # a restarted job takes the run directory over
+    with pytest.raises(StorageError, match="another writer has taken over"):
+        first.save(epoch=2, step=2)
+    assert [r.epoch for r in manager(url, server).checkpoints] == [0, 1]
+
+
+def test_restore_by_url(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    mgr = manager(url, server)
+    mgr.trackables["model"][0].weight.data.fill_(4.0)
+    mgr.save(epoch=0, step=0)
+    mgr.trackables["model"][0].weight.data.fill_(5.0)
+    mgr.save(epoch=1, step=1)
+    first = str(mgr.checkpoints[0].path)
+    assert first.startswith("s3://")
+    assert mgr.restore(first).epoch == 0
+    assert torch.all(mgr.trackables["model"][0].weight == 4.0)

@@ -129,7 +129,9 @@ class FsspecStore:
         except (FileNotFoundError, FileExistsError, StorageError):
             raise
         except Exception as e:  # botocore/aiohttp errors are not all OSErrors
-            raise self._error(e, name, action) from e
+            if isinstance(e, OSError) or retry.transient(e) or _from_client(e):
+                raise self._error(e, name, action) from e
+            raise  # the producer's own error (torch, pickling): not the store's
 
     def _check_reachable(self) -> None:
         """Fail now, naming the URL, on wrong credentials, a missing bucket or no server."""
@@ -372,6 +374,15 @@ def _mtime(entry: Mapping[str, Any], default: float) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return default
+
+
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
+                    "fsspec", "google", "azure"}
+
+
+def _from_client(e: BaseException) -> bool:
+    """Raised by the storage client libraries (not by the code producing the bytes)."""
+    return type(e).__module__.split(".")[0] in _CLIENT_PACKAGES
 
 
 def _abandon(f: Any) -> None:
