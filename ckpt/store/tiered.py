@@ -19,6 +19,7 @@ with the next upload.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import warnings
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import StorageError
+from ..progress import Progress
 from .base import OnBytes, Produce, Written
 from .checksum import file_checksum
 from .index import INDEX_NAME
@@ -216,14 +218,16 @@ class TieredStore:
 
     def _upload(self, name: str) -> None:
         try:
-            with self.local.local_path(name) as path, open(path, "rb") as src:
-                self.remote.write(name, lambda f: _copy(src, f))
+            src = open(self.local.where(name), "rb")  # noqa: SIM115  (closed below)
         except FileNotFoundError:
-            pass  # deleted locally since (retention): its deletion is queued too
+            return  # deleted locally since (retention): its deletion is queued too
+
+        def produce(f: BinaryIO) -> None:
+            src.seek(0)  # the remote store may call this again after a transient error
+            shutil.copyfileobj(src, f, 8 << 20)
+
+        with src, Progress(f"uploading {name}", os.fstat(src.fileno()).st_size, None) as bar:
+            self.remote.write(name, produce, on_write=bar.update)
 
     def __repr__(self) -> str:
         return f"TieredStore({self.local.url!r} -> {self.remote.url!r})"
-
-
-def _copy(src: BinaryIO, dst: BinaryIO) -> None:
-    shutil.copyfileobj(src, dst, 8 << 20)
