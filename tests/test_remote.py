@@ -164,6 +164,8 @@ def test_missing_bucket_fails_at_construction(server: MotoServer) -> None:
     with pytest.raises(StorageError, match="nosuch") as info:
         manager(url, server)
     assert url in str(info.value) and "bucket" in str(info.value)
+    with pytest.raises(StorageError, match="does not exist"):  # the bucket itself as the run directory
+        manager(url.rsplit("/", 1)[0], server)
 
 
 def test_wrong_credentials_fail_at_construction() -> None:

@@ -153,8 +153,8 @@ class FsspecStore:
             return
         bucket = self.root.strip("/").split("/")[0]
         try:
-            if bucket and bucket != self.root.strip("/") and not retry.call(lambda: self.fs.exists(bucket),
-                                                                             deadline=self.deadline):
+            # listing an existing bucket never fails with "not found": the root is the bucket, or it is missing
+            if bucket == self.root.strip("/") or not retry.call(lambda: self.fs.exists(bucket), deadline=self.deadline):
                 raise FileNotFoundError(bucket)
         except PermissionError as e:
             raise StorageError(f"access denied ({e})", path=self.url,
@@ -164,10 +164,12 @@ class FsspecStore:
                                hint="create the bucket first (ckpt creates prefixes, never buckets)") from e
 
     def _error(self, e: BaseException, name: str, action: str) -> StorageError:
-        kind = "the store is unreachable or failing" if retry.transient(e) else "the store refused it"
+        transient = retry.transient(e)
+        kind = "the store is unreachable or failing" if transient else "the store refused it"
+        tried = f"retried for up to {self.deadline:.0f} s; " if transient else ""
         return StorageError(f"{action} failed: {kind} ({type(e).__name__}: {e})", path=self.where(name),
-                            hint=f"retried for up to {self.deadline:.0f} s; earlier checkpoints are intact; "
-                                 "check the endpoint, the network and the credentials, then save again")
+                            hint=f"{tried}earlier checkpoints are intact; check the endpoint, the network, "
+                                 "the credentials and the permissions, then save again")
 
     def _commit_record(self, name: str) -> Optional[Dict[str, Any]]:
         try:
