@@ -1,6 +1,7 @@
 """Command line: ``python -m ckpt`` / ``ckpt``.
 
     ckpt list DIR       committed checkpoints with epoch, step, metrics, size
+                        (DIR and FILE may be URLs: s3://bucket/run, credentials from the environment)
     ckpt verify DIR     check every checkpoint against its checksum (exit 1 if any is bad)
     ckpt inspect FILE   a checkpoint's metadata and tracked objects, loaded safely
 """
@@ -11,11 +12,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Union
 
 from . import schema
 from .errors import CkptError
-from .store import Catalog, LocalStore, torchfile
+from .store import Catalog, is_url, open_existing, torchfile
 
 
 def _size(n: int) -> str:
@@ -27,7 +28,9 @@ def _size(n: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _existing_dir(text: str) -> Path:
+def _existing_dir(text: str) -> Union[str, Path]:
+    if is_url(text):
+        return text  # checked when the store opens (credentials from the environment)
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path}: not a directory (pass a checkpoint directory)")
@@ -35,7 +38,7 @@ def _existing_dir(text: str) -> Path:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    records = Catalog(LocalStore(args.directory, create=False)).scan().records
+    records = Catalog(open_existing(args.directory)).scan().records
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=1))
         return 0
@@ -50,7 +53,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = Catalog(LocalStore(args.directory, create=False)).verify()
+    report = Catalog(open_existing(args.directory)).verify()
     for name, (status, detail) in report.items():
         print(f"{name}: {status}" + (f" ({detail})" if detail else ""))
     bad = sum(status != "ok" for status, _ in report.values())
@@ -59,7 +62,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    obj = torchfile.load(args.file, check_records=True)
+    if is_url(str(args.file)):  # s3://bucket/run/ckpt-....pt: a downloaded copy
+        parent, _, name = str(args.file).rpartition("/")
+        with open_existing(parent).local_path(name) as local:
+            return _inspect(args.file, torchfile.load(local, check_records=True))
+    return _inspect(args.file, torchfile.load(args.file, check_records=True))
+
+
+def _inspect(shown: object, obj: Any) -> int:
+    args = argparse.Namespace(file=shown)
     head = schema.header(obj, str(args.file))
     info = {"file": str(args.file), "epoch": head.epoch, "step": head.step, "mid_epoch": head.mid_epoch,
             "metrics": head.metrics, "time": head.created, "format": head.format,
@@ -80,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     vf.add_argument("directory", type=_existing_dir)
     vf.set_defaults(run=cmd_verify)
     ins = sub.add_parser("inspect", help="show one checkpoint's metadata (safe load)")
-    ins.add_argument("file", type=Path)
+    ins.add_argument("file", type=lambda text: text if is_url(text) else Path(text))
     ins.set_defaults(run=cmd_inspect)
     return p
 

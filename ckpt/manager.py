@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import options as opts
@@ -31,8 +31,9 @@ from .errors import (
     StorageError,
 )
 from .record import CheckpointRecord
-from .store import Catalog, open_store
+from .store import Catalog, is_url, open_store
 from .store.commit import check_new
+from .store.remote import ObjectPath
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 
@@ -72,6 +73,10 @@ class CheckpointManager:
         Save cadence for :meth:`should_save` (see :mod:`ckpt.cadence`): every N steps,
         every T seconds, or as often as keeps the loop's checkpoint stall at or under
         the fraction ``max_overhead`` (then the other two are a floor).
+    storage_options, cache_dir
+        For a URL run directory (``s3://bucket/run``, any fsspec URL): the fsspec
+        filesystem's options, and a local directory committed first and uploaded in
+        the background (see :mod:`ckpt.store.remote`, :mod:`ckpt.store.tiered`).
 
     The methods may be called from several threads; they run one at a time.
     """
@@ -84,7 +89,8 @@ class CheckpointManager:
                  progress: Optional[bool] = None, preemption: preempt.Option = False,
                  async_save: bool = False, every_steps: Optional[int] = None,
                  every_seconds: Optional[float] = None, max_overhead: Optional[float] = None,
-                 differential: bool = False, **trackables: Any) -> None:
+                 differential: bool = False, storage_options: Optional[Mapping[str, Any]] = None,
+                 cache_dir: Optional[PathLike] = None, **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
         self.options = opts.Options.check(map_location=map_location, weights_only=weights_only,
@@ -92,8 +98,12 @@ class CheckpointManager:
                                           differential=differential)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds, max_overhead=max_overhead)
         opts.check_trackables(trackables)
-        self._catalog = Catalog(open_store(directory))
-        self.directory = Path(self._catalog.store.url)
+        opts.check_location(directory, storage_options, cache_dir)
+        self._catalog = Catalog(open_store(directory, storage_options, cache_dir))
+        #: The run directory as given: a local path, or the URL of a remote one.
+        self.url = self._catalog.store.url
+        #: A local Path, or for a URL a pure path that prints as the URL (see ckpt.store.remote).
+        self.directory: PurePath = ObjectPath(self.url) if is_url(self.url) else Path(self.url)
         self.trackables: Dict[str, Any] = dict(trackables)
         self.epoch = 0
         self.step = 0
@@ -293,8 +303,15 @@ class CheckpointManager:
                        if (which == "latest" or r.epoch == which) and (step is None or r.step == step)]
             found = matches[-1] if matches else None
         elif isinstance(which, (str, Path)) or hasattr(which, "__fspath__"):
+            if isinstance(which, str) and is_url(self.url):  # a remote run: a record by URL or name
+                known = next((r for r in self._records if which in (str(r.path), r.name)), None)
+                if known is None:
+                    raise CheckpointNotFoundError(f"no committed checkpoint {which!r}", path=self.url,
+                                                  hint="pass 'latest', 'best', an epoch or a listed record")
+                return known, None
             path = Path(which)
-            known = next((r for r in self._records if r.path.resolve() == path.resolve()), None)
+            known = next((r for r in self._records
+                          if isinstance(r.path, Path) and r.path.resolve() == path.resolve()), None)
             if known is not None:
                 return known, None
             if not path.is_file():
@@ -363,6 +380,9 @@ class CheckpointManager:
         with self._lock:
             if self._writer is not None:
                 self._writer.wait()
+            flush = getattr(self._catalog.store, "flush", None)
+            if flush is not None:  # a tiered store's uploads
+                flush()
 
     @property
     def preempted(self) -> bool:

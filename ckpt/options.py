@@ -9,6 +9,7 @@ option, a monitored metric missing from an epoch's metrics all raise
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -20,7 +21,7 @@ from .errors import ConfigError
 #: The keyword options of CheckpointManager (anything else is a tracked object).
 OPTION_NAMES = ("keep_last", "keep_best", "monitor", "mode", "keep_every", "map_location", "weights_only",
                 "strict", "progress", "preemption", "async_save", "every_steps", "every_seconds", "max_overhead",
-                "differential")
+                "differential", "storage_options", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,24 @@ def check_map_location(value: Any) -> Any:
         raise ConfigError(f"map_location={value!r}: this machine has no device {str(device)!r}",
                           hint="pass map_location='cpu' (loads anything), or a device this machine has")
     return value
+
+
+def check_location(location: Any, storage_options: Any, cache_dir: Any) -> None:
+    """``storage_options`` and ``cache_dir`` belong to a URL run directory, and have their types."""
+    from .store import is_url  # the store package imports nothing of the manager's
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ConfigError(f"storage_options must be a dict, got {type(storage_options).__name__}",
+                          hint="pass storage_options={'key': ..., 'secret': ..., "
+                               "'client_kwargs': {'endpoint_url': ...}}")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ConfigError(f"cache_dir must be a local directory path, got {cache_dir!r}",
+                          hint="pass cache_dir='/local/ssd/run1'")
+    if (storage_options is not None or cache_dir is not None) and not is_url(location):
+        raise ConfigError(f"storage_options and cache_dir apply to a URL run directory, not {location!r}",
+                          hint="pass a URL such as 's3://bucket/run1', or drop these options")
+    if cache_dir is not None and is_url(cache_dir):
+        raise ConfigError(f"cache_dir must be a local directory, got the URL {cache_dir!r}",
+                          hint="pass a path on a local disk")
 
 
 def check_trackables(trackables: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import schema
@@ -42,7 +42,7 @@ class CheckpointRecord:
 
     epoch: int
     step: int
-    path: Path
+    path: PurePath  #: a local Path, or for a remote run an ObjectPath (prints as its URL)
     metrics: Dict[str, float] = field(default_factory=dict)
     mid_epoch: bool = False
     size: int = 0
@@ -82,7 +82,7 @@ class CheckpointRecord:
         return entry
 
 
-def make(header: schema.Header, path: Path, *, size: int, checksum: Optional[str],
+def make(header: schema.Header, path: PurePath, *, size: int, checksum: Optional[str],
          extra: Optional[Dict[str, Any]] = None, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
     """The record of a checkpoint whose header has been validated."""
     return CheckpointRecord(epoch=header.epoch, step=header.step, path=path, metrics=dict(header.metrics),
@@ -90,7 +90,7 @@ def make(header: schema.Header, path: Path, *, size: int, checksum: Optional[str
                             blobs=header.blobs, _extra=_Extra(extra, load_extra))
 
 
-def from_json(entry: Any, path: Path, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
+def from_json(entry: Any, path: PurePath, load_extra: Optional[ExtraLoader] = None) -> CheckpointRecord:
     """A record from an index entry; :class:`ValueError` for anything ckpt never writes
     (the caller then rebuilds the index from the files)."""
     if not isinstance(entry, dict):

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import weakref
-from pathlib import Path
+from pathlib import PurePath
 from typing import Callable, Optional
 
 from .. import record, schema
@@ -72,7 +72,7 @@ class AsyncWriter:
                         time.perf_counter() - start, self._outcome.what, self.directory)
         self.wait()
 
-    def submit(self, checkpoint: schema.Checkpoint, path: Path, commit: Commit) -> CheckpointRecord:
+    def submit(self, checkpoint: schema.Checkpoint, path: PurePath, commit: Commit) -> CheckpointRecord:
         """Stage ``checkpoint`` and commit it in the background; return its pending record.
 
         The pending record has no size or checksum yet (0 and None); once the commit is

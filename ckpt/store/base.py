@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO, Callable, Dict, List, Optional, Protocol, runtime_checkable
 
 #: Called with the byte count of each chunk written or read (progress bars).
@@ -37,8 +37,9 @@ class Store(Protocol):
     #: Where the run lives, for messages (a path or a URL).
     url: str
 
-    def where(self, name: str) -> Path:
-        """The location of ``name`` as shown to users and kept in records."""
+    def where(self, name: str) -> PurePath:
+        """The location of ``name`` as shown to users and kept in records (a local
+        :class:`~pathlib.Path`, or a pure path that prints as the object's URL)."""
 
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
         """Commit ``produce``'s bytes as ``name``, atomically and durably (see the module doc)."""

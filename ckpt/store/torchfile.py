@@ -22,7 +22,7 @@ import pickletools
 import re
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterator, List, Optional
 
 import torch
@@ -66,7 +66,7 @@ def opened(path: Path) -> Iterator[Path]:
 
 
 def verify(path: Path, expected: Optional[str], *, progress: Optional[bool] = None,
-           shown: Optional[Path] = None) -> None:
+           shown: Optional[PurePath] = None) -> None:
     """Raise :class:`CorruptCheckpointError` unless ``path`` matches its recorded checksum."""
     if expected is None:
         return
@@ -93,7 +93,7 @@ def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = 
                          progress=progress, mmap=mmap, check_records=check_records)
 
 
-def load_open(real: Path, path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = True,
+def load_open(real: Path, path: PurePath, *, map_location: MapLocation = "cpu", weights_only: bool = True,
               checksum: Optional[str] = None, progress: Optional[bool] = None, mmap: bool = True,
               check_records: bool = False) -> Any:
     """:func:`load` of a file already :func:`opened` as ``real`` (``path`` is its name)."""
@@ -102,7 +102,7 @@ def load_open(real: Path, path: Path, *, map_location: MapLocation = "cpu", weig
     return _load(real, path, map_location, weights_only, mmap)
 
 
-def _load(real: Path, path: Path, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
+def _load(real: Path, path: PurePath, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
     try:
         return torch.load(real, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -132,7 +132,7 @@ def _load(real: Path, path: Path, map_location: MapLocation, weights_only: bool,
                                      hint="the file does not hold what torch.save writes") from e
 
 
-def examine(real: Path, path: Path, error: BaseException) -> None:
+def examine(real: Path, path: PurePath, error: BaseException) -> None:
     """Raise :class:`CorruptCheckpointError` (caused by ``error``) if the file's bytes are
     damaged: a zip record fails its CRC, or the pickle is not a well-formed pickle."""
     if not zipfile.is_zipfile(real):  # neither the zip format nor readable: nothing intact to tell
@@ -153,7 +153,7 @@ def examine(real: Path, path: Path, error: BaseException) -> None:
                                      hint="the file is truncated or damaged") from error
 
 
-def check_layout(real: Path, path: Path, *, records: bool) -> None:
+def check_layout(real: Path, path: PurePath, *, records: bool) -> None:
     """Refuse what ``torch.save`` never writes before reading any of it: compressed or
     oversized records (a small file inflating to gigabytes). ``records=True`` also
     checks each record's CRC-32."""
@@ -184,7 +184,7 @@ def check_layout(real: Path, path: Path, *, records: bool) -> None:
                                      path=path, hint="restore an earlier checkpoint")
 
 
-def gone_error(path: Path) -> CheckpointNotFoundError:
+def gone_error(path: PurePath) -> CheckpointNotFoundError:
     return CheckpointNotFoundError("the checkpoint file is gone (deleted or moved)", path=path,
                                    hint="list what is there with mgr.refresh() or `ckpt ls DIR`")
 
@@ -206,7 +206,7 @@ def _python3_name(name: str) -> str:
     return f"{module}.{attr}" if module else attr
 
 
-def unsafe_error(real: Path, path: Path, e: BaseException) -> UnsafeCheckpointError:
+def unsafe_error(real: Path, path: PurePath, e: BaseException) -> UnsafeCheckpointError:
     names = unsafe_globals(real, e)
     what = (f"the global {names[0]!r}" if len(names) == 1 else f"the globals {', '.join(map(repr, names))}"
             if names else "a type outside the weights_only allow-list")

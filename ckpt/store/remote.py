@@ -1,0 +1,396 @@
+"""A run directory on an object store (S3, GCS, Azure, ``memory://``, ...) through fsspec.
+
+Object stores have no rename, no fsync and no lock, so commit means *commit-last*:
+
+1. The old commit record of ``name`` (if any) is deleted: while the new bytes upload,
+   the name is simply not there (the catalog keeps replacing safe with ``keep_aside``).
+2. The bytes stream to the final key through fsspec's buffered writer (multipart in
+   blocks for large objects: one block in memory, never a second full copy); CRC-32
+   and size are computed on the way. A failed upload is discarded (the multipart
+   upload aborted) and re-raised.
+3. The uploaded object is checked: its size (``info``) must equal the bytes sent.
+   The content is not downloaded again: transport integrity is the protocol's job
+   (botocore sends and the server checks a per-request checksum; TCP/TLS below), a
+   download would double the cost of every save, and every load verifies the CRC
+   recorded here before it unpickles anything.
+4. Only then is ``<name>.ckpt-commit`` (JSON: size, checksum) written: a single small
+   PUT, atomic on every object store. :meth:`list` shows only names that have one, so
+   an object without it (a killed upload, a crash before step 4) is never listed or
+   resumed; :meth:`clean_temporaries` removes such objects once they are old enough
+   not to be a live upload.
+
+One writer per run directory: there is no lock. :meth:`lock` detects a second writer
+instead: the first writer's lock claims the directory with a token
+(``.ckpt-writer``), and every later lock checks it, so a writer that another has
+taken over from (a zombie after a restart) stops at its next commit with a clear
+error. Conditional writes (``If-None-Match``) could refuse a second claim outright,
+but a crashed writer's claim would then block every restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import tempfile
+import time
+from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
+from zlib import crc32
+
+from ..errors import ConfigError, StorageError
+from ..progress import Progress
+from . import retry
+from .base import OnBytes, Produce, Written
+from .checksum import ChecksumWriter, format_checksum
+from .local import TMP_PREFIX
+
+T = TypeVar("T")
+
+#: ckpt's own key in ``storage_options`` (removed before fsspec sees them): how long one
+#: operation may keep retrying transient errors, in seconds.
+RETRY_OPTION = "ckpt_retry_seconds"
+COMMIT_SUFFIX = ".ckpt-commit"
+WRITER_NAME = ".ckpt-writer"
+#: An uncommitted object younger than this may be a live upload: cleaning leaves it.
+STALE_AFTER = 3600.0
+_CHUNK = 8 << 20
+
+
+class ObjectPath(PurePosixPath):
+    """The location of an object, shown as its URL (``s3://bucket/run/ckpt-...pt``).
+
+    A pure path (``.name``, ``.parent`` and ``/`` work; nothing touches a local disk):
+    ``CheckpointRecord.path`` of a remote checkpoint is one of these.
+    """
+
+    def __str__(self) -> str:
+        parts = self.parts
+        if parts and parts[0].endswith(":"):
+            return parts[0] + "//" + "/".join(parts[1:])
+        return super().__str__()
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+
+def filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
+    """``(fsspec filesystem, root path)`` for ``url``; a missing backend is a ConfigError."""
+    try:
+        import fsspec
+    except ImportError as e:
+        raise ConfigError(f"{url}: remote run directories need fsspec",
+                          hint="pip install 'ckpt[s3]' (fsspec and s3fs; gcsfs/adlfs for gs:// and az://)") from e
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:
+        raise ConfigError(f"{url}: no fsspec backend for this URL ({e})",
+                          hint="pip install 'ckpt[s3]' for s3://, gcsfs for gs://, adlfs for az://") from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{url}: invalid storage_options ({e})",
+                          hint="pass the options of the fsspec filesystem, e.g. "
+                               "{'key': ..., 'secret': ..., 'client_kwargs': {'endpoint_url': ...}}") from e
+    return fs, str(root).rstrip("/")
+
+
+class FsspecStore:
+    """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
+
+    def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None, *,
+                 stale_after: float = STALE_AFTER) -> None:
+        self.url = url.rstrip("/")
+        options = dict(storage_options or {})
+        deadline = options.pop(RETRY_OPTION, retry.DEFAULT_DEADLINE)
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0:
+            raise ConfigError(f"storage_options[{RETRY_OPTION!r}] must be a number of seconds, got {deadline!r}",
+                              hint=f"pass {RETRY_OPTION}=60 (the default) or 0 to never retry")
+        self.fs, self.root = filesystem(self.url, options)
+        self.deadline = float(deadline)
+        self.stale_after = stale_after
+        self._token: Optional[str] = None
+        self._check_reachable()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _retry(self, fn: Callable[[], T], name: str = "", action: str = "accessing the store") -> T:
+        """``fn()`` retried on transient errors; what still fails is a :class:`StorageError`
+        naming the URL (a missing object stays a :class:`FileNotFoundError`)."""
+        try:
+            return retry.call(fn, deadline=self.deadline)
+        except (FileNotFoundError, FileExistsError, StorageError):
+            raise
+        except Exception as e:  # botocore/aiohttp errors are not all OSErrors
+            if isinstance(e, OSError) or retry.transient(e) or _from_client(e):
+                raise self._error(e, name, action) from e
+            raise  # the producer's own error (torch, pickling): not the store's
+
+    def _check_reachable(self) -> None:
+        """Fail now, naming the URL, on wrong credentials, a missing bucket or no server."""
+        try:
+            retry.call(lambda: self.fs.ls(self.root, detail=False, refresh=True), deadline=self.deadline)
+            return
+        except FileNotFoundError:
+            pass  # no object under the prefix yet: the bucket must exist
+        except PermissionError as e:
+            raise StorageError(f"access denied ({e})", path=self.url,
+                               hint="check the credentials in storage_options (key/secret, profile) "
+                                    "and the bucket policy") from e
+        except Exception as e:
+            raise StorageError(f"cannot reach the store ({type(e).__name__}: {e})", path=self.url,
+                               hint="check the endpoint (storage_options client_kwargs endpoint_url), "
+                                    "the network and the credentials") from e
+        if getattr(self.fs, "root_marker", "") != "":  # a filesystem with directories, not buckets
+            self._retry(lambda: self.fs.makedirs(self.root, exist_ok=True))
+            return
+        bucket = self.root.strip("/").split("/")[0]
+        try:
+            # listing an existing bucket never fails with "not found": the root is the bucket, or it is missing
+            if bucket == self.root.strip("/") or not retry.call(lambda: self.fs.exists(bucket), deadline=self.deadline):
+                raise FileNotFoundError(bucket)
+        except PermissionError as e:
+            raise StorageError(f"access denied ({e})", path=self.url,
+                               hint="check the credentials in storage_options and the bucket policy") from e
+        except (FileNotFoundError, OSError) as e:
+            raise StorageError(f"the bucket {bucket!r} does not exist or cannot be read ({e})", path=self.url,
+                               hint="create the bucket first (ckpt creates prefixes, never buckets)") from e
+
+    def _error(self, e: BaseException, name: str, action: str) -> StorageError:
+        transient = retry.transient(e)
+        kind = "the store is unreachable or failing" if transient else "the store refused it"
+        tried = f"retried for up to {self.deadline:.0f} s; " if transient else ""
+        return StorageError(f"{action} failed: {kind} ({type(e).__name__}: {e})", path=self.where(name),
+                            hint=f"{tried}earlier checkpoints are intact; check the endpoint, the network, "
+                                 "the credentials and the permissions, then save again")
+
+    def _commit_record(self, name: str) -> Optional[Dict[str, Any]]:
+        try:
+            raw = self._retry(lambda: self.fs.cat_file(self._key(name + COMMIT_SUFFIX)))
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def recorded_checksum(self, name: str) -> Optional[str]:
+        """The checksum in ``name``'s commit record (None if it has none)."""
+        value = (self._commit_record(name) or {}).get("checksum")
+        return value if isinstance(value, str) else None
+
+    def _write_commit_record(self, name: str, size: int, checksum: Optional[str]) -> None:
+        data = json.dumps({"size": size, "checksum": checksum}).encode()
+        self._retry(lambda: self.fs.pipe_file(self._key(name + COMMIT_SUFFIX), data), name, "committing")
+
+    def _size(self, name: str) -> int:
+        info = self._retry(lambda: self.fs.info(self._key(name), refresh=True))
+        return int(info["size"])
+
+    # -- the Store protocol ----------------------------------------------------------
+
+    def where(self, name: str) -> ObjectPath:
+        return ObjectPath(f"{self.url}/{name}")
+
+    def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
+        try:
+            self._retry(lambda: self.fs.rm_file(self._key(name + COMMIT_SUFFIX)))
+        except FileNotFoundError:
+            pass
+        try:
+            written = self._retry(lambda: self._upload(name, produce, on_write), name, "uploading")
+        except BaseException:
+            with suppress(Exception):  # best effort: uncommitted, it is never listed anyway
+                self.fs.rm_file(self._key(name))
+            raise
+        size = self._size(name)
+        if size != written.size:
+            raise StorageError(f"uploaded {written.size} bytes but the store holds {size}", path=self.where(name),
+                               hint="the upload was cut short; nothing was committed, save again")
+        self._write_commit_record(name, written.size, written.checksum)
+        return written
+
+    def _upload(self, name: str, produce: Produce, on_write: OnBytes) -> Written:
+        f = self.fs.open(self._key(name), "wb")
+        writer = ChecksumWriter(f, on_write)
+        try:
+            try:
+                produce(writer)  # type: ignore[arg-type]  # a file-like, as torch.save expects
+            except BaseException as e:
+                if writer.error is not None and e is not writer.error:
+                    raise writer.error from e  # the network's error, not torch's "unexpected pos"
+                raise
+            f.close()  # completes the (multipart) upload
+        except BaseException:
+            _abandon(f)
+            raise
+        return Written(name, writer.size, format_checksum(writer.crc))
+
+    def read_bytes(self, name: str) -> bytes:
+        rec = self._commit_record(name)
+        if rec is None:
+            raise FileNotFoundError(2, "no committed object", str(self.where(name)))
+        data: bytes = self._retry(lambda: self.fs.cat_file(self._key(name)))
+        if len(data) != rec.get("size") or format_checksum(crc32(data)) != rec.get("checksum"):
+            raise OSError(5, "does not match its commit record (being replaced, or damaged)", str(self.where(name)))
+        return data
+
+    def local_path(self, name: str) -> AbstractContextManager[Path]:
+        return self._download(name)
+
+    @contextmanager
+    def _download(self, name: str) -> Iterator[Path]:
+        """A temporary local copy of ``name`` (deleted when the context closes)."""
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self._retry(lambda: self._fetch(name, out))
+            yield Path(tmp)
+        finally:
+            with suppress(OSError):
+                os.unlink(tmp)
+
+    def _fetch(self, name: str, out: Any) -> None:
+        out.seek(0)
+        out.truncate()
+        key = self._key(name)
+        size = int(self.fs.info(key, refresh=True)["size"])
+        with Progress(f"downloading {name}", size, None) as bar, self.fs.open(key, "rb", block_size=_CHUNK) as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                bar.update(len(chunk))
+        out.flush()
+
+    def _entries(self) -> Dict[str, Dict[str, Any]]:
+        try:
+            listed = self._retry(lambda: self.fs.ls(self.root, detail=True, refresh=True), "", "listing")
+        except FileNotFoundError:
+            return {}
+        out: Dict[str, Dict[str, Any]] = {}
+        for e in listed:
+            if e.get("type", "file") == "file":
+                out[str(e["name"]).rstrip("/").rsplit("/", 1)[-1]] = e
+        return out
+
+    def list(self, prefix: str = "") -> Dict[str, int]:
+        entries = self._entries()
+        return {n: int(e.get("size") or 0) for n, e in entries.items()
+                if n.startswith(prefix) and not n.startswith(TMP_PREFIX) and not n.endswith(COMMIT_SUFFIX)
+                and n != WRITER_NAME and n + COMMIT_SUFFIX in entries}
+
+    def delete(self, name: str) -> None:
+        for key in (self._key(name + COMMIT_SUFFIX), self._key(name)):  # uncommit first
+            try:
+                self._retry(lambda key=key: self.fs.rm_file(key))  # type: ignore[misc]
+            except FileNotFoundError:
+                pass
+
+    def move(self, src: str, dst: str) -> None:
+        """Copy (server side), commit the copy, delete the original: a crash in between
+        leaves both names, never neither."""
+        rec = self._commit_record(src) or {}
+        with suppress(FileNotFoundError):
+            self._retry(lambda: self.fs.rm_file(self._key(dst + COMMIT_SUFFIX)))
+        self._retry(lambda: self.fs.copy(self._key(src), self._key(dst)))
+        size = self._size(dst)
+        self._write_commit_record(dst, size, rec.get("checksum") if rec.get("size") == size else None)
+        self.delete(src)
+
+    def keep_aside(self, name: str) -> Optional[str]:
+        aside = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-prev-{name}"
+        try:
+            self.move_copy(name, aside)
+        except OSError:
+            return None
+        return aside
+
+    def move_copy(self, src: str, dst: str) -> None:
+        """A committed server-side copy of ``src`` as ``dst``."""
+        rec = self._commit_record(src) or {}
+        self._retry(lambda: self.fs.copy(self._key(src), self._key(dst)))
+        self._write_commit_record(dst, self._size(dst), rec.get("checksum"))
+
+    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
+        return self._writer_check()
+
+    @contextmanager
+    def _writer_check(self) -> Iterator[object]:
+        """Claim the run directory on the first lock; on later ones check no one else has."""
+        if self._token is None:
+            token = f"{os.getpid()}-{secrets.token_hex(8)}"
+            self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), token.encode()), WRITER_NAME,
+                        "claiming the run directory")
+            self._token = token
+        else:
+            try:
+                now = self._retry(lambda: self.fs.cat_file(self._key(WRITER_NAME)), WRITER_NAME,
+                                  "checking the run directory's writer").decode(errors="replace")
+            except FileNotFoundError:
+                now = None
+            if now != self._token:
+                raise StorageError("another writer has taken over this run directory",
+                                   path=self.url, hint="one writer per run directory on object stores: stop "
+                                                       "the other process, or give each run its own prefix")
+        yield self
+
+    def clean_temporaries(self) -> List[str]:
+        """Remove uncommitted objects older than ``stale_after`` (younger ones may be a
+        live upload) and commit records whose object is gone."""
+        entries = self._entries()
+        now = time.time()
+        removed: List[str] = []
+        for name, e in entries.items():
+            if name == WRITER_NAME:
+                continue
+            if name.endswith(COMMIT_SUFFIX):
+                orphan = name[:-len(COMMIT_SUFFIX)] not in entries
+            else:
+                orphan = name + COMMIT_SUFFIX not in entries or name.startswith(TMP_PREFIX)
+            if orphan and now - _mtime(e, now) >= self.stale_after:
+                with contextlib.suppress(OSError):
+                    self.delete(name[:-len(COMMIT_SUFFIX)] if name.endswith(COMMIT_SUFFIX) else name)
+                    removed.append(name)
+        return removed
+
+    def __repr__(self) -> str:
+        return f"FsspecStore({self.url!r})"
+
+
+def _mtime(entry: Mapping[str, Any], default: float) -> float:
+    """When an object was last written, from whichever field the backend lists."""
+    for field in ("LastModified", "mtime", "last_modified", "created", "updated"):
+        value = entry.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return default
+
+
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
+                    "fsspec", "google", "azure"}
+
+
+def _from_client(e: BaseException) -> bool:
+    """Raised by the storage client libraries (not by the code producing the bytes)."""
+    return type(e).__module__.split(".")[0] in _CLIENT_PACKAGES
+
+
+def _abandon(f: Any) -> None:
+    """Throw away a failed upload: abort the multipart upload and make sure neither
+    ``close()`` nor garbage collection completes it with partial data."""
+    with suppress(Exception):
+        f.discard()
+    with suppress(Exception):
+        f.closed = True

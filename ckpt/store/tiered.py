@@ -1,0 +1,233 @@
+"""A local directory in front of a remote store (``CheckpointManager(url, cache_dir=...)``).
+
+Each write commits to the local tier first (the fast, durable copy that a restarted
+process resumes from) and is then uploaded by a background thread (the copy that
+survives losing the machine), with the remote store's own commit-last protocol.
+Uploads keep the catalog's order on the remote side: checkpoint objects first, then
+the index, then deletions (retention) - so the remote tier is always a consistent,
+if possibly older, run directory.
+
+Reads see the union of both tiers: the local copy when there is one, else the remote
+one (downloaded), so resume takes the newest checkpoint of either tier, after the
+cache was wiped or a remote object was deleted. Deletion and moves apply to both.
+
+An upload that fails (after the remote store's retries) is kept and raised by the
+next commit (:meth:`lock`) or :meth:`flush` (the manager's ``wait()``/``close()``),
+once, like an async save error; the names it did not upload stay pending and go up
+with the next upload.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
+
+from ..errors import StorageError
+from ..progress import Progress
+from .base import OnBytes, Produce, Written
+from .checksum import file_checksum
+from .index import INDEX_NAME
+from .local import LocalStore
+from .remote import FsspecStore, ObjectPath
+
+
+class TieredStore:
+    """A :class:`LocalStore` cache committed first, mirrored to an :class:`FsspecStore`."""
+
+    def __init__(self, local: LocalStore, remote: FsspecStore) -> None:
+        self.local = local
+        self.remote = remote
+        self.url = remote.url
+        self._cond = threading.Condition()
+        self._uploads: Dict[str, int] = {}  # names to upload, in order, with a write count
+        self._writes = 0
+        self._deletes: Dict[str, None] = {}
+        self._worker: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        #: The remote listing failed: list the local tier only (no timeout per save) until an upload succeeds.
+        self._remote_down = False
+
+    def where(self, name: str) -> ObjectPath:
+        return self.remote.where(name)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
+        written = self.local.write(name, produce, on_write=on_write)
+        with self._cond:
+            self._deletes.pop(name, None)
+            self._uploads.pop(name, None)
+            self._writes += 1
+            self._uploads[name] = self._writes
+            self._start()
+        return written
+
+    def delete(self, name: str) -> None:
+        self.local.delete(name)
+        with self._cond:
+            self._uploads.pop(name, None)
+            self._deletes[name] = None
+            self._start()
+
+    def move(self, src: str, dst: str) -> None:
+        """Move both copies; but when they differ (a local copy damaged after its upload)
+        only the local one, the one reads were served from: the remote copy is then read
+        next, and verified on its own."""
+        self.flush(raise_error=False)  # the remote side must hold what the local one does
+        local = src in self.local.list(src)
+        remote = src in self.remote.list(src)
+        if local:
+            self.local.move(src, dst)
+            if remote and self.remote.recorded_checksum(src) != file_checksum(self.local.where(dst)):
+                return
+        if remote:
+            self.remote.move(src, dst)
+
+    def keep_aside(self, name: str) -> Optional[str]:
+        return self.local.keep_aside(name) if name in self.local.list(name) else None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return self.local.read_bytes(name)
+        except FileNotFoundError:
+            return self.remote.read_bytes(name)
+
+    def local_path(self, name: str) -> AbstractContextManager[Path]:
+        """The local copy, unless it differs from the uploaded one (damaged after the
+        upload: then the remote copy, so that resume still gets the newest checkpoint).
+        Costs a read of the local file and one small request; loads are rare."""
+        path = self.local.where(name)
+        if not path.is_file():
+            return self.remote.local_path(name)
+        try:
+            uploaded = self.remote.recorded_checksum(name) if not self._remote_down else None
+        except OSError:
+            uploaded = None  # the remote tier is unreachable: the local copy is all there is
+        if uploaded is not None and uploaded != file_checksum(path):
+            warnings.warn(f"{path}: the local copy differs from the uploaded one ({uploaded}); "
+                          f"reading {self.remote.where(name)}", stacklevel=3)
+            return self.remote.local_path(name)
+        return self.local.local_path(name)
+
+    def list(self, prefix: str = "") -> Dict[str, int]:
+        with self._cond:
+            deleting = set(self._deletes)
+        remote: Dict[str, int] = {}
+        if not self._remote_down:
+            try:
+                remote = self.remote.list(prefix)
+            except StorageError as e:  # saves go on locally; the upload reports the outage
+                warnings.warn(f"{e}; listing the local tier only until an upload succeeds", stacklevel=2)
+                self._remote_down = True
+        out = {n: s for n, s in remote.items() if n not in deleting}
+        out.update(self.local.list(prefix))
+        return out
+
+    # -- writers ---------------------------------------------------------------------
+
+    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
+        return self._locked(timeout)
+
+    @contextmanager
+    def _locked(self, timeout: float) -> Iterator[object]:
+        self._raise_pending()
+        with self.local.lock(timeout):  # the remote writer check runs with each upload
+            yield self
+
+    def clean_temporaries(self) -> List[str]:
+        return self.local.clean_temporaries() + self.remote.clean_temporaries()
+
+    # -- the upload thread -----------------------------------------------------------
+
+    def flush(self, raise_error: bool = True) -> None:
+        """Wait until every pending upload and deletion reached the remote store; raise
+        the error of a failed upload (once)."""
+        with self._cond:
+            if self._uploads or self._deletes:
+                self._start()  # what a failed upload left pending goes up now
+            while self._worker is not None:
+                self._cond.wait()
+        if raise_error:
+            self._raise_pending()
+
+    def close(self) -> None:
+        self.flush()
+
+    def _raise_pending(self) -> None:
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _start(self) -> None:
+        """Start the upload thread if none runs (the caller holds the condition)."""
+        if self._worker is None and self._error is None:
+            # not a daemon: at interpreter exit the pending uploads finish
+            self._worker = threading.Thread(target=self._run, name="ckpt-upload")
+            self._worker.start()
+
+    def _next(self) -> Optional[Tuple[str, str, int]]:
+        """The next operation in commit order: checkpoints, then the index, then deletions."""
+        with self._cond:
+            for name, n in self._uploads.items():
+                if name != INDEX_NAME:
+                    return "upload", name, n
+            if INDEX_NAME in self._uploads:
+                return "upload", INDEX_NAME, self._uploads[INDEX_NAME]
+            for name in self._deletes:
+                return "delete", name, 0
+            self._worker = None
+            self._cond.notify_all()
+            return None
+
+    def _run(self) -> None:
+        while True:
+            op = self._next()
+            if op is None:
+                return
+            kind, name, n = op
+            try:
+                with self.remote.lock():  # one writer per run directory: stop if taken over
+                    if kind == "upload":
+                        self._upload(name)
+                    else:
+                        self.remote.delete(name)
+            except BaseException as e:  # kept for the next commit, wait() or close()
+                error = StorageError(f"the background upload of {name} failed ({e})", path=self.remote.where(name),
+                                     hint="the local tier holds it and it is uploaded again with the next save, "
+                                          "wait() or close(); check the remote store")
+                error.__cause__ = e
+                with self._cond:
+                    self._error = error
+                    self._worker = None
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._remote_down = False
+                if kind == "delete":
+                    self._deletes.pop(name, None)
+                elif self._uploads.get(name) == n:  # not written again meanwhile
+                    del self._uploads[name]
+
+    def _upload(self, name: str) -> None:
+        try:
+            src = open(self.local.where(name), "rb")  # noqa: SIM115  (closed below)
+        except FileNotFoundError:
+            return  # deleted locally since (retention): its deletion is queued too
+
+        def produce(f: BinaryIO) -> None:
+            src.seek(0)  # the remote store may call this again after a transient error
+            shutil.copyfileobj(src, f, 8 << 20)
+
+        with src, Progress(f"uploading {name}", os.fstat(src.fileno()).st_size, None) as bar:
+            self.remote.write(name, produce, on_write=bar.update)
+
+    def __repr__(self) -> str:
+        return f"TieredStore({self.local.url!r} -> {self.remote.url!r})"
