@@ -15,7 +15,7 @@ from typing import Collection, List, Optional, Tuple
 from .. import policy, record, schema
 from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
-from . import index, torchfile
+from . import history, index, torchfile
 from .base import Store, Written
 
 Key = Tuple[int, int]
@@ -63,6 +63,7 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     finally:
         if backup is not None:
             store.delete(backup)
+    history.append(store, rec, retention, protected)  # every save's metrics, evicted ones included
     _delete(store, [r for r in candidates if r.key not in kept_keys])
     return rec, kept
 
