@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -40,6 +42,20 @@ def checkpoint_file(text: str) -> Path:
     if not path.exists():
         raise UsageError("no such file", path=path, hint="list a run's checkpoints with `ckpt ls DIR`")
     return path
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Drop the catalog's warnings: the command reports the same problems itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def message(e: object, path: Path) -> str:
+    """An error's first line without the path the caller already shows."""
+    text = (str(e).splitlines() or [type(e).__name__])[0]
+    return text.removeprefix(f"{path}: ")
 
 
 def catalog(directory: Path) -> Catalog:

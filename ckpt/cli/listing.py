@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from filelock import Timeout
 
 from .. import policy, schema
-from ..errors import CkptError
+from ..errors import CkptError, UnsafeCheckpointError
 from ..record import CheckpointRecord
 from ..store import index, torchfile
 from ..store.catalog import QUARANTINE_SUFFIX
@@ -106,7 +106,8 @@ def _metrics(rec: Any) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     directory = common.run_directory(args.directory)
     cat = common.catalog(directory)
-    listing = cat.scan()
+    with common.quiet():  # damaged and missing files are flagged in the table
+        listing = cat.scan()
     recorded, protected = common.recorded(cat)
     given = common.given_policy(args)
     pol = given or recorded
@@ -125,7 +126,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 status[rec.name] = ("missing", "deleted while listing")
             except CkptError as e:
-                status[rec.name] = ("damaged", str(e).splitlines()[0])
+                status[rec.name] = ("damaged", common.message(e, rec.path))
     indexed = {r.name for r in listing.records}
     problems: List[Dict[str, str]] = [{"file": n, "status": "missing", "detail": "listed in the index, gone from disk"}
                                       for n in listing.missing]
@@ -157,7 +158,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         st, detail = status.get(rec.name, ("", ""))
         step = f"{rec.step}*" if rec.mid_epoch else str(rec.step)
         kept = ", ".join(why[rec.key]) or "- (prune would delete)"
-        flag = st.upper() + (f": {detail}" if detail else "") if st and st != "verified" else st
+        flag = st.upper() + (f": {detail[:70]}" if detail else "") if st and st != "verified" else st
         rows_text.append([rec.name, str(rec.epoch), step, _metrics(rec), table.size(rec.size),
                           table.age(now - rec.time), kept, flag])
     for p in problems:
@@ -167,7 +168,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                              rows_text, right=(1, 2, 4, 5)):
         print(line)
     total = sum(r.size for r in listing.records)
-    print(f"\n{len(listing.records)} checkpoints, {table.size(total)}; policy: {describe_policy(pol)} ({source})")
+    n = len(listing.records)
+    print(f"\n{n} checkpoint{'' if n == 1 else 's'}, {table.size(total)}; policy: {describe_policy(pol)} ({source})")
     if any(r.mid_epoch for r in listing.records):
         print("* mid-epoch checkpoint (resume continues that epoch)")
     return 1 if bad else 0
@@ -180,7 +182,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not target.exists():
         raise UsageError("no such file or directory", path=target, hint="pass a run directory or a checkpoint file")
     if target.is_dir():
-        report = common.catalog(target).verify()
+        cat = common.catalog(target)
+        with common.quiet():  # the report says all of it
+            report = cat.verify()
+            report.update(unindexed_damage(cat, report))
+        report = dict(sorted(report.items()))
     else:
         report = {target.name: verify_file(target)}
     bad = sum(status != "ok" for status, _ in report.values())
@@ -188,12 +194,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({name: {"status": s, "detail": d} for name, (s, d) in report.items()}, indent=1))
         return 1 if bad else 0
     for name, (status, detail) in report.items():
-        print(f"{name}: {status}" + (f" ({detail.splitlines()[0]})" if detail else ""))
+        print(f"{name}: {status}" + (f" ({common.message(detail, target / name)})" if detail else ""))
     if not report:
         print(f"{target}: no checkpoints")
     else:
         print(f"{len(report) - bad} ok, {bad} bad")
     return 1 if bad else 0
+
+
+def unindexed_damage(cat: Any, report: Dict[str, Tuple[str, str]]) -> Dict[str, Tuple[str, str]]:
+    """Checkpoint-named files the index does not list and that cannot be read (a
+    concurrent writer's new file reads fine, and one it deleted meanwhile is skipped)."""
+    found: Dict[str, Tuple[str, str]] = {}
+    for name in cat.store.list("ckpt-"):
+        if name in report or not schema.parse_name(name):
+            continue
+        try:
+            cat.describe(name)
+        except FileNotFoundError:
+            continue
+        except CkptError as e:
+            found[name] = ("damaged", "not in the index: " + common.message(e, cat.store.where(name)))
+    return found
 
 
 def verify_file(path: Path) -> Tuple[str, str]:
@@ -209,8 +231,10 @@ def verify_file(path: Path) -> Tuple[str, str]:
         return ("ok", "")
     except FileNotFoundError:
         return ("missing", "gone from disk")
+    except UnsafeCheckpointError as e:
+        return ("unsafe", common.message(e, path))
     except CkptError as e:
-        return ("damaged", str(e))
+        return ("damaged", common.message(e, path))
 
 
 # -- prune ---------------------------------------------------------------------------
