@@ -93,6 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (CkptError, OSError) as e:
             print(f"ckpt: error: {one_line(e)}", file=sys.stderr)
             code = exit_status(e)
+        except Exception as e:  # a bug in ckpt, not the user's mistake: still one line
+            print(f"ckpt: error: unexpected {type(e).__name__}: {one_line(e)} (hint: this is a bug in ckpt; "
+                  "please report it with the command that caused it)", file=sys.stderr)
+            code = 1
         finally:
             sys.stdout.flush() if not sys.stdout.closed else None
     _notes(caught)
