@@ -102,7 +102,7 @@ def test_ls_is_an_aligned_table_that_says_why_each_is_kept(run_dir: Path) -> Non
     assert "best" in rows[KEPT[0]] and "milestone" in rows[KEPT[1]] and "last-2" in rows[KEPT[2]]
     assert "latest" in rows[KEPT[3]] and "milestone" in rows[KEPT[3]]
     assert "val_loss=0.2 " in rows[KEPT[0]]
-    assert "keep_last=2, keep_best=1 by val_loss (min), keep_every=4 (recorded by the manager)" in out.stdout
+    assert "keep_last=2, keep_best=1 (val_loss, min), keep_every=4 (recorded by the manager)" in out.stdout
     ages = re.compile(r" +[0-9]+[smhd] ")
     assert ages.sub(" ", cli("list", str(run_dir)).stdout) == ages.sub(" ", out.stdout)  # the alias
 

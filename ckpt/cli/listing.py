@@ -93,7 +93,7 @@ def describe_policy(pol: Optional[policy.RetentionPolicy]) -> str:
     if pol.keep_last:
         parts.append(f"keep_last={pol.keep_last}")
     if pol.keep_best:
-        parts.append(f"keep_best={pol.keep_best} by {pol.monitor} ({pol.mode})")
+        parts.append(f"keep_best={pol.keep_best} ({pol.monitor}, {pol.mode})")
     if pol.keep_every:
         parts.append(f"keep_every={pol.keep_every}")
     return ", ".join(parts) or "keep everything"
@@ -158,7 +158,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         st, detail = status.get(rec.name, ("", ""))
         step = f"{rec.step}*" if rec.mid_epoch else str(rec.step)
         kept = ", ".join(why[rec.key]) or "- (prune would delete)"
-        flag = st.upper() + (f": {detail[:70]}" if detail else "") if st and st != "verified" else st
+        flag = st.upper() + (f": {detail.split(' (')[0][:60]}" if detail else "") if st and st != "verified" else st
         rows_text.append([rec.name, str(rec.epoch), step, _metrics(rec), table.size(rec.size),
                           table.age(now - rec.time), kept, flag])
     for p in problems:
