@@ -71,3 +71,15 @@ def test_a_failed_append_warns_and_the_save_succeeds(tmp_path: Path) -> None:
     assert rec.path.is_file() and [r.key for r in mgr.checkpoints] == [(0, 0)]
     assert any("metric history" in str(w.message) for w in caught)
     assert history.read(LocalStore(tmp_path, create=False)) == []
+
+
+def test_last_reads_only_the_tail(tmp_path: Path) -> None:
+    saves(tmp_path, 2, keep_last=5).close()
+    path = tmp_path / history.HISTORY_NAME
+    lines = path.read_bytes()
+    path.write_bytes(b'{"epoch": 0, "step": 0}\n' * 20000 + lines + b'{"torn')  # old lines, then ours
+    entry = history.last(LocalStore(tmp_path, create=False))
+    assert entry is not None and entry.key == (1, 10) and entry.retention is not None
+    assert entry.retention.keep_last == 5
+    path.write_bytes(b"")
+    assert history.last(LocalStore(tmp_path, create=False)) is None

@@ -83,11 +83,8 @@ def given_policy(args: argparse.Namespace) -> Optional[policy.RetentionPolicy]:
 
 def recorded(cat: Catalog) -> Tuple[Optional[policy.RetentionPolicy], Tuple[Key, ...]]:
     """The retention policy and protected keys of the directory's last recorded save."""
-    entries = history.read(cat.store)
-    for entry in reversed(entries):
-        if entry.retention is not None:
-            return entry.retention, entry.protected
-    return None, ()
+    entry = history.last(cat.store)
+    return (entry.retention, entry.protected) if entry is not None else (None, ())
 
 
 def load_file(path: Path, *, progress: Optional[bool] = None) -> Any:

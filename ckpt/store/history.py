@@ -99,6 +99,27 @@ def read(store: Store) -> List[Entry]:
     return entries
 
 
+def last(store: Store) -> Optional[Entry]:
+    """The newest entry that records a policy, reading only the file's tail (``ckpt ls``
+    stays fast however long the run)."""
+    try:
+        if isinstance(store, LocalStore):
+            with open(store.where(HISTORY_NAME), "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 4 * MAX_LINE))
+                raw = f.read()
+                lines = raw.split(b"\n")[1 if size > 4 * MAX_LINE else 0:]  # the first may be cut
+        else:
+            lines = store.read_bytes(HISTORY_NAME).split(b"\n")
+    except OSError:
+        return None
+    for line in reversed(lines):
+        entry = parse(line) if line.strip() and len(line) <= MAX_LINE else None
+        if entry is not None and entry.retention is not None:
+            return entry
+    return None
+
+
 def parse(line: bytes) -> Optional[Entry]:
     """The entry of one line, None for anything ckpt never writes."""
     where = HISTORY_NAME
