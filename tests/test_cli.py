@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -89,7 +88,7 @@ def assert_one_line(got: int, stderr: str, code: int, *words: str) -> None:
 
 # -- ls ------------------------------------------------------------------------------
 
-def test_ls_is_an_aligned_table_that_says_why_each_is_kept(run_dir: Path) -> None:
+def test_ls_is_an_aligned_table_that_says_why_each_is_kept(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = cli("ls", str(run_dir))
     assert out.returncode == 0 and out.stderr == "", out.stderr
     lines = out.stdout.splitlines()
@@ -104,7 +103,7 @@ def test_ls_is_an_aligned_table_that_says_why_each_is_kept(run_dir: Path) -> Non
     assert "val_loss=0.2 " in rows[KEPT[0]]
     assert "keep_last=2, keep_best=1 (val_loss, min), keep_every=4 (recorded by the manager)" in out.stdout
     ages = re.compile(r" +[0-9]+[smhd] ")
-    assert ages.sub(" ", cli("list", str(run_dir)).stdout) == ages.sub(" ", out.stdout)  # the alias
+    assert ages.sub(" ", run_main(capsys, "list", str(run_dir))[1]) == ages.sub(" ", out.stdout)  # the alias
 
 
 def test_ls_json_and_a_policy_given_on_the_command_line(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +118,7 @@ def test_ls_json_and_a_policy_given_on_the_command_line(run_dir: Path, capsys: p
     assert "prune would delete" in out and "(command line)" in out
 
 
-def test_ls_flags_damaged_missing_and_unindexed_files(tmp_path: Path) -> None:
+def test_ls_flags_damaged_missing_and_unindexed_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path).close()
     truncated, flipped, gone = (tmp_path / KEPT[0], tmp_path / KEPT[1], tmp_path / KEPT[2])
     truncated.write_bytes(truncated.read_bytes()[:1000])
@@ -138,9 +137,9 @@ def test_ls_flags_damaged_missing_and_unindexed_files(tmp_path: Path) -> None:
     assert "DAMAGED: not in the index" in rows["ckpt-e000009-s000000100.pt"]
     assert "notes.txt" not in out.stdout and "model.pt" not in out.stdout
     assert "DAMAGED" not in rows[KEPT[1]]  # a flipped byte needs the checksum: --verify
-    verified = cli("ls", "--verify", str(tmp_path))
-    assert verified.returncode == 1 and "DAMAGED: checksum mismatch" in verified.stdout
-    assert "verified" in verified.stdout  # the intact latest one
+    code, verified, _ = run_main(capsys, "ls", "--verify", str(tmp_path))
+    assert code == 1 and "DAMAGED: checksum mismatch" in verified
+    assert "verified" in verified  # the intact latest one
 
 
 def test_ls_empty_and_missing_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,7 +168,7 @@ def test_reasons_follow_the_policy_rules() -> None:
 
 # -- show ----------------------------------------------------------------------------
 
-def test_show_header_objects_extra_and_tensors(run_dir: Path) -> None:
+def test_show_header_objects_extra_and_tensors(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = cli("show", "--tensors", str(run_dir / KEPT[3]))
     assert out.returncode == 0 and out.stderr == "", out.stderr
     text = out.stdout
@@ -182,8 +181,8 @@ def test_show_header_objects_extra_and_tensors(run_dir: Path) -> None:
     tensors = text.split("tensors:")[1]
     assert "model.0.weight" in tensors and "(4, 3)" in tensors and "float32" in tensors
     assert "optimizer.state.0.momentum_buffer" in tensors
-    alias = cli("inspect", str(run_dir / KEPT[3]))
-    assert alias.returncode == 0 and alias.stdout.split("created")[0] == text.split("created")[0]
+    code, alias, _ = run_main(capsys, "inspect", str(run_dir / KEPT[3]))
+    assert code == 0 and alias.split("created")[0] == text.split("created")[0]
 
 
 def test_show_plain_files_damage_and_directories(tmp_path: Path, run_dir: Path,
@@ -202,31 +201,30 @@ def test_show_plain_files_damage_and_directories(tmp_path: Path, run_dir: Path,
     fails(capsys, 2, ["show", str(run_dir)], "is a directory", "ckpt ls")
 
 
-def test_show_refuses_a_malicious_pickle_without_running_it(tmp_path: Path) -> None:
+def test_show_refuses_a_malicious_pickle_without_running_it(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
-    script = textwrap.dedent(f"""
-        import os, torch
-        class Evil:
-            def __reduce__(self):
-                return (os.system, ("touch {marker}",))
-        torch.save({{"model": {{"w": torch.ones(2)}}, "payload": Evil()}}, {str(evil)!r})
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+    class Evil:
+        def __reduce__(self) -> Tuple[object, Tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"w": torch.ones(2)}, "payload": Evil()}, evil)
     assert not marker.exists()
     out = cli("show", str(evil))
     assert_clean_error(out, 1, "refused to load", "system")
     assert not marker.exists()
-    verify = cli("verify", str(evil))
-    assert verify.returncode == 1 and "unsafe" in verify.stdout and not marker.exists()
+    code, out_text, _ = run_main(capsys, "verify", str(evil))
+    assert code == 1 and "unsafe" in out_text and not marker.exists()
 
 
 # -- verify --------------------------------------------------------------------------
 
 def test_verify_directory_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path).close()
-    ok = cli("verify", str(tmp_path))
-    assert ok.returncode == 0 and ok.stdout.endswith("4 ok, 0 bad\n") and ok.stderr == ""
+    code, ok, err = run_main(capsys, "verify", str(tmp_path))
+    assert code == 0 and ok.endswith("4 ok, 0 bad\n") and err == ""
     victim = tmp_path / KEPT[1]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
