@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional
@@ -26,6 +27,11 @@ from ..errors import CheckpointNotFoundError, CkptError, ConfigError
 from . import export, inspect, listing, plot
 from .common import UsageError
 
+SUMMARY = """See, check, prune, compare, export and plot the checkpoints of a run directory.
+
+""" + __doc__.split("\n\n")[1] + """
+
+Exit status: 0 ok, 1 a check failed, 2 a usage mistake."""
 _PACKAGE = str(Path(__file__).resolve().parent.parent)
 
 
@@ -34,6 +40,11 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        text = kwargs.get("description")
+        if isinstance(text, str):  # prose is wrapped; indented blocks (command lists) are kept
+            kwargs["description"] = "\n\n".join(
+                block if block.startswith(" ") else textwrap.fill(" ".join(block.split()), 88)
+                for block in text.split("\n\n"))
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
@@ -43,7 +54,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="ckpt", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+    p = Parser(prog="ckpt", description=SUMMARY,
                epilog="example:\n  ckpt ls runs/exp1\n  ckpt <command> --help")
     sub = p.add_subparsers(dest="command", required=True, metavar="<command>")
     for module in (listing, inspect, export, plot):
