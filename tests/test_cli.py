@@ -142,6 +142,15 @@ def test_ls_flags_damaged_missing_and_unindexed_files(tmp_path: Path, capsys: py
     assert "verified" in verified  # the intact latest one
 
 
+def test_ls_notes_an_unreadable_index_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path, epochs=2).close()
+    (tmp_path / "ckpt-index.json").write_text("{ torn")
+    code, out, err = run_main(capsys, "ls", str(tmp_path))
+    assert code == 0 and "ckpt-e000001-s000000020.pt" in out
+    assert err.startswith("ckpt: note: ") and "index unreadable" in err and len(err.splitlines()) == 1, err
+    assert "Warning" not in err
+
+
 def test_ls_empty_and_missing_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(capsys, "ls", str(tmp_path))[:2] == (0, f"{tmp_path}: no checkpoints\n")
     assert not any(tmp_path.iterdir())  # a reader creates nothing

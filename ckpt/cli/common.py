@@ -44,12 +44,20 @@ def checkpoint_file(text: str) -> Path:
     return path
 
 
+#: Catalog warnings that ``ls`` and ``verify`` report in their own output.
+REPORTED = ("indexed checkpoints missing on disk", "not listed in the index and")
+
+
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Drop the catalog's warnings: the command reports the same problems itself."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """Drop the catalog's warnings that the command reports itself; pass the others on
+    (an unreadable index, say), to be printed as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         yield
+    for w in caught:
+        if not any(text in str(w.message) for text in REPORTED):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def message(e: object, path: Path) -> str:
