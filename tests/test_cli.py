@@ -243,6 +243,9 @@ def test_verify_directory_and_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert bad.returncode == 1 and bad.stderr == "", bad.stderr
     assert f"{KEPT[1]}: damaged (checksum mismatch" in bad.stdout and "3 ok, 2 bad" in bad.stdout
     assert "ckpt-e000009-s000000100.pt: damaged (not in the index" in bad.stdout
+    code, out, _ = run_main(capsys, "verify", "--json", str(tmp_path))
+    report = json.loads(out)
+    assert code == 1 and report[KEPT[1]]["status"] == "damaged" and report[KEPT[0]] == {"status": "ok", "detail": ""}
     assert run_main(capsys, "verify", str(victim))[0] == 1
     assert run_main(capsys, "verify", str(tmp_path / KEPT[0]))[0] == 0
     fails(capsys, 2, ["verify", str(tmp_path / "nope")], "no such file")
