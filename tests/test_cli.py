@@ -323,6 +323,27 @@ def test_prune_prints_then_deletes_with_yes_under_the_lock(tmp_path: Path,
     fails(capsys, 2, ["prune", str(tmp_path), "--keep-best", "1"], "monitor")
 
 
+def test_prune_waits_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
+    make_run(tmp_path).close()
+    lock = LocalStore(tmp_path, create=False).lock()
+    with lock:  # a writer committing
+        prune = subprocess.Popen([sys.executable, "-m", "ckpt", "prune", str(tmp_path), "--keep-last", "1", "--yes"],
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            assert prune.stderr is not None
+            first = prune.stderr.readline()  # printed once it found the lock taken
+            assert "waiting up to 60s for the directory's lock" in first, first
+            assert sorted(p.name for p in tmp_path.glob("ckpt-e*.pt")) == KEPT  # nothing deleted meanwhile
+        except BaseException:
+            prune.kill()
+            prune.wait()
+            raise
+    out, err = prune.communicate(timeout=120)
+    assert prune.returncode == 0 and "deleted 3 checkpoints" in out, err
+    assert [p.name for p in tmp_path.glob("ckpt-e*.pt")] == [KEPT[3]]
+
+
 # -- diff ----------------------------------------------------------------------------
 
 def test_diff_tensor_by_tensor(tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

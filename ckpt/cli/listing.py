@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from filelock import Timeout
 
@@ -249,11 +251,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.yes:
         return _prune(cat, pol, delete=False)
     try:
-        with cat.store.lock(timeout=LOCK_TIMEOUT):
+        with _locked(cat):
             return _prune(cat, pol, delete=True)
     except Timeout:
         raise CkptError(f"a writer has held the directory's lock for {LOCK_TIMEOUT:.0f}s", path=directory,
                         hint="prune when the run is not saving, or try again") from None
+
+
+@contextmanager
+def _locked(cat: Any) -> Iterator[None]:
+    """The directory's writer lock; says so when it has to wait for a writer."""
+    try:
+        with cat.store.lock(timeout=0):
+            yield
+            return
+    except Timeout:
+        pass
+    print(f"ckpt: note: waiting up to {LOCK_TIMEOUT:.0f}s for the directory's lock (a writer is saving)",
+          file=sys.stderr, flush=True)
+    with cat.store.lock(timeout=LOCK_TIMEOUT):
+        yield
 
 
 def _prune(cat: Any, pol: policy.RetentionPolicy, *, delete: bool) -> int:
