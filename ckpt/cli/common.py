@@ -6,7 +6,7 @@ import argparse
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -148,6 +148,3 @@ def shape(t: torch.Tensor) -> str:
 def dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
-
-def keys_list(records: List[Any]) -> List[Key]:
-    return [(r.epoch, r.step) for r in records]
