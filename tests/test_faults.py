@@ -20,7 +20,7 @@ import torch
 
 from ckpt import CheckpointManager, StorageError
 from ckpt import schema as format
-from ckpt.store import index
+from ckpt.store import history, index
 from ckpt.store import local as storage
 
 KEEP_LAST = 2
@@ -170,14 +170,15 @@ def check_fault(directory: Path, mgr: CheckpointManager, injector: Injector,
     injector.arm(fault)
     with pytest.raises(BaseException) as info:
         mgr.save(epoch=3)
-    injector.armed = False
     error = info.value
+    injector.armed = False
     assert temporaries(directory) == [], f"{event}: temporary file left behind"
     if event == ("unlink", "ckpt"):  # retention runs after the commit: the new checkpoint is safe
         assert isinstance(error, StorageError) and "committed" in str(error) and "hint:" in str(error)
         after = snapshot(directory)
         assert format.file_name(3, 0) in after and format.file_name(3, 0) in after[index.INDEX_NAME].decode()
-        assert all(after[name] == data for name, data in before.items() if name != index.INDEX_NAME)
+        assert all(after[name] == data for name, data in before.items()
+                   if name not in (index.INDEX_NAME, history.HISTORY_NAME))
     else:
         if isinstance(fault[2], OSError):
             assert isinstance(error, StorageError), f"{event}: raw {type(error).__name__}: {error}"
@@ -277,7 +278,8 @@ def test_an_overwrite_commits_the_new_bytes(tmp_path: Path) -> None:
 
 
 def test_commit_order_follows_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """§4: file fsync -> rename -> dir fsync, then the index the same way, then deletions."""
+    """§4: file fsync -> rename -> dir fsync, then the index the same way, then the
+    history's append (not fsynced: a cache of metrics), then deletions."""
     collapsed = []
     for event in dry_run(tmp_path, monkeypatch):
         if not collapsed or collapsed[-1] != event or event[0] != "write":

@@ -13,7 +13,7 @@ import torch
 from ckpt import CheckpointManager, record
 from ckpt import schema as format
 from ckpt.record import CheckpointRecord
-from ckpt.store import Catalog, LocalStore, index
+from ckpt.store import Catalog, LocalStore, history, index
 from ckpt.store import local as storage
 from ckpt.store import torchfile as fileio
 from ckpt.store.checksum import file_checksum
@@ -175,7 +175,8 @@ def test_manager_never_touches_foreign_files(tmp_path, trainables, snapshot):
         CheckpointManager(directory, keep_last=1, **objs).resume()
     files = snapshot(directory)
     assert {n: files[n] for n in FOREIGN} == FOREIGN
-    assert set(files) - set(FOREIGN) == {storage.LOCK_NAME, index.INDEX_NAME, format.file_name(2, 0)}
+    assert set(files) - set(FOREIGN) == {storage.LOCK_NAME, index.INDEX_NAME, history.HISTORY_NAME,
+                                              format.file_name(2, 0)}
 
 
 def test_manager_rebuilds_and_rewrites_a_lost_index(run_dir, trainables):

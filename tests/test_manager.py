@@ -23,6 +23,7 @@ from ckpt.schema import file_name
 from ckpt.store import index
 from ckpt.store import local as storage
 from ckpt.store.checksum import file_checksum
+from ckpt.store.history import HISTORY_NAME
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -274,7 +275,8 @@ def test_best_k_tracking_survives_restarts(run_dir, trainables, lose_index):
         mgr.save(epoch=2, metrics={"loss": 0.9})
         mgr.save(epoch=3, metrics={"loss": 0.8})
         assert epochs(mgr) == [(0, 0), (3, 0)] and mgr.best.epoch == 0
-    assert names(run_dir) == sorted([storage.LOCK_NAME, index.INDEX_NAME, file_name(0, 0), file_name(3, 0)])
+    assert names(run_dir) == sorted([storage.LOCK_NAME, index.INDEX_NAME, HISTORY_NAME,
+                                    file_name(0, 0), file_name(3, 0)])
 
 
 def test_keep_last_and_milestones_on_disk(run_dir, trainables):
@@ -282,7 +284,7 @@ def test_keep_last_and_milestones_on_disk(run_dir, trainables):
         for epoch in range(8):
             mgr.save(epoch=epoch)
         mgr.save(epoch=8, step=1, mid_epoch=True)
-    assert names(run_dir) == sorted([storage.LOCK_NAME, index.INDEX_NAME] +
+    assert names(run_dir) == sorted([storage.LOCK_NAME, index.INDEX_NAME, HISTORY_NAME] +
                                     [file_name(e, 0) for e in (2, 5, 7)] + [file_name(8, 1)])
 
 

@@ -365,7 +365,7 @@ def test_cli_accepts_urls(capsys: pytest.CaptureFixture[str]) -> None:
     assert name in capsys.readouterr().out
     assert cli.main(["verify", url]) == 0
     assert "1 ok, 0 bad" in capsys.readouterr().out
-    assert cli.main(["inspect", f"{url}/{name}"]) == 0
+    assert cli.main(["inspect", "--json", f"{url}/{name}"]) == 0
     assert '"epoch": 0' in capsys.readouterr().out
     fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
 

@@ -20,7 +20,7 @@ import ckpt
 from ckpt import CheckpointManager
 from ckpt import schema as format
 from ckpt.errors import ConfigError, CorruptCheckpointError, FormatVersionError
-from ckpt.store import index
+from ckpt.store import history, index
 from ckpt.store import local as storage
 
 EPOCHS, STEPS = st.integers(0, 999_999), st.integers(0, 999_999_999)
@@ -293,6 +293,7 @@ def test_gpu_checkpoint_without_map_location_is_a_clear_error_not_damage(gpu_wri
     with pytest.raises(ConfigError, match="map_location='cpu'"):
         CheckpointManager(run_dir, map_location=None, **trainables()).resume()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([storage.LOCK_NAME, index.INDEX_NAME,
+                                                                history.HISTORY_NAME,
                                                                 format.file_name(0, 0)])  # none quarantined
 
 

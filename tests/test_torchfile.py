@@ -81,3 +81,11 @@ def test_a_damaged_unindexed_file_is_moved_aside_by_the_next_save(tmp_path: Path
         mgr.save(epoch=3)
     assert not stray.exists() and stray.with_name(stray.name + ".corrupt").exists()
     assert [r.epoch for r in mgr.checkpoints] == [0, 1, 2, 3]
+
+
+def test_a_few_junk_bytes_are_damage_not_a_crash(tmp_path: Path) -> None:
+    """A short non-zip file sends torch down its legacy reader, which fails with struct.error."""
+    junk = tmp_path / "ckpt-e000001-s000000001.pt"
+    junk.write_bytes(b"junk")
+    with pytest.raises(CorruptCheckpointError):
+        fileio.load(junk)

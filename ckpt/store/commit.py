@@ -15,7 +15,7 @@ from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 from .. import policy, record, schema
 from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
-from . import differential, index, torchfile
+from . import differential, history, index, torchfile
 from .base import Store, Written
 
 Key = Tuple[int, int]
@@ -73,6 +73,7 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     finally:
         if backup is not None:
             store.delete(backup)
+    history.append(store, rec, retention, protected)  # every save's metrics, evicted ones included
     evicted = [r for r in candidates if r.key not in kept_keys]
     _delete(store, evicted)
     still = {b for r in kept for b, _ in r.blobs}

@@ -20,6 +20,7 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePath
@@ -126,7 +127,8 @@ def _load(real: Path, path: PurePath, map_location: MapLocation, weights_only: b
             raise
         examine(real, path, e)
         raise
-    except (EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError,
+            struct.error) as e:  # struct.error: a short legacy (non-zip) file
         examine(real, path, e)
         raise CorruptCheckpointError(f"cannot read the file: {first_line(e)}", path=path,
                                      hint="the file does not hold what torch.save writes") from e

@@ -1,0 +1,97 @@
+"""``ckpt export``: plain weights out of any checkpoint, for tools that know nothing of ckpt."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from .. import schema
+from ..errors import ConfigError
+from ..spec import pick_module
+from ..store.local import write_file
+from . import common, table
+from .common import UsageError
+
+#: Extension point: readers of checkpoint *directories* (sharded, differential). Each
+#: returns the weights of the module named (None: the model), or None when the
+#: directory is not of its kind. None are registered yet.
+DirectoryReader = Callable[[Path, Optional[str]], Optional[Mapping[str, Any]]]
+DIRECTORY_READERS: List[DirectoryReader] = []
+
+
+def add(sub: Any) -> None:
+    ex = sub.add_parser("export", help="plain weights (.safetensors) or a plain state dict (.pt)",
+                        description="Write a checkpoint's model weights for other tools: OUT.safetensors "
+                                    "(safetensors, needs the extra ckpt[safetensors]) or OUT.pt, a plain state "
+                                    "dict that torch.load(OUT, weights_only=True) reads without ckpt. Works on "
+                                    "ckpt checkpoints, save_model files and plain torch.save files.",
+                        epilog="example:\n  ckpt export runs/exp1/ckpt-e000009-s000001000.pt --to model.safetensors\n"
+                               "  ckpt export runs/exp1/ckpt-e000009-s000001000.pt --to weights.pt --object ema")
+    ex.add_argument("source", metavar="FILE", help="a checkpoint file")
+    ex.add_argument("--to", required=True, metavar="OUT", help="OUT.safetensors or OUT.pt")
+    ex.add_argument("--object", metavar="NAME", help="which tracked module (default: 'model', or the only one)")
+    ex.set_defaults(run=cmd_export)
+
+
+def weights_of(path: Path, wanted: Optional[str] = None) -> Dict[str, Any]:
+    """The state dict of the model in ``path`` (a file, or a directory a reader knows)."""
+    if path.is_dir():
+        for reader in DIRECTORY_READERS:
+            found = reader(path, wanted)
+            if found is not None:
+                return dict(found)
+        raise UsageError("is a directory; exporting sharded or differential checkpoint directories is not "
+                         "supported yet", path=path,
+                         hint=f"pass one checkpoint file (see `ckpt ls {path}`)")
+    obj = common.load_file(common.checkpoint_file(str(path)))
+    if schema.is_checkpoint(obj):
+        head = schema.header(obj, str(path))
+        names = list((head.model_spec or {}).get("objects") or head.objects) if wanted is None else list(head.objects)
+        name = pick_module(names, wanted)
+        if name is None or not isinstance(obj.get(name), dict):
+            raise UsageError(f"which module? the checkpoint holds {list(head.objects)}", path=path,
+                             hint="pass --object NAME")
+        return dict(obj[name])
+    if isinstance(obj, dict) and wanted is not None:
+        if not isinstance(obj.get(wanted), dict):
+            raise UsageError(f"no entry {wanted!r} holding a state dict", path=path,
+                             hint=f"the file's keys are {sorted(map(str, obj))[:10]}")
+        return dict(obj[wanted])
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    from ..interop.foreign import ALIASES  # foreign layouts (model_state_dict, Lightning's state_dict, ...)
+    if isinstance(obj, dict):
+        key = next((k for k in ALIASES["module"] if isinstance(obj.get(k), dict)), None)
+        if key is not None:
+            return dict(obj[key])
+    raise UsageError("no model state dict found in the file", path=path,
+                     hint="pass --object NAME with the key that holds it")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    source, out = Path(args.source), Path(args.to)
+    if not source.exists():
+        raise UsageError("no such file", path=source, hint="list a run's checkpoints with `ckpt ls DIR`")
+    suffix = out.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth"):
+        raise UsageError(f"unknown output format {out.suffix or '(no suffix)'!r}", path=out,
+                         hint="name the output OUT.safetensors (weights) or OUT.pt (a plain state dict)")
+    weights = weights_of(source, args.object)
+    if suffix == ".safetensors":
+        from ..interop.safetensors import save_safetensors
+        save_safetensors(weights, out)
+    else:
+        try:
+            schema.check_loadable(weights, "the state dict")
+        except ConfigError as e:
+            raise UsageError(str(e).splitlines()[0], path=out, hint="export it as .safetensors, or pick "
+                                                                    "another --object") from e
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_file(out, lambda f: torch.save(weights, f))
+    count = sum(1 for v in weights.values() if isinstance(v, torch.Tensor))
+    total = sum(common.nbytes(v) for v in weights.values() if isinstance(v, torch.Tensor))
+    print(f"wrote {out}: {count} tensors, {table.size(total)}")
+    return 0
