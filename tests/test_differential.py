@@ -211,3 +211,17 @@ def test_an_embedding_table_rewrites_only_the_pieces_with_updated_rows(tmp_path:
     restored = torch.nn.Embedding(8192, 64)
     CheckpointManager(tmp_path, embedding=restored).restore(1)
     assert torch.equal(restored.weight, table.weight)
+
+
+def test_ckpt_export_writes_plain_weights_from_a_differential_checkpoint(tmp_path: Path) -> None:
+    model = finetune_model()
+    mgr = CheckpointManager(tmp_path / "run", model=model, differential=True)
+    mgr.save(epoch=0)
+    mgr.save(epoch=1)
+    out = tmp_path / "weights.pt"
+    done = subprocess.run([sys.executable, "-m", "ckpt", "export", str(mgr.latest.path), "--to", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    plain = torch.load(out, weights_only=True)
+    assert plain.keys() == model.state_dict().keys()
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
