@@ -318,7 +318,8 @@ def _retain(mgr: CheckpointManager, store: Any, records: list[CheckpointRecord],
     protected = mgr._protected
     newer = protected is None or rec.key > protected
     candidates = [r for r in records if r.key != rec.key] + [rec]
-    kept_keys = policy.select_kept(candidates, mgr.policy, {rec.key} | ({protected} if protected and not newer else set()))
+    keep = {rec.key} if newer or protected is None else {rec.key, protected}
+    kept_keys = policy.select_kept(candidates, mgr.policy, keep)
     kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
     try:
         index.write(store, kept)
