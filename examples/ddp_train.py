@@ -13,7 +13,9 @@ continues a mid-epoch checkpoint exactly. Ctrl-C stops every rank cleanly.
 from __future__ import annotations
 
 import argparse
-import os
+import signal
+import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -43,41 +45,50 @@ def main() -> None:
     dist.init_process_group("gloo")  # "nccl" on GPUs (and model.to(local_rank))
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)  # same initial weights; DDP broadcasts rank 0's anyway
-        model = DDP(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        torch.manual_seed(1000 + rank)  # each rank its own dropout masks; ckpt saves each rank's RNG
-        data = make_data()
-        sampler = ResumableSampler(data, seed=0)  # num_replicas/rank from the process group
-        loader = DataLoader(data, batch_size=32, sampler=sampler)
-        mgr = CheckpointManager(args.dir, model=model, optimizer=opt, sampler=sampler, keep_last=2,
-                                collective_timeout=60)
-        start = mgr.resume()
-        if rank == 0:
-            print(f"resumed at epoch {start}" if mgr.resumed else "fresh run", flush=True)
-        step = mgr.step
-        with mgr:
-            for epoch in range(start, args.epochs):
-                sampler.set_epoch(epoch)
-                total = torch.zeros(2)
-                for x, y in loader:
-                    loss = F.mse_loss(model(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    total += torch.tensor([loss.item() * len(x), len(x)])
-                    if step % args.save_every == 0 and sampler.remaining:
-                        mgr.save(epoch=epoch, step=step, mid_epoch=True)
-                dist.all_reduce(total)  # retention decides on rank 0's metrics: pass the global value
-                mgr.save(epoch=epoch, step=step, metrics={"loss": (total[0] / total[1]).item()})
-                if rank == 0:
-                    print(f"epoch {epoch}: loss {(total[0] / total[1]).item():.4f}", flush=True)
-    except KeyboardInterrupt:
-        if rank == 0:
-            print("interrupted; run again to resume", flush=True)
-        os._exit(130)  # peers may be mid-collective: do not wait for them at exit
+    # Ctrl-C reaches every rank (torchrun forwards it), each at a different point: a rank must
+    # not leave while the others wait for it in a collective. The handler only raises a flag;
+    # the ranks agree on it after each step and stop together, saving where they are.
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    torch.manual_seed(0)  # same initial weights; DDP broadcasts rank 0's anyway
+    model = DDP(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1000 + rank)  # each rank its own dropout masks; ckpt saves each rank's RNG
+    data = make_data()
+    sampler = ResumableSampler(data, seed=0)  # num_replicas/rank from the process group
+    loader = DataLoader(data, batch_size=32, sampler=sampler)
+    mgr = CheckpointManager(args.dir, model=model, optimizer=opt, sampler=sampler, keep_last=2,
+                            collective_timeout=60)
+    start = mgr.resume()
+    if rank == 0:
+        print(f"resumed at epoch {start}" if mgr.resumed else "fresh run", flush=True)
+    step = mgr.step
+    with mgr:
+        for epoch in range(start, args.epochs):
+            sampler.set_epoch(epoch)
+            total = torch.zeros(2)
+            for x, y in loader:
+                loss = F.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                total += torch.tensor([loss.item() * len(x), len(x)])
+                stop = torch.tensor([float(interrupted.is_set())])
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                if stop.item() or (step % args.save_every == 0 and sampler.remaining):
+                    mgr.save(epoch=epoch, step=step, mid_epoch=True)
+                if stop.item():
+                    if rank == 0:
+                        print(f"interrupted at epoch {epoch}, step {step} (saved); run again to resume",
+                              flush=True)
+                    mgr.close()
+                    dist.destroy_process_group()
+                    sys.exit(130)
+            dist.all_reduce(total)  # retention decides on rank 0's metrics: pass the global value
+            mgr.save(epoch=epoch, step=step, metrics={"loss": (total[0] / total[1]).item()})
+            if rank == 0:
+                print(f"epoch {epoch}: loss {(total[0] / total[1]).item():.4f}", flush=True)
     dist.destroy_process_group()
 
 

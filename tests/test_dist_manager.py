@@ -261,6 +261,27 @@ def test_sharded_checkpoint_resumes_through_the_manager_at_any_world_size(sharde
     assert outs[0]["verify"] == {"ckpt-e000001-s000000000.dcp": "ok", "ckpt-e000002-s000000000.dcp": "ok"}
 
 
+def test_sharded_checkpoint_resumes_in_a_plain_process_without_a_process_group(sharded_run: tuple,
+                                                                              tmp_path: Path) -> None:
+    import shutil
+
+    from ckpt import CheckpointManager
+
+    directory, saved = sharded_run
+    shutil.copytree(directory, tmp_path / "run")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mgr = CheckpointManager(tmp_path / "run", model=model, optimizer=opt, scheduler=sched)
+    with pytest.warns(UserWarning, match="RNG states of 2 ranks, this run has 1"):
+        assert mgr.resume() == 3
+    assert sched.get_last_lr() == saved[0]["lr"]
+    assert _equal(model.state_dict(), dict(saved[0]["full"]["model"]))
+    assert mgr.resumed is not None and mgr.resumed.metrics == {"loss": 2.0}
+    mgr.close()
+
+
 def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) -> None:
     import ckpt
 

@@ -192,13 +192,12 @@ class Coordinator:
                 except Exception as e:  # noqa: BLE001 - every failure must reach the others
                     error = e
             self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
-            self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states, meta,
-                             timeout=self.timeout)
+            manifest = self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states,
+                                        meta, timeout=self.timeout)
             outcome: Outcome | None = None
             if ctx.is_leader:
                 try:
-                    rec = sharddir.describe(store, name)
-                    rec = record.with_extra(rec, extra)
+                    rec = sharddir.committed(store, name, manifest, meta)
                     kept = _retain(mgr, store, records, rec)
                     outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
                 except Exception as e:  # noqa: BLE001

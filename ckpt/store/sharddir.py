@@ -49,6 +49,16 @@ def load_meta(store: Store, name: str) -> Dict[str, Any]:
     return obj
 
 
+def committed(store: Store, name: str, manifest: Dict[str, Any], meta: Dict[str, Any]) -> CheckpointRecord:
+    """The record of a directory this process just committed (its files are not read again)."""
+    directory = store.where(name)
+    head = schema.header(meta, str(directory))
+    size = sum(int(f["size"]) for f in manifest["files"].values()) + (directory / MANIFEST).stat().st_size
+    extra = meta.get("extra")
+    return record.make(head, directory, size=size, checksum=manifest_checksum(store, name),
+                       extra=dict(extra) if isinstance(extra, dict) else {})
+
+
 def describe(store: Store, name: str) -> CheckpointRecord:
     """A record for a sharded checkpoint the index does not list (verified first)."""
     directory = store.where(name)
