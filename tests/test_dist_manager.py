@@ -282,6 +282,21 @@ def test_sharded_checkpoint_resumes_in_a_plain_process_without_a_process_group(s
     mgr.close()
 
 
+def test_a_damaged_sharded_checkpoint_is_skipped_and_moved_aside(sharded_run: tuple, tmp_path: Path) -> None:
+    import shutil
+
+    directory, _ = sharded_run
+    shutil.copytree(directory, tmp_path / "run")
+    shard = next((tmp_path / "run" / "ckpt-e000002-s000000000.dcp").glob("__1_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    outs = run(_fsdp_resume, 2, str(tmp_path / "run"), timeout=120)  # rank 0 warns, in its stderr
+    assert [o["start"] for o in outs] == [2, 2]  # epoch 1's, the newest that verifies
+    assert outs[0]["verify"] == {"ckpt-e000001-s000000000.dcp": "ok"}
+    assert (tmp_path / "run" / "ckpt-e000002-s000000000.dcp.corrupt").is_dir()
+
+
 def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) -> None:
     import ckpt
 

@@ -201,8 +201,11 @@ class Catalog:
                 if now.checksum != rec.checksum:
                     return "; a writer has replaced it since: left as it is"
                 try:
-                    with self.store.local_path(rec.name) as local:
-                        torchfile.load(local, checksum=now.checksum)
+                    if schema.is_sharded(rec.name):
+                        sharddir.verify(self.store, rec.name, now.checksum)
+                    else:
+                        with self.store.local_path(rec.name) as local:
+                            torchfile.load(local, checksum=now.checksum)
                     return "; it reads now (a concurrent replace): left as it is"
                 except CorruptCheckpointError:
                     pass
