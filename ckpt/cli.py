@@ -69,6 +69,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_sharded(args: argparse.Namespace) -> int:
+    from .distributed.export import export_sharded  # DCP: loaded on use only
+    print(export_sharded(args.directory, args.out))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckpt", description="Inspect and verify ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show one checkpoint's metadata (safe load)")
     ins.add_argument("file", type=Path)
     ins.set_defaults(run=cmd_inspect)
+    ex = sub.add_parser("export-sharded", help="one plain torch.save file of a sharded (.dcp) checkpoint")
+    ex.add_argument("directory", type=_existing_dir)
+    ex.add_argument("out", type=Path)
+    ex.set_defaults(run=cmd_export_sharded)
     return p
 
 

@@ -305,6 +305,11 @@ def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) ->
     obj = torch.load(out, weights_only=True)
     assert obj["epoch"] == 2 and _equal(obj["model"], saved[0]["full"]["model"])
     assert "scheduler" in obj
+    from ckpt.cli import main
+
+    assert main(["export-sharded", str(directory / "ckpt-e000001-s000000000.dcp"), str(tmp_path / "e1.pt")]) == 0
+    assert torch.load(tmp_path / "e1.pt", weights_only=True)["epoch"] == 1
+    assert main(["list", str(directory)]) == 0 and main(["verify", str(directory)]) == 0
 
 
 def _fsdp_killed(rank: int, world: int, directory: str, victim: int) -> str:
