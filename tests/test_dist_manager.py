@@ -334,7 +334,7 @@ def _fsdp_killed(rank: int, world: int, directory: str, victim: int) -> str:
 def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_last_complete(tmp_path: Path) -> None:
     outs = launch(_fsdp_killed, 2, str(tmp_path), 1, timeout=120)
     assert outs[1].killed and outs[0].error is None
-    assert outs[0].value != "returned" and ("Collective" in outs[0].value or "Error" in outs[0].value)
+    assert outs[0].value.startswith(("StorageError", "CollectiveError", "CollectiveTimeoutError")), outs[0].value
     listed = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-e"))
     assert listed == ["ckpt-e000000-s000000000.dcp"]
     outs = run(_fsdp_resume, 2, str(tmp_path), timeout=120)
