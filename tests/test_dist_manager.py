@@ -126,6 +126,36 @@ def test_a_failed_commit_on_rank_0_raises_on_every_rank(tmp_path: Path) -> None:
     assert other.startswith("CollectiveError: save() of epoch 0, step 0 (commit) failed on rank 0: ConfigError")
 
 
+def _ddp_restore(rank: int, world: int, directory: str) -> list:
+    import torch.distributed as dist
+
+    from ckpt import CheckpointManager
+
+    model = torch.nn.Linear(2, 2)
+    mgr = CheckpointManager(directory, model=model, collective_timeout=20)
+    weights = []
+    for epoch in range(2):
+        torch.nn.init.constant_(model.weight, float(epoch))
+        weights.append(model.weight.detach().clone())
+        mgr.save(epoch=epoch)
+    plain = Path(directory).parent / "plain.pt"
+    if rank == 0:
+        torch.save({"model": {"weight": torch.full((2, 2), 7.0), "bias": torch.zeros(2)}}, plain)
+    dist.barrier()
+    got = [mgr.restore(0).epoch, torch.equal(model.weight, weights[0])]
+    got += [mgr.restore("latest").epoch, torch.equal(model.weight, weights[1])]
+    mgr.restore(plain)
+    got += [float(model.weight[0, 0]), [r.name for r in mgr.checkpoints]]
+    mgr.close()
+    return got
+
+
+def test_restore_is_collective_by_epoch_latest_and_path(tmp_path: Path) -> None:
+    outs = run(_ddp_restore, 2, str(tmp_path / "run"), timeout=60)
+    names = ["ckpt-e000000-s000000000.pt", "ckpt-e000001-s000000000.pt"]
+    assert outs[0] == outs[1] == [0, True, 1, True, 7.0, names]
+
+
 def test_sampler_shards_like_distributed_sampler() -> None:
     from torch.utils.data import DistributedSampler
 

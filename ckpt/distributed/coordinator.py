@@ -60,6 +60,8 @@ class Coordinator:
         self.ctx = ctx
         self.timeout = timeout
         self.broken = False  # a collective failed: skip the barrier of close()
+        self._read: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
+        self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
     @classmethod
     def create(cls, timeout: float) -> Coordinator:
@@ -216,36 +218,65 @@ class Coordinator:
     # -- restoring -------------------------------------------------------------------
 
     def resume(self, mgr: CheckpointManager) -> int:
-        rec = self._choose(mgr, None, None)
+        rec, _ = self._choose(mgr, None, None)
         if rec is None:
             return 0
         self._load(mgr, rec)
         return rec.next_epoch
 
     def restore(self, mgr: CheckpointManager, which: Any, step: int | None) -> CheckpointRecord:
-        rec = self._choose(mgr, which, step)
+        rec, foreign = self._choose(mgr, which, step)
+        if foreign is not None:
+            return self._load_foreign(mgr, foreign)
         assert rec is not None  # restore raises instead of choosing nothing
         return self._load(mgr, rec)
 
-    def _choose(self, mgr: CheckpointManager, which: Any, step: int | None) -> CheckpointRecord | None:
-        """Rank 0 picks the checkpoint (resume: the newest that verifies); every rank learns it."""
+    def _choose(self, mgr: CheckpointManager, which: Any,
+                step: int | None) -> tuple[CheckpointRecord | None, str | None]:
+        """Rank 0 picks the checkpoint (resume: the newest that verifies); every rank learns
+        it: (a committed record, None), or (None, the path of a file outside the index)."""
         outcome: Outcome | None = None
         error: BaseException | None = None
         if self.ctx.is_leader:
             try:
                 mgr.refresh()
-                rec = self._pick_latest(mgr) if which is None else mgr._find(which, step)[0]
-                outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr._records])
+                if which is None:
+                    rec = self._pick_latest(mgr)
+                else:
+                    rec, obj = mgr._find(which, step)
+                    if obj is not None:  # a file outside the index: every rank reads it by path
+                        self._foreign = (rec, obj)
+                        outcome = ("foreign", str(rec.path), [r.to_json() for r in mgr._records])
+                if outcome is None:
+                    outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr._records])
             except Exception as e:  # noqa: BLE001
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
         if not self.ctx.is_leader:
             mgr._records = _records(mgr._catalog, got[2])
+        if got[0] == "foreign":
+            return None, got[1]
         if got[1] is None:
-            return None
+            return None, None
         name = got[1]["file"]
         known = next((r for r in mgr._records if r.name == name), None)
-        return known or record.from_json(got[1], mgr._catalog.store.where(name))
+        return known or record.from_json(got[1], mgr._catalog.store.where(name)), None
+
+    def _load_foreign(self, mgr: CheckpointManager, path: str) -> CheckpointRecord:
+        """restore(path) of a file outside the index: every rank reads it (a shared filesystem)."""
+        from pathlib import Path
+
+        error: BaseException | None = None
+        applied = None
+        try:
+            read, self._foreign = self._foreign, None
+            rec, obj = mgr._foreign(Path(path)) if read is None else read
+            applied = mgr._apply(obj, rec)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the others
+            error = e
+        self._collective(cl.agree, self.ctx, f"restore({path!r})", error, timeout=self.timeout)
+        assert applied is not None
+        return applied
 
     def _pick_latest(self, mgr: CheckpointManager) -> CheckpointRecord | None:
         damaged: list[str] = []
@@ -254,7 +285,7 @@ class Coordinator:
                 if schema.is_sharded(rec.name):
                     sharddir.verify(mgr._catalog.store, rec.name, rec.checksum)
                 else:
-                    mgr._load(rec)
+                    self._read = (rec.name, mgr._load(rec)[0])  # loaded once: _load takes it
             except (CorruptCheckpointError, FileNotFoundError) as e:
                 damaged.append(str(rec.path))
                 mgr._skip(rec, e)
@@ -280,8 +311,9 @@ class Coordinator:
             obj = self._collective(load_sharded, ctx, rec.path, dcp_states, timeout=self.timeout,
                                    strict=mgr.options.strict, verify=False)
         try:
+            read, self._read = self._read, None
             if not schema.is_sharded(rec.name):
-                obj, _ = mgr._load(rec)
+                obj = read[1] if read is not None and read[0] == rec.name else mgr._load(rec)[0]
             schema.header(obj, path)
             meta = obj.get("ckpt")
             saved = (meta.get("rng_per_rank") if isinstance(meta, dict) else None) or obj.get("rng") or {}
