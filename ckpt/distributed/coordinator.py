@@ -47,10 +47,12 @@ from ..store.local import TMP_PREFIX
 from . import collective as cl
 
 if TYPE_CHECKING:
-    from ..manager import CheckpointManager
     from ..store import Catalog
 
 Outcome = tuple[str, Any, Any]
+#: ckpt.manager.CheckpointManager, whose private steps (_checked, _build, _commit, _load,
+#: _apply, ...) this module drives; a layer above this one, so not imported.
+CheckpointManager = Any
 
 
 class Coordinator:
@@ -211,7 +213,8 @@ class Coordinator:
         """Every rank's records become rank 0's; the committed record is returned."""
         catalog = mgr._catalog
         if self.ctx.is_leader:
-            return next(r for r in mgr._records if r.name == got[1]["file"])
+            found: CheckpointRecord = next(r for r in mgr._records if r.name == got[1]["file"])
+            return found
         mgr._records = _records(catalog, got[2])
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
 
@@ -267,7 +270,7 @@ class Coordinator:
         from pathlib import Path
 
         error: BaseException | None = None
-        applied = None
+        applied: CheckpointRecord | None = None
         try:
             read, self._foreign = self._foreign, None
             rec, obj = mgr._foreign(Path(path)) if read is None else read
@@ -280,6 +283,7 @@ class Coordinator:
 
     def _pick_latest(self, mgr: CheckpointManager) -> CheckpointRecord | None:
         damaged: list[str] = []
+        rec: CheckpointRecord
         for rec in reversed(mgr._records):
             try:
                 if schema.is_sharded(rec.name):
@@ -302,7 +306,7 @@ class Coordinator:
         ctx, path = self.ctx, str(rec.path)
         error: BaseException | None = None
         obj: dict[str, Any] = {}
-        applied = None
+        applied: CheckpointRecord | None = None
         trackables = mgr.trackables
         if schema.is_sharded(rec.name):  # collective, and agreed inside: raises on every rank together
             from .sharded import load_sharded

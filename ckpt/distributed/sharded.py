@@ -80,8 +80,8 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
 from .collective import Group, agree, broadcast_object, sync
-from .shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
 
 META = "ckpt-meta.pt"
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]

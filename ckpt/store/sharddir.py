@@ -13,12 +13,12 @@ import zlib
 from typing import Any, Dict
 
 from .. import record, schema
-from ..distributed.shardfiles import MANIFEST, read_manifest, verify_files
 from ..errors import CorruptCheckpointError
 from ..record import CheckpointRecord
 from . import torchfile
 from .base import Store
 from .checksum import format_checksum
+from .shardfiles import MANIFEST, read_manifest, verify_files
 
 META = "ckpt-meta.pt"
 
