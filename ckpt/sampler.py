@@ -148,8 +148,8 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                                  f"{key}={mine!r}; the remaining order would differ")
         position = int(saved["position"])
         replicas = int(saved.get("num_replicas", 1))
-        if position > 0 and (replicas, bool(saved.get("drop_last", False))) != (self.num_replicas, self.drop_last) \
-                and 0 < position < self.num_samples:
+        same_split = (replicas, bool(saved.get("drop_last", False))) == (self.num_replicas, self.drop_last)
+        if not same_split and 0 < position < self.num_samples:
             raise ValueError(f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this "
                              f"sampler has num_replicas={self.num_replicas}: the rest of the epoch would differ "
                              "(resume mid-epoch at the same world size, or from an end-of-epoch checkpoint)")
