@@ -23,6 +23,8 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptError,
+    CollectiveError,
+    CollectiveTimeoutError,
     ConfigError,
     CorruptCheckpointError,
     ExportError,
@@ -42,6 +44,7 @@ _LAZY = {
     "save_model": "ckpt.models.files", "load_model": "ckpt.models.files",
     "export": "ckpt.models.export", "load_exported": "ckpt.models.export",
     "save_safetensors": "ckpt.interop.safetensors",
+    "export_sharded": "ckpt.distributed.export",
 }
 
 __all__ = [
@@ -50,7 +53,7 @@ __all__ = [
     "StateMismatchError", "StorageError", "__version__",
     "save_model", "load_model", "rebuildable", "export", "load_exported", "save_safetensors",
     "ArchitectureError", "ExportError", "UntrustedModuleError",
-    "ResumableSampler", "Preempted",
+    "ResumableSampler", "Preempted", "CollectiveError", "CollectiveTimeoutError", "export_sharded",
 ]
 
 

@@ -76,6 +76,14 @@ class ExportError(CkptError, RuntimeError):
     """``torch.export`` or TorchScript cannot turn the model into a class-free program."""
 
 
+class CollectiveTimeoutError(CkptError, TimeoutError):
+    """A rank did not arrive at a ckpt collective within its timeout; every rank raises."""
+
+
+class CollectiveError(CkptError, RuntimeError):
+    """Another rank failed its part of a collective operation, or called a different one."""
+
+
 def storage_error(e: OSError, path: Any, action: str) -> StorageError:
     """Wrap an OSError raised while committing, keeping its errno and a useful hint."""
     if e.errno == errno.ENOSPC:

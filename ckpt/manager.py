@@ -9,11 +9,12 @@ then apply.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
 from pathlib import Path, PurePath
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import options as opts
 from . import policy, sampler, schema, spec, state
@@ -34,6 +35,9 @@ from .record import CheckpointRecord
 from .store import Catalog, is_url, open_store
 from .store.commit import check_new
 from .store.remote import ObjectPath
+
+if TYPE_CHECKING:
+    from .distributed.coordinator import Coordinator
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 
@@ -77,6 +81,10 @@ class CheckpointManager:
         For a URL run directory (``s3://bucket/run``, any fsspec URL): the fsspec
         filesystem's options, and a local directory committed first and uploaded in
         the background (see :mod:`ckpt.store.remote`, :mod:`ckpt.store.tiered`).
+    collective_timeout
+        With a process group of 2+ ranks (see :mod:`ckpt.distributed.coordinator`):
+        seconds a rank waits for the others at ``save``/``resume``/``restore``/``wait``/
+        ``close`` before every rank raises :class:`CollectiveTimeoutError` (default 600).
 
     The methods may be called from several threads; they run one at a time.
     """
@@ -90,12 +98,13 @@ class CheckpointManager:
                  async_save: bool = False, every_steps: Optional[int] = None,
                  every_seconds: Optional[float] = None, max_overhead: Optional[float] = None,
                  differential: bool = False, storage_options: Optional[Mapping[str, Any]] = None,
-                 cache_dir: Optional[PathLike] = None, **trackables: Any) -> None:
+                 cache_dir: Optional[PathLike] = None, collective_timeout: float = 600.0,
+                 **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
         self.options = opts.Options.check(map_location=map_location, weights_only=weights_only,
                                           strict=strict, progress=progress, async_save=async_save,
-                                          differential=differential)
+                                          differential=differential, collective_timeout=collective_timeout)
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds, max_overhead=max_overhead)
         opts.check_trackables(trackables)
         opts.check_location(directory, storage_options, cache_dir)
@@ -112,8 +121,9 @@ class CheckpointManager:
         self._specs = spec.SpecCache()  # each tracked module's architecture, captured once
         self._closed = False
         self._lock = threading.RLock()
-        self._writer = background.create(self._catalog.store.url, self.options.async_save)
-        self._records = self._catalog.open()
+        self._dist = _coordinator(self.options)  # None without a process group: nothing imported
+        self._writer = background.create(self._catalog.store.url, self.options.async_save and self._dist is None)
+        self._records = self._catalog.open() if self._dist is None else self._dist.open(self._catalog)
         self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
     # option values, read by users and by the tests of earlier versions
@@ -182,30 +192,17 @@ class CheckpointManager:
         started = time.perf_counter()
         with self._lock:
             self._check_open()
+            if self._dist is not None:
+                record = self._dist.save(self, epoch, step, metrics=metrics, extra=extra, mid_epoch=mid_epoch,
+                                         overwrite=overwrite)
+                self.cadence.saved(record.step, stall=time.perf_counter() - started)
+                return record
             if self._writer is not None:
                 self._writer.ready()  # the save in flight commits (or raises) before this one starts
-            epoch = self.epoch if epoch is None else opts.count("epoch", epoch)
-            step = self.step if step is None else opts.count("step", step)
-            mid_epoch = opts.flag("mid_epoch", mid_epoch)
-            overwrite = opts.flag("overwrite", overwrite)
-            metric_values = schema.metrics_to_floats(metrics)
-            opts.check_monitored(self.policy, metric_values, mid_epoch, epoch, step)
-            if extra is not None and not isinstance(extra, Mapping):
-                raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
-                                  hint="pass extra={'lr': lr, 'best_acc': best_acc}")
-            check_new((epoch, step), mid_epoch, overwrite, self._records)
-            inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
-            if inside:
-                warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
-                              f"{', '.join(map(repr, inside))} is part-way "
-                              "through the epoch: resuming from it starts the next epoch and skips the "
-                              "rest of this one; pass mid_epoch=True for step checkpoints", stacklevel=2)
-            checkpoint = schema.build(state.capture(self.trackables), epoch=epoch, step=step,
-                                      mid_epoch=mid_epoch, metrics=metric_values,
-                                      rng=state.capture_rng(), extra=dict(extra or {}),
-                                      library_version=__version__,
-                                      spec=spec.checkpoint_specs(self.trackables, self._specs),
-                                      cadence=self.cadence.state_dict() if self.cadence.enabled else None)
+            epoch, step, mid_epoch, overwrite, metric_values, extra_ = self._checked(
+                epoch, step, metrics, extra, mid_epoch, overwrite)
+            checkpoint = self._build(state.capture(self.trackables), epoch, step, mid_epoch, metric_values, extra_,
+                                     [state.capture_rng()])
             if self._writer is not None:
                 path = self._catalog.store.where(checkpoint.name)
                 record = self._writer.submit(checkpoint, path, lambda staged: self._commit(staged, overwrite))
@@ -214,6 +211,39 @@ class CheckpointManager:
             self.epoch, self.step = epoch, step
             self.cadence.saved(step, stall=time.perf_counter() - started)  # what the loop paid
             return record
+
+    def _checked(self, epoch: Optional[int], step: Optional[int], metrics: Optional[Mapping[str, Any]],
+                 extra: Optional[Mapping[str, Any]], mid_epoch: bool, overwrite: bool
+                 ) -> Tuple[int, int, bool, bool, Dict[str, float], Dict[str, Any]]:
+        """save()'s arguments, checked (nothing written yet) and with their defaults."""
+        epoch = self.epoch if epoch is None else opts.count("epoch", epoch)
+        step = self.step if step is None else opts.count("step", step)
+        mid_epoch = opts.flag("mid_epoch", mid_epoch)
+        overwrite = opts.flag("overwrite", overwrite)
+        metric_values = schema.metrics_to_floats(metrics)
+        opts.check_monitored(self.policy, metric_values, mid_epoch, epoch, step)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
+                              hint="pass extra={'lr': lr, 'best_acc': best_acc}")
+        check_new((epoch, step), mid_epoch, overwrite, self._records)
+        inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
+        if inside:
+            warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
+                          f"{', '.join(map(repr, inside))} is part-way "
+                          "through the epoch: resuming from it starts the next epoch and skips the "
+                          "rest of this one; pass mid_epoch=True for step checkpoints", stacklevel=3)
+        return epoch, step, mid_epoch, overwrite, metric_values, dict(extra or {})
+
+    def _build(self, states: Dict[str, Any], epoch: int, step: int, mid_epoch: bool, metrics: Dict[str, float],
+               extra: Dict[str, Any], rngs: List[Dict[str, Any]]) -> schema.Checkpoint:
+        """The checkpoint dict; ``rngs`` holds every rank's RNG states (rank 0's first)."""
+        checkpoint = schema.build(states, epoch=epoch, step=step, mid_epoch=mid_epoch, metrics=metrics,
+                                  rng=rngs[0], extra=extra, library_version=__version__,
+                                  spec=spec.checkpoint_specs(self.trackables, self._specs),
+                                  cadence=self.cadence.state_dict() if self.cadence.enabled else None)
+        if len(rngs) > 1:  # a process group: each rank restores its own (see ckpt.distributed)
+            checkpoint.obj["ckpt"]["rng_per_rank"] = rngs
+        return checkpoint
 
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
         """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
@@ -237,6 +267,9 @@ class CheckpointManager:
         """
         with self._lock:
             self._check_open()
+            multi = self._multi()
+            if multi is not None:
+                return multi.resume(self)
             self.refresh()
             damaged: List[str] = []
             for record in reversed(self._records):
@@ -265,6 +298,9 @@ class CheckpointManager:
         """
         with self._lock:
             self._check_open()
+            multi = self._multi()
+            if multi is not None:
+                return multi.restore(self, which, step)
             self.refresh()
             record, obj = self._find(which, step)
             if obj is None:
@@ -342,6 +378,10 @@ class CheckpointManager:
     def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
         state.restore(self.trackables, obj, strict=self.options.strict, path=str(record.path),
                       rng=obj.get("rng") or {})
+        return self._applied(obj, record)
+
+    def _applied(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
+        """Note that ``record`` (whose dict is ``obj``) was restored."""
         extra = obj.get("extra")
         cadence = obj["ckpt"].get("cadence") if schema.is_checkpoint(obj) else None
         if isinstance(cadence, dict):
@@ -383,6 +423,8 @@ class CheckpointManager:
             flush = getattr(self._catalog.store, "flush", None)
             if flush is not None:  # a tiered store's uploads
                 flush()
+            if self._dist is not None:
+                self._dist.barrier("wait()")
 
     @property
     def preempted(self) -> bool:
@@ -405,7 +447,10 @@ class CheckpointManager:
         with self._lock:
             if not self._closed:
                 try:
-                    self.wait()
+                    if self._writer is not None:
+                        self._writer.wait()
+                    if self._dist is not None:
+                        self._dist.close()
                 finally:
                     self._closed = True
                     if self._writer is not None:
@@ -422,6 +467,27 @@ class CheckpointManager:
             raise StorageError("this CheckpointManager is closed", path=self.directory,
                                hint="create a new CheckpointManager for the directory")
 
+    def _multi(self) -> Optional[Coordinator]:
+        """The coordinator for resume/restore: with a process group, or (single process)
+        when a sharded checkpoint is committed here, which loads through DCP."""
+        if self._dist is None and any(schema.is_sharded(r.name) for r in self._records):
+            from .distributed import collective, coordinator
+            return coordinator.Coordinator(collective.Group(), self.options.collective_timeout)
+        return self._dist
+
     def __repr__(self) -> str:
         return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "
                 f"checkpoints={len(self._records)})")
+
+
+def _coordinator(options: opts.Options) -> Optional[Coordinator]:
+    """A :class:`ckpt.distributed.coordinator.Coordinator` when a default process group
+    is initialised (collective: every rank builds its manager), else None. A process
+    that never imported ``torch.distributed`` has no process group: nothing is imported."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    from .distributed import coordinator
+    if options.async_save:
+        coordinator.warn_async()
+    return coordinator.Coordinator.create(options.collective_timeout)

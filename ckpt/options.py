@@ -21,7 +21,7 @@ from .errors import ConfigError
 #: The keyword options of CheckpointManager (anything else is a tracked object).
 OPTION_NAMES = ("keep_last", "keep_best", "monitor", "mode", "keep_every", "map_location", "weights_only",
                 "strict", "progress", "preemption", "async_save", "every_steps", "every_seconds", "max_overhead",
-                "differential", "storage_options", "cache_dir")
+                "differential", "storage_options", "cache_dir", "collective_timeout")
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,25 @@ class Options:
     progress: Optional[bool] = None
     async_save: bool = False
     differential: bool = False
+    collective_timeout: float = 600.0
 
     @classmethod
     def check(cls, *, map_location: Any, weights_only: Any, strict: Any, progress: Any,
-              async_save: Any, differential: Any = False) -> Options:
+              async_save: Any, differential: Any = False, collective_timeout: Any = 600.0) -> Options:
         if progress is not None:
             flag("progress", progress)
         return cls(map_location=check_map_location(map_location), weights_only=flag("weights_only", weights_only),
                    strict=flag("strict", strict), progress=progress, async_save=flag("async_save", async_save),
-                   differential=flag("differential", differential))
+                   differential=flag("differential", differential),
+                   collective_timeout=seconds("collective_timeout", collective_timeout))
+
+
+def seconds(name: str, value: Any) -> float:
+    """A positive, finite number of seconds (a bool or a string is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}",
+                          hint=f"pass {name}=600.0, for example")
+    return float(value)
 
 
 def flag(name: str, value: Any) -> bool:

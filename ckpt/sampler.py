@@ -15,13 +15,20 @@ loading the skipped samples. Track it like any other object::
         for batch in loader:
             ...
 
+Under DDP pass nothing more: ``num_replicas`` and ``rank`` default from the process
+group, and each rank serves its share of the epoch's permutation, like
+``DistributedSampler`` (padded by repeating the first indices so that every rank gets
+the same count, or with ``drop_last=True`` cut to a multiple of ``num_replicas``);
+``len(sampler)`` and ``position`` count this rank's samples.
+
 Counting is exact for ``num_workers=0``; worker processes prefetch batches the loop has
 not trained on yet (see the README for what to use instead).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sized, Union
+import sys
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sized, Tuple, Union
 
 import torch
 
@@ -38,7 +45,8 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     given epoch from its first sample.
     """
 
-    def __init__(self, data_source: Union[Sized, int], *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, data_source: Union[Sized, int], *, shuffle: bool = True, seed: int = 0,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None, drop_last: bool = False) -> None:
         try:
             length = data_source if isinstance(data_source, int) else len(data_source)
         except TypeError:
@@ -49,7 +57,15 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                               hint="pass the (map-style) dataset itself, or len(dataset)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an int, got {seed!r}", hint="pass seed=0, for example")
+        self.num_replicas, self.rank = _replicas(num_replicas, rank)
+        self.drop_last = bool(drop_last)
         self.length = length
+        if self.num_replicas == 1:
+            self.num_samples = length
+        elif self.drop_last:
+            self.num_samples = length // self.num_replicas
+        else:
+            self.num_samples = -(-length // self.num_replicas)
         self.shuffle = bool(shuffle)
         self.seed = seed
         self.epoch = 0
@@ -59,13 +75,13 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self._resume_rng: Optional[Dict[str, Any]] = None
 
     def __len__(self) -> int:
-        """Samples in a whole epoch (what schedulers and progress bars expect)."""
-        return self.length
+        """This rank's samples in a whole epoch (what schedulers and progress bars expect)."""
+        return self.num_samples
 
     @property
     def remaining(self) -> int:
         """Samples of the current epoch not yet handed to the loader."""
-        return self.length - self.position
+        return self.num_samples - self.position
 
     def set_epoch(self, epoch: int) -> None:
         """Prepare epoch ``epoch``: continue it if it is the restored, interrupted epoch,
@@ -82,12 +98,19 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         """Every index of ``epoch`` (default: the current one), in the order it is served."""
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
-            return list(range(self.length))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+            order = list(range(self.length))
+        else:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        if self.num_replicas == 1:
+            return order
+        total = self.num_samples * self.num_replicas
+        if total > len(order) and order:  # pad by repeating from the start, as DistributedSampler does
+            order = (order * -(-total // len(order)))[:total]
+        return order[:total][self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        if not self._armed and (self._restored or self.position >= self.length):
+        if not self._armed and (self._restored or self.position >= self.num_samples):
             done = "was restored from a checkpoint" if self._restored else f"finished epoch {self.epoch}"
             raise ConfigError(
                 f"ResumableSampler {done}; call sampler.set_epoch(epoch) before iterating",
@@ -110,9 +133,12 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def state_dict(self) -> Dict[str, Any]:
         """Epoch, position, configuration, and the RNG states when inside an epoch."""
-        return {"epoch": self.epoch, "position": self.position, "length": self.length,
-                "seed": self.seed, "shuffle": self.shuffle,
-                "rng": state.capture_rng() if self.position > 0 else None}
+        saved = {"epoch": self.epoch, "position": self.position, "length": self.length,
+                 "seed": self.seed, "shuffle": self.shuffle,
+                 "rng": state.capture_rng() if self.position > 0 else None}
+        if self.num_replicas > 1:
+            saved.update(num_replicas=self.num_replicas, drop_last=self.drop_last)
+        return saved
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore the saved place; the next :meth:`set_epoch` decides whether to continue."""
@@ -121,11 +147,23 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 raise ValueError(f"the checkpoint's sampler has {key}={saved[key]!r}, this one "
                                  f"{key}={mine!r}; the remaining order would differ")
         position = int(saved["position"])
-        if not 0 <= position <= self.length:
-            raise ValueError(f"saved position {position} is outside 0..{self.length}")
+        replicas = int(saved.get("num_replicas", 1))
+        same_split = (replicas, bool(saved.get("drop_last", False))) == (self.num_replicas, self.drop_last)
+        if not same_split and 0 < position < self.num_samples:
+            raise ValueError(f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this "
+                             f"sampler has num_replicas={self.num_replicas}: the rest of the epoch would differ "
+                             "(resume mid-epoch at the same world size, or from an end-of-epoch checkpoint)")
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"saved position {position} is outside 0..{self.num_samples}")
         self.epoch, self.position = int(saved["epoch"]), position
         self._resume_rng = saved.get("rng")
         self._restored, self._armed = True, False
+
+    def _use_rng(self, rng: Optional[Dict[str, Any]]) -> None:
+        """Under a process group: continue with this rank's RNG states (the saved sampler
+        state holds rank 0's), or, with none saved for this rank, with its own."""
+        if self._resume_rng is not None:
+            self._resume_rng = rng
 
     def __repr__(self) -> str:
         return (f"ResumableSampler(length={self.length}, shuffle={self.shuffle}, seed={self.seed}, "
@@ -135,4 +173,21 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 def inside_epoch(trackables: Mapping[str, Any]) -> List[str]:
     """Names of tracked samplers part-way through an epoch (samples handed out and left)."""
     return [name for name, obj in trackables.items()
-            if isinstance(obj, ResumableSampler) and 0 < obj.position < obj.length]
+            if isinstance(obj, ResumableSampler) and 0 < obj.position < obj.num_samples]
+
+
+def _replicas(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
+    """(num_replicas, rank), each defaulting from the default process group (1 and 0 without one)."""
+    dist = sys.modules.get("torch.distributed")
+    grouped = dist is not None and dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if grouped else 1  # type: ignore[union-attr]
+    if rank is None:
+        rank = dist.get_rank() if grouped else 0  # type: ignore[union-attr]
+    for name, value in (("num_replicas", num_replicas), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an int, got {value!r}", hint="leave it out under torchrun")
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ConfigError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}",
+                          hint="leave both out under torchrun: they default from the process group")
+    return num_replicas, rank

@@ -27,7 +27,8 @@ from .errors import ConfigError, CorruptCheckpointError, FormatVersionError
 
 FORMAT_VERSION = 1
 RESERVED = frozenset({"epoch", "step", "metrics", "rng", "extra", "ckpt"})
-NAME_RE = re.compile(r"ckpt-e([0-9]+)-s([0-9]+)\.pt")
+NAME_RE = re.compile(r"ckpt-e([0-9]+)-s([0-9]+)\.(pt|dcp)")
+SHARDED_SUFFIX = ".dcp"  #: a sharded checkpoint: a directory (see ckpt.distributed.sharded)
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray,
           torch.Size, torch.dtype, torch.device, torch.Tensor, torch.nn.Parameter)
@@ -39,15 +40,27 @@ def file_name(epoch: int, step: int) -> str:
     return f"ckpt-e{epoch:06d}-s{step:09d}.pt"
 
 
-def parse_name(name: str) -> Optional[Tuple[int, int]]:
-    """(epoch, step) of a checkpoint file name, or None for any other file.
+def dir_name(epoch: int, step: int) -> str:
+    """The name of a sharded checkpoint: a directory with the same stem as :func:`file_name`."""
+    return f"ckpt-e{epoch:06d}-s{step:09d}{SHARDED_SUFFIX}"
 
-    Only the exact names :func:`file_name` writes match (not ``ckpt-e1-s2.pt``, nor a
-    trailing newline), so no foreign file can alias a checkpoint's (epoch, step).
+
+def is_sharded(name: str) -> bool:
+    return name.endswith(SHARDED_SUFFIX)
+
+
+def parse_name(name: str) -> Optional[Tuple[int, int]]:
+    """(epoch, step) of a checkpoint file (or sharded directory) name, or None for any other.
+
+    Only the exact names :func:`file_name` and :func:`dir_name` write match (not
+    ``ckpt-e1-s2.pt``, nor a trailing newline), so no foreign file can alias a
+    checkpoint's (epoch, step).
     """
     m = NAME_RE.fullmatch(name)
     key = (int(m.group(1)), int(m.group(2))) if m else None
-    return key if key is not None and file_name(*key) == name else None
+    if key is None:
+        return None
+    return key if (dir_name(*key) if is_sharded(name) else file_name(*key)) == name else None
 
 
 def check_loadable(obj: Any, where: str) -> int:

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from .. import schema
 from ..errors import ConfigError
 from ..spec import pick_module
-from ..store import LocalStore, differential
+from ..store import LocalStore, differential, torchfile
 from ..store.local import write_file
 from . import common, table
 from .common import UsageError
-
-#: Extension point: readers of checkpoint *directories* (sharded, differential). Each
-#: returns the weights of the module named (None: the model), or None when the
-#: directory is not of its kind. None are registered yet.
-DirectoryReader = Callable[[Path, Optional[str]], Optional[Mapping[str, Any]]]
-DIRECTORY_READERS: List[DirectoryReader] = []
 
 
 def add(sub: Any) -> None:
@@ -40,14 +35,14 @@ def add(sub: Any) -> None:
 def weights_of(path: Path, wanted: Optional[str] = None) -> Dict[str, Any]:
     """The state dict of the model in ``path`` (a file, or a directory a reader knows)."""
     if path.is_dir():
-        for reader in DIRECTORY_READERS:
-            found = reader(path, wanted)
-            if found is not None:
-                return dict(found)
-        raise UsageError("is a directory; exporting sharded or differential checkpoint directories is not "
-                         "supported yet", path=path,
-                         hint=f"pass one checkpoint file (see `ckpt ls {path}`)")
-    obj = common.load_file(common.checkpoint_file(str(path)))
+        if not schema.is_sharded(path.name):
+            raise UsageError("is a directory, not a checkpoint", path=path,
+                             hint=f"pass one checkpoint (see `ckpt ls {path}`)")
+        from ..distributed.export import export_sharded  # DCP: loaded on use only
+        with tempfile.TemporaryDirectory() as tmp:  # the whole state, gathered into one file
+            obj = torchfile.load(export_sharded(path, Path(tmp) / "full.pt"), mmap=False)
+    else:
+        obj = common.load_file(common.checkpoint_file(str(path)))
     if schema.is_checkpoint(obj):
         head = schema.header(obj, str(path))
         if head.blobs:  # differential: its large tensors live in the blob files beside it

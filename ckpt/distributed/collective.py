@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
-from ..errors import CkptError, ConfigError
+from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError
 
 if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store
@@ -46,14 +46,8 @@ if TYPE_CHECKING:
 ORDER_HINT = ("every rank must call save()/resume()/restore()/wait()/close() in the same order; a rank "
               "that crashed, or is stuck elsewhere (data loading, a collective of its own), shows up here")
 RngState = dict[str, Any]
-
-
-class CollectiveTimeoutError(CkptError, TimeoutError):
-    """A rank did not arrive at a ckpt collective within its timeout; every rank raises."""
-
-
-class CollectiveError(CkptError, RuntimeError):
-    """Another rank failed its part of a collective operation, or called a different one."""
+__all__ = ["CollectiveError", "CollectiveTimeoutError", "Group", "agree", "broadcast_object", "context",
+           "gather_rng", "has_dtensor", "rng_for_rank", "scatter_rng", "sync"]
 
 
 class _Channel:

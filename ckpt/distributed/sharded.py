@@ -8,8 +8,9 @@ A committed checkpoint directory holds::
     ckpt-manifest.json               rank 0, last: format, world size, what each state is, and the
                                      size and CRC-32 of every other file
 
-Save (every rank): capture, then agree; DCP writes into ``tmp_dir``, then agree; rank 0
-checksums every file, writes the manifest, fsyncs files and directory, renames
+Save (every rank): capture, then agree; DCP writes into ``tmp_dir``, each rank checksums
+and fsyncs its own shard files (in parallel), then agree and gather the checksums; rank 0
+checksums the rest (``.metadata``, ``ckpt-meta.pt``), writes the manifest, fsyncs files and directory, renames
 ``tmp_dir`` to ``final_dir`` and fsyncs the parent, then agree -- so a rank that fails or
 is killed at any step makes every other rank raise (bounded: see ckpt.distributed) and
 nothing appears under ``final_dir``. Load: rank 0 verifies the checksums, every rank
@@ -79,8 +80,8 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from .collective import Group, agree, broadcast_object
-from .shardfiles import FORMAT, MANIFEST, VERSION, commit, fsync_dir, read_manifest, verify_files
+from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
+from .collective import Group, agree, broadcast_object, sync
 
 META = "ckpt-meta.pt"
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
@@ -118,17 +119,20 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
                 os.fsync(f.fileno())
         return {"kinds": kinds, "state": state}
 
-    def write() -> None:
+    def write() -> dict[str, dict[str, int]]:
         with _quiet_no_dist():
             dcp_save(captured["state"], storage_writer=FileSystemWriter(tmp_dir),
                      process_group=ctx.control, no_dist=not ctx.active)
+        return checksums(tmp_dir, f"__{ctx.rank}_")  # DCP names each rank's files __<rank>_<n>.distcp
 
     try:
         captured = _step(ctx, f"{what} (capture)", timeout, prepare, final_dir, StorageError)
-        _step(ctx, f"{what} (write)", timeout, write, final_dir, StorageError)
+        mine = _step(ctx, f"{what} (write)", timeout, write, final_dir, StorageError)
+        known = {k: v for sums in sync(ctx, f"{what} (checksums)", timeout=timeout, payload=mine) for k, v in
+                 sums.items()}
         manifest = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "states": captured["kinds"]}
         manifest = _step(ctx, f"{what} (commit)", timeout,
-                         lambda: commit(tmp_dir, final_dir, manifest) if ctx.is_leader else manifest,
+                         lambda: commit(tmp_dir, final_dir, manifest, known) if ctx.is_leader else manifest,
                          final_dir, StorageError)
         return cast(dict[str, Any], broadcast_object(ctx, manifest, timeout=timeout, what=f"{what} (manifest)"))
     except BaseException:

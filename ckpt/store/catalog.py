@@ -17,7 +17,7 @@ from .. import policy, record, schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
 from ..record import CheckpointRecord
 from . import commit as _commit
-from . import differential, index, torchfile
+from . import differential, index, sharddir, torchfile
 from .base import Store
 from .checksum import file_checksum
 
@@ -121,6 +121,10 @@ class Catalog:
         on_disk: Dict[str, int] = {}
         for _ in range(_OBSERVE_TRIES):
             on_disk = {n: s for n, s in self.store.list("ckpt-").items() if schema.parse_name(n)}
+            list_dirs = getattr(self.store, "list_dirs", None)  # sharded checkpoints: local stores only
+            if list_dirs is not None:
+                on_disk.update((n, s) for n, s in list_dirs("ckpt-").items()
+                               if schema.parse_name(n) and schema.is_sharded(n))
             if locked:
                 break
             again = index.read_raw(self.store)
@@ -137,6 +141,8 @@ class Catalog:
         its contents must name the same (epoch, step) as its file name.
         """
         path = self.store.where(name)
+        if schema.is_sharded(name):
+            return sharddir.describe(self.store, name)
         with self.store.local_path(name) as local, torchfile.opened(local) as real:
             obj = torchfile.load_open(real, path, check_records=True)
             head = schema.header(obj, str(path))
@@ -168,8 +174,11 @@ class Catalog:
     def extra_loader(self, name: str) -> record.ExtraLoader:
         """Reads the ``extra`` dict of ``name`` (unmapped, so the file is not pinned)."""
         def load() -> Dict[str, Any]:
-            with self.store.local_path(name) as local:
-                obj = torchfile.load(local, mmap=False)
+            if schema.is_sharded(name):
+                obj: Any = sharddir.load_meta(self.store, name)
+            else:
+                with self.store.local_path(name) as local:
+                    obj = torchfile.load(local, mmap=False)
             extra = obj.get("extra", {}) if isinstance(obj, dict) else {}
             return dict(extra) if isinstance(extra, dict) else {}
         return load
@@ -217,8 +226,11 @@ class Catalog:
                 if now.checksum != rec.checksum:
                     return "; a writer has replaced it since: left as it is"
                 try:
-                    with self.store.local_path(rec.name) as local:
-                        torchfile.load(local, checksum=now.checksum)
+                    if schema.is_sharded(rec.name):
+                        sharddir.verify(self.store, rec.name, now.checksum)
+                    else:
+                        with self.store.local_path(rec.name) as local:
+                            torchfile.load(local, checksum=now.checksum)
                     return "; it reads now (a concurrent replace): left as it is"
                 except CorruptCheckpointError:
                     pass
@@ -263,8 +275,11 @@ class Catalog:
         checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
         for rec in listing.records:
             try:
-                with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
-                    torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
+                if schema.is_sharded(rec.name):
+                    sharddir.verify(self.store, rec.name, rec.checksum)
+                else:
+                    with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
+                        torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
                 for blob, checksum in rec.blobs:
                     if blob not in checked:
                         checked[blob] = self._verify_blob(blob, checksum, progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import stat
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
@@ -154,9 +155,26 @@ class LocalStore:
                             out[entry.name] = entry.stat(follow_symlinks=False).st_size
         return out
 
+    def list_dirs(self, prefix: str = "") -> Dict[str, int]:
+        """Committed directories (sharded checkpoints) starting with ``prefix``, and the
+        total bytes of the files in each."""
+        out: Dict[str, int] = {}
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.startswith(prefix) and not entry.name.startswith(TMP_PREFIX):
+                    with suppress(FileNotFoundError):
+                        if entry.is_dir(follow_symlinks=False):
+                            out[entry.name] = _tree_size(Path(entry.path))
+        return out
+
     def delete(self, name: str) -> None:
+        """Remove a file, or a directory (a sharded checkpoint) with everything in it."""
+        path = self.directory / name
         with suppress(FileNotFoundError):
-            os.unlink(self.directory / name)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
 
     def move(self, src: str, dst: str) -> None:
         os.replace(self.directory / src, self.directory / dst)
@@ -179,10 +197,10 @@ class LocalStore:
             with self.lock(timeout=0):
                 with os.scandir(self.directory) as it:
                     stale = [e.name for e in it if e.name.startswith(TMP_PREFIX)
-                             and e.is_file(follow_symlinks=False)]
-                for name in stale:
+                             and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))]
+                for name in stale:  # files, and the directories of unfinished sharded saves
                     with suppress(FileNotFoundError):
-                        os.unlink(self.directory / name)
+                        self.delete(name)
                         removed.append(name)
         except Timeout:
             pass  # another writer holds the lock: its temporaries are live
@@ -190,6 +208,15 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
 
 
 def prepare_directory(directory: Path) -> Path:

@@ -56,15 +56,32 @@ def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
                 hint="the file was damaged after the save; resume from an older checkpoint")
 
 
-def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0, once every rank's files are written: checksum and fsync each file, write the
-    manifest, fsync the directory, rename it to ``final_dir`` and fsync the parent, so the
-    name appears only for a complete checkpoint, and survives a power cut once it has."""
-    files = {}
-    for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
+def checksums(directory: Path, prefix: str) -> dict[str, dict[str, int]]:
+    """Size and CRC-32 of the files in ``directory`` whose names start with ``prefix``
+    (one rank's shards), each fsynced: every rank checks its own files, in parallel."""
+    out = {}
+    for path in sorted(p for p in Path(directory).glob(f"{prefix}*") if p.is_file()):
         with open(path, "rb") as f:
-            files[path.relative_to(tmp_dir).as_posix()] = {"size": os.fstat(f.fileno()).st_size,
-                                                           "crc32": _crc32(f)}
+            out[path.name] = {"size": os.fstat(f.fileno()).st_size, "crc32": _crc32(f)}
+            os.fsync(f.fileno())
+    return out
+
+
+def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
+           known: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+    """Rank 0, once every rank's files are written: checksum and fsync each file (those in
+    ``known`` were checked and fsynced by the rank that wrote them), write the manifest,
+    fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
+    appears only for a complete checkpoint, and survives a power cut once it has."""
+    files: dict[str, Any] = {}
+    known = known or {}
+    for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(tmp_dir).as_posix()
+        if name in known and known[name]["size"] == path.stat().st_size:
+            files[name] = dict(known[name])
+            continue
+        with open(path, "rb") as f:
+            files[name] = {"size": os.fstat(f.fileno()).st_size, "crc32": _crc32(f)}
             os.fsync(f.fileno())
     manifest = {**manifest, "files": files}
     with open(tmp_dir / MANIFEST, "w", encoding="utf-8") as f:

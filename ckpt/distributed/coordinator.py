@@ -1,0 +1,380 @@
+"""The manager's collective operations under ``torch.distributed`` (design §11).
+
+With a default process group, :class:`~ckpt.CheckpointManager` hands ``save``,
+``resume``, ``restore``, ``wait`` and ``close`` to a :class:`Coordinator`. Every rank
+calls them in the same order; each is a few bounded collectives over
+:mod:`.collective`, so a rank that never arrives makes the others raise
+:class:`~ckpt.errors.CollectiveTimeoutError` after ``collective_timeout`` seconds.
+
+What rank 0 does: it alone opens the run directory (cleans leftovers, rewrites a stale
+index), holds the lock, writes the index and applies retention; it broadcasts the
+outcome (the committed records, or its error), so no rank returns from ``save()``
+before the commit and every rank's ``checkpoints`` match. On resume it picks the
+checkpoint (skipping damaged ones) and every rank loads that one.
+
+Two kinds of checkpoint, chosen per save:
+
+- replicated (no ``DTensor`` in any tracked object: DDP, or plain modules): one file,
+  written by rank 0 in the single-process format. ``rng`` is rank 0's RNG dict (so
+  the file restores in a single process, or with plain ``torch.load``), and
+  ``ckpt["rng_per_rank"]`` is the list of every rank's, each rank restoring its own.
+- sharded (a ``DTensor`` anywhere: FSDP2, tensor parallel): the directory
+  ``ckpt-e<epoch>-s<step>.dcp/`` written by :mod:`.sharded`: modules and optimizers
+  through DCP, every other tracked object and the plain entries in ``ckpt-meta.pt``
+  (same layout as a single file, ``rng_per_rank`` included).
+
+``async_save=True`` has no effect with a process group: saves are synchronous (a
+warning says so once). Both kinds need every rank's part before the commit, and
+replying to ``save()`` only after rank 0's commit is what lets every rank see it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import policy, record, schema, state
+from ..errors import CheckpointNotFoundError, CkptError, CollectiveError, CorruptCheckpointError
+from ..record import CheckpointRecord
+from ..sampler import ResumableSampler
+from ..store import index, sharddir
+from ..store.commit import check_new
+from ..store.local import TMP_PREFIX
+from . import collective as cl
+
+if TYPE_CHECKING:
+    from ..store import Catalog
+
+Outcome = tuple[str, Any, Any]
+#: ckpt.manager.CheckpointManager, whose private steps (_checked, _build, _commit, _load,
+#: _apply, ...) this module drives; a layer above this one, so not imported.
+CheckpointManager = Any
+
+
+class Coordinator:
+    """One manager's side of the collective protocol (see the module docstring)."""
+
+    def __init__(self, ctx: cl.Group, timeout: float) -> None:
+        self.ctx = ctx
+        self.timeout = timeout
+        self.broken = False  # a collective failed: skip the barrier of close()
+        self._read: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
+        self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
+
+    @classmethod
+    def create(cls, timeout: float) -> Coordinator:
+        """Collective: builds ckpt's gloo group (every rank, at manager construction)."""
+        return cls(cl.context(timeout=max(timeout, 1.0)), timeout)
+
+    # -- the collectives, failing every rank together --------------------------------
+
+    def _broadcast(self, what: str, outcome: Outcome | None, error: BaseException | None) -> Outcome:
+        """Rank 0's outcome on every rank; rank 0 re-raises its own error, the others a
+        :class:`CollectiveError` quoting it."""
+        got = self._collective(cl.broadcast_object, self.ctx, outcome, timeout=self.timeout, what=what)
+        if error is not None:
+            raise error
+        if got[0] == "err":
+            raise CollectiveError(f"{what} failed on rank 0: {got[1]}",
+                                  hint="rank 0's own error (and traceback) is in its log")
+        return got  # type: ignore[no-any-return]
+
+    def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CollectiveError:
+            self.broken = True
+            raise
+        except CkptError as e:
+            if isinstance(e, TimeoutError):
+                self.broken = True
+            raise
+
+    def barrier(self, what: str) -> None:
+        self._collective(cl.sync, self.ctx, what, timeout=self.timeout)
+
+    def close(self) -> None:
+        if not self.broken:
+            self.barrier("close()")
+
+    # -- opening ---------------------------------------------------------------------
+
+    def open(self, catalog: Catalog) -> list[CheckpointRecord]:
+        """Rank 0 opens the directory (cleaning leftovers); every rank gets its records."""
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        records: list[CheckpointRecord] = []
+        if self.ctx.is_leader:
+            try:
+                records = catalog.open()
+                outcome = ("ok", [r.to_json() for r in records], None)
+            except Exception as e:  # noqa: BLE001 - every failure must reach the others
+                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+        got = self._broadcast("CheckpointManager()", outcome, error)
+        return records if self.ctx.is_leader else _records(catalog, got[1])
+
+    # -- saving ----------------------------------------------------------------------
+
+    def save(self, mgr: CheckpointManager, epoch: int | None, step: int | None, *,
+             metrics: Mapping[str, Any] | None, extra: Mapping[str, Any] | None,
+             mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
+        ctx = self.ctx
+        error: BaseException | None = None
+        payload: Any = None
+        try:
+            args = mgr._checked(epoch, step, metrics, extra, mid_epoch, overwrite)
+            sharded = cl.has_dtensor(list(mgr.trackables.values()))
+            payload = (args[:3], sharded, state.capture_rng())
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = e
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        posts = self._collective(cl.sync, ctx, "save()", timeout=self.timeout, payload=(report, payload))
+        failed = [f"rank {r}: {msg}" for r, (msg, _) in enumerate(posts) if msg is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise CollectiveError(f"save() failed on {'; '.join(failed)}", hint="see that rank's log")
+        if len({repr(p[0]) for _, p in posts}) > 1 or len({p[1] for _, p in posts}) > 1:
+            calls = ", ".join(f"rank {r}: epoch={p[0][0]} step={p[0][1]}" + (" sharded" if p[1] else "")
+                              for r, (_, p) in enumerate(posts))
+            self.broken = True
+            raise CollectiveError(f"ranks called save() with different arguments ({calls})",
+                                  hint="pass the same epoch/step on every rank (and shard the same objects)")
+        epoch_, step_, mid = args[0], args[1], args[2]
+        metric_values, extra_ = args[4], args[5]
+        rngs = [p[2] for _, p in posts]
+        save = self._save_sharded if payload[1] else self._save_replicated
+        rec = save(mgr, epoch_, step_, mid, metric_values, extra_, rngs, overwrite)
+        mgr.epoch, mgr.step = epoch_, step_
+        return rec
+
+    def _save_replicated(self, mgr: CheckpointManager, epoch: int, step: int, mid_epoch: bool,
+                         metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
+                         overwrite: bool) -> CheckpointRecord:
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        if self.ctx.is_leader:
+            try:
+                checkpoint = mgr._build(state.capture(mgr.trackables), epoch, step, mid_epoch, metrics, extra, rngs)
+                rec = mgr._commit(checkpoint, overwrite)
+                outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr._records])
+            except Exception as e:  # noqa: BLE001 - every failure must reach the others
+                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+        got = self._broadcast(f"save() of epoch {epoch}, step {step} (commit)", outcome, error)
+        return self._adopt(mgr, got)
+
+    def _save_sharded(self, mgr: CheckpointManager, epoch: int, step: int, mid_epoch: bool,
+                      metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
+                      overwrite: bool) -> CheckpointRecord:
+        from .sharded import save_sharded
+
+        ctx, store = self.ctx, mgr._catalog.store
+        name = schema.dir_name(epoch, step)
+        tmp = f"{TMP_PREFIX}shard-{name}"  # the same on every rank: each writes its shards there
+        dcp_states, plain = _split(mgr.trackables)
+        with ExitStack() as held:
+            error: BaseException | None = None
+            meta: dict[str, Any] = {}
+            records: list[CheckpointRecord] = []
+            if ctx.is_leader:  # the lock, for the whole save: no other writer, no cleanup of our tmp
+                try:
+                    held.enter_context(store.lock())
+                    records = mgr._catalog.scan(locked=True).records
+                    existing = check_new((epoch, step), mid_epoch, overwrite, records)
+                    checkpoint = mgr._build(state.capture(plain), epoch, step, mid_epoch, metrics, extra, rngs)
+                    meta = checkpoint.obj
+                    meta["ckpt"]["objects"] = list(mgr.trackables)
+                    meta["ckpt"]["sharded"] = list(dcp_states)
+                    if existing is not None:  # replaced: out of the index first, then gone
+                        records = [r for r in records if r.key != existing.key]
+                        index.write(store, records)
+                        store.delete(existing.name)
+                except Exception as e:  # noqa: BLE001 - every failure must reach the others
+                    error = e
+            self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
+            manifest = self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states,
+                                        meta, timeout=self.timeout)
+            outcome: Outcome | None = None
+            if ctx.is_leader:
+                try:
+                    rec = sharddir.committed(store, name, manifest, meta)
+                    kept = _retain(mgr, store, records, rec)
+                    outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
+                except Exception as e:  # noqa: BLE001
+                    error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+            got = self._broadcast(f"save() of {name} (index)", outcome, error)
+        return self._adopt(mgr, got)
+
+    def _adopt(self, mgr: CheckpointManager, got: Outcome) -> CheckpointRecord:
+        """Every rank's records become rank 0's; the committed record is returned."""
+        catalog = mgr._catalog
+        if self.ctx.is_leader:
+            found: CheckpointRecord = next(r for r in mgr._records if r.name == got[1]["file"])
+            return found
+        mgr._records = _records(catalog, got[2])
+        return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
+
+    # -- restoring -------------------------------------------------------------------
+
+    def resume(self, mgr: CheckpointManager) -> int:
+        rec, _ = self._choose(mgr, None, None)
+        if rec is None:
+            return 0
+        self._load(mgr, rec)
+        return rec.next_epoch
+
+    def restore(self, mgr: CheckpointManager, which: Any, step: int | None) -> CheckpointRecord:
+        rec, foreign = self._choose(mgr, which, step)
+        if foreign is not None:
+            return self._load_foreign(mgr, foreign)
+        assert rec is not None  # restore raises instead of choosing nothing
+        return self._load(mgr, rec)
+
+    def _choose(self, mgr: CheckpointManager, which: Any,
+                step: int | None) -> tuple[CheckpointRecord | None, str | None]:
+        """Rank 0 picks the checkpoint (resume: the newest that verifies); every rank learns
+        it: (a committed record, None), or (None, the path of a file outside the index)."""
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        if self.ctx.is_leader:
+            try:
+                mgr.refresh()
+                if which is None:
+                    rec = self._pick_latest(mgr)
+                else:
+                    rec, obj = mgr._find(which, step)
+                    if obj is not None:  # a file outside the index: every rank reads it by path
+                        self._foreign = (rec, obj)
+                        outcome = ("foreign", str(rec.path), [r.to_json() for r in mgr._records])
+                if outcome is None:
+                    outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr._records])
+            except Exception as e:  # noqa: BLE001
+                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+        got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
+        if not self.ctx.is_leader:
+            mgr._records = _records(mgr._catalog, got[2])
+        if got[0] == "foreign":
+            return None, got[1]
+        if got[1] is None:
+            return None, None
+        name = got[1]["file"]
+        known = next((r for r in mgr._records if r.name == name), None)
+        return known or record.from_json(got[1], mgr._catalog.store.where(name)), None
+
+    def _load_foreign(self, mgr: CheckpointManager, path: str) -> CheckpointRecord:
+        """restore(path) of a file outside the index: every rank reads it (a shared filesystem)."""
+        from pathlib import Path
+
+        error: BaseException | None = None
+        applied: CheckpointRecord | None = None
+        try:
+            read, self._foreign = self._foreign, None
+            rec, obj = mgr._foreign(Path(path)) if read is None else read
+            applied = mgr._apply(obj, rec)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the others
+            error = e
+        self._collective(cl.agree, self.ctx, f"restore({path!r})", error, timeout=self.timeout)
+        assert applied is not None
+        return applied
+
+    def _pick_latest(self, mgr: CheckpointManager) -> CheckpointRecord | None:
+        damaged: list[str] = []
+        rec: CheckpointRecord
+        for rec in reversed(mgr._records):
+            try:
+                if schema.is_sharded(rec.name):
+                    sharddir.verify(mgr._catalog.store, rec.name, rec.checksum)
+                else:
+                    self._read = (rec.name, mgr._load(rec)[0])  # loaded once: _load takes it
+            except (CorruptCheckpointError, FileNotFoundError) as e:
+                damaged.append(str(rec.path))
+                mgr._skip(rec, e)
+                continue
+            return rec
+        if damaged:
+            raise CheckpointNotFoundError(
+                f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
+                path=mgr.directory, hint="the damaged ones were kept as *.corrupt; start a fresh run")
+        return None
+
+    def _load(self, mgr: CheckpointManager, rec: CheckpointRecord) -> CheckpointRecord:
+        """Every rank loads ``rec`` and applies it; all succeed or all raise."""
+        ctx, path = self.ctx, str(rec.path)
+        error: BaseException | None = None
+        obj: dict[str, Any] = {}
+        applied: CheckpointRecord | None = None
+        trackables = mgr.trackables
+        if schema.is_sharded(rec.name):  # collective, and agreed inside: raises on every rank together
+            from .sharded import load_sharded
+
+            dcp_states, trackables = _split(mgr.trackables)
+            obj = self._collective(load_sharded, ctx, rec.path, dcp_states, timeout=self.timeout,
+                                   strict=mgr.options.strict, verify=False)
+        try:
+            read, self._read = self._read, None
+            if not schema.is_sharded(rec.name):
+                obj = read[1] if read is not None and read[0] == rec.name else mgr._load(rec)[0]
+            schema.header(obj, path)
+            meta = obj.get("ckpt")
+            saved = (meta.get("rng_per_rank") if isinstance(meta, dict) else None) or obj.get("rng") or {}
+            mine = cl.rng_for_rank(ctx, saved) if saved else None
+            state.restore(trackables, obj, strict=mgr.options.strict, path=path, rng=mine)
+            for tracked in mgr.trackables.values():
+                if isinstance(tracked, ResumableSampler):
+                    tracked._use_rng(mine)  # its saved RNG is rank 0's: take this rank's
+            applied = mgr._applied(obj, rec)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the others
+            error = e
+        self._collective(cl.agree, ctx, f"load of {rec.name}", error, timeout=self.timeout)
+        assert applied is not None
+        return applied
+
+
+def _split(trackables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(modules and optimizers, for DCP; everything else, saved in the plain entries)."""
+    dcp: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
+    for name, obj in trackables.items():
+        inner = state.unwrap(obj)
+        if isinstance(inner, (torch.nn.Module, torch.optim.Optimizer)):
+            dcp[name] = inner
+        else:
+            plain[name] = obj
+    return dcp, plain
+
+
+def _retain(mgr: CheckpointManager, store: Any, records: list[CheckpointRecord],
+            rec: CheckpointRecord) -> list[CheckpointRecord]:
+    """Rank 0, holding the lock: index the new directory, then delete what retention evicts."""
+    protected = mgr._protected
+    newer = protected is None or rec.key > protected
+    candidates = [r for r in records if r.key != rec.key] + [rec]
+    keep = {rec.key} if newer or protected is None else {rec.key, protected}
+    kept_keys = policy.select_kept(candidates, mgr.policy, keep)
+    kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
+    try:
+        index.write(store, kept)
+    except BaseException:
+        store.delete(rec.name)  # not indexed: not committed
+        raise
+    for old in candidates:
+        if old.key not in kept_keys:
+            store.delete(old.name)
+    if newer:
+        mgr._protected = None
+    mgr._records = kept
+    return kept
+
+
+def _records(catalog: Catalog, entries: list[dict[str, Any]]) -> list[CheckpointRecord]:
+    store = catalog.store
+    return [record.from_json(e, store.where(e["file"]), catalog.extra_loader(e["file"])) for e in entries]
+
+
+def warn_async() -> None:
+    warnings.warn("async_save=True has no effect with a process group: every rank's save() returns once "
+                  "rank 0 committed the checkpoint", stacklevel=3)

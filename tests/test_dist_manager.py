@@ -1,0 +1,402 @@
+"""CheckpointManager under a real gloo process group (tests/dist_harness.py): DDP and FSDP2.
+
+Rank functions are module-level so the rank processes can unpickle them; each returns
+small plain values for the parent to assert on.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import kill_self, launch, run
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------------------- DDP
+
+
+def _ddp_run(rank: int, world: int, directory: str, epochs: int, kill_at: tuple | None,
+             mid: bool) -> dict:
+    """Train a tiny DDP model with dropout (so each rank's RNG matters) over a
+    ResumableSampler; SIGKILL every rank right after the save at ``kill_at``."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ckpt import CheckpointManager, ResumableSampler
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(22, 4, generator=gen), torch.randn(22, 1, generator=gen))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    model = DDP(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(100 + rank)  # every rank its own dropout masks
+    sampler = ResumableSampler(data, seed=1)
+    loader = DataLoader(data, batch_size=3, sampler=sampler)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, sampler=sampler, keep_last=2,
+                            collective_timeout=30)
+    start = mgr.resume()
+    step = mgr.step
+    for epoch in range(start, epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if mid and kill_at == (epoch, step):
+                mgr.save(epoch=epoch, step=step, mid_epoch=True)
+                kill_self()
+        mgr.save(epoch=epoch, step=step)
+        if not mid and kill_at == (epoch, step):
+            kill_self()
+    names = [r.name for r in mgr.checkpoints]
+    mgr.close()
+    return {"params": [p.detach().clone() for p in net.parameters()], "rng": torch.rand(3),
+            "len": len(sampler), "checkpoints": names}
+
+
+@pytest.mark.parametrize("mid", [False, True], ids=["end-of-epoch", "mid-epoch"])
+def test_ddp_run_killed_and_resumed_ends_bit_identical(tmp_path: Path, mid: bool) -> None:
+    epochs = 3
+    straight = run(_ddp_run, 2, str(tmp_path / "straight"), epochs, None, mid, timeout=120)
+    assert straight[0]["len"] == 11  # 22 samples over 2 ranks
+    kill_at = (1, 4 + 2) if mid else (1, 8)  # 4 batches per rank per epoch
+    outs = launch(_ddp_run, 2, str(tmp_path / "killed"), epochs, kill_at, mid, timeout=120)
+    assert all(o.killed for o in outs), [(o.exitcode, o.error) for o in outs]
+    resumed = run(_ddp_run, 2, str(tmp_path / "killed"), epochs, kill_at, False, timeout=120)
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
+        assert torch.equal(a["rng"], b["rng"])
+    assert not torch.equal(straight[0]["rng"], straight[1]["rng"])  # each rank kept its own stream
+    assert resumed[0]["checkpoints"] == resumed[1]["checkpoints"] == straight[0]["checkpoints"]
+    assert straight[0]["checkpoints"] == ["ckpt-e000001-s000000008.pt", "ckpt-e000002-s000000012.pt"]
+    # rank 0's file, today's format: plain torch.load, every rank's RNG inside
+    obj = torch.load(tmp_path / "straight" / straight[0]["checkpoints"][-1], weights_only=True)
+    assert len(obj["ckpt"]["rng_per_rank"]) == 2 and obj["rng"]["torch"].equal(obj["ckpt"]["rng_per_rank"][0]["torch"])
+
+
+def _skipper(rank: int, world: int, directory: str) -> str:
+    import torch.distributed as dist
+
+    from ckpt import CheckpointManager, CollectiveTimeoutError
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2), collective_timeout=3)
+    result = "returned"
+    if rank != 1:
+        try:
+            mgr.save(epoch=0)
+        except CollectiveTimeoutError as e:
+            result = f"timeout: {e}"
+    dist.barrier()  # the training group: rank 1 "forgot" save() and went on training
+    return result
+
+
+def test_a_rank_that_skips_save_makes_the_others_fail_in_bounded_time(tmp_path: Path) -> None:
+    outs = run(_skipper, 3, str(tmp_path), timeout=60)
+    for out in (outs[0], outs[2]):
+        assert out.startswith("timeout: save() timed out after 3 s") and "ranks [1] did not arrive" in out
+    assert not any(p.name.startswith("ckpt-e") for p in tmp_path.iterdir())
+
+
+def _rank0_fails(rank: int, world: int, directory: str) -> str:
+    from ckpt import CheckpointManager
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2), collective_timeout=20)
+    try:  # a value torch.load(weights_only=True) cannot read: only rank 0 builds the file
+        mgr.save(epoch=0, extra={"x": object()} if rank == 0 else {"x": 1})
+    except Exception as e:  # noqa: BLE001 - the test reports what each rank raised
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
+def test_a_failed_commit_on_rank_0_raises_on_every_rank(tmp_path: Path) -> None:
+    leader, other = run(_rank0_fails, 2, str(tmp_path), timeout=60)
+    assert leader.startswith("ConfigError")
+    assert other.startswith("CollectiveError: save() of epoch 0, step 0 (commit) failed on rank 0: ConfigError")
+
+
+def _ddp_restore(rank: int, world: int, directory: str) -> list:
+    import torch.distributed as dist
+
+    from ckpt import CheckpointManager
+
+    model = torch.nn.Linear(2, 2)
+    mgr = CheckpointManager(directory, model=model, collective_timeout=20)
+    weights = []
+    for epoch in range(2):
+        torch.nn.init.constant_(model.weight, float(epoch))
+        weights.append(model.weight.detach().clone())
+        mgr.save(epoch=epoch)
+    plain = Path(directory).parent / "plain.pt"
+    if rank == 0:
+        torch.save({"model": {"weight": torch.full((2, 2), 7.0), "bias": torch.zeros(2)}}, plain)
+    dist.barrier()
+    got = [mgr.restore(0).epoch, torch.equal(model.weight, weights[0])]
+    got += [mgr.restore("latest").epoch, torch.equal(model.weight, weights[1])]
+    mgr.restore(plain)
+    got += [float(model.weight[0, 0]), [r.name for r in mgr.checkpoints]]
+    mgr.close()
+    return got
+
+
+def test_restore_is_collective_by_epoch_latest_and_path(tmp_path: Path) -> None:
+    outs = run(_ddp_restore, 2, str(tmp_path / "run"), timeout=60)
+    names = ["ckpt-e000000-s000000000.pt", "ckpt-e000001-s000000000.pt"]
+    assert outs[0] == outs[1] == [0, True, 1, True, 7.0, names]
+
+
+def test_sampler_shards_like_distributed_sampler() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from ckpt import ResumableSampler
+
+    for n, world, drop in [(10, 3, False), (10, 3, True), (7, 2, False), (4, 4, False)]:
+        for rank in range(world):
+            mine = ResumableSampler(n, seed=5, num_replicas=world, rank=rank, drop_last=drop)
+            theirs = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=5, drop_last=drop)
+            assert list(mine) == list(theirs) and len(mine) == len(theirs)
+    parts = [list(ResumableSampler(9, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(9))
+
+
+def test_sampler_resumes_a_replica_mid_epoch() -> None:
+    from ckpt import ResumableSampler
+
+    a = ResumableSampler(10, seed=2, num_replicas=2, rank=1)
+    it = iter(a)
+    first = [next(it) for _ in range(2)]
+    b = ResumableSampler(10, seed=2, num_replicas=2, rank=1)
+    b.load_state_dict(a.state_dict())
+    b.set_epoch(0)
+    assert first + list(b) == a.order() and b.remaining == 0
+    with pytest.raises(ValueError, match="num_replicas=3"):
+        ResumableSampler(10, seed=2, num_replicas=3, rank=1).load_state_dict(a.state_dict())
+
+
+# --------------------------------------------------------------------- FSDP2 (sharded)
+
+
+def _fsdp(world: int, seed: int) -> tuple:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model(torch.randn(3, 4, generator=gen)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return copy.deepcopy({"model": get_model_state_dict(model, options=options),
+                          "optimizer": get_optimizer_state_dict(model, opt, options=options)})
+
+
+def _fsdp_save(rank: int, world: int, directory: str, epochs: int) -> dict:
+    from ckpt import CheckpointManager
+
+    model, opt = _fsdp(world, 0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, keep_last=2,
+                            collective_timeout=30)
+    for epoch in range(epochs):
+        _step(model, opt, epoch)
+        sched.step()
+        rec = mgr.save(epoch=epoch, metrics={"loss": float(epoch)})
+    names = [r.name for r in mgr.checkpoints]
+    mgr.close()
+    full = _full(model, opt)  # collective: every rank gathers
+    return {"full": full if rank == 0 else None, "names": names, "size": rec.size,
+            "lr": sched.get_last_lr()}
+
+
+def _fsdp_resume(rank: int, world: int, directory: str) -> dict:
+    from ckpt import CheckpointManager
+
+    model, opt = _fsdp(world, 1)  # other weights: all must come from the checkpoint
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, collective_timeout=30)
+    start = mgr.resume()
+    out = {"start": start, "full": _full(model, opt), "lr": sched.get_last_lr(),
+           "verify": mgr.verify() if rank == 0 else None}
+    mgr.close()
+    return out
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    directory = tmp_path_factory.mktemp("fsdp")
+    outs = run(_fsdp_save, 2, str(directory), 3, timeout=120)
+    return directory, outs
+
+
+def test_sharded_save_through_the_manager_is_a_retained_directory(sharded_run: tuple) -> None:
+    directory, outs = sharded_run
+    names = ["ckpt-e000001-s000000000.dcp", "ckpt-e000002-s000000000.dcp"]
+    assert outs[0]["names"] == outs[1]["names"] == names  # keep_last=2: epoch 0's directory deleted whole
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith("ckpt-e")) == names
+    assert not [p for p in directory.iterdir() if p.name.startswith(".ckpt-tmp")]
+    assert outs[0]["size"] == sum(p.stat().st_size for p in (directory / names[-1]).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_checkpoint_resumes_through_the_manager_at_any_world_size(sharded_run: tuple, tmp_path: Path,
+                                                                          world: int) -> None:
+    import shutil
+
+    directory, saved = sharded_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(directory, copy_dir)
+    outs = run(_fsdp_resume, world, str(copy_dir), timeout=120)
+    for out in outs:
+        assert out["start"] == 3 and out["lr"] == saved[0]["lr"]
+    assert _equal(outs[0]["full"], saved[0]["full"])  # the full state is gathered on rank 0
+    assert outs[0]["verify"] == {"ckpt-e000001-s000000000.dcp": "ok", "ckpt-e000002-s000000000.dcp": "ok"}
+
+
+def test_sharded_checkpoint_resumes_in_a_plain_process_without_a_process_group(sharded_run: tuple,
+                                                                              tmp_path: Path) -> None:
+    import shutil
+
+    from ckpt import CheckpointManager
+
+    directory, saved = sharded_run
+    shutil.copytree(directory, tmp_path / "run")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mgr = CheckpointManager(tmp_path / "run", model=model, optimizer=opt, scheduler=sched)
+    with pytest.warns(UserWarning, match="RNG states of 2 ranks, this run has 1"):
+        assert mgr.resume() == 3
+    assert sched.get_last_lr() == saved[0]["lr"]
+    assert _equal(model.state_dict(), dict(saved[0]["full"]["model"]))
+    assert mgr.resumed is not None and mgr.resumed.metrics == {"loss": 2.0}
+    mgr.close()
+
+
+def test_a_damaged_sharded_checkpoint_is_skipped_and_moved_aside(sharded_run: tuple, tmp_path: Path) -> None:
+    import shutil
+
+    directory, _ = sharded_run
+    shutil.copytree(directory, tmp_path / "run")
+    shard = next((tmp_path / "run" / "ckpt-e000002-s000000000.dcp").glob("__1_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    outs = run(_fsdp_resume, 2, str(tmp_path / "run"), timeout=120)  # rank 0 warns, in its stderr
+    assert [o["start"] for o in outs] == [2, 2]  # epoch 1's, the newest that verifies
+    assert outs[0]["verify"] == {"ckpt-e000001-s000000000.dcp": "ok"}
+    assert (tmp_path / "run" / "ckpt-e000002-s000000000.dcp.corrupt").is_dir()
+
+
+def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) -> None:
+    import ckpt
+
+    directory, saved = sharded_run
+    out = ckpt.export_sharded(directory / "ckpt-e000002-s000000000.dcp", tmp_path / "full.pt")
+    obj = torch.load(out, weights_only=True)
+    assert obj["epoch"] == 2 and _equal(obj["model"], saved[0]["full"]["model"])
+    assert "scheduler" in obj
+    from ckpt.cli import main
+
+    assert main(["export", str(directory / "ckpt-e000001-s000000000.dcp"), "--to", str(tmp_path / "e1.pt")]) == 0
+    weights = torch.load(tmp_path / "e1.pt", weights_only=True)  # the model's plain state dict
+    assert set(weights) == set(obj["model"]) and all(isinstance(v, torch.Tensor) for v in weights.values())
+    assert main(["list", str(directory)]) == 0 and main(["verify", str(directory)]) == 0
+
+
+def _fsdp_killed(rank: int, world: int, directory: str, victim: int) -> str:
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from ckpt import CheckpointManager
+
+    model, opt = _fsdp(world, 0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, collective_timeout=5)
+    _step(model, opt, 0)
+    mgr.save(epoch=0)
+    if rank == victim:
+        FileSystemWriter.write_data = lambda self, plan, planner: kill_self()  # type: ignore[method-assign]
+    try:
+        mgr.save(epoch=1)
+    except BaseException as e:  # noqa: BLE001 - the survivors' errors are what the test checks
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
+def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_last_complete(tmp_path: Path) -> None:
+    outs = launch(_fsdp_killed, 2, str(tmp_path), 1, timeout=120)
+    assert outs[1].killed and outs[0].error is None
+    assert outs[0].value.startswith(("StorageError", "CollectiveError", "CollectiveTimeoutError")), outs[0].value
+    listed = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-e"))
+    assert listed == ["ckpt-e000000-s000000000.dcp"]
+    outs = run(_fsdp_resume, 2, str(tmp_path), timeout=120)
+    assert [o["start"] for o in outs] == [1, 1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-tmp")]  # leftovers cleaned
+
+
+# ------------------------------------------------------------------ the example, torchrun
+
+
+def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """torchrun in its own process group: on a timeout the agent and every worker are killed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "ddp_train.py"), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_torchrun_runs_the_ddp_example_and_resumes(tmp_path: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    first = _torchrun(["--dir", run_dir, "--epochs", "2"], timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "fresh run" in first.stdout and "epoch 1:" in first.stdout
+    again = _torchrun(["--dir", run_dir, "--epochs", "3"], timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed at epoch 2" in again.stdout and "epoch 2:" in again.stdout
