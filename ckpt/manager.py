@@ -20,7 +20,8 @@ from . import preemption as preempt
 from . import record as records
 from ._version import __version__
 from .background import writer as background
-from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike, StorageError
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike,
+                     StorageError)
 from .record import CheckpointRecord
 from .store import Catalog, open_store
 from .store.commit import check_new
@@ -147,7 +148,10 @@ class CheckpointManager:
             if extra is not None and not isinstance(extra, Mapping):
                 raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
                                   hint="pass extra={'lr': lr, 'best_acc': best_acc}")
-            check_new((epoch, step), mid_epoch, overwrite, self._records)
+            try:
+                check_new((epoch, step), mid_epoch, overwrite, self._records)
+            except CheckpointExistsError as e:
+                raise self._restored_older(e, (epoch, step)) from None
             inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
             if inside:
                 warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
@@ -166,6 +170,20 @@ class CheckpointManager:
                 record = self._commit(checkpoint, overwrite)
             self.epoch, self.step = epoch, step
             return record
+
+    def _restored_older(self, error: CheckpointExistsError, key: Tuple[int, int]) -> CheckpointExistsError:
+        """The collision of a save after ``restore()`` of an older checkpoint (whose
+        counters were restored), explained as such; any other collision unchanged."""
+        newest = self.latest
+        if self.resumed is None or self.resumed.key != key or newest is None or newest.key <= key:
+            return error
+        return CheckpointExistsError(
+            f"a checkpoint for epoch {key[0]}, step {key[1]} already exists: restore() of that older "
+            f"checkpoint set mgr.epoch, mgr.step = {key[0]}, {key[1]} (the newest is epoch {newest.epoch}, "
+            f"step {newest.step})", path=error.path,
+            hint="restoring a checkpoint restores its counters, so save() without numbers saves under "
+                 f"them again; pass new ones (e.g. save(epoch={newest.epoch + 1}, step=...)) to continue "
+                 "from it, or overwrite=True to replace it")
 
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
         """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
