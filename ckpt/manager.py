@@ -28,6 +28,10 @@ from .store.commit import check_new
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 
+#: How often resume() reads the directory again when another process replaced or
+#: deleted the checkpoint it was loading (then it falls back to older ones).
+RESUME_PASSES = 5
+
 
 class CheckpointManager:
     """Tracks training state and writes, rotates and restores checkpoints in a directory.
@@ -201,22 +205,27 @@ class CheckpointManager:
         """Restore the newest checkpoint that verifies; return the epoch to run next.
 
         Damaged checkpoints are skipped with a warning and renamed ``*.corrupt``; a
-        checkpoint deleted meanwhile (a concurrent writer's retention) is skipped. On an
-        empty directory nothing is touched and 0 is returned.
+        checkpoint replaced or deleted meanwhile (a concurrent writer) is looked up again
+        (a few times, then skipped). On an empty directory nothing is touched and 0 is
+        returned.
         """
         with self._lock:
             self._check_open()
-            self.refresh()
             damaged: List[str] = []
-            for record in reversed(self._records):
-                try:
-                    obj, _ = self._load(record)
-                except (CorruptCheckpointError, FileNotFoundError) as e:
-                    damaged.append(str(record.path))
-                    self._skip(record, e)
-                    continue
-                self._apply(obj, record)
-                return record.next_epoch
+            for attempt in range(RESUME_PASSES):
+                self.refresh()
+                for record in reversed(self._records):
+                    try:
+                        obj, _ = self._load(record)
+                    except (CorruptCheckpointError, FileNotFoundError) as e:
+                        if not self._skip(record, e) and attempt < RESUME_PASSES - 1:
+                            break  # replaced or deleted by another process: read the directory again
+                        damaged.append(str(record.path))
+                        continue
+                    self._apply(obj, record)
+                    return record.next_epoch
+                else:
+                    break
             if damaged:
                 raise CheckpointNotFoundError(
                     f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
@@ -310,12 +319,18 @@ class CheckpointManager:
         self._protected = record.key
         return self.resumed
 
-    def _skip(self, record: CheckpointRecord, error: BaseException) -> None:
+    def _skip(self, record: CheckpointRecord, error: BaseException) -> bool:
         """Leave out a checkpoint that failed to load; a damaged one (not a missing one)
-        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it."""
+        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it.
+        True if it was moved aside; False if it is gone, or was replaced meanwhile."""
         self._records = [r for r in self._records if r.key != record.key]
-        where = self._catalog.quarantine(record, error) if isinstance(error, CorruptCheckpointError) else ""
+        if not isinstance(error, CorruptCheckpointError):
+            warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=3)
+            return False
+        where = self._catalog.quarantine(record, error)
+        moved = record.name not in self._catalog.store.list(record.name)
         warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=3)
+        return moved
 
     # -- integrity -----------------------------------------------------------------
 

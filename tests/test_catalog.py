@@ -99,7 +99,7 @@ def test_restoring_a_record_whose_file_is_gone_is_not_found_not_a_raw_error(tmp_
         with pytest.raises(FileNotFoundError):
             mgr.restore(gone)
         assert mgr.verify() in ({name(1): "ok"}, {name(0): "missing", name(1): "ok"})
-    assert mgr.resume() == 2
+        assert mgr.resume() == 2
 
 
 # -- 5: a planted file with bad fields is skipped, the directory opens --------------------
