@@ -20,8 +20,14 @@ from . import preemption as preempt
 from . import record as records
 from ._version import __version__
 from .background import writer as background
-from .errors import (CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, PathLike,
-                     StorageError)
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    PathLike,
+    StorageError,
+)
 from .record import CheckpointRecord
 from .store import Catalog, open_store
 from .store.commit import check_new

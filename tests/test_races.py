@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_a_reader_resuming_while_a_writer_overwrites_never_quarantines_a_good_fi
 
 @pytest.mark.parametrize("writer", ["evict"], indirect=True)
 def test_a_reader_resuming_listing_and_verifying_while_a_writer_evicts(writer: Path) -> None:
-    for i in range(READS):
+    for _ in range(READS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mgr = CheckpointManager(writer, model=torch.nn.Linear(SIZE, SIZE), progress=False)
@@ -114,27 +115,31 @@ def test_a_reader_resuming_listing_and_verifying_while_a_writer_evicts(writer: P
         assert _quarantined(writer) == []
 
 
-def test_four_threads_saving_at_once_lose_no_save(tmp_path: Path) -> None:
-    import threading
-    for async_save in (False, True):
-        directory = tmp_path / f"async-{async_save}"
-        mgr = CheckpointManager(directory, model=torch.nn.Linear(8, 8), async_save=async_save, progress=False)
-        errors: List[BaseException] = []
+def _save_from_threads(mgr: CheckpointManager, threads: int, saves: int) -> List[BaseException]:
+    errors: List[BaseException] = []
 
-        def save_many(thread: int) -> None:
-            try:
-                for step in range(5):
-                    mgr.save(epoch=0, step=thread * 100 + step, mid_epoch=True)
-                    mgr.refresh()
-            except BaseException as e:  # collected: a thread's exception is otherwise lost
-                errors.append(e)
+    def save_many(thread: int) -> None:
+        try:
+            for step in range(saves):
+                mgr.save(epoch=0, step=thread * 100 + step, mid_epoch=True)
+                mgr.refresh()
+        except BaseException as e:  # collected: a thread's exception is otherwise lost
+            errors.append(e)
 
-        threads = [threading.Thread(target=save_many, args=(t,)) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    running = [threading.Thread(target=save_many, args=(t,)) for t in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    return errors
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_four_threads_saving_at_once_lose_no_save(tmp_path: Path, async_save: bool) -> None:
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(8, 8), async_save=async_save, progress=False)
+    try:
+        assert _save_from_threads(mgr, threads=4, saves=5) == []
+    finally:
         mgr.close()
-        assert errors == []
-        expected = sorted((0, t * 100 + s) for t in range(4) for s in range(5))
-        assert [r.key for r in CheckpointManager(directory).checkpoints] == expected
+    expected = sorted((0, t * 100 + s) for t in range(4) for s in range(5))
+    assert [r.key for r in CheckpointManager(tmp_path).checkpoints] == expected

@@ -81,3 +81,35 @@ def test_a_damaged_unindexed_file_is_moved_aside_by_the_next_save(tmp_path: Path
         mgr.save(epoch=3)
     assert not stray.exists() and stray.with_name(stray.name + ".corrupt").exists()
     assert [r.epoch for r in mgr.checkpoints] == [0, 1, 2, 3]
+
+
+# -- compressed records are refused unread (issue 11 item 7) ------------------------------
+
+def _recompress(path: Path, inflated: int) -> None:
+    """Rewrite ``path`` with one large zero-filled record, deflated (a zip bomb in miniature)."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    big = next(info for info, data in records if "/data/" in info.filename)
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in records:
+            if info is big:
+                out.writestr(info.filename, bytes(inflated), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(info, data)
+
+
+def test_a_compressed_record_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, model=torch.nn.Linear(4, 2))
+    mgr.save(epoch=0)
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(mgr.latest.path.read_bytes())
+    _recompress(bomb, 64 << 20)  # 64 MiB of zeros in ~64 kB
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CorruptCheckpointError, match="compressed"):
+        mgr.restore(bomb)
+    (run / "ckpt-e000005-s000000000.pt").write_bytes(bomb.read_bytes())
+    with pytest.warns(UserWarning):
+        listed = CheckpointManager(run, model=torch.nn.Linear(4, 2)).checkpoints
+    assert [r.epoch for r in listed] == [0]
