@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ckpt
 from ckpt import CheckpointManager, CorruptCheckpointError
 from ckpt.store import torchfile as fileio
 
@@ -113,3 +114,22 @@ def test_a_compressed_record_is_refused_before_it_is_inflated(tmp_path: Path) ->
     with pytest.warns(UserWarning):
         listed = CheckpointManager(run, model=torch.nn.Linear(4, 2)).checkpoints
     assert [r.epoch for r in listed] == [0]
+
+
+# -- classified by the bytes, never by torch's message (the class of issue 11 item 1) ------
+
+@pytest.mark.parametrize("payload", [b"(ibuiltins\nprint\n.", b"\x82\x01."], ids=["INST", "EXT1"])
+def test_an_intact_file_that_weights_only_refuses_is_unsafe_not_damaged(tmp_path: Path, payload: bytes) -> None:
+    import zipfile
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, model=torch.nn.Linear(4, 2))
+    path = mgr.save(epoch=0).path
+    with zipfile.ZipFile(path) as archive:
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(crafted, "w") as out:  # intact archive (fresh CRCs), a pickle refused without "GLOBAL"
+        for info, data in records:
+            out.writestr(info, payload if info.filename.endswith("data.pkl") else data)
+    with pytest.raises(ckpt.UnsafeCheckpointError):
+        mgr.restore(crafted)
+    assert crafted.is_file() and not list(tmp_path.rglob("*.corrupt*"))

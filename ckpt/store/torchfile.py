@@ -106,9 +106,10 @@ def _load(real: Path, path: Path, map_location: MapLocation, weights_only: bool,
     try:
         return torch.load(real, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if weights_only and _GLOBAL_RE.search(str(e)):  # code needs a global; garbage does not
+        examine(real, path, e)  # damaged bytes are damage, whatever torch's message says
+        if weights_only:  # an intact pickle the allow-list refuses (a global, or an opcode such as INST)
             raise unsafe_error(real, path, e) from e
-        raise CorruptCheckpointError(f"cannot unpickle the file ({first_line(e)})", path=path) from e
+        raise  # intact bytes: not damage
     except FileNotFoundError as e:
         raise gone_error(path) from e
     except torch.OutOfMemoryError:
