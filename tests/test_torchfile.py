@@ -8,6 +8,8 @@ and quarantine a checkpoint; the first must reach the caller with every file int
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,29 @@ def test_an_intact_file_that_weights_only_refuses_is_unsafe_not_damaged(tmp_path
     with pytest.raises(ckpt.UnsafeCheckpointError):
         mgr.restore(crafted)
     assert crafted.is_file() and not list(tmp_path.rglob("*.corrupt*"))
+
+
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    # the index's FIFO case (issue 11 item 10) for the checkpoint files themselves; in a child,
+    # so that a regression hangs one process with a deadline, not the suite
+    code = """
+import os, sys, warnings, torch
+from ckpt import CheckpointManager
+mgr = CheckpointManager(sys.argv[1], model=torch.nn.Linear(4, 2))
+mgr.save(epoch=0)
+record = mgr.save(epoch=1)
+record.path.unlink()
+os.mkfifo(record.path)  # a writer replaced it by a FIFO after the reader listed it
+try:
+    mgr.restore(record)
+except Exception as e:
+    print(type(e).__name__)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    print(CheckpointManager(sys.argv[1], model=torch.nn.Linear(4, 2)).resume())
+"""
+    source = str(Path(ckpt.__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=source, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["CorruptCheckpointError", "1"]
