@@ -93,6 +93,7 @@ def test_a_reader_resuming_while_a_writer_overwrites_never_quarantines_a_good_fi
             mgr = CheckpointManager(writer, model=torch.nn.Linear(SIZE, SIZE), progress=False)
             try:
                 assert mgr.resume() == 1
+                assert mgr.verify() == {"ckpt-e000000-s000000000.pt": "ok"}  # replaced, not damaged
             finally:
                 mgr.close()
         assert _quarantined(writer) == []

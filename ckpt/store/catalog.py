@@ -21,6 +21,8 @@ from . import index, torchfile
 from .base import Store
 from .checksum import file_checksum
 
+#: How often verify() looks again at files a concurrent writer replaced or deleted meanwhile.
+VERIFY_PASSES = 5
 QUARANTINE_SUFFIX = ".corrupt"
 _OBSERVE_TRIES = 5
 
@@ -217,27 +219,46 @@ class Catalog:
     def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
         """File name -> ("ok" | "damaged" | "missing", detail) for every committed checkpoint.
 
-        A file deleted between listing and checking is checked against a fresh listing:
-        gone from the index too means a concurrent writer's retention evicted it, which
-        is not damage, and it is left out of the report.
+        A verdict against a listing that a concurrent writer has changed since is not one:
+        a file that is gone or fails its checksum is looked up again in a fresh listing.
+        Gone from the index too, it was evicted (left out of the report); replaced (a new
+        checksum) or back under its name, it is checked again (a few times at most).
         """
         listing = self.scan()
         report: Dict[str, Tuple[str, str]] = {}
-        gone: List[str] = []
-        for rec in listing.records:
-            try:
-                with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
-                    torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
-                report[rec.name] = ("ok", "")
-            except FileNotFoundError:
-                gone.append(rec.name)
-            except CkptError as e:
-                report[rec.name] = ("damaged", str(e))
-        if gone or listing.missing:
+        pending, unlisted = list(listing.records), list(listing.missing)
+        for _ in range(VERIFY_PASSES):
+            gone: List[str] = []
+            suspect: Dict[str, Optional[str]] = {}
+            for rec in pending:
+                try:
+                    with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
+                        torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
+                    report[rec.name] = ("ok", "")
+                except FileNotFoundError:
+                    gone.append(rec.name)
+                except CkptError as e:
+                    report[rec.name] = ("damaged", str(e))
+                    suspect[rec.name] = rec.checksum
+            if not (gone or unlisted or suspect):
+                break
             again = self.scan()
-            still = {r.name for r in again.records} | set(again.missing)
-            for name in gone + listing.missing:
-                if name in still:
+            fresh = {r.name: r for r in again.records}
+            pending = []
+            for name in gone + unlisted:
+                if name in fresh:
+                    pending.append(fresh[name])  # back under its name (a replace): check it
+                elif name in again.missing:
                     report[name] = ("missing", "listed in the index, gone from disk")
+                else:
+                    report.pop(name, None)  # evicted by a concurrent writer's retention
+            for name, checksum in suspect.items():
+                if name not in fresh:
+                    report.pop(name, None)
+                elif fresh[name].checksum != checksum:
+                    pending.append(fresh[name])  # replaced since: check the new bytes
+            unlisted = []
+            if not pending:
+                break
         return dict(sorted(report.items()))
 
