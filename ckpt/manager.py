@@ -24,6 +24,7 @@ from ._version import __version__
 from .background import writer as background
 from .cadence import Cadence
 from .errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from .distributed.coordinator import Coordinator
 
 Which = Union[str, int, PathLike, CheckpointRecord]
+
+#: How often resume() reads the directory again when another process replaced or
+#: deleted the checkpoint it was loading (then it falls back to older ones).
+RESUME_PASSES = 5
 
 
 class CheckpointManager:
@@ -225,7 +230,10 @@ class CheckpointManager:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
                               hint="pass extra={'lr': lr, 'best_acc': best_acc}")
-        check_new((epoch, step), mid_epoch, overwrite, self._records)
+        try:
+            check_new((epoch, step), mid_epoch, overwrite, self._records)
+        except CheckpointExistsError as e:
+            raise self._restored_older(e, (epoch, step)) from None
         inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
         if inside:
             warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
@@ -245,6 +253,20 @@ class CheckpointManager:
             checkpoint.obj["ckpt"]["rng_per_rank"] = rngs
         return checkpoint
 
+    def _restored_older(self, error: CheckpointExistsError, key: Tuple[int, int]) -> CheckpointExistsError:
+        """The collision of a save after ``restore()`` of an older checkpoint (whose
+        counters were restored), explained as such; any other collision unchanged."""
+        newest = self.latest
+        if self.resumed is None or self.resumed.key != key or newest is None or newest.key <= key:
+            return error
+        return CheckpointExistsError(
+            f"a checkpoint for epoch {key[0]}, step {key[1]} already exists: restore() of that older "
+            f"checkpoint set mgr.epoch, mgr.step = {key[0]}, {key[1]} (the newest is epoch {newest.epoch}, "
+            f"step {newest.step})", path=error.path,
+            hint="restoring a checkpoint restores its counters, so save() without numbers saves under "
+                 f"them again; pass new ones (e.g. save(epoch={newest.epoch + 1}, step=...)) to continue "
+                 "from it, or overwrite=True to replace it")
+
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
         """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
         newer = self._protected is None or checkpoint.key > self._protected
@@ -262,25 +284,30 @@ class CheckpointManager:
         """Restore the newest checkpoint that verifies; return the epoch to run next.
 
         Damaged checkpoints are skipped with a warning and renamed ``*.corrupt``; a
-        checkpoint deleted meanwhile (a concurrent writer's retention) is skipped. On an
-        empty directory nothing is touched and 0 is returned.
+        checkpoint replaced or deleted meanwhile (a concurrent writer) is looked up again
+        (a few times, then skipped). On an empty directory nothing is touched and 0 is
+        returned.
         """
         with self._lock:
             self._check_open()
             multi = self._multi()
             if multi is not None:
                 return multi.resume(self)
-            self.refresh()
             damaged: List[str] = []
-            for record in reversed(self._records):
-                try:
-                    obj, _ = self._load(record)
-                except (CorruptCheckpointError, FileNotFoundError) as e:
-                    damaged.append(str(record.path))
-                    self._skip(record, e)
-                    continue
-                self._apply(obj, record)
-                return record.next_epoch
+            for attempt in range(RESUME_PASSES):
+                self.refresh()
+                for record in reversed(self._records):
+                    try:
+                        obj, _ = self._load(record)
+                    except (CorruptCheckpointError, FileNotFoundError) as e:
+                        if not self._skip(record, e) and attempt < RESUME_PASSES - 1:
+                            break  # replaced or deleted by another process: read the directory again
+                        damaged.append(str(record.path))
+                        continue
+                    self._apply(obj, record)
+                    return record.next_epoch
+                else:
+                    break
             if damaged:
                 raise CheckpointNotFoundError(
                     f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
@@ -394,12 +421,18 @@ class CheckpointManager:
         self._protected = record.key
         return self.resumed
 
-    def _skip(self, record: CheckpointRecord, error: BaseException) -> None:
+    def _skip(self, record: CheckpointRecord, error: BaseException) -> bool:
         """Leave out a checkpoint that failed to load; a damaged one (not a missing one)
-        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it."""
+        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it.
+        True if it was moved aside; False if it is gone, or was replaced meanwhile."""
         self._records = [r for r in self._records if r.key != record.key]
-        where = self._catalog.quarantine(record, error) if isinstance(error, CorruptCheckpointError) else ""
+        if not isinstance(error, CorruptCheckpointError):
+            warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=3)
+            return False
+        where = self._catalog.quarantine(record, error)
+        moved = record.name not in self._catalog.store.list(record.name)
         warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=3)
+        return moved
 
     # -- integrity -----------------------------------------------------------------
 

@@ -70,9 +70,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self.position = 0
-        self._armed = True        # the next pass may start: fresh, or set_epoch() was called
-        self._restored = False    # state came from load_state_dict(); no pass since
+        self._start = 0           # where a new iterator starts: 0, or the restored position
+        self._restored = False    # state came from load_state_dict(); the epoch not finished since
         self._resume_rng: Optional[Dict[str, Any]] = None
+        self._generation = 0      # bumped by set_epoch()/load_state_dict(): older iterators are stale
 
     def __len__(self) -> int:
         """This rank's samples in a whole epoch (what schedulers and progress bars expect)."""
@@ -84,15 +85,16 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return self.num_samples - self.position
 
     def set_epoch(self, epoch: int) -> None:
-        """Prepare epoch ``epoch``: continue it if it is the restored, interrupted epoch,
-        otherwise start it from its first sample."""
+        """Prepare epoch ``epoch``: continue it if it is the restored, interrupted epoch
+        (every iterator until that epoch's rest has been served once), otherwise every
+        iterator starts it from its first sample."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"set_epoch() needs a non-negative int, got {epoch!r}",
                               hint="call sampler.set_epoch(epoch) with the loop's epoch counter")
         if not (self._restored and epoch == self.epoch):
-            self.epoch, self.position, self._resume_rng = epoch, 0, None
-        self._restored = False
-        self._armed = True
+            self.epoch, self.position, self._start = epoch, 0, 0
+            self._restored, self._resume_rng = False, None
+        self._generation += 1
 
     def order(self, epoch: Optional[int] = None) -> List[int]:
         """Every index of ``epoch`` (default: the current one), in the order it is served."""
@@ -110,26 +112,24 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return order[:total][self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        if not self._armed and (self._restored or self.position >= self.num_samples):
-            done = "was restored from a checkpoint" if self._restored else f"finished epoch {self.epoch}"
-            raise ConfigError(
-                f"ResumableSampler {done}; call sampler.set_epoch(epoch) before iterating",
-                hint="call sampler.set_epoch(epoch) at the start of every epoch: after resume() "
-                     "it continues the interrupted epoch, otherwise it starts a new one")
-        self._armed = self._restored = False
-        return self._serve(self.order(), self.position)
+        # Like torch's samplers, every new iterator serves the epoch from its first sample
+        # (a peek such as ``next(iter(loader))`` before or after set_epoch() skips nothing);
+        # only while a restored epoch's rest has not been served once does it start there.
+        return self._serve(self.order(), self._start, self._generation)
 
-    def _serve(self, order: List[int], start: int) -> Iterator[int]:
+    def _serve(self, order: List[int], start: int, generation: int) -> Iterator[int]:
         # Runs on the first index request, i.e. after the DataLoader iterator has drawn
         # its base seed from torch's RNG: re-applying the checkpoint's RNG undoes that
         # draw (and any other draw since resume()), as the interrupted run made it before
-        # saving.
+        # saving. Each pass over the restored rest re-applies it (a peek's draws are undone).
         if self._resume_rng is not None:
-            rng, self._resume_rng = self._resume_rng, None
-            state.restore_rng(rng)
+            state.restore_rng(self._resume_rng)
+        self.position = start
         for i in range(start, len(order)):
             self.position = i + 1  # counted when handed out: exact with num_workers=0
             yield order[i]
+        if generation == self._generation:  # the restored rest has been served: done with it
+            self._start, self._restored, self._resume_rng = 0, False, None
 
     def state_dict(self) -> Dict[str, Any]:
         """Epoch, position, configuration, and the RNG states when inside an epoch."""
@@ -156,8 +156,8 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         if not 0 <= position <= self.num_samples:
             raise ValueError(f"saved position {position} is outside 0..{self.num_samples}")
         self.epoch, self.position = int(saved["epoch"]), position
-        self._resume_rng = saved.get("rng")
-        self._restored, self._armed = True, False
+        self._start, self._resume_rng, self._restored = position, saved.get("rng"), True
+        self._generation += 1
 
     def _use_rng(self, rng: Optional[Dict[str, Any]]) -> None:
         """Under a process group: continue with this rank's RNG states (the saved sampler

@@ -11,6 +11,7 @@ validation loss, and every 5th epoch.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import nn
@@ -91,4 +92,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: the manager closed cleanly; every committed checkpoint is kept
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

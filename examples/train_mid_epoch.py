@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import numpy as np
 import torch
@@ -91,4 +92,8 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, device: str) -> flo
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: the manager closed cleanly; every committed checkpoint is kept
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

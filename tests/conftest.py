@@ -9,6 +9,22 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--seed", type=int, default=0,
+                     help="seed of the tests that draw random kill points, delays and data (default 0: "
+                          "every run is the same; pass another to explore)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"ckpt test seed: {config.getoption('--seed')} (--seed N to change)"
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The ``--seed`` option: the same random choices on every run unless asked otherwise."""
+    return int(request.config.getoption("--seed"))
+
+
 class Trainables(dict):
     """model / optimizer / scheduler of a tiny MLP; ``step()`` changes all three."""
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -30,6 +30,7 @@ import ckpt
 from ckpt import state
 
 EPOCHS, SAMPLES, BATCH, SAVE_EVERY = 3, 42, 4, 4  # 10 batches per epoch (drop_last), 30 steps
+CHILD_DEADLINE = 300.0  # seconds: generous on a loaded machine; a run that needs more has hung
 
 
 # -- the training script -------------------------------------------------------------
@@ -118,7 +119,7 @@ def train(directory: str, out: str, pause_at: int, perturb: bool) -> None:
 def _pause(mgr: ckpt.CheckpointManager) -> None:
     """Wait here for the parent's signal (SIGKILL ends the process, SIGTERM sets the flag)."""
     print("PAUSED", flush=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + CHILD_DEADLINE
     while not mgr.preempted and time.monotonic() < deadline:
         time.sleep(0.01)
 
@@ -144,9 +145,18 @@ class Run:
     def finish(self, sig: Optional[int] = None) -> Tuple[int, str]:
         if sig is not None:
             self.proc.send_signal(sig)
-        stdout, stderr = self.proc.communicate(timeout=120)
+        stdout, stderr = self.proc.communicate(timeout=CHILD_DEADLINE)
         self.lines += [line.strip() for line in stdout.splitlines()]
         return self.proc.returncode, stderr
+
+    def reap(self) -> None:
+        """Kill the process if it still runs and collect it (a failed assertion leaves none behind)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def steps(self) -> Dict[int, str]:
         return {int(line.split()[2]): line for line in self.lines if line.startswith("STEP")}
@@ -155,6 +165,20 @@ class Run:
         found = [json.loads(line[len("RESUMED "):]) for line in self.lines if line.startswith("RESUMED")]
         assert len(found) == 1, self.lines
         return found[0]
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Run]]:
+    """``start(directory, out, ...)`` starts a :class:`Run`; every run is reaped at teardown."""
+    started: List[Run] = []
+
+    def make(*args: Any, **kwargs: Any) -> Run:
+        started.append(Run(*args, **kwargs))
+        return started[-1]
+
+    yield make
+    for run in started:
+        run.reap()
 
 
 def _resume(run: Run) -> Run:
@@ -180,13 +204,13 @@ def _assert_same(a: Any, b: Any, where: str = "final") -> None:
 
 
 @pytest.mark.slow
-def test_four_way_resume_is_bit_exact(tmp_path: Path) -> None:
+def test_four_way_resume_is_bit_exact(tmp_path: Path, start: Callable[..., Run]) -> None:
     # Phase 1, in parallel: (a) whole; (b), (c), (d) up to the step where they are stopped:
     # (b) step 12, after the checkpoint closing epoch 0 (step 10); (c) step 18, mid-epoch 1,
     # after the step-16 checkpoint; (d) step 23, mid-epoch 2, no checkpoint since step 20.
-    baseline = Run(tmp_path / "a", tmp_path / "a.pt")
+    baseline = start(tmp_path / "a", tmp_path / "a.pt")
     stops = {"b": (12, signal.SIGKILL), "c": (18, signal.SIGKILL), "d": (23, signal.SIGTERM)}
-    first = {name: Run(tmp_path / name, tmp_path / f"{name}.pt", pause_at)
+    first = {name: start(tmp_path / name, tmp_path / f"{name}.pt", pause_at)
              for name, (pause_at, _) in stops.items()}
     for name, run in first.items():
         run.read_until("PAUSED")
@@ -203,8 +227,8 @@ def test_four_way_resume_is_bit_exact(tmp_path: Path) -> None:
     assert sorted(lines) == list(range(1, EPOCHS * (SAMPLES // BATCH) + 1))
 
     # Phase 2, in parallel: resume (b), (c), (d), and the control.
-    second = {name: Run(tmp_path / name, tmp_path / f"{name}.pt") for name in stops}
-    control = Run(tmp_path / "control", tmp_path / "control.pt", perturb=True)
+    second = {name: start(tmp_path / name, tmp_path / f"{name}.pt") for name in stops}
+    control = start(tmp_path / "control", tmp_path / "control.pt", perturb=True)
     expected = {"b": {"epoch": 0, "step": 10, "mid_epoch": False, "start": 1},
                 "c": {"epoch": 1, "step": 16, "mid_epoch": True, "start": 1},
                 "d": {"epoch": 2, "step": 23, "mid_epoch": True, "start": 2}}

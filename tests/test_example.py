@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -55,3 +56,39 @@ def test_killed_example_resumes_at_next_epoch(tmp_path: Path) -> None:
     assert {9, 10, 11} <= set(kept) and {4, 9} <= set(kept)
     assert len(kept) <= 3 + 2 + 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".ckpt-tmp-")) == []
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default, even when this runner was started with SIGINT ignored
+    (a background job), which the child would inherit and never see a KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example, saved", [("train_and_resume.py", "saved ckpt-"), ("train_mid_epoch.py", "epoch 0:")])
+def test_ctrl_c_ends_the_examples_cleanly_and_keeps_their_checkpoints(tmp_path: Path, example: str, saved: str) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE.parent / example), "--dir", str(run), "--epochs", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(EXAMPLE.parents[1])},
+                            preexec_fn=_default_sigint)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if saved in line:
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                break
+        lines.append(proc.communicate(timeout=300)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    output = "".join(lines)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "run the same command again" in output
+    assert committed_epochs(run) and not [p for p in run.iterdir() if p.name.startswith(".ckpt-tmp-")]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import ckpt
 from ckpt import CheckpointManager, record
 from ckpt import schema as format
 from ckpt.record import CheckpointRecord
@@ -189,3 +193,69 @@ def test_manager_rebuilds_and_rewrites_a_lost_index(run_dir, trainables):
     mgr = CheckpointManager(run_dir, **objs)
     assert [r.metrics for r in mgr.checkpoints] == [{"loss": 1.0}, {"loss": 0.5}]
     assert json.loads((run_dir / index.INDEX_NAME).read_text()) == before
+
+
+# -- anything odd in the index: rebuilt from the files (issue 11 item 10) ------------------
+
+def _run_with_index(directory: Path, content: bytes) -> None:
+    with CheckpointManager(directory, model=torch.nn.Linear(4, 2)) as mgr:
+        mgr.save(epoch=0)
+        mgr.save(epoch=1)
+    (directory / "ckpt-index.json").write_bytes(content)
+
+
+@pytest.mark.parametrize("content", [
+    b'{"format": 1, "checkpoints": [{"file": "ckpt-e000000-s000000000.pt", "epoch": Infinity}]}',
+    b'{"format": 1, "checkpoints": [{"file": "ckpt-e000000-s000000000.pt", "epoch": NaN}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"format": 1, "checkpoints": ["ckpt-e000000-s000000000.pt"]}',
+    b'{"format": 1, "checkpoints": [[1, 2]]}',
+    b'{"format": 1, "checkpoints": [null]}',
+], ids=["infinity", "nan", "deep", "string-entry", "list-entry", "null-entry"])
+def test_an_odd_index_is_rebuilt_from_the_files(tmp_path: Path, content: bytes) -> None:
+    _run_with_index(tmp_path, content)
+    with pytest.warns(UserWarning, match="index"):
+        mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
+    assert [r.epoch for r in mgr.checkpoints] == [0, 1]
+    assert mgr.resume() == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_an_index_that_is_not_a_regular_file_is_rebuilt_without_hanging(tmp_path: Path, kind: str) -> None:
+    _run_with_index(tmp_path, b"")
+    where = tmp_path / "ckpt-index.json"
+    where.unlink()
+    if kind == "fifo":
+        os.mkfifo(where)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", where)
+    else:
+        where.mkdir()
+    # runs in a child with a generous deadline: a hang fails the test instead of the suite
+    code = ("import sys, torch, warnings; warnings.simplefilter('ignore'); from ckpt import CheckpointManager; "
+            "print([r.epoch for r in CheckpointManager(sys.argv[1], model=torch.nn.Linear(4, 2)).checkpoints])")
+    source = str(Path(ckpt.__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=source, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[0, 1]"
+
+
+def test_a_null_checksum_does_not_turn_integrity_off(tmp_path: Path) -> None:
+    _run_with_index(tmp_path, b"")
+    (tmp_path / "ckpt-index.json").unlink()
+    with CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2)):
+        pass  # index rewritten from the files
+    entries = json.loads((tmp_path / "ckpt-index.json").read_text())
+    for entry in entries["checkpoints"]:
+        entry["checksum"] = None
+    (tmp_path / "ckpt-index.json").write_text(json.dumps(entries))
+    newest = tmp_path / "ckpt-e000001-s000000000.pt"
+    data = bytearray(newest.read_bytes())
+    at = data.index(b"data/0") + 200  # inside the first tensor's bytes
+    data[at] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
+        assert mgr.resume() == 1  # the flipped bit is caught: falls back to epoch 0

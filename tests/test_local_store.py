@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt import CheckpointManager
 from ckpt.errors import CkptError, StorageError, storage_error
@@ -268,3 +269,25 @@ def test_a_directory_that_cannot_be_written(read_only, trainables, snapshot):
     assert str(path) in str(info.value) and "writ" in str(info.value)
     assert snapshot(path) == before
     assert not (path / "new_run").exists()
+
+
+# -- the lock file never follows a planted link (issue 11 item 9) --------------------------
+
+def test_a_planted_lock_symlink_is_refused_and_creates_nothing(tmp_path: Path) -> None:
+    run, target = tmp_path / "run", tmp_path / "elsewhere" / "created-by-ckpt"
+    run.mkdir()
+    target.parent.mkdir()
+    os.symlink(target, run / ".ckpt.lock")
+    with pytest.raises(StorageError, match="lock"):
+        CheckpointManager(run, model=torch.nn.Linear(2, 2)).save(epoch=0)
+    assert not target.exists() and not list(run.glob("*.pt"))
+
+
+def test_a_lock_symlink_to_an_existing_file_does_not_touch_it(tmp_path: Path) -> None:
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious")
+    os.symlink(victim, run / ".ckpt.lock")
+    with pytest.raises(StorageError, match="lock"):
+        CheckpointManager(run, model=torch.nn.Linear(2, 2)).save(epoch=0)
+    assert victim.read_text() == "precious"

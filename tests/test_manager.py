@@ -400,3 +400,26 @@ def test_warnings_from_a_clean_run_are_none(run_dir, trainables):
                 objs.step()
                 mgr.save(epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
         assert CheckpointManager(run_dir, keep_last=2, **objs).resume() == 4
+
+
+# -- restore an older checkpoint, then save (issue 11 item 15) -----------------------------
+
+def test_save_after_restoring_an_older_checkpoint_explains_the_restored_counters(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2), monitor="loss", keep_best=3)
+    for epoch, loss in enumerate([0.5, 0.1, 0.3]):
+        mgr.save(epoch=epoch, metrics={"loss": loss})
+    assert mgr.restore("best").epoch == 1
+    assert (mgr.epoch, mgr.step) == (1, 0)  # documented: restore() restores the counters
+    with pytest.raises(CheckpointExistsError, match="restore") as info:
+        mgr.save(metrics={"loss": 0.2})
+    assert "counters" in info.value.hint and "epoch=3" in info.value.hint
+    mgr.save(epoch=3, metrics={"loss": 0.2})  # the hint's way out works
+    assert [r.epoch for r in mgr.checkpoints] == [1, 2, 3]
+
+
+def test_a_plain_collision_keeps_its_plain_message(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
+    mgr.save(epoch=0)
+    with pytest.raises(CheckpointExistsError) as info:
+        mgr.save(epoch=0)
+    assert "restore" not in str(info.value)

@@ -6,6 +6,7 @@ through load_model's trust rule, and its outputs are compared with the original.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -289,3 +290,69 @@ def test_load_model_onto_a_gpu(tmp_path) -> None:
     assert all(p.is_cuda for p in rebuilt.parameters())
     x = torch.randn(3, 4)
     torch.testing.assert_close(rebuilt(x.cuda()).cpu(), model(x))
+
+
+# -- malformed or oversized model specs (issue 11 item 11) ---------------------------------
+
+def _deep(levels: int) -> dict:
+    value: dict = {"kind": "list", "items": []}
+    for _ in range(levels):
+        value = {"kind": "list", "items": [value]}
+    return value
+
+
+SPEC_DAMAGE = {
+    "no qualname": lambda a: a.pop("qualname"),
+    "kwargs a list": lambda a: a.update(kwargs=[1, 2]),
+    "args a number": lambda a: a.update(args=3),
+    "architecture a list": None,
+    "deeply nested": lambda a: a["kwargs"].update(in_features=_deep(3_000)),
+}
+
+
+@pytest.mark.parametrize("damage", list(SPEC_DAMAGE))
+def test_a_malformed_model_spec_is_an_architecture_error(tmp_path, damage) -> None:
+    path = tmp_path / "model.pt"
+    ckpt.save_model(torch.nn.Linear(3, 4), path)
+    obj = torch.load(path, weights_only=True)
+    holder = obj["ckpt"]["model_spec"]["objects"]["model"]
+    if SPEC_DAMAGE[damage] is None:
+        holder["architecture"] = ["torch.nn", "Linear"]
+    else:
+        SPEC_DAMAGE[damage](holder["architecture"])
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # for torch.save of the deep spec only; loading runs with the default
+    try:
+        torch.save(obj, path)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(ckpt.ArchitectureError):
+        ckpt.load_model(path)
+
+
+LOAD_PEAK = r"""
+import resource, sys, torch, ckpt
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    ckpt.load_model(sys.argv[1])
+    print("loaded")
+except Exception as e:
+    print(type(e).__name__)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+"""
+
+
+def test_a_spec_naming_huge_sizes_next_to_small_weights_allocates_nothing(tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    ckpt.save_model(torch.nn.Linear(3, 4), path)
+    obj = torch.load(path, weights_only=True)
+    obj["ckpt"]["model_spec"]["objects"]["model"]["architecture"]["kwargs"] = {
+        "in_features": 16_000, "out_features": 16_000}  # 1 GiB of float32 for a 3x4 weight file
+    torch.save(obj, path)
+    source = str(Path(ckpt.__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path)], cwd=source, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome, grew_mib = proc.stdout.split()
+    assert outcome in ("StateMismatchError", "ArchitectureError")
+    assert int(grew_mib) < 256, f"loading allocated {grew_mib} MiB for a 48-byte weight file"

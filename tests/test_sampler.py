@@ -97,23 +97,66 @@ def test_set_epoch_after_restore_continues_only_the_saved_epoch() -> None:
     assert list(same) == sampler.order(2)
 
 
-def test_iterating_without_set_epoch_fails_loudly_where_the_order_would_be_ambiguous() -> None:
-    sampler = ResumableSampler(4)
-    assert len(list(sampler)) == 4  # a fresh sampler serves epoch 0
-    with pytest.raises(ConfigError, match=r"finished epoch 0.*set_epoch") as info:
-        iter(sampler)
-    assert isinstance(info.value, ValueError)
-    restored = ResumableSampler(4)
-    restored.load_state_dict(sampler.state_dict())
-    with pytest.raises(ConfigError, match="restored from a checkpoint"):
-        iter(restored)
+def test_iterating_again_without_set_epoch_serves_the_epoch_again_like_torch() -> None:
+    sampler = ResumableSampler(4, seed=3)
+    first = list(sampler)  # a fresh sampler serves epoch 0
+    assert list(sampler) == first == sampler.order(0)  # torch's samplers do the same
+    restored = ResumableSampler(4, seed=3)
+    restored.load_state_dict(sampler.state_dict())  # saved after the epoch's last sample
+    assert list(restored) == []  # the rest of the restored epoch: nothing
+    assert list(restored) == first  # the restored rest was served: the epoch again
 
 
-def test_a_partly_consumed_pass_continues_when_iterated_again() -> None:
+def test_a_new_iterator_starts_the_epoch_from_its_first_sample() -> None:
     sampler = ResumableSampler(5, seed=9)
     it = iter(sampler)
-    head = [next(it), next(it)]
-    assert head + list(sampler) == sampler.order()
+    assert [next(it), next(it)] == sampler.order()[:2] and sampler.position == 2
+    assert list(sampler) == sampler.order() and sampler.position == 5
+
+
+def _epoch_samples(loader: DataLoader) -> List[int]:
+    return [i for batch in _batches(loader) for i in batch]
+
+
+@pytest.mark.parametrize("set_epoch_first", [False, True])
+def test_the_ddp_tutorial_peek_skips_nothing_in_any_epoch(set_epoch_first: bool) -> None:
+    # pytorch/examples' DDP torchrun tutorial: print len(next(iter(loader))[0]), then set_epoch.
+    sampler = ResumableSampler(10, seed=5)
+    loader = DataLoader(Counted(10), 3, sampler=sampler)
+    for epoch in range(3):
+        if set_epoch_first:
+            sampler.set_epoch(epoch)
+        assert len(next(iter(loader))) == 3
+        if not set_epoch_first:
+            sampler.set_epoch(epoch)
+        assert _epoch_samples(loader) == sampler.order(epoch)
+
+
+@pytest.mark.parametrize("set_epoch_first", [False, True])
+def test_the_peek_after_a_restore_still_continues_the_interrupted_epoch(set_epoch_first: bool) -> None:
+    sampler = ResumableSampler(10, seed=5)
+    sampler.set_epoch(1)
+    head = _epoch_samples_limit(DataLoader(Counted(10), 3, sampler=sampler), 2)
+    saved = sampler.state_dict()
+
+    resumed = ResumableSampler(10, seed=5)
+    resumed.load_state_dict(saved)
+    loader = DataLoader(Counted(10), 3, sampler=resumed)
+    for epoch in (1, 2):
+        if set_epoch_first:
+            resumed.set_epoch(epoch)
+        next(iter(loader))  # the peek: served, not trained on
+        if not set_epoch_first:
+            resumed.set_epoch(epoch)
+        served = _epoch_samples(loader)
+        if epoch == 1:
+            assert head + served == sampler.order(1)
+        else:
+            assert served == sampler.order(2)
+
+
+def _epoch_samples_limit(loader: DataLoader, batches: int) -> List[int]:
+    return [i for batch in _batches(loader, batches) for i in batch]
 
 
 def test_checkpoint_after_the_last_batch_resumes_into_an_empty_rest() -> None:

@@ -269,3 +269,43 @@ def test_cuda_rng_round_trip():
     expected = torch.rand(3, device="cuda").tolist()
     state.restore_rng(saved)
     assert torch.rand(3, device="cuda").tolist() == expected
+
+
+# -- restore is all or nothing (issue 11 item 6) ------------------------------------------
+
+def _weights(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_an_optimizer_that_does_not_fit_leaves_the_model_untouched(tmp_path) -> None:
+    model = linear(0)
+    with CheckpointManager(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as mgr:
+        mgr.save(epoch=0)
+    other = linear(1)
+    before = _weights(other)
+    two_groups = torch.optim.SGD([{"params": [other.weight]}, {"params": [other.bias]}], lr=0.1)
+    mgr = CheckpointManager(tmp_path, model=other, optimizer=two_groups)
+    with pytest.raises(StateMismatchError):
+        mgr.restore()
+    assert equal_states(_weights(other), before), "the model was restored, the optimizer was not"
+
+
+def test_malformed_rng_states_leave_every_object_untouched(tmp_path) -> None:
+    model = linear(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path, model=model, optimizer=opt) as mgr:
+        mgr.save(epoch=0)
+    path = tmp_path / "ckpt-e000000-s000000000.pt"
+    obj = torch.load(path, weights_only=True)
+    obj["rng"] = {"torch": torch.zeros(3, dtype=torch.uint8)}  # not a generator state
+    torch.save(obj, path)
+    (tmp_path / "ckpt-index.json").unlink()
+    other = linear(1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    before, rng = _weights(other), torch.get_rng_state()
+    mgr = CheckpointManager(tmp_path, model=other, optimizer=other_opt)
+    with pytest.raises(StateMismatchError):
+        mgr.restore(path)
+    assert equal_states(_weights(other), before)
+    assert other_opt.param_groups[0]["lr"] == 0.5
+    assert torch.equal(torch.get_rng_state(), rng)

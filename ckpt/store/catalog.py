@@ -21,6 +21,8 @@ from . import differential, index, sharddir, torchfile
 from .base import Store
 from .checksum import file_checksum
 
+#: How often verify() looks again at files a concurrent writer replaced or deleted meanwhile.
+VERIFY_PASSES = 5
 QUARANTINE_SUFFIX = ".corrupt"
 _OBSERVE_TRIES = 5
 
@@ -251,6 +253,19 @@ class Catalog:
 
     # -- integrity -------------------------------------------------------------------
 
+    def _verify_one(self, rec: CheckpointRecord, checked: Dict[str, str], progress: Optional[bool]) -> None:
+        """Raise unless ``rec``'s file (or sharded directory) and its blobs match their checksums."""
+        if schema.is_sharded(rec.name):
+            sharddir.verify(self.store, rec.name, rec.checksum)
+        else:
+            with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
+                torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
+        for blob, checksum in rec.blobs:
+            if blob not in checked:
+                checked[blob] = self._verify_blob(blob, checksum, progress)
+            if checked[blob]:
+                raise CorruptCheckpointError(f"its tensor file {blob} {checked[blob]}", path=rec.path)
+
     def _verify_blob(self, name: str, checksum: str, progress: Optional[bool]) -> str:
         """"" when the blob verifies, else what is wrong with it."""
         try:
@@ -265,36 +280,46 @@ class Catalog:
     def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
         """File name -> ("ok" | "damaged" | "missing", detail) for every committed checkpoint.
 
-        A file deleted between listing and checking is checked against a fresh listing:
-        gone from the index too means a concurrent writer's retention evicted it, which
-        is not damage, and it is left out of the report.
+        A verdict against a listing that a concurrent writer has changed since is not one:
+        a file that is gone or fails its checksum is looked up again in a fresh listing.
+        Gone from the index too, it was evicted (left out of the report); replaced (a new
+        checksum) or back under its name, it is checked again (a few times at most).
         """
         listing = self.scan()
         report: Dict[str, Tuple[str, str]] = {}
-        gone: List[str] = []
+        pending, unlisted = list(listing.records), list(listing.missing)
         checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
-        for rec in listing.records:
-            try:
-                if schema.is_sharded(rec.name):
-                    sharddir.verify(self.store, rec.name, rec.checksum)
-                else:
-                    with self.store.local_path(rec.name) as local, torchfile.opened(local) as real:
-                        torchfile.verify(real, rec.checksum, progress=progress, shown=rec.path)
-                for blob, checksum in rec.blobs:
-                    if blob not in checked:
-                        checked[blob] = self._verify_blob(blob, checksum, progress)
-                    if checked[blob]:
-                        raise CorruptCheckpointError(f"its tensor file {blob} {checked[blob]}", path=rec.path)
-                report[rec.name] = ("ok", "")
-            except FileNotFoundError:
-                gone.append(rec.name)
-            except CkptError as e:
-                report[rec.name] = ("damaged", str(e))
-        if gone or listing.missing:
+        for _ in range(VERIFY_PASSES):
+            gone: List[str] = []
+            suspect: Dict[str, Optional[str]] = {}
+            for rec in pending:
+                try:
+                    self._verify_one(rec, checked, progress)
+                    report[rec.name] = ("ok", "")
+                except FileNotFoundError:
+                    gone.append(rec.name)
+                except CkptError as e:
+                    report[rec.name] = ("damaged", str(e))
+                    suspect[rec.name] = rec.checksum
+            if not (gone or unlisted or suspect):
+                break
             again = self.scan()
-            still = {r.name for r in again.records} | set(again.missing)
-            for name in gone + listing.missing:
-                if name in still:
+            fresh = {r.name: r for r in again.records}
+            pending = []
+            for name in gone + unlisted:
+                if name in fresh:
+                    pending.append(fresh[name])  # back under its name (a replace): check it
+                elif name in again.missing:
                     report[name] = ("missing", "listed in the index, gone from disk")
+                else:
+                    report.pop(name, None)  # evicted by a concurrent writer's retention
+            for name, checksum in suspect.items():
+                if name not in fresh:
+                    report.pop(name, None)
+                elif fresh[name].checksum != checksum:
+                    pending.append(fresh[name])  # replaced since: check the new bytes
+            unlisted = []
+            if not pending:
+                break
         return dict(sorted(report.items()))
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -51,8 +52,8 @@ def opened(path: Path) -> Iterator[Path]:
     """A path to the file ``path`` names *now*: on Linux ``/proc/self/fd/N`` of an open
     descriptor, so that verifying and loading read the same inode even if the name is
     replaced or deleted meanwhile. :class:`CheckpointNotFoundError` if it is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:  # O_NONBLOCK: opening a FIFO put in a file's place must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as e:
         raise gone_error(path) from e
     except OSError as e:
@@ -61,6 +62,9 @@ def opened(path: Path) -> Iterator[Path]:
                                          hint="ckpt reads only the regular files it wrote") from e
         raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
+            raise CorruptCheckpointError("is not a regular file (a FIFO, device or directory)", path=path,
+                                         hint="ckpt reads only the regular files it wrote")
         yield _PROC_FD / str(fd) if _PROC_FD.is_dir() else path
     finally:
         os.close(fd)
@@ -107,9 +111,10 @@ def _load(real: Path, path: PurePath, map_location: MapLocation, weights_only: b
     try:
         return torch.load(real, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if weights_only and _GLOBAL_RE.search(str(e)):  # code needs a global; garbage does not
+        examine(real, path, e)  # damaged bytes are damage, whatever torch's message says
+        if weights_only:  # an intact pickle the allow-list refuses (a global, or an opcode such as INST)
             raise unsafe_error(real, path, e) from e
-        raise CorruptCheckpointError(f"cannot unpickle the file ({first_line(e)})", path=path) from e
+        raise  # intact bytes: not damage
     except FileNotFoundError as e:
         raise gone_error(path) from e
     except torch.OutOfMemoryError:
