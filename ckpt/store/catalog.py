@@ -19,6 +19,7 @@ from ..record import CheckpointRecord
 from . import commit as _commit
 from . import index, torchfile
 from .base import Store
+from .book import Book
 from .checksum import file_checksum
 
 QUARANTINE_SUFFIX = ".corrupt"
@@ -31,7 +32,7 @@ class Listing(NamedTuple):
     records: List[CheckpointRecord]  #: committed checkpoints, sorted by (epoch, step)
     changed: bool  #: the records differ from the index on disk (a writer should rewrite it)
     missing: List[str]  #: names the index lists whose file is gone
-    raw: Optional[bytes]  #: the index bytes the records were built from
+    raw: index.Raw  #: the index bytes the records were built from
 
 
 class Catalog:
@@ -39,6 +40,7 @@ class Catalog:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._book = Book(store)  # the writer's copy of the index (flat bookkeeping)
 
     # -- listing ---------------------------------------------------------------------
 
@@ -46,14 +48,14 @@ class Catalog:
         """Clean what crashed writers left and list the checkpoints, rewriting a stale
         index when no writer is active."""
         self.store.clean_temporaries()
-        listing = self.scan()
+        listing = self.scan(remember=True)  # no commit of ours is in flight yet
         if not listing.changed:
             return listing.records
         try:
             with self.store.lock(timeout=0):
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
-                    index.write(self.store, listing.records)
+                    self._book.write(listing.records)
         except Timeout:
             pass  # a writer is committing: it rewrites the index itself
         except OSError as e:
@@ -61,19 +63,20 @@ class Catalog:
                           "files still describe themselves", stacklevel=2)
         return listing.records
 
-    def scan(self, *, locked: bool = False) -> Listing:
+    def scan(self, *, locked: bool = False, remember: bool = False) -> Listing:
         """The committed checkpoints: the index reconciled with the files.
 
         Unindexed files are read and adopted when they verify and their contents match
         their name; a damaged one is moved aside when ``locked`` (a writer), else skipped
         with a warning. A file in a newer format raises :class:`FormatVersionError`
-        (skipping it would resume from older state).
+        (skipping it would resume from older state). A locked scan (or ``remember``,
+        when no commit of this catalog can be in flight) primes the writer's book.
         """
-        raw, on_disk = self._observe(locked)
-        indexed = index.read(self.store, raw, self.extra_loader)
+        raw, on_disk, seen = self._observe(locked)
+        indexed, applied = index.read_all(self.store, raw, self.extra_loader)
         by_name: Dict[str, CheckpointRecord] = {r.name: r for r in indexed or []}
         records: List[CheckpointRecord] = []
-        changed = indexed is None and (raw is not None or bool(on_disk))
+        changed = indexed is None and (raw != index.Raw(None, None) or bool(on_disk))
         for name in on_disk:
             if name in by_name:
                 records.append(by_name[name])
@@ -103,27 +106,37 @@ class Catalog:
         if missing:  # not `changed`: the index keeps them until the next save, so verify() reports them
             warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
         records.sort(key=lambda r: r.key)
+        if locked or (remember and not changed and not missing):
+            self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied)
         return Listing(records, changed, missing, raw)
 
-    def _observe(self, locked: bool) -> Tuple[Optional[bytes], Dict[str, int]]:
-        """The index's bytes and the checkpoint files, seen with no commit in between.
+    def _observe(self, locked: bool) -> Tuple[index.Raw, Dict[str, int], Optional[index.Identity]]:
+        """The index's bytes and the checkpoint files, seen with no commit in between,
+        and the index's identity then (None where the store cannot tell).
 
-        A writer replaces the index once per commit, between adding its file and
+        A writer changes the index once per commit, between adding its file and
         deleting evicted ones; an index unchanged around the listing means the listing
         matches it, so a reader racing a writer does not report evicted files as
         missing. A caller holding the lock sees no commits and reads the index once.
         """
+        seen = index.identity(self.store)
         raw = index.read_raw(self.store)
         on_disk: Dict[str, int] = {}
         for _ in range(_OBSERVE_TRIES):
             on_disk = {n: s for n, s in self.store.list("ckpt-").items() if schema.parse_name(n)}
             if locked:
                 break
+            if seen is not None:
+                again_seen = index.identity(self.store)
+                if again_seen == seen:
+                    break
+                seen, raw = again_seen, index.read_raw(self.store)
+                continue
             again = index.read_raw(self.store)
             if again == raw:
                 break
             raw = again
-        return raw, on_disk
+        return raw, on_disk, seen
 
     def describe(self, name: str) -> CheckpointRecord:
         """A record rebuilt from a checkpoint file that the index does not list.
@@ -175,8 +188,10 @@ class Catalog:
                progress: Optional[bool] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
         """Commit ``checkpoint``, then apply retention; return its record and the records kept."""
         with self.store.lock():
-            listing = self.scan(locked=True)
-            return _commit.commit(self.store, listing.records, listing.raw, checkpoint, retention=retention,
+            records = self._book.current()  # no other writer committed: nothing to read
+            if records is None:
+                records = self.scan(locked=True).records
+            return _commit.commit(self.store, records, self._book, checkpoint, retention=retention,
                                   protected=protected, overwrite=overwrite, progress=progress)
 
     def quarantine(self, rec: CheckpointRecord, error: BaseException) -> str:
@@ -198,7 +213,7 @@ class Catalog:
                 except CorruptCheckpointError:
                     pass
                 aside = self.move_aside(rec.name)
-                index.write(self.store, [r for r in listing.records if r.name != rec.name])
+                self._book.write([r for r in listing.records if r.name != rec.name])
                 return f"; kept as {self.store.where(aside)}"
         except (OSError, CkptError) as e:
             return f"; could not move it aside ({e}), so it will be skipped again"

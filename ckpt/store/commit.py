@@ -17,6 +17,7 @@ from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
 from . import index, torchfile
 from .base import Store, Written
+from .book import Book
 
 Key = Tuple[int, int]
 
@@ -36,10 +37,11 @@ def check_new(key: Key, mid_epoch: bool, overwrite: bool,
     return existing
 
 
-def commit(store: Store, records: List[CheckpointRecord], index_before: Optional[bytes],
+def commit(store: Store, records: List[CheckpointRecord], book: Book,
            checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy, protected: Collection[Key],
            overwrite: bool, progress: Optional[bool]) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
-    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock)."""
+    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock;
+    ``book`` writes the index)."""
     key, name = checkpoint.key, checkpoint.name
     existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)
     others = [r for r in records if r.key != key]
@@ -48,7 +50,7 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     written: Optional[Written] = None
     try:
         if replacing:
-            _write_index(store, others)
+            _write_index(store, book, others)
             backup = store.keep_aside(name)
         written = _write_checkpoint(store, checkpoint, progress)
         rec = record.make(checkpoint.header, store.where(name), size=written.size, checksum=written.checksum,
@@ -56,9 +58,9 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
         candidates = others + [rec]
         kept_keys = policy.select_kept(candidates, retention, {key, *protected})
         kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
-        _write_index(store, kept)
+        _write_index(store, book, kept)
     except BaseException:
-        _undo(store, name, index_before, replacing=replacing, backup=backup, written=written)
+        _undo(store, name, book, records, replacing=replacing, backup=backup, written=written)
         raise
     finally:
         if backup is not None:
@@ -67,7 +69,7 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     return rec, kept
 
 
-def _undo(store: Store, name: str, index_before: Optional[bytes], *, replacing: bool,
+def _undo(store: Store, name: str, book: Book, before: List[CheckpointRecord], *, replacing: bool,
           backup: Optional[str], written: Optional[Written]) -> None:
     """Put the directory back as it was after a failed commit (best effort: the caller
     re-raises the original error, and scans repair whatever a second failure leaves)."""
@@ -81,7 +83,7 @@ def _undo(store: Store, name: str, index_before: Optional[bytes], *, replacing: 
     except OSError:
         pass
     if written is not None or backup is not None:
-        index.restore_bytes(store, index_before)
+        book.restore(before)
 
 
 def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Optional[bool]) -> Written:
@@ -91,9 +93,9 @@ def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Opt
         raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
 
 
-def _write_index(store: Store, records: List[CheckpointRecord]) -> None:
+def _write_index(store: Store, book: Book, records: List[CheckpointRecord]) -> None:
     try:
-        index.write(store, records)
+        book.write(records)
     except OSError as e:
         raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e
 

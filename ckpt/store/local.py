@@ -14,7 +14,7 @@ import secrets
 import stat
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
@@ -134,6 +134,29 @@ class LocalStore:
 
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
         return atomic_write(self.directory, name, produce, on_write)
+
+    def append(self, name: str, data: bytes) -> None:
+        """Append ``data`` to ``name`` durably (the index journal); created if absent."""
+        path = self.directory / name
+        created = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.directory)
+
+    def identity(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """(inode, size, mtime_ns) of ``name``; None when absent. A commit changes it."""
+        try:
+            st = os.lstat(self.directory / name)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_bytes(self, name: str) -> bytes:
         path = self.directory / name
