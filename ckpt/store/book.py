@@ -20,7 +20,7 @@ and a scan on every commit, as before.
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 from ..record import CheckpointRecord
 from . import index
@@ -41,6 +41,10 @@ class Appendable(Protocol):
         """(inode, size, mtime_ns) of ``name``, None when absent."""
 
 
+#: What a commit changed: the records it added, the file names it dropped.
+Change = Tuple[List[CheckpointRecord], List[str]]
+
+
 class Book:
     """The records this process last saw committed, valid while the index is unchanged."""
 
@@ -48,8 +52,7 @@ class Book:
         self.store = store
         self._journal = isinstance(store, Appendable)
         self._lock = threading.Lock()
-        self._records: Optional[Dict[str, CheckpointRecord]] = None  # name -> record, as the index says
-        self._sorted: List[CheckpointRecord] = []
+        self._records: Optional[List[CheckpointRecord]] = None  # sorted by key, as the index says
         self._seen: Optional[index.Identity] = None
         self._snapshot = 0  # snapshot size
         self._tail = 0  # journal bytes in whole lines
@@ -62,31 +65,29 @@ class Book:
             if self._records is None or self._seen is None or index.identity(self.store) != self._seen:
                 self._records = None
                 return None
-            return list(self._sorted)
+            return list(self._records)
 
     def remember(self, records: List[CheckpointRecord], raw: index.Raw, seen: Optional[index.Identity], *,
                  stale: bool, applied: int = 0) -> None:
-        """A scan found ``records`` with the index ``raw`` of identity ``seen``;
+        """A scan found ``records`` (sorted) with the index ``raw`` of identity ``seen``;
         ``stale``: the index does not say exactly that (the next write rewrites it);
         ``applied``: the journal bytes that were whole lines."""
         with self._lock:
-            self._records = {r.name: r for r in records} if seen is not None else None
-            self._sorted = list(records)
+            self._records = list(records) if seen is not None else None
             self._seen = seen
             self._snapshot = len(raw.snapshot or b"")
             self._tail = applied
             self._appendable = not stale and applied == len(raw.journal or b"")
 
-    def write(self, records: List[CheckpointRecord]) -> None:
-        """Commit the index as ``records`` (sorted by key): one journal line, or the
-        whole snapshot when the journal would outgrow it."""
+    def write(self, records: List[CheckpointRecord], change: Optional[Change] = None) -> None:
+        """Commit the index as ``records`` (sorted by key). With ``change`` (what differs
+        from the records this book holds) that is one journal line, unless the journal
+        would outgrow the snapshot; without, the whole snapshot."""
         with self._lock:
-            old = self._records
             line = b""
-            if old is not None and self._journal and self._appendable and self._snapshot >= JOURNAL_MIN:
-                names = {r.name for r in records}
-                line = index.encode_line([r for r in records if old.get(r.name) is not r],
-                                         [n for n in old if n not in names])
+            if (change is not None and self._records is not None and self._journal and self._appendable
+                    and self._snapshot >= JOURNAL_MIN):
+                line = index.encode_line(*change)
             self._records = None  # until the write has succeeded
             if line and self._tail + len(line) <= self._snapshot:
                 self.store.append(index.JOURNAL_NAME, line)  # type: ignore[attr-defined]
@@ -94,8 +95,7 @@ class Book:
             else:
                 self._snapshot, self._tail = index.write(self.store, records), 0
             self._appendable = True
-            self._records = {r.name: r for r in records}
-            self._sorted = list(records)
+            self._records = list(records)
             self._seen = index.identity(self.store)
 
     def restore(self, before: List[CheckpointRecord]) -> None:

@@ -17,7 +17,7 @@ from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
 from . import index, torchfile
 from .base import Store, Written
-from .book import Book
+from .book import Book, Change
 
 Key = Tuple[int, int]
 
@@ -29,12 +29,20 @@ def check_new(key: Key, mid_epoch: bool, overwrite: bool,
     An end-of-epoch save may replace a mid-epoch checkpoint of the same (epoch, step):
     the same training state, now marked complete.
     """
-    existing = next((r for r in records if r.key == key), None)
+    existing = find(records, key)
     if existing is not None and not overwrite and not (existing.mid_epoch and not mid_epoch):
         raise CheckpointExistsError(
             f"a checkpoint for epoch {key[0]}, step {key[1]} already exists", path=existing.path,
             hint="pass a new step (save(epoch=..., step=global_step)), or overwrite=True to replace it")
     return existing
+
+
+def find(records: List[CheckpointRecord], key: Key) -> Optional[CheckpointRecord]:
+    """The record of ``key`` in ``records`` (sorted by key); a save past the newest,
+    the common case, costs nothing however many checkpoints there are."""
+    if not records or records[-1].key < key:
+        return None
+    return next((r for r in records if r.key == key), None)
 
 
 def commit(store: Store, records: List[CheckpointRecord], book: Book,
@@ -44,29 +52,39 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
     ``book`` writes the index)."""
     key, name = checkpoint.key, checkpoint.name
     existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)
-    others = [r for r in records if r.key != key]
+    others = records if existing is None else [r for r in records if r.key != key]
     replacing = existing is not None and name in store.list(name)
     backup: Optional[str] = None
     written: Optional[Written] = None
     try:
         if replacing:
-            _write_index(store, book, others)
+            _write_index(store, book, others, ([], [name]))
             backup = store.keep_aside(name)
         written = _write_checkpoint(store, checkpoint, progress)
         rec = record.make(checkpoint.header, store.where(name), size=written.size, checksum=written.checksum,
                           extra=checkpoint.extra)
         candidates = others + [rec]
-        kept_keys = policy.select_kept(candidates, retention, {key, *protected})
-        kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
-        _write_index(store, book, kept)
+        if others and others[-1].key > key:
+            candidates.sort(key=lambda r: r.key)
+        kept, evicted = _retain(candidates, retention, {key, *protected})
+        _write_index(store, book, kept, ([rec], [r.name for r in evicted]))
     except BaseException:
         _undo(store, name, book, records, replacing=replacing, backup=backup, written=written)
         raise
     finally:
         if backup is not None:
             store.delete(backup)
-    _delete(store, [r for r in candidates if r.key not in kept_keys])
+    _delete(store, evicted)
     return rec, kept
+
+
+def _retain(candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
+            protected: Collection[Key]) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+    """(kept, evicted) of ``candidates`` (sorted); keep-all costs nothing per record."""
+    if not retention.deletes:
+        return candidates, []
+    kept_keys = policy.select_kept(candidates, retention, protected)
+    return ([r for r in candidates if r.key in kept_keys], [r for r in candidates if r.key not in kept_keys])
 
 
 def _undo(store: Store, name: str, book: Book, before: List[CheckpointRecord], *, replacing: bool,
@@ -93,9 +111,9 @@ def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Opt
         raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
 
 
-def _write_index(store: Store, book: Book, records: List[CheckpointRecord]) -> None:
+def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Change) -> None:
     try:
-        book.write(records)
+        book.write(records, change)
     except OSError as e:
         raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e
 
