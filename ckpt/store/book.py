@@ -67,6 +67,14 @@ class Book:
                 return None
             return list(self._records)
 
+    def peek(self, seen: Optional[index.Identity]) -> Optional[Tuple[List[CheckpointRecord], int]]:
+        """What the index of identity ``seen`` holds, if this book knows it exactly (a
+        reader then skips decoding it), and the journal bytes applied."""
+        with self._lock:
+            if seen is None or seen != self._seen or self._records is None or not self._appendable:
+                return None
+            return list(self._records), self._tail
+
     def remember(self, records: List[CheckpointRecord], raw: index.Raw, seen: Optional[index.Identity], *,
                  stale: bool, applied: int = 0) -> None:
         """A scan found ``records`` (sorted) with the index ``raw`` of identity ``seen``;

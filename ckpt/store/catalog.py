@@ -73,7 +73,8 @@ class Catalog:
         when no commit of this catalog can be in flight) primes the writer's book.
         """
         raw, on_disk, seen = self._observe(locked)
-        indexed, applied = index.read_all(self.store, raw, self.extra_loader)
+        known = self._book.peek(seen)  # the index this process wrote or read last: not decoded again
+        indexed, applied = known if known is not None else index.read_all(self.store, raw, self.extra_loader)
         by_name: Dict[str, CheckpointRecord] = {r.name: r for r in indexed or []}
         records: List[CheckpointRecord] = []
         changed = indexed is None and (raw != index.Raw(None, None) or bool(on_disk))
