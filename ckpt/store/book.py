@@ -10,8 +10,10 @@ one journal line instead of rewriting the index; the journal is folded into the
 snapshot once it outgrows it (amortised constant cost), and a small index is simply
 rewritten whole, so a short run's directory holds one plain JSON file.
 
-Files added or removed by hand while this process writes are seen at the next scan
-(opening the directory, ``refresh``, ``resume``), not at its next commit.
+A file added or removed by hand changes the directory's identity too, so the next
+commit scans; on a filesystem with coarse timestamps a change within the same clock
+tick as this process's last commit may be seen only at the next scan (opening the
+directory, ``refresh``, ``resume``).
 
 Stores that cannot append or identify a file (object stores) get the full rewrite
 and a scan on every commit, as before.
@@ -54,6 +56,7 @@ class Book:
         self._lock = threading.Lock()
         self._records: Optional[List[CheckpointRecord]] = None  # sorted by key, as the index says
         self._seen: Optional[index.Identity] = None
+        self._dir: Optional[Tuple[int, int, int]] = None  # the directory's identity after our last change
         self._snapshot = 0  # snapshot size
         self._tail = 0  # journal bytes in whole lines
         self._appendable = False  # the files on disk hold exactly _records, with no torn line
@@ -62,10 +65,21 @@ class Book:
         """The committed records if no writer changed the index since this book saw it
         (the caller holds the writers' lock), else None: scan and :meth:`remember`."""
         with self._lock:
-            if self._records is None or self._seen is None or index.identity(self.store) != self._seen:
+            if (self._records is None or self._seen is None or index.identity(self.store) != self._seen
+                    or self._dir is None or self._directory() != self._dir):
                 self._records = None
                 return None
             return list(self._records)
+
+    def seal(self) -> None:
+        """This process's commit is over: remember the directory as it left it, so that
+        a file added or removed by hand since sends the next commit to a full scan."""
+        with self._lock:
+            self._dir = self._directory()
+
+    def _directory(self) -> Optional[Tuple[int, int, int]]:
+        ident = getattr(self.store, "identity", None)
+        return ident(".") if ident is not None else None
 
     def peek(self, seen: Optional[index.Identity]) -> Optional[Tuple[List[CheckpointRecord], int]]:
         """What the index of identity ``seen`` holds, if this book knows it exactly (a
@@ -83,6 +97,7 @@ class Book:
         with self._lock:
             self._records = list(records) if seen is not None else None
             self._seen = seen
+            self._dir = self._directory()
             self._snapshot = len(raw.snapshot or b"")
             self._tail = applied
             self._appendable = not stale and applied == len(raw.journal or b"")

@@ -192,8 +192,10 @@ class Catalog:
             records = self._book.current()  # no other writer committed: nothing to read
             if records is None:
                 records = self.scan(locked=True).records
-            return _commit.commit(self.store, records, self._book, checkpoint, retention=retention,
+            done = _commit.commit(self.store, records, self._book, checkpoint, retention=retention,
                                   protected=protected, overwrite=overwrite, progress=progress)
+            self._book.seal()
+            return done
 
     def quarantine(self, rec: CheckpointRecord, error: BaseException) -> str:
         """Move a checkpoint that failed to load out of the namespace, if it still fails

@@ -53,7 +53,8 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
     final = directory / name
     tmp = directory / temporary_name(name)
     existed = final.exists()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    # read-write: the checksum may read back a range the format did not vouch for
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     replaced = False
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
@@ -64,6 +65,7 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
                 if writer.error is not None and e is not writer.error:
                     raise writer.error from e  # ENOSPC or Ctrl-C, not torch's "unexpected pos"
                 raise
+            checksum = format_checksum(writer.crc)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -76,7 +78,7 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
             with suppress(OSError):
                 os.unlink(final)
         raise
-    return Written(name, writer.size, format_checksum(writer.crc))
+    return Written(name, writer.size, checksum)
 
 
 def write_file(path: Path, produce: Produce) -> Path:
