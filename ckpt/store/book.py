@@ -28,8 +28,8 @@ from ..record import CheckpointRecord
 from . import index
 from .base import Store
 
-#: Below this snapshot size (about 200 checkpoints) the index is rewritten whole.
-JOURNAL_MIN = 64 << 10
+#: Below this snapshot size (about 50 checkpoints) the index is rewritten whole.
+JOURNAL_MIN = 16 << 10
 
 
 @runtime_checkable
