@@ -77,6 +77,10 @@ class Book:
         with self._lock:
             self._dir = self._directory()
 
+    def directory(self) -> Optional[Tuple[int, int, int]]:
+        """The run directory's identity (None where the store cannot tell)."""
+        return self._directory()
+
     def _directory(self) -> Optional[Tuple[int, int, int]]:
         ident = getattr(self.store, "identity", None)
         return ident(".") if ident is not None else None
@@ -90,14 +94,15 @@ class Book:
             return list(self._records), self._tail
 
     def remember(self, records: List[CheckpointRecord], raw: index.Raw, seen: Optional[index.Identity], *,
-                 stale: bool, applied: int = 0) -> None:
+                 stale: bool, applied: int = 0, directory: Optional[Tuple[int, int, int]] = None) -> None:
         """A scan found ``records`` (sorted) with the index ``raw`` of identity ``seen``;
         ``stale``: the index does not say exactly that (the next write rewrites it);
-        ``applied``: the journal bytes that were whole lines."""
+        ``applied``: the journal bytes that were whole lines; ``directory``: the
+        directory's identity taken before the listing (a change after it is seen)."""
         with self._lock:
             self._records = list(records) if seen is not None else None
             self._seen = seen
-            self._dir = self._directory()
+            self._dir = directory
             self._snapshot = len(raw.snapshot or b"")
             self._tail = applied
             self._appendable = not stale and applied == len(raw.journal or b"")

@@ -72,6 +72,7 @@ class Catalog:
         (skipping it would resume from older state). A locked scan (or ``remember``,
         when no commit of this catalog can be in flight) primes the writer's book.
         """
+        before = self._book.directory()  # before the listing: a change after it is noticed
         raw, on_disk, seen = self._observe(locked)
         known = self._book.peek(seen)  # the index this process wrote or read last: not decoded again
         indexed, applied = known if known is not None else index.read_all(self.store, raw, self.extra_loader)
@@ -108,7 +109,8 @@ class Catalog:
             warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
         records.sort(key=lambda r: r.key)
         if locked or (remember and not changed and not missing):
-            self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied)
+            self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied,
+                                directory=before)
         return Listing(records, changed, missing, raw)
 
     def _observe(self, locked: bool) -> Tuple[index.Raw, Dict[str, int], Optional[index.Identity]]:
