@@ -19,6 +19,7 @@ from ..record import CheckpointRecord
 from . import commit as _commit
 from . import differential, index, sharddir, torchfile
 from .base import Store
+from .book import Book
 from .checksum import file_checksum
 
 #: How often verify() looks again at files a concurrent writer replaced or deleted meanwhile.
@@ -33,7 +34,7 @@ class Listing(NamedTuple):
     records: List[CheckpointRecord]  #: committed checkpoints, sorted by (epoch, step)
     changed: bool  #: the records differ from the index on disk (a writer should rewrite it)
     missing: List[str]  #: names the index lists whose file is gone
-    raw: Optional[bytes]  #: the index bytes the records were built from
+    raw: index.Raw  #: the index bytes the records were built from
 
 
 class Catalog:
@@ -41,6 +42,7 @@ class Catalog:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._book = Book(store)  # the writer's copy of the index (flat bookkeeping)
 
     # -- listing ---------------------------------------------------------------------
 
@@ -48,7 +50,7 @@ class Catalog:
         """Clean what crashed writers left and list the checkpoints, rewriting a stale
         index when no writer is active."""
         self.store.clean_temporaries()
-        listing = self.scan()
+        listing = self.scan(remember=True)  # no commit of ours is in flight yet
         orphans = differential.unreferenced(self.store, {b for r in listing.records for b, _ in r.blobs})
         if not listing.changed and not orphans:
             return listing.records
@@ -56,7 +58,7 @@ class Catalog:
             with self.store.lock(timeout=0):
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
-                    index.write(self.store, listing.records)
+                    self._book.write(listing.records)
                 # tensor files of a differential save that crashed before its commit
                 differential.remove(self.store, differential.unreferenced(
                     self.store, {b for r in listing.records for b, _ in r.blobs}))
@@ -67,19 +69,22 @@ class Catalog:
                           "files still describe themselves", stacklevel=2)
         return listing.records
 
-    def scan(self, *, locked: bool = False) -> Listing:
+    def scan(self, *, locked: bool = False, remember: bool = False) -> Listing:
         """The committed checkpoints: the index reconciled with the files.
 
         Unindexed files are read and adopted when they verify and their contents match
         their name; a damaged one is moved aside when ``locked`` (a writer), else skipped
         with a warning. A file in a newer format raises :class:`FormatVersionError`
-        (skipping it would resume from older state).
+        (skipping it would resume from older state). A locked scan (or ``remember``,
+        when no commit of this catalog can be in flight) primes the writer's book.
         """
-        raw, on_disk = self._observe(locked)
-        indexed = index.read(self.store, raw, self.extra_loader)
+        before = self._book.directory()  # before the listing: a change after it is noticed
+        raw, on_disk, seen = self._observe(locked)
+        known = self._book.peek(seen)  # the index this process wrote or read last: not decoded again
+        indexed, applied = known if known is not None else index.read_all(self.store, raw, self.extra_loader)
         by_name: Dict[str, CheckpointRecord] = {r.name: r for r in indexed or []}
         records: List[CheckpointRecord] = []
-        changed = indexed is None and (raw is not None or bool(on_disk))
+        changed = indexed is None and (raw != index.Raw(None, None) or bool(on_disk))
         for name in on_disk:
             if name in by_name:
                 records.append(by_name[name])
@@ -109,16 +114,21 @@ class Catalog:
         if missing:  # not `changed`: the index keeps them until the next save, so verify() reports them
             warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
         records.sort(key=lambda r: r.key)
+        if locked or (remember and not changed and not missing):
+            self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied,
+                                directory=before)
         return Listing(records, changed, missing, raw)
 
-    def _observe(self, locked: bool) -> Tuple[Optional[bytes], Dict[str, int]]:
-        """The index's bytes and the checkpoint files, seen with no commit in between.
+    def _observe(self, locked: bool) -> Tuple[index.Raw, Dict[str, int], Optional[index.Identity]]:
+        """The index's bytes and the checkpoint files, seen with no commit in between,
+        and the index's identity then (None where the store cannot tell).
 
-        A writer replaces the index once per commit, between adding its file and
+        A writer changes the index once per commit, between adding its file and
         deleting evicted ones; an index unchanged around the listing means the listing
         matches it, so a reader racing a writer does not report evicted files as
         missing. A caller holding the lock sees no commits and reads the index once.
         """
+        seen = index.identity(self.store)
         raw = index.read_raw(self.store)
         on_disk: Dict[str, int] = {}
         for _ in range(_OBSERVE_TRIES):
@@ -129,11 +139,17 @@ class Catalog:
                                if schema.parse_name(n) and schema.is_sharded(n))
             if locked:
                 break
+            if seen is not None:
+                again_seen = index.identity(self.store)
+                if again_seen == seen:
+                    break
+                seen, raw = again_seen, index.read_raw(self.store)
+                continue
             again = index.read_raw(self.store)
             if again == raw:
                 break
             raw = again
-        return raw, on_disk
+        return raw, on_disk, seen
 
     def describe(self, name: str) -> CheckpointRecord:
         """A record rebuilt from a checkpoint file that the index does not list.
@@ -197,11 +213,15 @@ class Catalog:
         referenced, not written again (:mod:`ckpt.store.differential`).
         """
         with self.store.lock():
-            listing = self.scan(locked=True)
-            previous = self._unresolved(listing.records[-1]) if differential_save and listing.records else None
-            return _commit.commit(self.store, listing.records, listing.raw, checkpoint, retention=retention,
+            records = self._book.current()  # no other writer committed: nothing to read
+            if records is None:
+                records = self.scan(locked=True).records
+            previous = self._unresolved(records[-1]) if differential_save and records else None
+            done = _commit.commit(self.store, records, self._book, checkpoint, retention=retention,
                                   protected=protected, overwrite=overwrite, progress=progress,
                                   differential_save=differential_save, previous=previous)
+            self._book.seal()
+            return done
 
     def _unresolved(self, rec: CheckpointRecord) -> Optional[Dict[str, Any]]:
         """The checkpoint dict of ``rec`` with blob references as they are (None if unreadable:
@@ -237,7 +257,7 @@ class Catalog:
                 except CorruptCheckpointError:
                     pass
                 aside = self.move_aside(rec.name)
-                index.write(self.store, [r for r in listing.records if r.name != rec.name])
+                self._book.write([r for r in listing.records if r.name != rec.name])
                 return f"; kept as {self.store.where(aside)}"
         except (OSError, CkptError) as e:
             return f"; could not move it aside ({e}), so it will be skipped again"

@@ -16,7 +16,7 @@ import os
 import threading
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, TypeVar
 
 try:  # the same function as zlib.crc32 (identical values), vectorised
     from zlib_ng.zlib_ng import crc32
@@ -117,6 +117,16 @@ def _sequential(f: BinaryIO) -> None:
             _FADVISE(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
+def _read_crc(fd: int, offset: int, length: int) -> int:
+    crc, end = 0, offset + length
+    while offset < end:
+        chunk = os.pread(fd, min(READ_CHUNK, end - offset), offset)
+        if not chunk:
+            raise OSError(f"short read summing bytes {offset}..{end} of the file being written")
+        crc, offset = crc32(chunk, crc), offset + len(chunk)
+    return crc
+
+
 def format_checksum(crc: int) -> str:
     return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
@@ -124,6 +134,45 @@ def format_checksum(crc: int) -> str:
 def file_checksum(path: Path, on_read: Optional[Callable[[int], object]] = None) -> str:
     """``crc32:...`` of a whole file (summed while the next chunk is read)."""
     return format_checksum(file_crc(path, on_read))
+
+
+#: Writes at least this large may take their CRC-32 from the format's own record (see
+#: :meth:`ChecksumWriter.trust_records`): combining costs ~0.1 ms, summing 1 MiB ~1 ms.
+TRUSTED_MIN = 1 << 20
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial (reflected bit order, as zlib)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A + B from crc(A), crc(B) and len(B) (zlib's ``crc32_combine``)."""
+    p, k, n = 1 << 31, 3, len2
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+#: Given the file descriptor of a finished file: data offset -> (size, CRC-32) of the
+#: records its format stores with their own CRC-32.
+RecordCrcs = Callable[[int], Dict[int, Tuple[int, int]]]
 
 
 class ChecksumWriter:
@@ -139,14 +188,56 @@ class ChecksumWriter:
         self._raw = raw
         self._on_write = on_write
         self._writeback = Writeback(raw)
-        self.crc = 0
+        self._crc = 0  # of the bytes since the last deferred range
+        self._parts: List[Tuple[int, int, Optional[int]]] = []  # (offset, length, crc or None: deferred)
+        self._trust = False
         self.size = 0
         self.error: Optional[BaseException] = None
+
+    def trust_records(self) -> None:
+        """Large writes from now on are not summed here: :meth:`settle` takes their
+        CRC-32 from the file format's own records (the writer of the format computed
+        it anyway); any range it cannot vouch for is read back and summed."""
+        self._trust = True
+
+    @property
+    def crc(self) -> int:
+        """CRC-32 of every byte written (deferred ranges are read back if unsettled)."""
+        if not self._parts:
+            return self._crc
+        self.settle(lambda fd: {})
+        crc, end = 0, 0
+        for offset, length, part in self._parts:
+            crc, end = crc32_combine(crc, part or 0, length), offset + length
+        return crc32_combine(crc, self._crc, self.size - end) if self.size > end else crc
+
+    def settle(self, records: RecordCrcs) -> None:
+        """Fill the deferred ranges from ``records`` (or by reading them back)."""
+        if not any(c is None for _, _, c in self._parts):
+            return
+        self._raw.flush()
+        fd = self._raw.fileno()
+        known = records(fd)
+        parts: List[Tuple[int, int, Optional[int]]] = []
+        for offset, length, part in self._parts:
+            if part is None:
+                size, crc = known.get(offset, (-1, 0))
+                part = crc if size == length else _read_crc(fd, offset, length)
+            parts.append((offset, length, part))
+        self._parts = parts
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         try:
-            self.crc, written = crc_during(view, self.crc, self._raw.write, view)
+            if self._trust and len(view) >= TRUSTED_MIN:
+                end = self._parts[-1][0] + self._parts[-1][1] if self._parts else 0
+                if self.size > end:
+                    self._parts.append((end, self.size - end, self._crc))
+                self._parts.append((self.size, len(view), None))
+                self._crc = 0
+                written = self._raw.write(view)
+            else:
+                self._crc, written = crc_during(view, self._crc, self._raw.write, view)
             n = len(view) if written is None else written
             self.size += n
             self._writeback.advance(self.size)  # may flush: its errors are this write's

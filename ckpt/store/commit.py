@@ -17,6 +17,7 @@ from ..errors import CheckpointExistsError, storage_error
 from ..record import CheckpointRecord
 from . import differential, history, index, torchfile
 from .base import Store, Written
+from .book import Book, Change
 
 Key = Tuple[int, int]
 
@@ -28,7 +29,7 @@ def check_new(key: Key, mid_epoch: bool, overwrite: bool,
     An end-of-epoch save may replace a mid-epoch checkpoint of the same (epoch, step):
     the same training state, now marked complete.
     """
-    existing = next((r for r in records if r.key == key), None)
+    existing = find(records, key)
     if existing is not None and not overwrite and not (existing.mid_epoch and not mid_epoch):
         raise CheckpointExistsError(
             f"a checkpoint for epoch {key[0]}, step {key[1]} already exists", path=existing.path,
@@ -36,11 +37,20 @@ def check_new(key: Key, mid_epoch: bool, overwrite: bool,
     return existing
 
 
-def commit(store: Store, records: List[CheckpointRecord], index_before: Optional[bytes],
+def find(records: List[CheckpointRecord], key: Key) -> Optional[CheckpointRecord]:
+    """The record of ``key`` in ``records`` (sorted by key); a save past the newest,
+    the common case, costs nothing however many checkpoints there are."""
+    if not records or records[-1].key < key:
+        return None
+    return next((r for r in records if r.key == key), None)
+
+
+def commit(store: Store, records: List[CheckpointRecord], book: Book,
            checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy, protected: Collection[Key],
            overwrite: bool, progress: Optional[bool], differential_save: bool = False,
            previous: Optional[Dict[str, Any]] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
-    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock).
+    """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock;
+    ``book`` writes the index).
 
     ``differential_save``: store the large tensors as blobs, reusing those of ``previous``
     (the previous checkpoint's dict, references unresolved) whose bytes are equal
@@ -48,7 +58,7 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     """
     key, name = checkpoint.key, checkpoint.name
     existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)
-    others = [r for r in records if r.key != key]
+    others = records if existing is None else [r for r in records if r.key != key]
     replacing = existing is not None and name in store.list(name)
     backup: Optional[str] = None
     written: Optional[Written] = None
@@ -57,24 +67,24 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
         if differential_save:
             checkpoint, new_blobs = differential.split(store, checkpoint, previous, progress)
         if replacing:
-            _write_index(store, others)
+            _write_index(store, book, others, ([], [name]))
             backup = store.keep_aside(name)
         written = _write_checkpoint(store, checkpoint, progress)
         rec = record.make(checkpoint.header, store.where(name), size=written.size, checksum=written.checksum,
                           extra=checkpoint.extra)
         candidates = others + [rec]
-        kept_keys = policy.select_kept(candidates, retention, {key, *protected})
-        kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
-        _write_index(store, kept)
+        if others and others[-1].key > key:
+            candidates.sort(key=lambda r: r.key)
+        kept, evicted = _retain(candidates, retention, {key, *protected})
+        _write_index(store, book, kept, ([rec], [r.name for r in evicted]))
     except BaseException:
-        _undo(store, name, index_before, replacing=replacing, backup=backup, written=written)
+        _undo(store, name, book, records, replacing=replacing, backup=backup, written=written)
         differential.remove(store, new_blobs)
         raise
     finally:
         if backup is not None:
             store.delete(backup)
     history.append(store, rec, retention, protected)  # every save's metrics, evicted ones included
-    evicted = [r for r in candidates if r.key not in kept_keys]
     _delete(store, evicted)
     still = {b for r in kept for b, _ in r.blobs}
     replaced = existing.blobs if existing is not None else ()
@@ -82,7 +92,16 @@ def commit(store: Store, records: List[CheckpointRecord], index_before: Optional
     return rec, kept
 
 
-def _undo(store: Store, name: str, index_before: Optional[bytes], *, replacing: bool,
+def _retain(candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
+            protected: Collection[Key]) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+    """(kept, evicted) of ``candidates`` (sorted); keep-all costs nothing per record."""
+    if not retention.deletes:
+        return candidates, []
+    kept_keys = policy.select_kept(candidates, retention, protected)
+    return ([r for r in candidates if r.key in kept_keys], [r for r in candidates if r.key not in kept_keys])
+
+
+def _undo(store: Store, name: str, book: Book, before: List[CheckpointRecord], *, replacing: bool,
           backup: Optional[str], written: Optional[Written]) -> None:
     """Put the directory back as it was after a failed commit (best effort: the caller
     re-raises the original error, and scans repair whatever a second failure leaves)."""
@@ -96,7 +115,7 @@ def _undo(store: Store, name: str, index_before: Optional[bytes], *, replacing: 
     except OSError:
         pass
     if written is not None or backup is not None:
-        index.restore_bytes(store, index_before)
+        book.restore(before)
 
 
 def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Optional[bool]) -> Written:
@@ -106,9 +125,9 @@ def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Opt
         raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
 
 
-def _write_index(store: Store, records: List[CheckpointRecord]) -> None:
+def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Change) -> None:
     try:
-        index.write(store, records)
+        book.write(records, change)
     except OSError as e:
         raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e
 

@@ -5,13 +5,19 @@ time. It is a cache: checkpoint files describe themselves, so an index that is
 missing, torn, or odd in any way (a field of the wrong type, a name that does not
 match its epoch and step, no checksum, a FIFO in its place) is discarded whole and
 rebuilt from the files; it is never the only copy of anything.
+
+A large index is not rewritten on every save: the snapshot ``ckpt-index.json`` is
+followed by a journal ``ckpt-index.log`` (JSON lines, one per commit: the records it
+added, the files it dropped), folded back into the snapshot when it grows past it
+(see :mod:`ckpt.store.book`). Readers replay the journal over the snapshot; a torn
+last line (a crash mid-append) is ignored, since its checkpoint file describes itself.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .. import record, schema
 from ..errors import FormatVersionError
@@ -19,11 +25,25 @@ from ..record import CheckpointRecord
 from .base import Store
 
 INDEX_NAME = "ckpt-index.json"
+JOURNAL_NAME = "ckpt-index.log"
 INDEX_VERSION = 1
 #: An index larger than this is not one ckpt wrote (about 300 bytes per checkpoint).
 MAX_INDEX_BYTES = 256 << 20
 #: The ``extra`` loader of a checkpoint, by name.
 LoaderFor = Callable[[str], record.ExtraLoader]
+
+
+class Raw(NamedTuple):
+    """The index's bytes as read: the snapshot and the journal (None: absent)."""
+
+    snapshot: Optional[bytes]
+    journal: Optional[bytes] = None
+
+
+#: (inode, size, mtime_ns) of the snapshot and of the journal (None: absent); equal
+#: identities mean no writer has committed in between.
+FileId = Optional[Tuple[int, int, int]]
+Identity = Tuple[FileId, FileId]
 
 
 def _constant(name: str) -> Any:
@@ -45,43 +65,95 @@ def decode(store: Store, raw: bytes, loader: Optional[LoaderFor] = None) -> List
         raise FormatVersionError(f"index format {version} is newer than this ckpt reads "
                                  f"({INDEX_VERSION})", path=store.where(INDEX_NAME),
                                  hint="upgrade ckpt (pip install -U ckpt) to use this directory")
-    records: List[CheckpointRecord] = []
-    for entry in data["checkpoints"]:
-        name = entry.get("file") if isinstance(entry, dict) else None
-        key = schema.parse_name(name) if isinstance(name, str) else None
-        if key is None or not isinstance(name, str):
-            raise ValueError(f"entry {str(entry)[:80]} names no checkpoint file")
-        rec = record.from_json(entry, store.where(name), loader(name) if loader is not None else None)
-        if rec.key != key:  # a record must never point at another checkpoint's file
-            raise ValueError(f"entry for {name} says epoch {rec.epoch}, step {rec.step}")
-        records.append(rec)
+    records = [_entry(store, entry, loader) for entry in data["checkpoints"]]
     if len({r.key for r in records}) != len(records):
         raise ValueError("lists a checkpoint twice")
     return records
 
 
-def read(store: Store, raw: Optional[bytes], loader: Optional[LoaderFor] = None) -> Optional[List[CheckpointRecord]]:
+def replay(store: Store, records: List[CheckpointRecord], journal: bytes,
+           loader: Optional[LoaderFor] = None) -> Tuple[List[CheckpointRecord], int]:
+    """``records`` with the journal's whole lines applied, and the bytes those lines
+    span (a torn last line is not applied); :class:`ValueError` for anything odd."""
+    by_name: Dict[str, CheckpointRecord] = {r.name: r for r in records}
+    end = journal.rfind(b"\n") + 1
+    for line in journal[:end].splitlines():
+        try:
+            entry = json.loads(line.decode("utf-8"), parse_constant=_constant)
+        except RecursionError as e:
+            raise ValueError("nested too deeply") from e
+        add, drop = (entry.get("add"), entry.get("drop")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(add, list) or not isinstance(drop, list) or set(entry) != {"add", "drop"}:
+            raise ValueError(f"journal line {line[:80]!r} is not one ckpt writes")
+        for name in drop:
+            if not isinstance(name, str) or schema.parse_name(name) is None:
+                raise ValueError(f"journal drops {str(name)[:80]}, which names no checkpoint file")
+            by_name.pop(name, None)
+        for item in add:
+            rec = _entry(store, item, loader)
+            by_name[rec.name] = rec
+    return sorted(by_name.values(), key=lambda r: r.key), end
+
+
+def _entry(store: Store, entry: Any, loader: Optional[LoaderFor]) -> CheckpointRecord:
+    name = entry.get("file") if isinstance(entry, dict) else None
+    key = schema.parse_name(name) if isinstance(name, str) else None
+    if key is None or not isinstance(name, str):
+        raise ValueError(f"entry {str(entry)[:80]} names no checkpoint file")
+    rec = record.from_json(entry, store.where(name), loader(name) if loader is not None else None)
+    if rec.key != key:  # a record must never point at another checkpoint's file
+        raise ValueError(f"entry for {name} says epoch {rec.epoch}, step {rec.step}")
+    return rec
+
+
+def read(store: Store, raw: Raw, loader: Optional[LoaderFor] = None) -> Optional[List[CheckpointRecord]]:
     """Records of the index bytes ``raw`` (None: no index, or one to rebuild, with a warning)."""
-    if raw is None:
-        return None
+    return read_all(store, raw, loader)[0]
+
+
+def read_all(store: Store, raw: Raw,
+             loader: Optional[LoaderFor] = None) -> Tuple[Optional[List[CheckpointRecord]], int]:
+    """:func:`read`, and the journal bytes applied (the rest is a torn line)."""
+    if raw.snapshot is None and raw.journal is None:
+        return None, 0
     try:
-        return decode(store, raw, loader)
+        if raw.snapshot is None:
+            raise ValueError(f"a journal ({JOURNAL_NAME}) without its snapshot")
+        records = decode(store, raw.snapshot, loader)
+        if raw.journal is None:
+            return records, 0
+        if len(raw.journal) > MAX_INDEX_BYTES:
+            raise ValueError(f"a journal of {len(raw.journal)} bytes is larger than any ckpt writes")
+        return replay(store, records, raw.journal, loader)
     except FormatVersionError:
         raise
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         warnings.warn(f"{store.where(INDEX_NAME)}: index unreadable ({e}); rebuilding it from the "
-                      "checkpoint files", stacklevel=3)
-        return None
+                      "checkpoint files", stacklevel=4)
+        return None, 0
 
 
-def read_raw(store: Store) -> Optional[bytes]:
-    """The index's bytes, None when there is none (or something that is not a file)."""
+def read_raw(store: Store) -> Raw:
+    """The index's bytes (snapshot and journal)."""
+    return Raw(_read_one(store, INDEX_NAME), _read_one(store, JOURNAL_NAME))
+
+
+def _read_one(store: Store, name: str) -> Optional[bytes]:
+    """The bytes of ``name``, None when there is none (or something that is not a file)."""
     try:
-        return store.read_bytes(INDEX_NAME)
+        return store.read_bytes(name)
     except FileNotFoundError:
         return None
     except OSError:  # a directory, a FIFO, a device in its place: read() warns and rebuilds
         return b""
+
+
+def identity(store: Store) -> Optional[Identity]:
+    """The index's :data:`Identity`, None where the store cannot tell (then it is re-read)."""
+    ident = getattr(store, "identity", None)
+    if ident is None:
+        return None
+    return ident(INDEX_NAME), ident(JOURNAL_NAME)
 
 
 def encode(records: Iterable[CheckpointRecord]) -> bytes:
@@ -90,19 +162,19 @@ def encode(records: Iterable[CheckpointRecord]) -> bytes:
     return (json.dumps(payload, indent=1) + "\n").encode("utf-8")
 
 
-def write(store: Store, records: Iterable[CheckpointRecord]) -> None:
-    """Commit the index atomically and durably (same protocol as checkpoints)."""
+def encode_line(added: Iterable[CheckpointRecord], dropped: Iterable[str]) -> bytes:
+    """One journal line: the records a commit added and the files it dropped."""
+    payload = {"add": [r.to_json() for r in added], "drop": list(dropped)}
+    return (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def write(store: Store, records: Iterable[CheckpointRecord]) -> int:
+    """Commit the index whole, atomically and durably (same protocol as checkpoints),
+    then drop the journal it folds in; returns the snapshot's size. A journal that
+    outlives its snapshot (a crash in between) replays to the same records."""
     data = encode(records)
     store.write(INDEX_NAME, lambda f: f.write(data))
-
-
-def restore_bytes(store: Store, before: Optional[bytes]) -> None:
-    """Put the index back to the bytes ``before`` (None: no index). The caller is raising
-    the original error; if this fails too, the next scan repairs what it finds."""
-    try:
-        if before is None:
-            store.delete(INDEX_NAME)
-        else:
-            store.write(INDEX_NAME, lambda f: f.write(before))
-    except OSError:
-        pass
+    ident = identity(store)
+    if ident is None or ident[1] is not None:
+        store.delete(JOURNAL_NAME)
+    return len(data)

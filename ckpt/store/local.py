@@ -15,7 +15,7 @@ import shutil
 import stat
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
@@ -54,7 +54,8 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
     final = directory / name
     tmp = directory / temporary_name(name)
     existed = final.exists()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    # read-write: the checksum may read back a range the format did not vouch for
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     replaced = False
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
@@ -65,6 +66,7 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
                 if writer.error is not None and e is not writer.error:
                     raise writer.error from e  # ENOSPC or Ctrl-C, not torch's "unexpected pos"
                 raise
+            checksum = format_checksum(writer.crc)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -77,7 +79,7 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
             with suppress(OSError):
                 os.unlink(final)
         raise
-    return Written(name, writer.size, format_checksum(writer.crc))
+    return Written(name, writer.size, checksum)
 
 
 def write_file(path: Path, produce: Produce) -> Path:
@@ -135,6 +137,29 @@ class LocalStore:
 
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
         return atomic_write(self.directory, name, produce, on_write)
+
+    def append(self, name: str, data: bytes) -> None:
+        """Append ``data`` to ``name`` durably (the index journal); created if absent."""
+        path = self.directory / name
+        created = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.directory)
+
+    def identity(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """(inode, size, mtime_ns) of ``name``; None when absent. A commit changes it."""
+        try:
+            st = os.lstat(self.directory / name)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_bytes(self, name: str) -> bytes:
         path = self.directory / name

@@ -1,0 +1,263 @@
+"""Durable saves, raced fairly: ckpt against its peers and the disk, rounds interleaved.
+
+    python -m benchmarks.race                            # 256 MiB state, 6 rounds
+    python -m benchmarks.race --size-mb 1024 --rounds 8 --dir /data/scratch
+    python -m benchmarks.race --small                    # 10 MB of 1,600 tensors
+
+Every method saves once per round, the order rotating from round to round, after one
+untimed round (fresh disk blocks, first-call costs), so that a slow minute of the disk
+is spread over all of them. Durable means: the bytes fsynced, the file renamed into
+place, the directory fsynced, and the previous save gone (each method replaces its
+previous file; DCP's previous directory is removed, timed). The floor is the best
+durable write this disk achieved in the same run: the state's bytes written with
+``os.pwrite`` at their offsets and fsynced, by one stream and by several. Reported:
+best round, median round, and the median over rounds of each method's time divided
+by ckpt's time in the same round (above 1: ckpt is faster). Async rows give the stall
+(the time ``save`` blocks the loop) against the copy floor. Results go to
+``benchmarks/results/race[-small].{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gc
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import _harness as h
+from ._variants import Bench, has, raw_bytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STREAMS = 4
+
+
+class Race(Bench):
+    """The state and the methods raced here (on top of the shared :class:`Bench`)."""
+
+    def __init__(self, root: Path, total_bytes: int, width: int) -> None:
+        super().__init__(root, total_bytes, width)
+        self.views = [raw_bytes(t) for t in self.tensors]
+        self.offsets: List[int] = []
+        at = 0
+        for v in self.views:
+            self.offsets.append(at)
+            at += v.nbytes
+        self._pool = concurrent.futures.ThreadPoolExecutor(STREAMS)
+        self._dcp_prev: Optional[Path] = None
+        self._dcp_n = 0
+
+    def close(self) -> None:
+        super().close()
+        self._pool.shutdown()
+
+    def _floor(self, streams: int) -> Dict[str, float]:
+        """pwrite every tensor's bytes at its offset (``streams`` threads) + fsync."""
+        tmp = self.fresh(f"floor{streams}.bin.tmp")
+        groups: List[List[int]] = [[] for _ in range(streams)]
+        for i in range(len(self.views)):
+            groups[i * streams // len(self.views)].append(i)
+
+        def write(fd: int, group: List[int]) -> None:
+            for i in group:
+                view, at = self.views[i], self.offsets[i]
+                while view.nbytes:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+
+        def run() -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                if streams == 1:
+                    write(fd, groups[0])
+                else:
+                    for f in [self._pool.submit(write, fd, g) for g in groups]:
+                        f.result()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        result = {"time": h.timed(run)}
+        os.replace(tmp, self.path(f"floor{streams}.bin"))
+        return result
+
+    def floor_1(self) -> Dict[str, float]:
+        return self._floor(1)
+
+    def floor_n(self) -> Dict[str, float]:
+        return self._floor(STREAMS)
+
+    def _dcp(self, save: Callable[[Path], Any]) -> Dict[str, float]:
+        self._dcp_n += 1
+        path = self.fresh(f"dcp-{self._dcp_n}")
+        previous = self._dcp_prev
+
+        def run() -> Any:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = save(path)
+            if previous is not None:
+                shutil.rmtree(previous)
+            return out
+        start = time.perf_counter()
+        out = run()
+        stall = time.perf_counter() - start
+        if hasattr(out, "result"):  # async: the future
+            out.result()
+        self._dcp_prev = path
+        return {"time": time.perf_counter() - start, "stall": stall}
+
+    def dcp_default(self) -> Dict[str, float]:
+        import torch.distributed.checkpoint as dcp
+        return self._dcp(lambda p: dcp.save(self.flat, checkpoint_id=str(p)))
+
+    def dcp_threads(self) -> Dict[str, float]:
+        import torch.distributed.checkpoint as dcp
+        return self._dcp(lambda p: dcp.save(self.flat, storage_writer=dcp.FileSystemWriter(str(p), thread_count=2)))
+
+    def dcp_async(self) -> Dict[str, float]:
+        import torch.distributed.checkpoint as dcp
+        return self._dcp(lambda p: dcp.async_save(self.flat, checkpoint_id=str(p)))
+
+
+#: name, label, sync (True: a durable-save row; False: an async row, by stall)
+METHODS: List[Tuple[str, str, bool, Callable[[], bool]]] = [
+    ("floor_1", "floor: pwrite + fsync, 1 stream", True, lambda: True),
+    ("floor_n", f"floor: pwrite + fsync, {STREAMS} streams", True, lambda: True),
+    ("torch_atomic", "torch.save atomic (tmp, fsync, rename, dir fsync)", True, lambda: True),
+    ("safetensors", "safetensors save_file + fsync + rename + dir fsync", True, lambda: has("safetensors")),
+    ("ignite", "ignite DiskSaver(atomic) + fsync", True, lambda: has("ignite")),
+    ("dcp_default", "dcp.save (default writer: 1 thread) + rm previous", True, lambda: True),
+    ("dcp_threads", "dcp.save (2 writer threads) + rm previous", True, lambda: True),
+    ("ckpt_sync", "**ckpt save, sync (keep_last=1)**", True, lambda: True),
+    ("copy_floor", "copy floor: into preallocated buffers", False, lambda: True),
+    ("dcp_async", "dcp.async_save (stall; time = until durable)", False, lambda: True),
+    ("ckpt_async", "**ckpt save, async (stall; time = until committed)**", False, lambda: True),
+]
+
+
+def race(bench: Race, rounds: int) -> Dict[str, List[Dict[str, float]]]:
+    methods = [m for m in METHODS if m[3]()]
+    runs: Dict[str, List[Dict[str, float]]] = {m[0]: [] for m in methods}
+    for r in range(rounds + 1):
+        shift = r % len(methods)
+        for name, _, _, _ in methods[shift:] + methods[:shift]:
+            os.sync()
+            result = getattr(bench, name)()
+            if r > 0:  # round 0 is untimed
+                runs[name].append(result)
+            gc.collect()
+    return runs
+
+
+def summarise(runs: Dict[str, List[Dict[str, float]]], nbytes: int) -> Dict[str, Any]:
+    ref = [r["time"] for r in runs["ckpt_sync"]]
+    floor = [min(a["time"], b["time"]) for a, b in zip(runs["floor_1"], runs["floor_n"])]
+    out: Dict[str, Any] = {}
+    for name, rs in runs.items():
+        times = [r["time"] for r in rs]
+        row: Dict[str, Any] = {"best": min(times), "median": statistics.median(times), "runs": rs,
+                               "vs_ckpt": statistics.median(t / c for t, c in zip(times, ref)),
+                               "speed_vs_floor": statistics.median(f / t for f, t in zip(floor, times)),
+                               "gbps_best": nbytes / min(times) / 1e9}
+        if "stall" in rs[0]:
+            stalls = [r["stall"] for r in rs]
+            row.update(stall_best=min(stalls), stall_median=statistics.median(stalls))
+        out[name] = row
+    out["best_floor"] = {"best": min(floor), "median": statistics.median(floor)}
+    return out
+
+
+def targets(s: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool]]]:
+    rows: List[Tuple[str, str, Optional[bool]]] = []
+    c = s["ckpt_sync"]
+    for peer in ("dcp_default", "dcp_threads", "safetensors", "torch_atomic"):
+        if peer in s:
+            best = c["best"] / s[peer]["best"]
+            rows.append((f"ckpt sync ≤ 1.0x {peer} (best vs best; median of per-round ratios)",
+                         f"{best:.2f}x; {1 / s[peer]['vs_ckpt']:.2f}x", best <= 1.0))
+    speed = s["best_floor"]["best"] / c["best"]
+    rows.append(("ckpt sync ≥ 0.8x the best durable write's speed (best rounds; median of rounds)",
+                 f"{speed:.2f}x; {c['speed_vs_floor']:.2f}x", speed >= 0.8))
+    a, copy = s["ckpt_async"], s["copy_floor"]
+    stall = a["stall_median"] / copy["median"]
+    rows.append(("async stall ≤ 1.5x the copy floor (medians)", f"{stall:.2f}x", stall <= 1.5))
+    rows.append(("async stall ≤ dcp.async_save's stall (medians)",
+                 f"{a['stall_median'] * 1e3:.0f} ms vs {s['dcp_async']['stall_median'] * 1e3:.0f} ms",
+                 a["stall_median"] <= s["dcp_async"]["stall_median"]))
+    return rows
+
+
+def render(report: Dict[str, Any]) -> str:
+    s, m = report["summary"], report["machine"]
+    rows = []
+    for name, label, _sync, _available in METHODS:
+        if name not in s:
+            continue
+        r = s[name]
+        stall = (f"{r['stall_best'] * 1e3:.0f} / {r['stall_median'] * 1e3:.0f} ms" if "stall_best" in r
+                 and name != "copy_floor" else "")
+        rows.append([label, f"{r['best']:.3f}", f"{r['median']:.3f}", f"{r['gbps_best']:.2f}",
+                     f"{r['vs_ckpt']:.2f}", f"{r['speed_vs_floor']:.2f}", stall])
+    table = h.markdown_table(["method", "best s", "median s", "GB/s (best)", "÷ ckpt sync (median of rounds)",
+                              "speed ÷ best floor", "stall best / median"], rows)
+    goals = h.markdown_table(["target", "value", "met"],
+                             [[t, v, "—" if ok is None else ("yes" if ok else "**no**")]
+                              for t, v, ok in targets(s)])
+    st = report["state"]
+    return "\n".join([
+        f"Race: {st['bytes'] / 2**20:.0f} MiB state in {st['tensors']} tensors (Linear stack + Adam), "
+        f"{report['rounds']} timed rounds after 1 untimed, order rotating; {report['crc']} CRC-32.",
+        f"Machine: {m['cpu']}, {m['cores']} cores; {m['filesystem']}; torch {m['torch']}; load average "
+        f"{m['load_average_at_start']} at start, {report['load_at_end']} at end.", "", table, "", goals])
+
+
+def parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.race", description=__doc__.split("\n")[0])
+    p.add_argument("--size-mb", type=float, default=256, help="state size, MiB (default 256)")
+    p.add_argument("--width", type=int, default=1024, help="Linear width (default 1024: 4 MiB weights)")
+    p.add_argument("--small", action="store_true", help="10 MB in 1,600 tensors (width 64)")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds (default 6)")
+    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse(argv)
+    size, width = (10e6, 64) if args.small else (args.size_mb * 2**20, args.width)
+    root = Path(tempfile.mkdtemp(prefix="ckpt-race-", dir=args.dir))
+    from ckpt.store import checksum
+    try:
+        bench = Race(root, int(size), width)
+        report: Dict[str, Any] = {"machine": h.describe_machine(root), "rounds": args.rounds,
+                                  "crc": checksum.CRC_IMPL,
+                                  "state": {"bytes": bench.nbytes, "tensors": len(bench.tensors)}}
+        try:
+            runs = race(bench, args.rounds)
+        finally:
+            bench.close()
+        report["summary"] = summarise(runs, bench.nbytes)
+        report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    text = render(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "race-small" if args.small else "race"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
