@@ -18,11 +18,9 @@ Results go to ``benchmarks/results/end_to_end.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -32,6 +30,7 @@ import torch
 from ckpt import CheckpointManager
 
 from . import _harness as h
+from ._results import in_scratch, publish
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["none", "async", "sync"]
@@ -146,17 +145,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse(argv)
-    root = Path(tempfile.mkdtemp(prefix="ckpt-e2e-", dir=args.dir))
-    try:
-        report = measure(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    text = render(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "end_to_end.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "end_to_end.md").write_text(text + "\n")
-    print(text)
+    report = in_scratch(args.dir, "ckpt-e2e-", lambda root: measure(args, root))
+    publish(args.out, "end_to_end", report, render(report))
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ import argparse
 import gc
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ckpt.store import checksum as fastio
 
 from . import _harness as h
+from ._results import in_scratch, publish
 from ._variants import LOAD_INPUTS, LOADERS, SAVERS, Bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,18 +58,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
-    try:
-        report = run(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    text = render(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "save_load.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "save_load.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {out / 'save_load.json'}, {out / 'save_load.md'}")
+    report = in_scratch(args.dir, "ckpt-bench-", lambda root: run(args, root))
+    publish(args.out, "save_load", report, render(report))
 
 
 def run(args: argparse.Namespace, root: Path) -> Dict[str, Any]:

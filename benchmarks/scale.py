@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,6 +27,7 @@ import torch
 from ckpt import CheckpointManager
 
 from . import _harness as h
+from ._results import in_scratch, publish
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Saves around each mark (after the mark's checkpoint count is reached).
@@ -141,17 +140,8 @@ def render(report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse(argv)
-    root = Path(tempfile.mkdtemp(prefix="ckpt-scale-", dir=args.dir))
-    try:
-        report = run(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    text = render(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "scale.md").write_text(text + "\n")
-    print(text)
+    report = in_scratch(args.dir, "ckpt-scale-", lambda root: run(args, root))
+    publish(args.out, "scale", report, render(report))
 
 
 if __name__ == "__main__":
