@@ -482,6 +482,9 @@ class CheckpointManager:
                 try:
                     if self._writer is not None:
                         self._writer.wait()
+                    flush = getattr(self._catalog.store, "flush", None)
+                    if flush is not None:  # a tiered store's uploads
+                        flush()
                     if self._dist is not None:
                         self._dist.close()
                 finally:

@@ -13,7 +13,7 @@ import torch
 
 from ckpt import CheckpointManager, schema
 from ckpt.policy import RetentionPolicy
-from ckpt.store import Catalog, LocalStore, book, index
+from ckpt.store import Catalog, LocalStore, book, history, index
 from ckpt.store import local as storage
 
 
@@ -148,4 +148,4 @@ def test_a_small_index_stays_one_plain_json_file(tmp_path):
     data = json.loads((run / index.INDEX_NAME).read_text())
     assert [e["epoch"] for e in data["checkpoints"]] == [3, 4]
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [storage.LOCK_NAME, index.INDEX_NAME, schema.file_name(3, 0), schema.file_name(4, 0)])
+        [storage.LOCK_NAME, index.INDEX_NAME, history.HISTORY_NAME, schema.file_name(3, 0), schema.file_name(4, 0)])

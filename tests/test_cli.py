@@ -385,7 +385,7 @@ def test_export_safetensors_and_plain_state_dict(tmp_path: Path, run_dir: Path,
     assert run_main(capsys, "export", str(source), "--to", str(tmp_path / "w.pt"))[0] == 0
     plain = torch.load(tmp_path / "w.pt", weights_only=True)
     assert plain.keys() == model.keys() and all(torch.equal(plain[k], model[k]) for k in model)
-    fails(capsys, 2, ["export", str(run_dir), "--to", str(tmp_path / "x.pt")], "is a directory", "not supported yet")
+    fails(capsys, 2, ["export", str(run_dir), "--to", str(tmp_path / "x.pt")], "is a directory", "not a checkpoint")
     fails(capsys, 2, ["export", str(source), "--to", str(tmp_path / "x.bin")], "unknown output format")
     fails(capsys, 2, ["export", str(source), "--to", str(tmp_path / "x.pt"), "--object", "nope"], "which module")
 

@@ -175,6 +175,16 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
 RecordCrcs = Callable[[int], Dict[int, Tuple[int, int]]]
 
 
+def _readable_fd(raw: Any) -> bool:
+    """Does ``raw`` sit on a file descriptor open for reading (to read ranges back)?"""
+    try:
+        fd = raw.fileno()
+        import fcntl  # POSIX only: elsewhere every byte is summed as it is written
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    except (OSError, ValueError, AttributeError, ImportError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
 class ChecksumWriter:
     """File-like wrapper that computes CRC-32 and counts bytes as they are written.
 
@@ -197,8 +207,10 @@ class ChecksumWriter:
     def trust_records(self) -> None:
         """Large writes from now on are not summed here: :meth:`settle` takes their
         CRC-32 from the file format's own records (the writer of the format computed
-        it anyway); any range it cannot vouch for is read back and summed."""
-        self._trust = True
+        it anyway); any range it cannot vouch for is read back and summed. Only a real
+        file can be read back: on anything else (an upload stream) every byte is summed
+        as it is written."""
+        self._trust = _readable_fd(self._raw)
 
     @property
     def crc(self) -> int:
