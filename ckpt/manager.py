@@ -451,13 +451,17 @@ class CheckpointManager:
         """Block until background writes are committed (a no-op for synchronous saves);
         raise the error of a background save that failed."""
         with self._lock:
-            if self._writer is not None:
-                self._writer.wait()
-            flush = getattr(self._catalog.store, "flush", None)
-            if flush is not None:  # a tiered store's uploads
-                flush()
+            self._drain()
             if self._dist is not None:
                 self._dist.barrier("wait()")
+
+    def _drain(self) -> None:
+        """Finish this process's background work: the save in flight, a tiered store's uploads."""
+        if self._writer is not None:
+            self._writer.wait()
+        flush = getattr(self._catalog.store, "flush", None)
+        if flush is not None:
+            flush()
 
     @property
     def preempted(self) -> bool:
@@ -480,11 +484,7 @@ class CheckpointManager:
         with self._lock:
             if not self._closed:
                 try:
-                    if self._writer is not None:
-                        self._writer.wait()
-                    flush = getattr(self._catalog.store, "flush", None)
-                    if flush is not None:  # a tiered store's uploads
-                        flush()
+                    self._drain()
                     if self._dist is not None:
                         self._dist.close()
                 finally:
