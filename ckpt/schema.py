@@ -19,7 +19,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -70,29 +70,40 @@ def check_loadable(obj: Any, where: str) -> int:
     only loads in trusted mode. Types are matched exactly: a NumPy scalar is not a
     float, a namedtuple is not a tuple. Returns the bytes of the tensors found.
     """
-    stack = [(obj, where)]
+    stack: List[Tuple[Any, Any]] = [(obj, where)]  # (value, where: str or (parent's, key, is_key))
     nbytes = 0
     while stack:
         value, at = stack.pop()
         kind = type(value)
         if kind in _PLAIN and not (kind is bytes and not value):  # b"" pickles as a call to bytes()
-            if isinstance(value, torch.Tensor):
+            if kind is torch.Tensor or kind is torch.nn.Parameter:
                 nbytes += value.nelement() * value.element_size()
             continue
         if kind in _CONTAINERS:
             if kind in (dict, collections.OrderedDict):
                 for k, v in value.items():
-                    stack.append((k, f"{at} key {k!r}"))
-                    stack.append((v, f"{at}[{k!r}]"))
+                    stack.append((k, (at, k, True)))
+                    stack.append((v, (at, k, False)))
             else:
-                stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
+                stack.extend((v, (at, i, False)) for i, v in enumerate(value))
             continue
+        at = _where(at)
         what = "an empty bytes (b'')" if kind is bytes else f"a {kind.__module__}.{kind.__qualname__}"
         raise ConfigError(
             f"{at} is {what}, which a safe (weights_only) load cannot read back",
             hint="store plain numbers, strings, lists, dicts or tensors: use float(x), "
                  "x.tolist(), torch.from_numpy(x) or a dict of the object's fields")
     return nbytes
+
+
+def _where(at: Any) -> str:
+    """``state of 'model'['layer'] key 3`` from the chain check_loadable keeps (built only
+    for an error: formatting every key of a large state costs more than checking it)."""
+    parts: List[str] = []
+    while isinstance(at, tuple):
+        at, key, is_key = at
+        parts.append(f" key {key!r}" if is_key else f"[{key!r}]")
+    return str(at) + "".join(reversed(parts))
 
 
 def metrics_to_floats(metrics: Optional[Mapping[str, Any]]) -> Dict[str, float]:

@@ -20,7 +20,7 @@ import torch
 
 from ckpt import CheckpointManager, StorageError
 from ckpt import schema as format
-from ckpt.store import history, index
+from ckpt.store import history, index, torchzip
 from ckpt.store import local as storage
 
 KEEP_LAST = 2
@@ -97,6 +97,17 @@ class Injector:
                 raise exc
             real_unlink(path, *a, **k)
 
+        def pwritev(fd: int, buffers, offset: int) -> int:  # noqa: ANN001
+            exc = self.event("write", label(fd_path(fd), directory))
+            if exc is not None:
+                first = memoryview(buffers[0])
+                real_pwritev(fd, [first[: len(first) // 2]], offset)  # a partial write, as a full disk gives
+                raise exc
+            return real_pwritev(fd, buffers, offset)
+
+        real_pwritev = torchzip._PWRITEV
+        monkeypatch.setattr(torchzip, "_PWRITEV", pwritev)
+        monkeypatch.setattr(torchzip, "IOV_MAX", 2)  # one record per write: faults land throughout the file
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(os, "unlink", unlink)

@@ -58,6 +58,7 @@ class _Run:
         self.fresh: Dict[KeyPath, torch.Tensor] = {}
         self.seen: Dict[_Alias, torch.Tensor] = {}
         self.devices: Set[torch.device] = set()
+        self.cuda = torch.cuda.is_available()  # once per save, not per tensor
 
     def walk(self, value: Any, path: KeyPath) -> Any:
         kind = type(value)
@@ -79,10 +80,10 @@ class _Run:
             return self.seen[alias]
         pinned = t.device.type == "cuda"
         buffer = self.previous.pop(path, None)
-        if buffer is None or not _fits(buffer, t, pinned):
+        if buffer is None or not _fits(buffer, t, pinned, self.cuda):
             del buffer  # free the old buffer before allocating its replacement
             buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-        buffer.copy_(t.detach(), non_blocking=pinned)
+        buffer.copy_(t, non_blocking=pinned)  # under no_grad: no autograd record
         if pinned:
             self.devices.add(t.device)
         self.fresh[path] = buffer
@@ -90,6 +91,6 @@ class _Run:
         return buffer
 
 
-def _fits(buffer: torch.Tensor, t: torch.Tensor, pinned: bool) -> bool:
-    is_pinned = torch.cuda.is_available() and buffer.is_pinned()
+def _fits(buffer: torch.Tensor, t: torch.Tensor, pinned: bool, cuda: bool) -> bool:
+    is_pinned = cuda and buffer.is_pinned()
     return buffer.shape == t.shape and buffer.dtype == t.dtype and is_pinned == pinned

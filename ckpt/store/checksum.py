@@ -13,16 +13,17 @@ of it. Knows nothing of torch.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, TypeVar
 
 try:  # the same function as zlib.crc32 (identical values), vectorised
-    from zlib_ng.zlib_ng import crc32
+    from zlib_ng.zlib_ng import crc32 as crc32
     CRC_IMPL = "zlib-ng"
 except ImportError:  # pragma: no cover - depends on what is installed
-    from zlib import crc32
+    from zlib import crc32 as crc32
     CRC_IMPL = "zlib"
 
 T = TypeVar("T")
@@ -237,6 +238,23 @@ class ChecksumWriter:
                 part = crc if size == length else _read_crc(fd, offset, length)
             parts.append((offset, length, part))
         self._parts = parts
+
+    def direct(self) -> Optional[int]:
+        """A descriptor to write the whole file at offsets, bypassing this wrapper, or
+        None: only a regular file nothing has been written to yet qualifies (not an
+        upload stream). Report what was written with :meth:`wrote`."""
+        if self.size or self._parts:
+            return None
+        try:
+            fd = self._raw.fileno()
+            return fd if self._raw.seekable() and stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+            return None
+
+    def wrote(self, size: int, crc: int) -> None:
+        """``size`` bytes with CRC-32 ``crc`` were written from offset 0 through :meth:`direct`."""
+        self._raw.seek(size)
+        self.size, self._crc = size, crc
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")

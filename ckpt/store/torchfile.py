@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..progress import Progress
+from . import torchzip
 from .base import Store, Written
 from .checksum import ChecksumWriter, file_checksum
 
@@ -42,16 +43,36 @@ _MAX_RECORDS = 1 << 22
 
 
 def write(store: Store, name: str, obj: Any, *, nbytes: int, progress: Optional[bool]) -> Written:
-    """``torch.save`` ``obj`` as ``name`` in ``store`` with the store's commit protocol."""
+    """``torch.save`` ``obj`` as ``name`` in ``store`` with the store's commit protocol.
+
+    The file is torch's format, written by :mod:`~ckpt.store.torchzip` (at offsets,
+    from the tensors' memory) where it can, by ``torch.save`` itself otherwise.
+    """
+    try:
+        plan: Optional[torchzip.Plan] = torchzip.Plan(obj)
+    except torchzip.Unsupported:
+        plan = None
+
     def produce(f: Any) -> None:
-        trusted = isinstance(f, ChecksumWriter) and torch.serialization.get_crc32_options()
-        if trusted:  # torch sums every record anyway: the file's checksum reuses those sums
-            f.trust_records()
-        torch.save(obj, f)
-        if trusted:
-            f.settle(record_crcs)
+        if plan is None:
+            _torch_save(obj, f)
+            return
+        fd = f.direct() if isinstance(f, ChecksumWriter) else None
+        if fd is None:
+            plan.stream(f)
+        else:
+            f.wrote(*plan.write(fd, bar.update))
     with Progress(f"saving {name}", nbytes, progress) as bar:
         return store.write(name, produce, on_write=bar.update)
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    trusted = isinstance(f, ChecksumWriter) and torch.serialization.get_crc32_options()
+    if trusted:  # torch sums every record anyway: the file's checksum reuses those sums
+        f.trust_records()
+    torch.save(obj, f)
+    if trusted:
+        f.settle(record_crcs)
 
 
 def record_crcs(fd: int) -> Dict[int, Tuple[int, int]]:
