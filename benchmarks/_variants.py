@@ -203,17 +203,6 @@ class Bench:
         self.epoch += 1
         return {"time": timed(lambda: mgr.save(epoch=self.epoch))}
 
-    def ckpt_sync_zip_crc_off(self) -> Result:
-        """Diagnostic: what a sync save costs without torch's per-record zip CRC-32."""
-        mgr = self.manager("ckpt_sync_zip_crc_off")
-        self.epoch += 1
-        before = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
-        try:
-            return {"time": timed(lambda: mgr.save(epoch=self.epoch))}
-        finally:
-            torch.serialization.set_crc32_options(before)
-
     def ckpt_async(self) -> Result:
         mgr = self.manager("ckpt_async", async_save=True)
         self.epoch += 1
@@ -308,7 +297,6 @@ SAVERS: List[Tuple[str, str, Callable[[], bool]]] = [
     ("dcp", "torch.distributed.checkpoint.save (1 process)", lambda: True),
     ("ckpt_sync", "**ckpt save, sync**", lambda: True),
     ("ckpt_async", "**ckpt save, async**", lambda: True),
-    ("ckpt_sync_zip_crc_off", "ckpt save, sync, torch zip CRC off (diagnostic)", lambda: True),
 ]
 
 LOADERS: List[Tuple[str, str, Callable[[], bool], str]] = [

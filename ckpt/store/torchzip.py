@@ -84,16 +84,23 @@ class _StorageRef:
 
 
 _STORAGE_TYPES: Dict[torch.dtype, Any] = {}
+try:  # torch's own serialisation internals (stable since 2.x); without them, torch.save writes
+    _NEW_DTYPES = frozenset(torch.storage._new_dtypes())  # written with _rebuild_tensor_v3
+    _STORAGE_NAMES = torch.storage._dtype_to_storage_type_map()
+    _METADATA = torch._C._get_tensor_metadata  # type: ignore[attr-defined]  # conj / neg bits
+    _REBUILD = torch._utils._rebuild_tensor_v2
+    _ALIGNMENT = getattr(torch.serialization, "_get_storage_alignment", lambda: 64)
+    AVAILABLE = True
+except AttributeError:  # pragma: no cover - another torch
+    AVAILABLE = False
 
 
 def _storage_type(dtype: torch.dtype) -> Any:
     """``torch.FloatStorage`` for float32 and so on: the class torch names in the pickle."""
     found = _STORAGE_TYPES.get(dtype)
     if found is None:
-        if dtype in torch.storage._new_dtypes():  # written with _rebuild_tensor_v3
-            raise Unsupported(f"dtype {dtype}")
-        name = torch.storage._dtype_to_storage_type_map().get(dtype)
-        if name is None:
+        name = _STORAGE_NAMES.get(dtype)
+        if name is None or dtype in _NEW_DTYPES:
             raise Unsupported(f"dtype {dtype}")
         found = _STORAGE_TYPES[dtype] = getattr(torch, name)
     return found
@@ -120,7 +127,7 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         if (obj.device.type != "cpu" or obj.layout is not torch.strided or obj.is_quantized
                 or obj.__dict__ or obj._backward_hooks or any(getattr(obj, "names", ()))
-                or torch._C._get_tensor_metadata(obj)):  # type: ignore[attr-defined]  # conj/neg bits
+                or _METADATA(obj)):
             raise Unsupported("a tensor torch serialises specially")
         storage = obj.untyped_storage()
         known = self._keys.get(storage._cdata)
@@ -134,7 +141,7 @@ class _Pickler(pickle.Pickler):
             raise Unsupported("one storage viewed with two dtypes")
         ref = _StorageRef(("storage", _storage_type(obj.dtype), known[0], known[2],
                            storage.nbytes() // obj.element_size()))
-        return (torch._utils._rebuild_tensor_v2,
+        return (_REBUILD,
                 (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), obj.requires_grad, _Hooks()))
 
 
@@ -194,11 +201,13 @@ class Plan:
     """
 
     def __init__(self, obj: Any) -> None:
+        if not AVAILABLE:
+            raise Unsupported("this torch lacks the serialisation internals the fast path uses")
         buffer = io.BytesIO()
         pickler = _Pickler(buffer)
         pickler.dump(obj)
         self._storages = pickler.storages  # the records point into their memory
-        alignment = int(torch.serialization._get_storage_alignment())
+        alignment = int(_ALIGNMENT())
         first = [("data.pkl", buffer.getvalue()), (".format_version", b"1"),
                  (".storage_alignment", str(alignment).encode()), ("byteorder", sys.byteorder.encode())]
         last = [("version", b"3\n"), (".data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())]
