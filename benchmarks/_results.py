@@ -1,14 +1,33 @@
-"""What every benchmark does around its measurement: a scratch directory, then its results."""
+"""What every benchmark does around its measurement: its command line, a scratch
+directory, then its results."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 T = TypeVar("T")
+
+#: Where results are kept by default: ``benchmarks/results``.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(name: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.NAME``, described by the first line of
+    its docstring; add its own options, then :func:`parse_args`."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=(doc or "").split("\n")[0])
+
+
+def parse_args(p: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """``argv`` parsed, after the options every benchmark takes: ``--dir`` (the disk
+    measured) and ``--out`` (where :func:`publish` keeps the results)."""
+    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    return p.parse_args(argv)
 
 
 def in_scratch(parent: str, prefix: str, measure: Callable[[Path], T]) -> T:

@@ -12,7 +12,6 @@ checkpoints runs in the same round (order rotating), and the overhead is
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -22,9 +21,7 @@ import torch
 
 from ckpt import CheckpointManager
 
-from ._results import in_scratch, publish
-
-RESULTS = Path(__file__).parent / "results"
+from ._results import in_scratch, parse_args, parser, publish
 
 
 def model(mib: int) -> torch.nn.Module:
@@ -60,15 +57,13 @@ def loop(directory: Optional[Path], mib: int, step_s: float, steps: int, target:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cadence", description=__doc__.split("\n")[0])
+    p = parser("cadence", __doc__)
     p.add_argument("--mib", type=int, default=100, help="state size in MiB (default 100)")
     p.add_argument("--target", type=float, default=0.05, help="max_overhead (default 0.05)")
     p.add_argument("--steps", default="0.02,0.05,0.1", help="step times in seconds (default 0.02,0.05,0.1)")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each run (default 15 s)")
     p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
-    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     step_times = [float(x) for x in args.steps.split(",")]
 
     def measure(root: Path) -> Dict[str, Any]:

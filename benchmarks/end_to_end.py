@@ -30,9 +30,8 @@ import torch
 from ckpt import CheckpointManager
 
 from . import _harness as h
-from ._results import in_scratch, publish
+from ._results import in_scratch, parse_args, parser, publish
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["none", "async", "sync"]
 
 
@@ -131,16 +130,14 @@ def render(r: Dict[str, Any]) -> str:
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n")[0])
+    p = parser("end_to_end", __doc__)
     p.add_argument("--hidden", type=int, default=1024, help="MLP width (default 1024: ~40 MB state)")
     p.add_argument("--features", type=int, default=512, help="input features (default 512)")
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run (default 4)")
     p.add_argument("--epoch-seconds", type=float, default=3.0, help="target epoch length (default 3 s)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
-    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gc
-import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import _harness as h
+from ._results import in_scratch, parse_args, parser, publish
 from ._variants import Bench, has, raw_bytes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STREAMS = 4
 
 
@@ -221,41 +219,34 @@ def render(report: Dict[str, Any]) -> str:
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.race", description=__doc__.split("\n")[0])
+    p = parser("race", __doc__)
     p.add_argument("--size-mb", type=float, default=256, help="state size, MiB (default 256)")
     p.add_argument("--width", type=int, default=1024, help="Linear width (default 1024: 4 MiB weights)")
     p.add_argument("--small", action="store_true", help="10 MB in 1,600 tensors (width 64)")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (default 6)")
-    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse(argv)
     size, width = (10e6, 64) if args.small else (args.size_mb * 2**20, args.width)
-    root = Path(tempfile.mkdtemp(prefix="ckpt-race-", dir=args.dir))
+    report = in_scratch(args.dir, "ckpt-race-", lambda root: measure(root, int(size), width, args.rounds))
+    publish(args.out, "race-small" if args.small else "race", report, render(report))
+
+
+def measure(root: Path, size: int, width: int, rounds: int) -> Dict[str, Any]:
     from ckpt.store import checksum
+    bench = Race(root, size, width)
+    report: Dict[str, Any] = {"machine": h.describe_machine(root), "rounds": rounds,
+                              "crc": checksum.CRC_IMPL,
+                              "state": {"bytes": bench.nbytes, "tensors": len(bench.tensors)}}
     try:
-        bench = Race(root, int(size), width)
-        report: Dict[str, Any] = {"machine": h.describe_machine(root), "rounds": args.rounds,
-                                  "crc": checksum.CRC_IMPL,
-                                  "state": {"bytes": bench.nbytes, "tensors": len(bench.tensors)}}
-        try:
-            runs = race(bench, args.rounds)
-        finally:
-            bench.close()
-        report["summary"] = summarise(runs, bench.nbytes)
-        report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        runs = race(bench, rounds)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    text = render(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "race-small" if args.small else "race"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(text + "\n")
-    print(text)
+        bench.close()
+    report["summary"] = summarise(runs, bench.nbytes)
+    report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
 
 
 if __name__ == "__main__":

@@ -30,27 +30,24 @@ from typing import Any, Dict, List, Optional
 from ckpt.store import checksum as fastio
 
 from . import _harness as h
-from ._results import in_scratch, publish
+from ._results import in_scratch, parse_args, parser, publish
 from ._variants import LOAD_INPUTS, LOADERS, SAVERS, Bench
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY_VARIANTS = ["write_floor", "torch_save", "torch_atomic", "safetensors", "ignite", "dcp",
                    "ckpt_sync", "ckpt_async", "torch_load", "torch_load_mmap", "safetensors_load",
                    "dcp_load", "ckpt_load", "torch_resume", "ckpt_resume"]
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.save_load", description=__doc__.split("\n")[0])
+    p = parser("save_load", __doc__)
     p.add_argument("--size-gb", type=float, default=1.0, help="state size (params + Adam), GB (default 1)")
     p.add_argument("--width", type=int, default=2048, help="Linear layer width (default 2048: 16 MiB weights)")
     p.add_argument("--small-mb", type=float, default=10.0, help="small many-tensor state, MB (default 10)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of the saves first (default 1)")
-    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

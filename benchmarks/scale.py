@@ -27,19 +27,16 @@ import torch
 from ckpt import CheckpointManager
 
 from . import _harness as h
-from ._results import in_scratch, publish
+from ._results import in_scratch, parse_args, parser, publish
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: Saves around each mark (after the mark's checkpoint count is reached).
 WINDOW = 20
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
+    p = parser("scale", __doc__)
     p.add_argument("--count", type=int, default=10_000, help="checkpoints to save (default 10000)")
-    p.add_argument("--dir", default=".", help="where to write (default: current directory)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def marks(count: int) -> List[int]:

@@ -2,7 +2,8 @@
 
 Policy lives in :mod:`ckpt.policy`, the run directory in :mod:`ckpt.store` (a
 :class:`~ckpt.store.Catalog` over a :class:`~ckpt.store.Store`), the checkpoint dict in
-:mod:`ckpt.schema`, object state in :mod:`ckpt.state`, options in :mod:`ckpt.options`.
+:mod:`ckpt.schema`, object state in :mod:`ckpt.state`, options in :mod:`ckpt.options`,
+which checkpoint a restore means in :mod:`ckpt.resume`.
 This module decides *when* each runs: capture, commit, then retention; load, check,
 then apply.
 """
@@ -14,10 +15,10 @@ import threading
 import time
 import warnings
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from . import options as opts
-from . import policy, sampler, schema, spec, state
+from . import policy, resume, sampler, schema, spec, state
 from . import preemption as preempt
 from . import record as records
 from ._version import __version__
@@ -33,14 +34,13 @@ from .errors import (
     StorageError,
 )
 from .record import CheckpointRecord
+from .resume import Which
 from .store import Catalog, is_url, open_store
 from .store.commit import check_new
 from .store.remote import ObjectPath
 
 if TYPE_CHECKING:
     from .distributed.coordinator import Coordinator
-
-Which = Union[str, int, PathLike, CheckpointRecord]
 
 #: How often resume() reads the directory again when another process replaced or
 #: deleted the checkpoint it was loading (then it falls back to older ones).
@@ -151,10 +151,7 @@ class CheckpointManager:
     @property
     def best(self) -> Optional[CheckpointRecord]:
         """The best checkpoint by ``monitor``/``mode`` (None without a monitor or metric)."""
-        if not self.policy.monitor:
-            return None
-        ranked = policy.best(self._records, self.policy.monitor, self.policy.mode, 1)
-        return ranked[0] if ranked else None
+        return resume.best(self._records, self.policy)
 
     def refresh(self) -> List[CheckpointRecord]:
         """Re-read the directory (another process may have committed) and return records."""
@@ -233,7 +230,7 @@ class CheckpointManager:
         try:
             check_new((epoch, step), mid_epoch, overwrite, self._records)
         except CheckpointExistsError as e:
-            raise self._restored_older(e, (epoch, step)) from None
+            raise resume.restored_older(e, (epoch, step), self.resumed, self.latest) from None
         inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
         if inside:
             warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
@@ -252,20 +249,6 @@ class CheckpointManager:
         if len(rngs) > 1:  # a process group: each rank restores its own (see ckpt.distributed)
             checkpoint.obj["ckpt"]["rng_per_rank"] = rngs
         return checkpoint
-
-    def _restored_older(self, error: CheckpointExistsError, key: Tuple[int, int]) -> CheckpointExistsError:
-        """The collision of a save after ``restore()`` of an older checkpoint (whose
-        counters were restored), explained as such; any other collision unchanged."""
-        newest = self.latest
-        if self.resumed is None or self.resumed.key != key or newest is None or newest.key <= key:
-            return error
-        return CheckpointExistsError(
-            f"a checkpoint for epoch {key[0]}, step {key[1]} already exists: restore() of that older "
-            f"checkpoint set mgr.epoch, mgr.step = {key[0]}, {key[1]} (the newest is epoch {newest.epoch}, "
-            f"step {newest.step})", path=error.path,
-            hint="restoring a checkpoint restores its counters, so save() without numbers saves under "
-                 f"them again; pass new ones (e.g. save(epoch={newest.epoch + 1}, step=...)) to continue "
-                 "from it, or overwrite=True to replace it")
 
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
         """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
@@ -350,53 +333,15 @@ class CheckpointManager:
 
     def _find(self, which: Which, step: Optional[int]) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]]]:
         """The record ``which`` names, and the checkpoint dict when it had to be read to
-        tell (a file outside the index, possibly in a foreign layout)."""
-        if isinstance(which, CheckpointRecord):
-            return which, None
-        found: Optional[CheckpointRecord] = None
-        if which == "latest" and step is None:
-            found = self.latest
-        elif which == "best":
-            if not self.policy.monitor:
-                raise ConfigError("restore('best') needs a monitored metric",
-                                  hint="create the manager with monitor='val_loss' (and mode=)")
-            found = self.best
-        elif isinstance(which, int) and not isinstance(which, bool) or which == "latest":
-            matches = [r for r in self._records
-                       if (which == "latest" or r.epoch == which) and (step is None or r.step == step)]
-            found = matches[-1] if matches else None
-        elif isinstance(which, (str, Path)) or hasattr(which, "__fspath__"):
-            if isinstance(which, str) and is_url(self.url):  # a remote run: a record by URL or name
-                known = next((r for r in self._records if which in (str(r.path), r.name)), None)
-                if known is None:
-                    raise CheckpointNotFoundError(f"no committed checkpoint {which!r}", path=self.url,
-                                                  hint="pass 'latest', 'best', an epoch or a listed record")
-                return known, None
-            path = Path(which)
-            known = next((r for r in self._records
-                          if isinstance(r.path, Path) and r.path.resolve() == path.resolve()), None)
-            if known is not None:
-                return known, None
-            if not path.is_file():
-                raise CheckpointNotFoundError("no such checkpoint file", path=path,
-                                              hint="pass 'latest', 'best', an epoch number or an existing path")
-            return self._foreign(path)
-        if found is None:
-            have = ", ".join(f"e{r.epoch}/s{r.step}" for r in self._records) or "none"
-            raise CheckpointNotFoundError(f"no checkpoint matches {which!r}"
-                                          + (f" with step {step}" if step is not None else "")
-                                          + f" (committed: {have})", path=self.directory,
-                                          hint="list them with mgr.checkpoints or `ckpt ls DIR`")
-        return found, None
+        tell (a file outside the index, possibly in a foreign layout): see :mod:`ckpt.resume`."""
+        found = resume.find(self._records, which, step, retention=self.policy, url=self.url,
+                            directory=self.directory)
+        return (found, None) if isinstance(found, CheckpointRecord) else self._foreign(found)
 
     def _foreign(self, path: Path) -> Tuple[CheckpointRecord, Dict[str, Any]]:
         """A file outside the index, read once: ckpt's own layout or a foreign one."""
-        from .interop import foreign  # files ckpt did not write: loaded on use only
-        from .store import torchfile
-        obj = torchfile.load(path, map_location=self.options.map_location, weights_only=self.options.weights_only,
-                             check_records=True)
-        return foreign.record_of(obj, path, weights_only=self.options.weights_only), \
-            foreign.as_checkpoint(obj, self.trackables, str(path))
+        return resume.read_file(path, self.trackables, map_location=self.options.map_location,
+                                weights_only=self.options.weights_only)
 
     def _load(self, record: CheckpointRecord) -> Tuple[Dict[str, Any], schema.Header]:
         return self._catalog.load(record, map_location=self.options.map_location,

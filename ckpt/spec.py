@@ -6,6 +6,14 @@ weights: ``{"version": 1, "module": "pkg.mod", "qualname": "Net", "args": [...],
 reads (numbers, strings, lists, tuples, dicts, tensors, dtypes); classes, enums and
 functions are stored by import path, never pickled, and nothing is ever ``eval``-ed.
 
+An argument that is not plain data is a dict tagged by ``"kind"`` (written by
+:func:`encode`, read by :mod:`ckpt.models.build`, which decodes exactly these):
+``module`` (``spec``: a nested spec); ``enum`` (``module``, ``qualname``, ``name``);
+``global`` (``module``, ``qualname``: a class or function); ``namedtuple``
+(``module``, ``qualname``, ``items``); ``dataclass`` (``module``, ``qualname``,
+``fields``); ``partial`` (``func``, ``args``, ``kwargs``); ``dict``/``odict``
+(``items``: [key, value] pairs); ``set``/``frozenset`` (``items``).
+
 How the arguments are known, without a hand-written config:
 
 * ``torch.nn`` layers and containers (``nn.Sequential`` of torch layers) need
@@ -21,7 +29,7 @@ How the arguments are known, without a hand-written config:
   with no guarantee it matches. One decorator line per class is the least ceremony
   that is exact and free of global side effects.
 
-Rebuilding lives in :mod:`ckpt.rebuild`.
+Rebuilding, and the trust rule for what may be imported, live in :mod:`ckpt.models.build`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, ConfigError
+from .schema import Header
 from .state import unwrap
 
 SPEC_VERSION = 1
@@ -363,6 +372,19 @@ def _show(value: Any) -> str:
 SPECS_VERSION = 1
 
 
+def model_spec(objects: Dict[str, Dict[str, Any]], default: Optional[str]) -> Dict[str, Any]:
+    """The ``model_spec`` a checkpoint's header carries: per tracked module
+    ``{"architecture": <spec>}`` or ``{"error": <why it was not recorded>}``, and the
+    module that ``load_model`` rebuilds by default."""
+    return {"version": SPECS_VERSION, "default": default, "objects": objects}
+
+
+def module_names(head: Header) -> List[str]:
+    """The tracked modules of a checkpoint: those its ``model_spec`` records, or every
+    tracked object when it has none (an older file, or one ckpt did not capture)."""
+    return list((head.model_spec or {}).get("objects") or head.objects)
+
+
 def tracked_modules(trackables: Mapping[str, Any]) -> Dict[str, nn.Module]:
     """The tracked objects that are modules, unwrapped (DDP, ``torch.compile``), by name."""
     return {n: unwrap(o) for n, o in trackables.items() if isinstance(unwrap(o), nn.Module)}
@@ -424,4 +446,4 @@ def checkpoint_specs(trackables: Mapping[str, Any], cache: Optional[SpecCache] =
         return None
     cache = cache if cache is not None else SpecCache()
     objects = {name: cache.entry(name, module) for name, module in modules.items()}
-    return {"version": SPECS_VERSION, "default": pick_module(modules), "objects": objects}
+    return model_spec(objects, default=pick_module(modules))

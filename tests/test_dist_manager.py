@@ -6,7 +6,6 @@ small plain values for the parent to assert on.
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_harness import kill_self, launch, run
+from helpers import equal, fsdp_mlp, full_state
 
 pytestmark = pytest.mark.slow
 
@@ -187,19 +187,6 @@ def test_sampler_resumes_a_replica_mid_epoch() -> None:
 # --------------------------------------------------------------------- FSDP2 (sharded)
 
 
-def _fsdp(world: int, seed: int) -> tuple:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
-
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     model(torch.randn(3, 4, generator=gen)).pow(2).mean().backward()
@@ -207,22 +194,10 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None
     opt.zero_grad()
 
 
-def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return copy.deepcopy({"model": get_model_state_dict(model, options=options),
-                          "optimizer": get_optimizer_state_dict(model, opt, options=options)})
-
-
 def _fsdp_save(rank: int, world: int, directory: str, epochs: int) -> dict:
     from ckpt import CheckpointManager
 
-    model, opt = _fsdp(world, 0)
+    model, opt = fsdp_mlp(world, 0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, keep_last=2,
                             collective_timeout=30)
@@ -232,7 +207,7 @@ def _fsdp_save(rank: int, world: int, directory: str, epochs: int) -> dict:
         rec = mgr.save(epoch=epoch, metrics={"loss": float(epoch)})
     names = [r.name for r in mgr.checkpoints]
     mgr.close()
-    full = _full(model, opt)  # collective: every rank gathers
+    full = full_state(model, opt)  # collective: every rank gathers
     return {"full": full if rank == 0 else None, "names": names, "size": rec.size,
             "lr": sched.get_last_lr()}
 
@@ -240,24 +215,14 @@ def _fsdp_save(rank: int, world: int, directory: str, epochs: int) -> dict:
 def _fsdp_resume(rank: int, world: int, directory: str) -> dict:
     from ckpt import CheckpointManager
 
-    model, opt = _fsdp(world, 1)  # other weights: all must come from the checkpoint
+    model, opt = fsdp_mlp(world, 1)  # other weights: all must come from the checkpoint
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, collective_timeout=30)
     start = mgr.resume()
-    out = {"start": start, "full": _full(model, opt), "lr": sched.get_last_lr(),
+    out = {"start": start, "full": full_state(model, opt), "lr": sched.get_last_lr(),
            "verify": mgr.verify() if rank == 0 else None}
     mgr.close()
     return out
-
-
-def _equal(a: object, b: object) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +252,7 @@ def test_sharded_checkpoint_resumes_through_the_manager_at_any_world_size(sharde
     outs = run(_fsdp_resume, world, str(copy_dir), timeout=120)
     for out in outs:
         assert out["start"] == 3 and out["lr"] == saved[0]["lr"]
-    assert _equal(outs[0]["full"], saved[0]["full"])  # the full state is gathered on rank 0
+    assert equal(outs[0]["full"], saved[0]["full"])  # the full state is gathered on rank 0
     assert outs[0]["verify"] == {"ckpt-e000001-s000000000.dcp": "ok", "ckpt-e000002-s000000000.dcp": "ok"}
 
 
@@ -307,7 +272,7 @@ def test_sharded_checkpoint_resumes_in_a_plain_process_without_a_process_group(s
     with pytest.warns(UserWarning, match="RNG states of 2 ranks, this run has 1"):
         assert mgr.resume() == 3
     assert sched.get_last_lr() == saved[0]["lr"]
-    assert _equal(model.state_dict(), dict(saved[0]["full"]["model"]))
+    assert equal(model.state_dict(), dict(saved[0]["full"]["model"]))
     assert mgr.resumed is not None and mgr.resumed.metrics == {"loss": 2.0}
     mgr.close()
 
@@ -333,7 +298,7 @@ def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) ->
     directory, saved = sharded_run
     out = ckpt.export_sharded(directory / "ckpt-e000002-s000000000.dcp", tmp_path / "full.pt")
     obj = torch.load(out, weights_only=True)
-    assert obj["epoch"] == 2 and _equal(obj["model"], saved[0]["full"]["model"])
+    assert obj["epoch"] == 2 and equal(obj["model"], saved[0]["full"]["model"])
     assert "scheduler" in obj
     from ckpt.cli import main
 
@@ -348,7 +313,7 @@ def _fsdp_killed(rank: int, world: int, directory: str, victim: int) -> str:
 
     from ckpt import CheckpointManager
 
-    model, opt = _fsdp(world, 0)
+    model, opt = fsdp_mlp(world, 0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     mgr = CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, collective_timeout=5)
     _step(model, opt, 0)

@@ -6,7 +6,6 @@ small plain values for the test to assert on in the parent.
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 import warnings
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_harness import kill_self, launch, run
+from helpers import equal, fsdp_mlp, full_state
 
 from ckpt.distributed import collective as cd
 
@@ -190,21 +190,6 @@ def test_has_dtensor_finds_nothing_in_plain_state() -> None:
 # ------------------------------------------------------------- sharded checkpoints (DCP)
 
 
-def _build(world: int, seed: int, shard: bool = True) -> tuple:
-    """A tiny MLP and its AdamW; FSDP2-sharded over a CPU mesh (5 rows: uneven shards)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    if shard:
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
-
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 2) -> None:
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -213,40 +198,17 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 2) -
         opt.zero_grad()
 
 
-def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """The whole model and optimizer state, on rank 0 (or in a plain process)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return copy.deepcopy({"model": get_model_state_dict(model, options=options),  # may alias live tensors
-                          "optimizer": get_optimizer_state_dict(model, opt, options=options)})
-
-
-def _equal(a: object, b: object) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
 def _save_rank(rank: int, world: int, root: Path) -> tuple:
     from ckpt.distributed.sharded import save_sharded
 
     ctx = cd.context(timeout=30)
-    model, opt = _build(world, seed=0)
+    model, opt = fsdp_mlp(world, seed=0)
     _train(model, opt)
     assert cd.has_dtensor(model) and cd.has_dtensor(opt.state_dict())
     rngs = cd.gather_rng(ctx, {"torch": torch.get_rng_state()}, timeout=10)
     manifest = save_sharded(ctx, root / ".tmp-e3", root / "e3", {"model": model, "optimizer": opt},
                             {"epoch": 3, "rng": rngs}, timeout=10)
-    full = _full(model, opt)  # collective
+    full = full_state(model, opt)  # collective
     return (full if ctx.is_leader else None), manifest
 
 
@@ -254,9 +216,9 @@ def _load_rank(rank: int, world: int, root: Path, shard: bool = True) -> tuple:
     from ckpt.distributed.sharded import load_sharded
 
     ctx = cd.context(timeout=30)
-    model, opt = _build(world, seed=1, shard=shard)
+    model, opt = fsdp_mlp(world, seed=1, shard=shard)
     meta = load_sharded(ctx, root / "e3", {"model": model, "optimizer": opt}, timeout=10)
-    full = _full(model, opt)  # collective
+    full = full_state(model, opt)  # collective
     _train(model, opt, steps=1)  # the loaded optimizer state is usable
     return (full if ctx.is_leader else None), meta["epoch"], len(meta["rng"])
 
@@ -276,18 +238,18 @@ def test_sharded_checkpoint_saved_by_2_ranks_loads_on_1_2_and_3(saved: tuple, wo
     root, full = saved
     loaded, epoch, ranks = run(_load_rank, world, root, timeout=90)[0]
     assert (epoch, ranks) == (3, 2)
-    assert _equal(loaded, full)
+    assert equal(loaded, full)
 
 
 def test_sharded_checkpoint_loads_without_a_process_group(saved: tuple) -> None:
     from ckpt.distributed.sharded import load_sharded
 
     root, full = saved
-    model, opt = _build(1, seed=1, shard=False)
+    model, opt = fsdp_mlp(1, seed=1, shard=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         meta = load_sharded(cd.context(), root / "e3", {"model": model, "optimizer": opt}, timeout=10)
-    assert meta["epoch"] == 3 and _equal(_full(model, opt), full)
+    assert meta["epoch"] == 3 and equal(full_state(model, opt), full)
 
 
 def _save_with_fault(rank: int, world: int, root: Path, fault: str) -> tuple:
@@ -299,7 +261,7 @@ def _save_with_fault(rank: int, world: int, root: Path, fault: str) -> tuple:
     from ckpt.distributed.sharded import save_sharded
 
     ctx = cd.context(timeout=5)  # bounds DCP's own collectives too
-    model, opt = _build(world, seed=0)
+    model, opt = fsdp_mlp(world, seed=0)
     _train(model, opt, steps=1)
     if fault == "kill writer" and rank == 1:
         FileSystemWriter.write_data = lambda self, plan, planner: kill_self()  # type: ignore[method-assign]
@@ -349,7 +311,7 @@ def test_a_flipped_byte_fails_the_checksum(saved: tuple, tmp_path: Path) -> None
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    model, opt = _build(1, seed=1, shard=False)
+    model, opt = fsdp_mlp(1, seed=1, shard=False)
     with pytest.raises(cd.CkptError, match="checksum mismatch") as info:
         load_sharded(cd.context(), damaged, {"model": model, "optimizer": opt}, timeout=10)
     assert isinstance(info.value, ValueError) and info.value.path == str(shard)
@@ -376,11 +338,11 @@ def test_export_single_is_one_plain_file_of_the_full_state(saved: tuple, tmp_pat
     out = export_single(root / "e3", tmp_path / "e3.pt")
     plain = torch.load(out, weights_only=True)
     assert plain["epoch"] == 3 and len(plain["rng"]) == 2
-    assert _equal(plain["model"], full["model"])
-    model, opt = _build(1, seed=1, shard=False)
+    assert equal(plain["model"], full["model"])
+    model, opt = fsdp_mlp(1, seed=1, shard=False)
     model.load_state_dict(plain["model"])
     opt.load_state_dict(plain["optimizer"])  # numbered like Optimizer.state_dict()
-    assert _equal(_full(model, opt), full)
+    assert equal(full_state(model, opt), full)
 
 
 def test_loading_into_a_different_architecture_is_a_state_mismatch(saved: tuple) -> None:

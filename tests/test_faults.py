@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from helpers import snapshot, temporaries
 
 from ckpt import CheckpointManager, StorageError
 from ckpt import schema as format
@@ -142,14 +143,6 @@ def populated(directory: Path) -> CheckpointManager:
     for epoch in range(3):
         mgr.save(epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
     return mgr
-
-
-def snapshot(directory: Path) -> Dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name != storage.LOCK_NAME}
-
-
-def temporaries(directory: Path) -> List[str]:
-    return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
 
 
 def dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> List[Event]:

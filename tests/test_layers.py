@@ -19,7 +19,7 @@ LAYERS = {
     "policy": 1, "cadence": 1,
     "schema": 2, "record": 2,
     "state": 3, "spec": 3, "sampler": 3, "preemption": 3,
-    "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5, "options": 5,
+    "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5, "options": 5, "resume": 5,
     "manager": 6, "cli": 7, "__main__": 7, "__init__": 7,
 }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import temporaries
 
 from ckpt import CheckpointManager
 from ckpt.errors import CkptError, StorageError, storage_error
@@ -22,10 +23,6 @@ from ckpt.store.checksum import file_checksum
 def payload(f) -> None:
     f.write(b"hello ")
     f.write(bytearray(b"world"))
-
-
-def temporaries(directory: Path) -> list:
-    return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
 
 
 def test_atomic_write_commits_bytes_size_and_checksum(tmp_path):

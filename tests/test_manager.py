@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same_weights
 
 from ckpt import (
     CheckpointExistsError,
@@ -24,10 +25,6 @@ from ckpt.store import index
 from ckpt.store import local as storage
 from ckpt.store.checksum import file_checksum
 from ckpt.store.history import HISTORY_NAME
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def names(directory: Path) -> list:

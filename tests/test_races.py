@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List
 
@@ -85,34 +86,34 @@ def _quarantined(directory: Path) -> List[str]:
     return sorted(p.name for p in directory.iterdir() if ".corrupt" in p.name)
 
 
+@contextmanager
+def _reader(directory: Path) -> Iterator[CheckpointManager]:
+    """A manager on the directory the writer changes (its warnings about files replaced
+    or gone meanwhile are expected), closed after."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with CheckpointManager(directory, model=torch.nn.Linear(SIZE, SIZE), progress=False) as mgr:
+            yield mgr
+
+
 @pytest.mark.parametrize("writer", ["overwrite"], indirect=True)
 def test_a_reader_resuming_while_a_writer_overwrites_never_quarantines_a_good_file(writer: Path) -> None:
     for _ in range(READS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mgr = CheckpointManager(writer, model=torch.nn.Linear(SIZE, SIZE), progress=False)
-            try:
-                assert mgr.resume() == 1
-                assert mgr.verify() == {"ckpt-e000000-s000000000.pt": "ok"}  # replaced, not damaged
-            finally:
-                mgr.close()
+        with _reader(writer) as mgr:
+            assert mgr.resume() == 1
+            assert mgr.verify() == {"ckpt-e000000-s000000000.pt": "ok"}  # replaced, not damaged
         assert _quarantined(writer) == []
 
 
 @pytest.mark.parametrize("writer", ["evict"], indirect=True)
 def test_a_reader_resuming_listing_and_verifying_while_a_writer_evicts(writer: Path) -> None:
     for _ in range(READS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mgr = CheckpointManager(writer, model=torch.nn.Linear(SIZE, SIZE), progress=False)
-            try:
-                # each may find its file evicted meanwhile: it falls back, never a raw RuntimeError
-                assert mgr.resume() >= 1
-                report = mgr.verify()
-                assert set(report.values()) <= {"ok"}, report
-                assert all(r.epoch >= 0 for r in mgr.refresh())
-            finally:
-                mgr.close()
+        with _reader(writer) as mgr:
+            # each may find its file evicted meanwhile: it falls back, never a raw RuntimeError
+            assert mgr.resume() >= 1
+            report = mgr.verify()
+            assert set(report.values()) <= {"ok"}, report
+            assert all(r.epoch >= 0 for r in mgr.refresh())
         assert _quarantined(writer) == []
 
 

@@ -14,15 +14,15 @@ import random
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Iterator, List
 
 import pytest
 import torch
+from helpers import snapshot, temporaries
 
 from ckpt import CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StorageError
 from ckpt import schema as format
 from ckpt.store import index
-from ckpt.store import local as storage
 from ckpt.store import torchfile as fileio
 from ckpt.store.catalog import QUARANTINE_SUFFIX
 from ckpt.store.checksum import file_checksum
@@ -46,14 +46,6 @@ def save_epochs(mgr: CheckpointManager, epochs: range) -> None:
 
 def weights_epoch(mgr: CheckpointManager) -> float:
     return float(mgr.trackables["model"].weight.detach()[0, 0])
-
-
-def snapshot(directory: Path) -> Dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name != storage.LOCK_NAME}
-
-
-def temporaries(directory: Path) -> List[str]:
-    return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
 
 
 def name(epoch: int) -> str:

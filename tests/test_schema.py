@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -258,10 +259,6 @@ def test_the_no_ckpt_process_really_cannot_import_ckpt(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "No module named 'ckpt'" in done.stderr
     assert Path(ckpt.__file__).exists()  # while this process imports it fine
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- map_location: files written on a GPU --------------------------------------------

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import same_weights
 from torch.optim import lr_scheduler as L
 
 from ckpt import CheckpointManager, state
@@ -26,10 +27,6 @@ class Holder(torch.nn.Module):
 def linear(seed: int = 0, n_in: int = 3, n_out: int = 2) -> torch.nn.Linear:
     torch.manual_seed(seed)
     return torch.nn.Linear(n_in, n_out)
-
-
-def equal_states(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- wrappers -------------------------------------------------------------------------
@@ -77,19 +74,19 @@ def test_prefixed_state_loads_into_a_plain_model(prefix):
     source, target = linear(1), linear(2)
     saved = {prefix + k: v for k, v in source.state_dict().items()}
     state.restore({"model": target}, {"model": saved}, strict=True, path="f.pt")
-    assert equal_states(target.state_dict(), source.state_dict())
+    assert same_weights(target.state_dict(), source.state_dict())
 
 
 def test_plain_state_loads_into_a_wrapped_model():
     source, target = linear(1), linear(2)
     state.restore({"model": torch.nn.DataParallel(target)}, {"model": source.state_dict()}, strict=True, path="f")
-    assert equal_states(target.state_dict(), source.state_dict())
+    assert same_weights(target.state_dict(), source.state_dict())
 
 
 def test_a_model_with_a_child_named_module_loads_its_own_state():
     source, target = Holder(), Holder()
     state.restore({"model": target}, {"model": source.state_dict()}, strict=True, path="f.pt")
-    assert equal_states(target.state_dict(), source.state_dict())
+    assert same_weights(target.state_dict(), source.state_dict())
 
 
 # -- mismatches -----------------------------------------------------------------------
@@ -103,7 +100,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes_and_changes_nothing():
     assert "weight: checkpoint (2, 3) vs model (5, 3)" in text and "bias: checkpoint (2,) vs model (5,)" in text
     assert "/x/f.pt" in text and "strict=False" in text
     assert isinstance(info.value, RuntimeError)
-    assert equal_states(target.state_dict(), before)
+    assert same_weights(target.state_dict(), before)
 
 
 def test_missing_and_unexpected_keys_are_named():
@@ -165,12 +162,12 @@ def test_data_parallel_checkpoints_load_into_plain_models_and_back(run_dir, trai
     assert next(iter(torch.load(run_dir / file_name(0, 0), weights_only=True)["model"])) == "0.weight"
     plain = trainables(seed=2)["model"]
     CheckpointManager(run_dir, model=plain).resume()
-    assert equal_states(plain.state_dict(), source.weights())
+    assert same_weights(plain.state_dict(), source.weights())
     plain_source = trainables(seed=3)["model"]
     CheckpointManager(run_dir, model=plain_source).save(epoch=1)
     wrapped = torch.nn.DataParallel(trainables(seed=4)["model"])
     CheckpointManager(run_dir, model=wrapped).resume()
-    assert equal_states(wrapped.module.state_dict(), plain_source.state_dict())
+    assert same_weights(wrapped.module.state_dict(), plain_source.state_dict())
 
 
 @pytest.mark.slow  # imports torch._dynamo (seconds on CPU); the wrapper is built, never run
@@ -182,10 +179,10 @@ def test_torch_compile_checkpoints_load_into_plain_models_and_back(run_dir, trai
     assert not any(k.startswith("_orig_mod.") for k in saved)
     plain = trainables(seed=2)["model"]
     CheckpointManager(run_dir, model=plain).resume()
-    assert equal_states(plain.state_dict(), source.state_dict())
+    assert same_weights(plain.state_dict(), source.state_dict())
     compiled = torch.compile(trainables(seed=3)["model"])
     CheckpointManager(run_dir, model=compiled).restore(0)
-    assert equal_states(compiled._orig_mod.state_dict(), source.state_dict())
+    assert same_weights(compiled._orig_mod.state_dict(), source.state_dict())
 
 
 # -- common training objects round-trip through a manager ---------------------------
@@ -217,7 +214,7 @@ def test_optimizer_scheduler_and_grad_scaler_round_trip(tmp_path, kind):
     CheckpointManager(tmp_path, **saved).save(epoch=0)
     loaded = build(2)
     CheckpointManager(tmp_path, **loaded).resume()
-    assert equal_states(loaded["model"].state_dict(), saved["model"].state_dict())
+    assert same_weights(loaded["model"].state_dict(), saved["model"].state_dict())
     assert loaded["scheduler"].state_dict().keys() == saved["scheduler"].state_dict().keys()
     assert loaded["scheduler"].state_dict()["last_epoch"] == saved["scheduler"].state_dict()["last_epoch"]
     assert loaded["scaler"].state_dict() == saved["scaler"].state_dict()
@@ -287,7 +284,7 @@ def test_an_optimizer_that_does_not_fit_leaves_the_model_untouched(tmp_path) -> 
     mgr = CheckpointManager(tmp_path, model=other, optimizer=two_groups)
     with pytest.raises(StateMismatchError):
         mgr.restore()
-    assert equal_states(_weights(other), before), "the model was restored, the optimizer was not"
+    assert same_weights(_weights(other), before), "the model was restored, the optimizer was not"
 
 
 def test_malformed_rng_states_leave_every_object_untouched(tmp_path) -> None:
@@ -306,6 +303,6 @@ def test_malformed_rng_states_leave_every_object_untouched(tmp_path) -> None:
     mgr = CheckpointManager(tmp_path, model=other, optimizer=other_opt)
     with pytest.raises(StateMismatchError):
         mgr.restore(path)
-    assert equal_states(_weights(other), before)
+    assert same_weights(_weights(other), before)
     assert other_opt.param_groups[0]["lr"] == 0.5
     assert torch.equal(torch.get_rng_state(), rng)

@@ -11,7 +11,7 @@ import torch
 
 from .. import schema
 from ..errors import ConfigError
-from ..spec import pick_module
+from ..spec import module_names, pick_module
 from ..store import LocalStore, differential, torchfile
 from ..store.local import write_file
 from . import common, table
@@ -47,7 +47,7 @@ def weights_of(path: Path, wanted: Optional[str] = None) -> Dict[str, Any]:
         head = schema.header(obj, str(path))
         if head.blobs:  # differential: its large tensors live in the blob files beside it
             obj = differential.resolve(LocalStore(path.parent, create=False), obj, head)
-        names = list((head.model_spec or {}).get("objects") or head.objects) if wanted is None else list(head.objects)
+        names = module_names(head) if wanted is None else list(head.objects)
         name = pick_module(names, wanted)
         if name is None or not isinstance(obj.get(name), dict):
             raise UsageError(f"which module? the checkpoint holds {list(head.objects)}", path=path,

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import schema, state
 from ..errors import ConfigError, PathLike
-from ..spec import pick_module
+from ..spec import module_names, pick_module
 from ..store import torchfile
 from ..store.local import write_file
 from .foreign import ALIASES, is_state_dict
@@ -45,7 +45,7 @@ def _weights(source: Any) -> Mapping[str, Any]:
     obj = torchfile.load(Path(source))
     if schema.is_checkpoint(obj):
         head = schema.header(obj, str(source))
-        names = list((head.model_spec or {}).get("objects") or head.objects)
+        names = module_names(head)
         name = pick_module(names)
         if name is None or name not in obj:
             raise ConfigError(f"which module to export? the checkpoint holds {names}, none named 'model'",

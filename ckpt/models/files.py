@@ -1,7 +1,7 @@
 """Model files that rebuild their architecture: ``save_model`` / ``load_model``.
 
 A model file is an ordinary ckpt checkpoint holding one object, ``model`` (its state
-dict), with the architecture spec (:mod:`ckpt.architecture`) in its ``ckpt``
+dict), with the architecture spec (:mod:`ckpt.spec`) in its ``ckpt``
 metadata. Checkpoints written by :class:`~ckpt.CheckpointManager` carry the same
 metadata for every tracked module, so ``load_model`` reads both. Everything in the
 file loads with ``torch.load(path, weights_only=True)``; the spec is plain data.
@@ -23,7 +23,7 @@ from torch import nn
 from .. import schema, spec, state
 from .._version import __version__
 from ..errors import ArchitectureError, CkptError, PathLike
-from ..spec import SPECS_VERSION, pick_module
+from ..spec import pick_module
 from ..store import LocalStore, index, torchfile
 from ..store.local import write_file
 from . import build
@@ -40,8 +40,7 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     if not isinstance(module, nn.Module):
         raise ArchitectureError(f"save_model expects a torch.nn.Module, got {type(model).__name__}",
                                 path=path, hint="pass the model itself, not its state_dict()")
-    specs = {"version": SPECS_VERSION, "default": "model",
-             "objects": {"model": {"architecture": spec.capture(module)}}}
+    specs = spec.model_spec({"model": {"architecture": spec.capture(module)}}, default="model")
     checkpoint = schema.build({"model": module.state_dict()}, epoch=0, step=0, mid_epoch=True,
                               metrics={}, rng={}, extra={}, library_version=__version__, spec=specs)
     return write_file(path, lambda f: torch.save(checkpoint.obj, f))

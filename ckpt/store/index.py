@@ -46,6 +46,14 @@ FileId = Optional[Tuple[int, int, int]]
 Identity = Tuple[FileId, FileId]
 
 
+def _json(raw: bytes) -> Any:
+    """Strict JSON: NaN and Infinity are refused, too deep a nesting is a ValueError."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_constant)
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+
+
 def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -54,10 +62,7 @@ def decode(store: Store, raw: bytes, loader: Optional[LoaderFor] = None) -> List
     """Records listed by the index bytes ``raw``; :class:`ValueError` for anything odd."""
     if len(raw) > MAX_INDEX_BYTES:
         raise ValueError(f"{len(raw)} bytes is larger than any index ckpt writes")
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_constant)
-    except RecursionError as e:
-        raise ValueError("nested too deeply") from e
+    data = _json(raw)
     if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
         raise ValueError("no list of checkpoints")
     version = data.get("format")
@@ -78,10 +83,7 @@ def replay(store: Store, records: List[CheckpointRecord], journal: bytes,
     by_name: Dict[str, CheckpointRecord] = {r.name: r for r in records}
     end = journal.rfind(b"\n") + 1
     for line in journal[:end].splitlines():
-        try:
-            entry = json.loads(line.decode("utf-8"), parse_constant=_constant)
-        except RecursionError as e:
-            raise ValueError("nested too deeply") from e
+        entry = _json(line)
         add, drop = (entry.get("add"), entry.get("drop")) if isinstance(entry, dict) else (None, None)
         if not isinstance(add, list) or not isinstance(drop, list) or set(entry) != {"add", "drop"}:
             raise ValueError(f"journal line {line[:80]!r} is not one ckpt writes")

@@ -1,0 +1,77 @@
+"""Plain helpers that several test modules share (fixtures live in conftest.py).
+
+Imported as ``helpers``, like ``dist_harness``: the tests folder is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+
+from ckpt.store import local as storage
+
+# -- a run directory's files -------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> Dict[str, bytes]:
+    """Every file name -> bytes but the lock file's, to assert that a failed save changed
+    nothing (the ``snapshot`` fixture of conftest.py compares every file)."""
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name != storage.LOCK_NAME}
+
+
+def temporaries(directory: Path) -> List[str]:
+    """The writers' temporary files left in ``directory``."""
+    return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
+
+
+# -- comparing state -----------------------------------------------------------------------
+
+
+def same_weights(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two state dicts of tensors with the same keys and equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def equal(a: object, b: object) -> bool:
+    """Deep equality of nested dicts, lists and tensors (tensors: same dtype and values)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+# -- a sharded model (FSDP2 over a CPU mesh), for the tests under a process group -----------
+
+
+def fsdp_mlp(world: int, seed: int, shard: bool = True) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A tiny MLP and its AdamW; FSDP2-sharded over a CPU mesh (5 rows: uneven shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    if shard:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Dict[str, Any]:
+    """The whole model and optimizer state, on rank 0 (or in a plain process); collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return copy.deepcopy({"model": get_model_state_dict(model, options=options),  # may alias live tensors
+                          "optimizer": get_optimizer_state_dict(model, opt, options=options)})
