@@ -82,6 +82,27 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
     return Written(name, writer.size, checksum)
 
 
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file ``path``; :class:`IsADirectoryError` for anything else.
+
+    One open, then fstat and read on that descriptor: a FIFO, device or symlink put in
+    the file's place, even between a check and the read, is refused without blocking.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path)) from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def write_file(path: Path, produce: Produce) -> Path:
     """Commit one file outside the checkpoint namespace (a model file, an export) atomically.
 
@@ -162,10 +183,7 @@ class LocalStore:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_bytes(self, name: str) -> bytes:
-        path = self.directory / name
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-        return path.read_bytes()
+        return read_regular(self.directory / name)
 
     def local_path(self, name: str) -> AbstractContextManager[Path]:
         return nullcontext(self.directory / name)
