@@ -327,6 +327,54 @@ def test_a_damaged_sharded_checkpoint_is_skipped_and_moved_aside(sharded_run: tu
     assert (tmp_path / "run" / "ckpt-e000002-s000000000.dcp.corrupt").is_dir()
 
 
+_RESUME_PAST_BAD_MANIFESTS = """
+import json, os, shutil, sys, warnings, torch
+from pathlib import Path
+from ckpt import CheckpointManager
+from ckpt.store import index
+
+source, scratch = Path(sys.argv[1]), Path(sys.argv[2])
+good = json.loads((source / "ckpt-e000002-s000000000.dcp" / "ckpt-manifest.json").read_text())
+variants = {"version-string": json.dumps({**good, "version": "1"}).encode(),
+            "files-list": json.dumps({**good, "files": list(good["files"])}).encode(),
+            "deep": b"[" * 100000 + b"]" * 100000, "fifo": None}
+for kind, content in variants.items():
+    for indexed in (True, False):
+        run = scratch / f"{kind}-{indexed}"
+        shutil.copytree(source, run)
+        manifest = run / "ckpt-e000002-s000000000.dcp" / "ckpt-manifest.json"
+        manifest.unlink()
+        os.mkfifo(manifest) if content is None else manifest.write_bytes(content)
+        if not indexed:  # the index lost: the directory is read to be adopted, and must not be
+            for name in (index.INDEX_NAME, index.JOURNAL_NAME):
+                (run / name).unlink(missing_ok=True)
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr = CheckpointManager(run, model=model, optimizer=opt, scheduler=sched)
+            start = mgr.resume()
+        names = sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt-e"))
+        damaged = any("damaged" in str(w.message) and "ckpt-manifest.json" in str(w.message) for w in caught)
+        print(kind, "indexed" if indexed else "unindexed", start, *names, damaged)
+"""
+
+
+def test_a_malformed_or_fifo_manifest_is_damage_that_resume_skips(sharded_run: tuple, tmp_path: Path) -> None:
+    """Indexed (resume verifies it) or not (opening adopts unindexed directories): a bad
+    manifest is moved aside as damage and resume takes the previous checkpoint. In a child
+    with a deadline, so that a FIFO that blocks hangs one process, not the suite."""
+    directory, _ = sharded_run
+    proc = subprocess.run([sys.executable, "-c", _RESUME_PAST_BAD_MANIFESTS, str(directory), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rest = "2 ckpt-e000001-s000000000.dcp ckpt-e000002-s000000000.dcp.corrupt True"
+    assert proc.stdout.splitlines() == [f"{kind} {how} {rest}" for kind in ("version-string", "files-list", "deep",
+                                                                            "fifo") for how in ("indexed", "unindexed")]
+
+
 def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) -> None:
     import ckpt
 

@@ -80,6 +80,7 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from ..store.local import read_regular
 from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
 from .collective import Group, agree, broadcast_object, sync
 
@@ -336,7 +337,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _check_metadata(final_dir: Path) -> None:
     path = final_dir / ".metadata"
     try:
-        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        _MetadataUnpickler(io.BytesIO(read_regular(path))).load()  # a FIFO in its place must not block
     except (pickle.UnpicklingError, AttributeError, ImportError) as e:
         raise UnsafeCheckpointError(f"refusing to unpickle DCP metadata: {e}", path=path,
                                     hint="only load sharded checkpoints written by ckpt/DCP") from e

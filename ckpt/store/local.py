@@ -15,7 +15,7 @@ import shutil
 import stat
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
@@ -82,11 +82,11 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
     return Written(name, writer.size, checksum)
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of the regular file ``path``; :class:`IsADirectoryError` for anything else.
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` open for reading if it is a regular file; :class:`IsADirectoryError` otherwise.
 
-    One open, then fstat and read on that descriptor: a FIFO, device or symlink put in
-    the file's place, even between a check and the read, is refused without blocking.
+    One open, then fstat on that descriptor: a FIFO, device or symlink put in the file's
+    place, even between a check and the read, is refused without blocking.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -97,10 +97,16 @@ def read_regular(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return open(fd, "rb")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def write_file(path: Path, produce: Produce) -> Path:

@@ -20,7 +20,7 @@ from . import torchfile
 from .base import Store
 from .checksum import format_checksum
 from .local import LocalStore
-from .shardfiles import MANIFEST, read_manifest, verify_files
+from .shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
 
 META = "ckpt-meta.pt"
 
@@ -35,14 +35,15 @@ def _local(store: Store, name: str) -> Path:
 
 def manifest_checksum(store: Store, name: str) -> str:
     """The checksum a sharded checkpoint's record holds: CRC-32 of its manifest's bytes."""
-    return format_checksum(zlib.crc32(_local(store, name).joinpath(MANIFEST).read_bytes()))
+    return format_checksum(zlib.crc32(manifest_bytes(_local(store, name))))
 
 
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     """Check the manifest against the record, then every file against the manifest."""
     directory = _local(store, name)
-    manifest = read_manifest(directory)  # CheckpointNotFoundError without one
-    got = manifest_checksum(store, name)
+    data = manifest_bytes(directory)  # CheckpointNotFoundError without one
+    manifest = parse_manifest(data, directory / MANIFEST)
+    got = format_checksum(zlib.crc32(data))
     if expected is not None and got != expected:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
                                      path=directory / MANIFEST,
