@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_real_failures import tmpfs  # noqa: F401 - a fixture
 
 import ckpt
-from ckpt import schema
+from ckpt import CheckpointManager, schema
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
-from ckpt.store.local import TMP_PREFIX, LocalStore
-from ckpt.store.shardfiles import MANIFEST, read_manifest
+from ckpt.store import index
+from ckpt.store.local import TMP_PREFIX, LocalStore, temporary_name
+from ckpt.store.sharddir import Overwrite
+from ckpt.store.shardfiles import MANIFEST, commit, read_manifest
 
 
 def test_directory_names_share_the_file_stem() -> None:
@@ -143,3 +148,80 @@ def test_a_manifest_that_is_not_a_regular_file_is_corrupt_without_blocking(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == ["fifo True True", "dev-zero True True", "directory True True",
                                         "shard-fifo True"]
+
+
+# -- overwriting a sharded checkpoint: the old one survives until the new one is committed --
+
+def _directory(path: Path, content: bytes) -> Path:
+    path.mkdir()
+    (path / "__0_0.distcp").write_bytes(content)
+    return path
+
+
+def test_an_overwritten_directory_left_aside_by_a_crash_is_put_back_at_open(tmp_path: Path) -> None:
+    """A crash between the commit's two renames (old name -> aside, new -> old name)
+    leaves the old directory only under its aside name: the next open puts it back."""
+    store = LocalStore(tmp_path)
+    name = schema.dir_name(1, 0)
+    aside = _directory(tmp_path / temporary_name(name, "prev-"), b"old")
+    _directory(tmp_path / f"{TMP_PREFIX}shard-{name}", b"new, complete but never committed")
+    assert store.clean_temporaries() == [f"{TMP_PREFIX}shard-{name}"]
+    assert not aside.exists() and (tmp_path / name / "__0_0.distcp").read_bytes() == b"old"
+    # once the new one holds the name (a crash after the second rename), the aside copy goes
+    aside = _directory(tmp_path / temporary_name(name, "prev-"), b"older")
+    assert store.clean_temporaries() == [aside.name]
+    assert (tmp_path / name / "__0_0.distcp").read_bytes() == b"old"
+
+
+def test_commit_puts_the_old_directory_back_when_the_rename_fails(request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:
+    """A real failing rename: the new directory is on another file system (EXDEV)."""
+    scratch = request.getfixturevalue("tmpfs")("1m")
+    final = _directory(tmp_path / "e1", b"old")
+    tmp = _directory(scratch / "tmp-e1", b"new")
+    aside = tmp_path / "aside-e1"
+    with pytest.raises(OSError) as info:
+        commit(tmp, final, {"format": "ckpt-sharded"}, aside=aside)
+    assert info.value.errno == errno.EXDEV
+    assert (final / "__0_0.distcp").read_bytes() == b"old" and not aside.exists()
+    assert tmp.is_dir()  # save_sharded removes its scratch directory itself
+
+
+def test_commit_moves_the_old_directory_aside_and_the_new_one_in(tmp_path: Path) -> None:
+    final = _directory(tmp_path / "e1", b"old")
+    tmp = _directory(tmp_path / "tmp-e1", b"new")
+    manifest = commit(tmp, final, {"format": "ckpt-sharded"}, aside=tmp_path / "aside-e1")
+    assert (final / "__0_0.distcp").read_bytes() == b"new" and MANIFEST in {p.name for p in final.iterdir()}
+    assert (tmp_path / "aside-e1" / "__0_0.distcp").read_bytes() == b"old" and not tmp.exists()
+    assert manifest["files"]["__0_0.distcp"]["size"] == 3
+
+
+def _indexed(directory: Path) -> list:
+    return [e["file"] for e in json.loads((directory / index.INDEX_NAME).read_text())["checkpoints"]]
+
+
+@pytest.mark.parametrize("stray", [False, True], ids=["nothing-under-the-new-name", "a-stray-directory-there"])
+def test_replacing_a_file_by_a_directory_keeps_the_file_until_the_commit(tmp_path: Path, stray: bool) -> None:
+    """A sharded save over a single-file checkpoint of the same (epoch, step) (a run that
+    moved from DDP to FSDP): the file leaves the index first, stays on disk, and comes back
+    into the index if the save fails; only what this save wrote is removed."""
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2))
+    old = mgr.save(epoch=0)
+    new = schema.dir_name(0, 0)
+    if stray:
+        _directory(tmp_path / new, b"not ours")
+    replacing = Overwrite(mgr._catalog.store, old.name, new, list(mgr.checkpoints))
+    assert replacing.begin() == [] and _indexed(tmp_path) == []
+    if not stray:
+        _directory(tmp_path / new, b"the failed save's")
+    replacing.undo()
+    assert _indexed(tmp_path) == [old.name] and old.path.is_file()
+    assert (tmp_path / new).exists() == stray  # a stray directory is not this save's to delete
+    if stray:
+        return
+    replacing = Overwrite(mgr._catalog.store, old.name, new, list(mgr.checkpoints))
+    replacing.begin()
+    _directory(tmp_path / new, b"committed")
+    replacing.done()  # the caller committed the new index
+    replacing.undo()  # after the commit: nothing to undo
+    assert not old.path.exists() and (tmp_path / new).is_dir()

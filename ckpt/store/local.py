@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -26,6 +27,8 @@ from .checksum import ChecksumWriter, format_checksum
 TMP_PREFIX = ".ckpt-tmp-"
 LOCK_NAME = ".ckpt.lock"
 QUARANTINE_SUFFIX = ".corrupt"
+#: The temporary name of a checkpoint kept aside while it is overwritten; group 1: its own name.
+_ASIDE = re.compile(re.escape(TMP_PREFIX) + r"\d+-[0-9a-f]{8}-prev-(.+)")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -237,6 +240,16 @@ class LocalStore:
             return None
         return aside
 
+    def _put_back(self, name: str) -> bool:
+        """Move a checkpoint kept aside by an overwrite (:meth:`keep_aside`, or a sharded
+        directory renamed away at its commit) back to its name, if a crash left that name
+        empty: then it is the only copy. True if it was moved."""
+        found = _ASIDE.fullmatch(name)
+        if found is None or os.path.lexists(self.directory / found[1]):
+            return False
+        self.move(name, found[1])
+        return True
+
     def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
         return _DirectoryLock(str(self.directory / LOCK_NAME), thread_local=False, timeout=timeout)
 
@@ -249,8 +262,9 @@ class LocalStore:
                              and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))]
                 for name in stale:  # files, and the directories of unfinished sharded saves
                     with suppress(FileNotFoundError):
-                        self.delete(name)
-                        removed.append(name)
+                        if not self._put_back(name):
+                            self.delete(name)
+                            removed.append(name)
         except Timeout:
             pass  # another writer holds the lock: its temporaries are live
         return removed

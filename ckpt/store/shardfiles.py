@@ -139,11 +139,12 @@ def checksums(directory: Path, prefix: str) -> dict[str, dict[str, int]]:
 
 
 def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
-           known: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+           known: Mapping[str, Mapping[str, int]] | None = None, *, aside: Path | None = None) -> dict[str, Any]:
     """Rank 0, once every rank's files are written: checksum and fsync each file (those in
     ``known`` were checked and fsynced by the rank that wrote them), write the manifest,
     fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
-    appears only for a complete checkpoint, and survives a power cut once it has."""
+    appears only for a complete checkpoint, and survives a power cut once it has.
+    ``aside``: where an existing ``final_dir`` goes (an overwrite; see :func:`_swap`)."""
     files: dict[str, Any] = {}
     known = known or {}
     for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
@@ -160,9 +161,25 @@ def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp_dir)
-    os.replace(tmp_dir, final_dir)
+    _swap(tmp_dir, final_dir, aside)
     fsync_dir(final_dir.parent)
     return manifest
+
+
+def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
+    """Rename ``tmp_dir`` to ``final_dir``. A directory cannot replace a non-empty one: an
+    existing ``final_dir`` (an overwrite) moves to ``aside`` first, and back if the second
+    rename fails. A crash between the two leaves it there, and the next open puts it back
+    (:meth:`ckpt.store.local.LocalStore.clean_temporaries`)."""
+    if aside is None or not os.path.lexists(final_dir):
+        os.replace(tmp_dir, final_dir)
+        return
+    os.replace(final_dir, aside)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        os.replace(aside, final_dir)
+        raise
 
 
 def _crc32(f: BinaryIO) -> int:
