@@ -20,6 +20,7 @@ class CkptError(Exception):
 
     def __init__(self, message: str, *, path: Optional[PathLike] = None, hint: str = "") -> None:
         self.path = os.fspath(path) if path is not None else None
+        self.message = message  # without the path and the hint, for an error that quotes this one
         self.hint = hint
         text = message
         if self.path is not None and self.path not in message:

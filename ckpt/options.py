@@ -95,8 +95,13 @@ def check_map_location(value: Any) -> Any:
 
 
 def check_location(location: Any, storage_options: Any, cache_dir: Any) -> None:
-    """``storage_options`` and ``cache_dir`` belong to a URL run directory, and have their types."""
+    """The run directory is a path or a URL; ``storage_options`` and ``cache_dir`` belong
+    to a URL run directory, and have their types."""
     from .store import is_url  # the store package imports nothing of the manager's
+    if not isinstance(location, (str, os.PathLike)) or not isinstance(os.fspath(location), str):
+        raise ConfigError(f"the run directory must be a path, got {location!r} ({type(location).__name__})",
+                          hint="pass a pathlib.Path or a str path such as 'runs/exp1' (created if missing), "
+                               "or a URL such as 's3://bucket/runs/exp1' for remote storage")
     if storage_options is not None and not isinstance(storage_options, Mapping):
         raise ConfigError(f"storage_options must be a dict, got {type(storage_options).__name__}",
                           hint="pass storage_options={'key': ..., 'secret': ..., "

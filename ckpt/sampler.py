@@ -28,7 +28,7 @@ not trained on yet (see the README for what to use instead).
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sized, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sized, Tuple, Union
 
 import torch
 
@@ -141,21 +141,28 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return saved
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        """Restore the saved place; the next :meth:`set_epoch` decides whether to continue."""
+        """Restore the saved place; the next :meth:`set_epoch` decides whether to continue.
+
+        A dict that is not one :meth:`state_dict` wrote, or one saved by a sampler
+        configured otherwise, raises :class:`ConfigError` (a ``ValueError``, as before)
+        and changes nothing; the manager reports it as a ``StateMismatchError``.
+        """
+        epoch, position, replicas, drop_last = _parsed(saved)
         for key, mine in (("length", self.length), ("seed", self.seed), ("shuffle", self.shuffle)):
             if saved[key] != mine:
-                raise ValueError(f"the checkpoint's sampler has {key}={saved[key]!r}, this one "
-                                 f"{key}={mine!r}; the remaining order would differ")
-        position = int(saved["position"])
-        replicas = int(saved.get("num_replicas", 1))
-        same_split = (replicas, bool(saved.get("drop_last", False))) == (self.num_replicas, self.drop_last)
+                raise ConfigError(f"the checkpoint's sampler has {key}={saved[key]!r}, this one "
+                                         f"{key}={mine!r}; the remaining order would differ",
+                                         hint=f"build the ResumableSampler with {key}={saved[key]!r}")
+        same_split = (replicas, drop_last) == (self.num_replicas, self.drop_last)
         if not same_split and 0 < position < self.num_samples:
-            raise ValueError(f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this "
-                             f"sampler has num_replicas={self.num_replicas}: the rest of the epoch would differ "
-                             "(resume mid-epoch at the same world size, or from an end-of-epoch checkpoint)")
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"saved position {position} is outside 0..{self.num_samples}")
-        self.epoch, self.position = int(saved["epoch"]), position
+            raise ConfigError(
+                f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this sampler has "
+                f"num_replicas={self.num_replicas}: the rest of the epoch would differ",
+                hint="resume mid-epoch at the same world size, or from an end-of-epoch checkpoint")
+        if position > self.num_samples:
+            raise ConfigError(f"saved position {position} is outside 0..{self.num_samples}",
+                                     hint="the state was saved by a sampler over another dataset")
+        self.epoch, self.position = epoch, position
         self._start, self._resume_rng, self._restored = position, saved.get("rng"), True
         self._generation += 1
 
@@ -168,6 +175,40 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def __repr__(self) -> str:
         return (f"ResumableSampler(length={self.length}, shuffle={self.shuffle}, seed={self.seed}, "
                 f"epoch={self.epoch}, position={self.position})")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Each entry of a sampler's state dict: what it must be, and the check (the last three
+#: are absent from older or single-replica states).
+_ENTRIES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "epoch": ("a non-negative int", lambda v: _int(v) and v >= 0),
+    "position": ("a non-negative int", lambda v: _int(v) and v >= 0),
+    "length": ("a non-negative int", lambda v: _int(v) and v >= 0),
+    "seed": ("an int", _int),
+    "shuffle": ("True or False", lambda v: isinstance(v, bool)),
+    "rng": ("a dict of RNG states or None", lambda v: v is None or isinstance(v, Mapping)),
+    "num_replicas": ("a positive int", lambda v: _int(v) and v >= 1),
+    "drop_last": ("True or False", lambda v: isinstance(v, bool)),
+}
+_OPTIONAL = ("rng", "num_replicas", "drop_last")
+
+
+def _parsed(saved: Any) -> Tuple[int, int, int, bool]:
+    """(epoch, position, num_replicas, drop_last) of a dict :meth:`ResumableSampler.state_dict`
+    wrote; :class:`ConfigError` naming the first entry that is missing or wrong."""
+    hint = "pass what ResumableSampler.state_dict() returned"
+    if not isinstance(saved, Mapping):
+        raise ConfigError(f"a sampler state must be a dict, got {type(saved).__name__}", hint=hint)
+    for key, (expected, fits) in _ENTRIES.items():
+        if key not in saved and key not in _OPTIONAL:
+            raise ConfigError(f"the sampler state has no {key!r} (expected {expected})", hint=hint)
+        if key in saved and not fits(saved[key]):
+            raise ConfigError(f"the sampler state's {key!r} is {saved[key]!r}; expected {expected}",
+                                     hint=hint)
+    return saved["epoch"], saved["position"], saved.get("num_replicas", 1), saved.get("drop_last", False)
 
 
 def inside_epoch(trackables: Mapping[str, Any]) -> List[str]:

@@ -11,7 +11,7 @@ from typing import Any, Collection, Dict, List, Mapping, Tuple
 
 import torch
 
-from .errors import ConfigError, StateMismatchError
+from .errors import CkptError, ConfigError, StateMismatchError
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -154,10 +154,7 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
                 # retention deletes it) for the rest of the run
                 _load_state(target, copy.deepcopy(checkpoint[name]))
             except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
-                raise StateMismatchError(
-                    f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {e}; "
-                    "nothing was restored", path=path, hint="track the same kind of object, built the "
-                                                            "same way, as when the checkpoint was saved") from e
+                raise _load_error(name, target, e, path) from e
             if before is not None:
                 done.append((target, before))
     except BaseException:
@@ -169,6 +166,15 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
         load_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
     if rng_states is not None:
         _apply_rng(rng_states)
+
+
+def _load_error(name: str, target: Any, error: Exception, path: str) -> StateMismatchError:
+    """A failed ``load_state_dict``; an object's own typed error keeps its message and hint."""
+    reason, hint = (error.message, error.hint) if isinstance(error, CkptError) else (str(error), "")
+    return StateMismatchError(f"cannot load the checkpoint's {name!r} into {type(target).__name__}: {reason}; "
+                              "nothing was restored", path=path,
+                              hint=hint or "track the same kind of object, built the same way, as when the "
+                                           "checkpoint was saved")
 
 
 def check_module(name: str, module: torch.nn.Module, saved: Any, *, strict: bool, path: str) -> None:

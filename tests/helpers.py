@@ -49,13 +49,14 @@ def equal(a: object, b: object) -> bool:
 # -- a sharded model (FSDP2 over a CPU mesh), for the tests under a process group -----------
 
 
-def fsdp_mlp(world: int, seed: int, shard: bool = True) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A tiny MLP and its AdamW; FSDP2-sharded over a CPU mesh (5 rows: uneven shards)."""
+def fsdp_mlp(world: int, seed: int, shard: bool = True,
+             hidden: int = 5) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A small MLP and its AdamW; FSDP2-sharded over a CPU mesh (5 rows by default: uneven shards)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
     if shard:
         mesh = init_device_mesh("cpu", (world,))
         for layer in (model[0], model[2]):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from dist_harness import kill_self, launch, run
 from helpers import equal, fsdp_mlp, full_state
+from test_real_failures import PAGE, fill, tmpfs  # noqa: F401 - tmpfs is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -292,6 +293,54 @@ def test_a_damaged_sharded_checkpoint_is_skipped_and_moved_aside(sharded_run: tu
     assert (tmp_path / "run" / "ckpt-e000002-s000000000.dcp.corrupt").is_dir()
 
 
+_RESUME_PAST_BAD_MANIFESTS = """
+import json, os, shutil, sys, warnings, torch
+from pathlib import Path
+from ckpt import CheckpointManager
+from ckpt.store import index
+
+source, scratch = Path(sys.argv[1]), Path(sys.argv[2])
+good = json.loads((source / "ckpt-e000002-s000000000.dcp" / "ckpt-manifest.json").read_text())
+variants = {"version-string": json.dumps({**good, "version": "1"}).encode(),
+            "files-list": json.dumps({**good, "files": list(good["files"])}).encode(),
+            "deep": b"[" * 100000 + b"]" * 100000, "fifo": None}
+for kind, content in variants.items():
+    for indexed in (True, False):
+        run = scratch / f"{kind}-{indexed}"
+        shutil.copytree(source, run)
+        manifest = run / "ckpt-e000002-s000000000.dcp" / "ckpt-manifest.json"
+        manifest.unlink()
+        os.mkfifo(manifest) if content is None else manifest.write_bytes(content)
+        if not indexed:  # the index lost: the directory is read to be adopted, and must not be
+            for name in (index.INDEX_NAME, index.JOURNAL_NAME):
+                (run / name).unlink(missing_ok=True)
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr = CheckpointManager(run, model=model, optimizer=opt, scheduler=sched)
+            start = mgr.resume()
+        names = sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt-e"))
+        damaged = any("damaged" in str(w.message) and "ckpt-manifest.json" in str(w.message) for w in caught)
+        print(kind, "indexed" if indexed else "unindexed", start, *names, damaged)
+"""
+
+
+def test_a_malformed_or_fifo_manifest_is_damage_that_resume_skips(sharded_run: tuple, tmp_path: Path) -> None:
+    """Indexed (resume verifies it) or not (opening adopts unindexed directories): a bad
+    manifest is moved aside as damage and resume takes the previous checkpoint. In a child
+    with a deadline, so that a FIFO that blocks hangs one process, not the suite."""
+    directory, _ = sharded_run
+    proc = subprocess.run([sys.executable, "-c", _RESUME_PAST_BAD_MANIFESTS, str(directory), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rest = "2 ckpt-e000001-s000000000.dcp ckpt-e000002-s000000000.dcp.corrupt True"
+    assert proc.stdout.splitlines() == [f"{kind} {how} {rest}" for kind in ("version-string", "files-list", "deep",
+                                                                            "fifo") for how in ("indexed", "unindexed")]
+
+
 def test_export_sharded_is_one_plain_file(sharded_run: tuple, tmp_path: Path) -> None:
     import ckpt
 
@@ -336,6 +385,98 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_last_comple
     outs = run(_fsdp_resume, 2, str(tmp_path), timeout=120)
     assert [o["start"] for o in outs] == [1, 1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-tmp")]  # leftovers cleaned
+
+
+# Overwriting a sharded checkpoint: the old directory survives until the new one is committed.
+WIDE = 4096  # about 200 KB of shards per rank: a nearly full disk fails in the middle of DCP's writes
+DCP_E0 = "ckpt-e000000-s000000000.dcp"
+
+
+def _fsdp_save_e0(rank: int, world: int, directory: str, seed: int, overwrite: bool, fault: str = "") -> dict:
+    """Save epoch 0 of a wide FSDP2 model trained one step from ``seed``; what it raised, if anything."""
+    from ckpt import CheckpointManager
+
+    model, opt = fsdp_mlp(world, seed, hidden=WIDE)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, collective_timeout=30)
+    _step(model, opt, seed)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this rank cannot capture its state")
+
+    hooks = [model.register_state_dict_pre_hook(refuse)] if fault == "state_dict raises" and rank == 1 else []
+    try:
+        mgr.save(epoch=0, overwrite=overwrite)
+        result = "saved"
+    except Exception as e:  # noqa: BLE001 - the test checks what each rank raised
+        result = f"{type(e).__name__}: {e}"
+    for hook in hooks:
+        hook.remove()
+    names = [r.name for r in mgr.checkpoints]
+    if result == "saved":
+        mgr.close()  # after a failed collective a rank skips close()'s barrier
+    full = full_state(model, opt)  # collective: every rank gathers
+    return {"result": result, "names": names, "full": full if rank == 0 else None}
+
+
+def _resumed_wide(directory: Path) -> dict:
+    """Resume ``directory`` in this process (no process group) into a freshly built wide model."""
+    import warnings
+
+    from ckpt import CheckpointManager
+
+    torch.manual_seed(99)
+    model = torch.nn.Sequential(torch.nn.Linear(4, WIDE), torch.nn.ReLU(), torch.nn.Linear(WIDE, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RNG states of 2 ranks")
+        assert mgr.resume() == 1
+    assert mgr.verify() == {DCP_E0: "ok"}
+    mgr.close()
+    return model.state_dict()
+
+
+def _tree(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fault", ["disk full", "state_dict raises"])
+def test_a_sharded_overwrite_that_fails_keeps_the_old_directory_indexed_and_loadable(
+        request: pytest.FixtureRequest, tmp_path: Path, fault: str) -> None:
+    """The overwrite fails while the new directory is written: for real on a full disk (a
+    small tmpfs; DCP's writes come up short), or as rank 1's state_dict() raises. The old
+    directory must still be there, byte for byte, indexed, and load; then, with the fault
+    gone, the overwrite commits and leaves nothing else behind."""
+    import json
+
+    directory = (request.getfixturevalue("tmpfs")("16m") if fault == "disk full" else tmp_path) / "run"
+    first = run(_fsdp_save_e0, 2, str(directory), 0, False, timeout=120)
+    assert [o["result"] for o in first] == ["saved", "saved"]
+    before, index_before = _tree(directory / DCP_E0), json.loads((directory / "ckpt-index.json").read_text())
+    filler = None
+    if fault == "disk full":  # room for the index and the plain entries, not for the shards
+        filler = fill(directory.parent, leave=(-(-(directory / DCP_E0 / "ckpt-meta.pt").stat().st_size // PAGE) + 4)
+                      * PAGE)
+
+    failed = launch(_fsdp_save_e0, 2, str(directory), 1, True, fault, timeout=120)
+    errors = [o.value["result"] for o in failed]
+    assert all(e.startswith(("StorageError", "CollectiveError")) for e in errors), errors
+    # the full disk as the OS says it, or as torch's zip writer does (its write came up short)
+    expected = ("No space left on device", "unexpected pos") if filler else ("cannot capture its state",)
+    assert any(m in e for e in errors for m in expected), errors
+    assert [o.value["names"] for o in failed] == [[DCP_E0], [DCP_E0]]
+    assert _tree(directory / DCP_E0) == before
+    assert json.loads((directory / "ckpt-index.json").read_text())["checkpoints"] == index_before["checkpoints"]
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith((".ckpt-tmp", "ckpt-e"))) == [DCP_E0]
+    if filler is not None:
+        filler.unlink()
+    assert equal(_resumed_wide(directory), dict(first[0]["full"]["model"]))
+
+    second = run(_fsdp_save_e0, 2, str(directory), 1, True, timeout=120)
+    assert [o["result"] for o in second] == ["saved", "saved"]
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith((".ckpt-tmp", "ckpt-e"))) == [DCP_E0]
+    assert equal(_resumed_wide(directory), dict(second[0]["full"]["model"]))
+    assert not equal(dict(second[0]["full"]["model"]), dict(first[0]["full"]["model"]))
 
 
 # ------------------------------------------------------------------ the example, torchrun

@@ -6,6 +6,7 @@ import array
 import errno
 import os
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -288,3 +289,55 @@ def test_a_lock_symlink_to_an_existing_file_does_not_touch_it(tmp_path: Path) ->
     with pytest.raises(StorageError, match="lock"):
         CheckpointManager(run, model=torch.nn.Linear(2, 2)).save(epoch=0)
     assert victim.read_text() == "precious"
+
+
+_SWAP_BEFORE_OPEN = """
+import os, sys
+from pathlib import Path
+from ckpt.store.local import LocalStore
+
+store = LocalStore(Path(sys.argv[1]))
+target = store.where("data.json")
+target.write_bytes(b"{}")
+swapped = []
+
+def swap(event, args):  # a concurrent writer's FIFO takes the file's place right before the open
+    if event == "open" and args and str(args[0]) == str(target) and not swapped:
+        swapped.append(True)
+        os.unlink(target)
+        os.mkfifo(target)
+
+sys.addaudithook(swap)
+try:
+    store.read_bytes("data.json")
+except IsADirectoryError as e:
+    print("refused", e.errno, bool(swapped))
+"""
+
+
+def test_read_bytes_checks_the_file_it_opened_not_the_name(tmp_path: Path) -> None:
+    """The file is swapped for a FIFO after any check of the name and before the open (an
+    audit hook runs the swap at that instant, deterministically): reading must not block,
+    and must refuse the FIFO as it refuses one found at the start. In a child with a
+    deadline, so that a regression hangs one process, not the suite."""
+    proc = subprocess.run([sys.executable, "-c", _SWAP_BEFORE_OPEN, str(tmp_path)],
+                          cwd=Path(storage.__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["refused", str(errno.EISDIR), "True"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_read_bytes_refuses_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "real").write_bytes(b"x")
+    where = tmp_path / "name"
+    if kind == "fifo":
+        os.mkfifo(where)
+    elif kind == "symlink":
+        where.symlink_to(tmp_path / "real")
+    else:
+        where.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        LocalStore(tmp_path).read_bytes("name")
+    assert info.value.errno == errno.EISDIR and info.value.filename == str(where)
+    assert LocalStore(tmp_path).read_bytes("real") == b"x"

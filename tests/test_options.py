@@ -118,3 +118,28 @@ def test_a_step_checkpoint_without_metrics_is_still_allowed_and_not_evicted_for_
     mgr.save(epoch=1, metrics={"acc": 0.7})
     mgr.save(epoch=1, step=10, mid_epoch=True)
     assert [r.key for r in mgr.checkpoints] == [(0, 0), (1, 0), (1, 10)]
+
+
+# -- the run directory is a path or a URL ------------------------------------------------
+
+class _BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"runs/exp1"
+
+
+@pytest.mark.parametrize("directory", [None, 3, 2.5, b"runs/exp1", ["runs"], _BytesPath()],
+                         ids=["none", "int", "float", "bytes", "list", "bytes-pathlike"])
+def test_a_directory_that_is_not_a_path_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          directory: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"the run directory must be a path, got ") as info:
+        CheckpointManager(directory, model=torch.nn.Linear(4, 2))
+    assert isinstance(info.value, ValueError) and type(directory).__name__ in str(info.value)
+    assert "str path" in info.value.hint and "s3://" in info.value.hint
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even under a str() of the value
+
+
+def test_a_str_path_and_a_path_like_are_run_directories(tmp_path: Path) -> None:
+    CheckpointManager(str(tmp_path / "a"), model=torch.nn.Linear(4, 2)).close()
+    CheckpointManager(tmp_path / "b", model=torch.nn.Linear(4, 2)).close()
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()

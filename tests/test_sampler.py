@@ -275,3 +275,52 @@ def test_stateful_dataloader_is_tracked_like_any_object(tmp_path: Path, workers:
         assert mgr.resume() == 0
     assert [b.tolist() for b in again] == rest
     assert sorted(i for b in head + rest for i in b) == list(range(20))
+
+
+_SAVED = {"epoch": 1, "position": 4, "length": 10, "seed": 0, "shuffle": True, "rng": None}
+
+
+@pytest.mark.parametrize("saved, message", [
+    ([1, 4], "must be a dict, got list"),
+    (None, "must be a dict, got NoneType"),
+    ({k: v for k, v in _SAVED.items() if k != "position"}, "has no 'position' \\(expected a non-negative int\\)"),
+    ({k: v for k, v in _SAVED.items() if k != "seed"}, "has no 'seed' \\(expected an int\\)"),
+    ({**_SAVED, "position": "4"}, "'position' is '4'; expected a non-negative int"),
+    ({**_SAVED, "position": 4.0}, "'position' is 4.0; expected a non-negative int"),
+    ({**_SAVED, "position": -1}, "'position' is -1; expected a non-negative int"),
+    ({**_SAVED, "epoch": None}, "'epoch' is None; expected a non-negative int"),
+    ({**_SAVED, "epoch": True}, "'epoch' is True; expected a non-negative int"),
+    ({**_SAVED, "length": "10"}, "'length' is '10'; expected a non-negative int"),
+    ({**_SAVED, "shuffle": "yes"}, "'shuffle' is 'yes'; expected True or False"),
+    ({**_SAVED, "rng": [1, 2]}, "'rng' is \\[1, 2\\]; expected a dict of RNG states or None"),
+    ({**_SAVED, "num_replicas": "2"}, "'num_replicas' is '2'; expected a positive int"),
+    ({**_SAVED, "num_replicas": 0}, "'num_replicas' is 0; expected a positive int"),
+    ({**_SAVED, "drop_last": 1}, "'drop_last' is 1; expected True or False"),
+    ({**_SAVED, "position": 11}, "saved position 11 is outside 0..10"),
+    ({**_SAVED, "seed": 3}, "has seed=3, this one seed=0; the remaining order would differ"),
+], ids=["list", "none", "no-position", "no-seed", "position-str", "position-float", "position-negative",
+        "epoch-none", "epoch-bool", "length-str", "shuffle-str", "rng-list", "replicas-str", "replicas-zero",
+        "drop-last-int", "position-too-far", "other-seed"])
+def test_a_malformed_state_is_a_typed_error_naming_the_entry_and_changes_nothing(saved: object,
+                                                                                message: str) -> None:
+    sampler = ResumableSampler(10)
+    with pytest.raises(ConfigError, match=message) as info:
+        sampler.load_state_dict(saved)  # type: ignore[arg-type]
+    assert info.value.hint
+    assert (sampler.epoch, sampler.position, list(sampler)) == (0, 0, sampler.order(0))  # unchanged
+    sampler.load_state_dict(_SAVED)  # a well-formed state still loads
+    assert (sampler.epoch, sampler.position, sampler.remaining) == (1, 4, 6)
+
+
+def test_a_malformed_sampler_state_in_a_checkpoint_is_refused_by_the_manager(tmp_path: Path) -> None:
+    """The manager reports the sampler's own message and hint, under its usual error."""
+    with CheckpointManager(tmp_path, sampler=ResumableSampler(10)) as mgr:
+        path = mgr.save(epoch=0).path
+    obj = torch.load(path, weights_only=True)
+    obj["sampler"]["position"] = "4"
+    torch.save(obj, tmp_path / "edited.pt")
+    with CheckpointManager(tmp_path, sampler=ResumableSampler(10)) as mgr:
+        with pytest.raises(StateMismatchError, match=r"'sampler' into ResumableSampler: the sampler state's "
+                                                     r"'position' is '4'; expected a non-negative int") as info:
+            mgr.restore(tmp_path / "edited.pt")
+    assert info.value.hint == "pass what ResumableSampler.state_dict() returned"

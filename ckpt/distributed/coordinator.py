@@ -180,6 +180,7 @@ class Coordinator:
             error: BaseException | None = None
             meta: dict[str, Any] = {}
             records: list[CheckpointRecord] = []
+            replacing: sharddir.Overwrite | None = None  # rank 0: what it replaces stays until the commit
             if ctx.is_leader:  # the lock, for the whole save: no other writer, no cleanup of our tmp
                 try:
                     held.enter_context(store.lock())
@@ -189,22 +190,29 @@ class Coordinator:
                     meta = checkpoint.obj
                     meta["ckpt"]["objects"] = list(mgr.trackables)
                     meta["ckpt"]["sharded"] = list(dcp_states)
-                    if existing is not None:  # replaced: out of the index first, then gone
-                        records = [r for r in records if r.key != existing.key]
-                        index.write(store, records)
-                        store.delete(existing.name)
+                    if existing is not None:
+                        replacing = sharddir.Overwrite(store, existing.name, name, records)
+                        records = replacing.begin()
                 except Exception as e:  # noqa: BLE001 - every failure must reach the others
                     error = e
-            self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
-            manifest = self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states,
-                                        meta, timeout=self.timeout)
+            aside = store.where(replacing.aside) if replacing is not None and replacing.aside else None
+            try:
+                self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
+                manifest = self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states,
+                                            meta, timeout=self.timeout, aside=aside)
+            except BaseException:
+                if replacing is not None:
+                    replacing.undo()
+                raise
             outcome: Outcome | None = None
             if ctx.is_leader:
                 try:
                     rec = sharddir.committed(store, name, manifest, meta)
-                    kept = _retain(mgr, store, records, rec)
+                    kept = _retain(mgr, store, records, rec, replacing)
                     outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
                 except Exception as e:  # noqa: BLE001
+                    if replacing is not None:
+                        replacing.undo()
                     error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
             got = self._broadcast(f"save() of {name} (index)", outcome, error)
         return self._adopt(mgr, got)
@@ -348,8 +356,9 @@ def _split(trackables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def _retain(mgr: CheckpointManager, store: Any, records: list[CheckpointRecord],
-            rec: CheckpointRecord) -> list[CheckpointRecord]:
-    """Rank 0, holding the lock: index the new directory, then delete what retention evicts."""
+            rec: CheckpointRecord, replacing: sharddir.Overwrite | None) -> list[CheckpointRecord]:
+    """Rank 0, holding the lock: index the new directory, then delete what retention evicts
+    (and the directory it replaced)."""
     protected = mgr._protected
     newer = protected is None or rec.key > protected
     candidates = [r for r in records if r.key != rec.key] + [rec]
@@ -359,8 +368,10 @@ def _retain(mgr: CheckpointManager, store: Any, records: list[CheckpointRecord],
     try:
         index.write(store, kept)
     except BaseException:
-        store.delete(rec.name)  # not indexed: not committed
+        store.delete(rec.name)  # not indexed: not committed (an overwrite's caller puts the old one back)
         raise
+    if replacing is not None:
+        replacing.done()
     for old in candidates:
         if old.key not in kept_keys:
             store.delete(old.name)

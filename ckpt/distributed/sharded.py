@@ -80,6 +80,7 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from ..store.local import read_regular
 from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
 from .collective import Group, agree, broadcast_object, sync
 
@@ -90,7 +91,7 @@ Trackable = torch.nn.Module | torch.optim.Optimizer
 
 
 def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str, Trackable],
-                 meta: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+                 meta: Mapping[str, Any], *, timeout: float, aside: Path | None = None) -> dict[str, Any]:
     """Write ``states`` (modules and optimizers, through DCP) and ``meta`` (plain values,
     rank 0) as the checkpoint directory ``final_dir``; collective. Returns the manifest.
 
@@ -98,6 +99,8 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
     crashed save under that name is removed first. A rank that fails or dies before every
     rank's files are written leaves nothing under ``final_dir``; one that dies after that
     finds the checkpoint committed (it is complete), while the others still raise.
+    ``aside`` (rank 0): an existing ``final_dir`` is replaced, and moved there at the
+    commit rename; until then, and if the save fails, it stays as it is.
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     what = f"save of {final_dir.name}"
@@ -109,7 +112,7 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
             raise ConfigError(f"{clash} name both a tracked state and a plain entry", path=final_dir,
                               hint="rename the extra entries")
         if ctx.is_leader:
-            if final_dir.exists():
+            if final_dir.exists() and aside is None:
                 raise CheckpointExistsError("a checkpoint of that name is already committed", path=final_dir,
                                             hint="save under a new (epoch, step)")
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -125,15 +128,16 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
                      process_group=ctx.control, no_dist=not ctx.active)
         return checksums(tmp_dir, f"__{ctx.rank}_")  # DCP names each rank's files __<rank>_<n>.distcp
 
+    def finish() -> dict[str, Any]:
+        return commit(tmp_dir, final_dir, manifest, known, aside=aside) if ctx.is_leader else manifest
+
     try:
         captured = _step(ctx, f"{what} (capture)", timeout, prepare, final_dir, StorageError)
         mine = _step(ctx, f"{what} (write)", timeout, write, final_dir, StorageError)
         known = {k: v for sums in sync(ctx, f"{what} (checksums)", timeout=timeout, payload=mine) for k, v in
                  sums.items()}
         manifest = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "states": captured["kinds"]}
-        manifest = _step(ctx, f"{what} (commit)", timeout,
-                         lambda: commit(tmp_dir, final_dir, manifest, known) if ctx.is_leader else manifest,
-                         final_dir, StorageError)
+        manifest = _step(ctx, f"{what} (commit)", timeout, finish, final_dir, StorageError)
         return cast(dict[str, Any], broadcast_object(ctx, manifest, timeout=timeout, what=f"{what} (manifest)"))
     except BaseException:
         if ctx.is_leader:  # a stuck rank may still write here; resume's cleanup gets what is left
@@ -336,7 +340,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _check_metadata(final_dir: Path) -> None:
     path = final_dir / ".metadata"
     try:
-        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        _MetadataUnpickler(io.BytesIO(read_regular(path))).load()  # a FIFO in its place must not block
     except (pickle.UnpicklingError, AttributeError, ImportError) as e:
         raise UnsafeCheckpointError(f"refusing to unpickle DCP metadata: {e}", path=path,
                                     hint="only load sharded checkpoints written by ckpt/DCP") from e

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
@@ -26,6 +27,8 @@ from .checksum import ChecksumWriter, format_checksum
 TMP_PREFIX = ".ckpt-tmp-"
 LOCK_NAME = ".ckpt.lock"
 QUARANTINE_SUFFIX = ".corrupt"
+#: The temporary name of a checkpoint kept aside while it is overwritten; group 1: its own name.
+_ASIDE = re.compile(re.escape(TMP_PREFIX) + r"\d+-[0-9a-f]{8}-prev-(.+)")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -80,6 +83,33 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
                 os.unlink(final)
         raise
     return Written(name, writer.size, checksum)
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` open for reading if it is a regular file; :class:`IsADirectoryError` otherwise.
+
+    One open, then fstat on that descriptor: a FIFO, device or symlink put in the file's
+    place, even between a check and the read, is refused without blocking.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path)) from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "rb")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def write_file(path: Path, produce: Produce) -> Path:
@@ -162,10 +192,7 @@ class LocalStore:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_bytes(self, name: str) -> bytes:
-        path = self.directory / name
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-        return path.read_bytes()
+        return read_regular(self.directory / name)
 
     def local_path(self, name: str) -> AbstractContextManager[Path]:
         return nullcontext(self.directory / name)
@@ -213,6 +240,16 @@ class LocalStore:
             return None
         return aside
 
+    def _put_back(self, name: str) -> bool:
+        """Move a checkpoint kept aside by an overwrite (:meth:`keep_aside`, or a sharded
+        directory renamed away at its commit) back to its name, if a crash left that name
+        empty: then it is the only copy. True if it was moved."""
+        found = _ASIDE.fullmatch(name)
+        if found is None or os.path.lexists(self.directory / found[1]):
+            return False
+        self.move(name, found[1])
+        return True
+
     def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
         return _DirectoryLock(str(self.directory / LOCK_NAME), thread_local=False, timeout=timeout)
 
@@ -225,8 +262,9 @@ class LocalStore:
                              and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))]
                 for name in stale:  # files, and the directories of unfinished sharded saves
                     with suppress(FileNotFoundError):
-                        self.delete(name)
-                        removed.append(name)
+                        if not self._put_back(name):
+                            self.delete(name)
+                            removed.append(name)
         except Timeout:
             pass  # another writer holds the lock: its temporaries are live
         return removed

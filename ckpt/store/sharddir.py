@@ -9,18 +9,20 @@ record's size is the total of its files, its checksum the CRC-32 of its manifest
 
 from __future__ import annotations
 
+import os
 import zlib
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .. import record, schema
 from ..errors import CorruptCheckpointError, StorageError
 from ..record import CheckpointRecord
-from . import torchfile
+from . import index, torchfile
 from .base import Store
 from .checksum import format_checksum
-from .local import LocalStore
-from .shardfiles import MANIFEST, read_manifest, verify_files
+from .local import LocalStore, temporary_name
+from .shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
 
 META = "ckpt-meta.pt"
 
@@ -35,14 +37,15 @@ def _local(store: Store, name: str) -> Path:
 
 def manifest_checksum(store: Store, name: str) -> str:
     """The checksum a sharded checkpoint's record holds: CRC-32 of its manifest's bytes."""
-    return format_checksum(zlib.crc32(_local(store, name).joinpath(MANIFEST).read_bytes()))
+    return format_checksum(zlib.crc32(manifest_bytes(_local(store, name))))
 
 
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     """Check the manifest against the record, then every file against the manifest."""
     directory = _local(store, name)
-    manifest = read_manifest(directory)  # CheckpointNotFoundError without one
-    got = manifest_checksum(store, name)
+    data = manifest_bytes(directory)  # CheckpointNotFoundError without one
+    manifest = parse_manifest(data, directory / MANIFEST)
+    got = format_checksum(zlib.crc32(data))
     if expected is not None and got != expected:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
                                      path=directory / MANIFEST,
@@ -82,3 +85,44 @@ def describe(store: Store, name: str) -> CheckpointRecord:
     extra = obj.get("extra")
     return record.make(head, directory, size=size, checksum=manifest_checksum(store, name),
                        extra=dict(extra) if isinstance(extra, dict) else {})
+
+
+class Overwrite:
+    """Rank 0 replacing the committed checkpoint ``old`` by the sharded one ``new`` (the same
+    name, or a file's of the same epoch and step), holding the lock, as
+    :mod:`ckpt.store.commit` replaces a file: the old entry leaves the index first (a crash
+    now leaves a valid, unindexed checkpoint that the next scan adopts); the old one stays
+    under its name while the new one is written (a directory of the same name moves to
+    :attr:`aside` only at the commit rename), and is deleted once the new index is
+    committed, or put back, indexed again, if the save fails before that."""
+
+    def __init__(self, store: Store, old: str, new: str, records: List[CheckpointRecord]) -> None:
+        self.store, self.old, self.new, self.before = store, old, new, records
+        self.aside = temporary_name(new, "prev-") if old == new else None
+        # nothing under the new name yet (we hold the lock): whatever is there later is this save's
+        self.fresh = old != new and not os.path.lexists(_local(store, new))
+        self.committed = False
+
+    def begin(self) -> List[CheckpointRecord]:
+        """Drop the old entry from the index; returns the records without it."""
+        others = [r for r in self.before if r.name != self.old]
+        index.write(self.store, others)
+        return others
+
+    def done(self) -> None:
+        """The new index is committed: the old checkpoint goes."""
+        self.committed = True
+        self.store.delete(self.aside or self.old)
+
+    def undo(self) -> None:
+        """Put the old checkpoint and its index entry back, unless committed (best effort:
+        the caller re-raises the save's error, and a scan adopts whatever is left)."""
+        if self.committed:
+            return
+        with suppress(OSError):
+            if self.aside is not None and os.path.lexists(_local(self.store, self.aside)):
+                self.store.delete(self.new)  # renamed in at the commit, never indexed
+                self.store.move(self.aside, self.old)
+            elif self.fresh:
+                self.store.delete(self.new)
+            index.write(self.store, self.before)

@@ -11,10 +11,11 @@ import json
 import os
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from .local import open_regular, read_regular
 
 MANIFEST = "ckpt-manifest.json"
 FORMAT = "ckpt-sharded"
@@ -25,19 +26,89 @@ _CHUNK = 1 << 20
 def read_manifest(final_dir: Path) -> dict[str, Any]:
     """The manifest of a committed sharded checkpoint; typed errors when absent or damaged."""
     path = Path(final_dir) / MANIFEST
+    return parse_manifest(manifest_bytes(final_dir), path)
+
+
+def manifest_bytes(final_dir: Path) -> bytes:
+    """The manifest's bytes, read without blocking: a FIFO or device in its place is damage."""
+    path = Path(final_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return read_regular(path)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError("not a committed sharded checkpoint (no manifest)", path=final_dir,
                                       hint="a directory without ckpt-manifest.json is an unfinished save") from e
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"unreadable manifest: {e}", path=path) from e
+    except OSError as e:
+        raise _damaged(path, f"unreadable manifest ({e.strerror or e}); expected a regular JSON file") from e
+
+
+def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
+    """The manifest ``data`` (read from ``path``), checked field by field: whatever ckpt
+    did not write is :class:`CorruptCheckpointError`, never a raw ``TypeError``."""
+    try:
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError as e:
+        raise _damaged(path, "the manifest is nested too deeply to be one ckpt wrote") from e
+    except ValueError as e:  # also UnicodeDecodeError
+        raise _damaged(path, f"the manifest is not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptCheckpointError("not a ckpt sharded-checkpoint manifest", path=path)
-    if manifest.get("version", VERSION + 1) > VERSION:
-        raise FormatVersionError(f"manifest version {manifest.get('version')} is newer than this "
-                                     f"ckpt reads ({VERSION})", path=path, hint="upgrade ckpt")
+        raise _damaged(path, f'not a ckpt sharded-checkpoint manifest; expected a JSON object with '
+                             f'"format": "{FORMAT}"')
+    version: Any = manifest.get("version")
+    if not _count(version, least=1):
+        raise _damaged(path, f'"version" is {_show(version)}; expected a positive integer such as {VERSION}')
+    if version > VERSION:
+        raise FormatVersionError(f"manifest version {version} is newer than this ckpt reads ({VERSION})",
+                                 path=path, hint="upgrade ckpt")
+    if not _count(manifest.get("world_size"), least=1):
+        raise _damaged(path, f'"world_size" is {_show(manifest.get("world_size"))}; expected a positive integer')
+    states = manifest.get("states")
+    if not isinstance(states, dict):
+        raise _damaged(path, f'"states" is {_show(states)}; expected an object mapping each tracked name to '
+                             '"module" or "optimizer"')
+    for name, kind in states.items():
+        if kind not in ("module", "optimizer"):
+            raise _damaged(path, f'"states"[{name!r}] is {_show(kind)}; expected "module" or "optimizer"')
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _damaged(path, f'"files" is {_show(files)}; expected an object mapping each file of the '
+                             'checkpoint to its size and CRC-32')
+    for name, entry in files.items():
+        if not _inside(name):
+            raise _damaged(path, f'"files" lists {name!r}; expected names relative to the checkpoint directory')
+        if not (isinstance(entry, dict) and _count(entry.get("size")) and _count(entry.get("crc32"))
+                and entry["crc32"] < 1 << 32):
+            raise _damaged(path, f'"files"[{name!r}] is {_show(entry)}; expected '
+                                 '{"size": <bytes>, "crc32": <0..4294967295>}')
     return manifest
+
+
+def _damaged(path: Path, message: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message, path=path,
+                                  hint="the manifest was damaged or edited after the save: resume skips this "
+                                       "checkpoint (moved aside as *.corrupt); restore another one")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _count(value: Any, least: int = 0) -> bool:
+    """An int of at least ``least`` (JSON ``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _inside(name: str) -> bool:
+    """A name inside the directory (not absolute, no ``..``): verifying reads nothing else."""
+    parts = PurePosixPath(name).parts
+    return bool(name) and not name.startswith("/") and ".." not in parts
+
+
+def _show(value: Any) -> str:
+    """``value`` for a message: its JSON, or the kind of a container (which may be huge)."""
+    if isinstance(value, (dict, list)):
+        return "a JSON " + ("object" if isinstance(value, dict) else "array")
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
@@ -45,7 +116,7 @@ def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
     for name, want in manifest["files"].items():
         path = Path(final_dir) / name
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO in a file's place must not block
                 size, crc = os.fstat(f.fileno()).st_size, _crc32(f)
         except OSError as e:
             raise CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=path) from e
@@ -68,11 +139,12 @@ def checksums(directory: Path, prefix: str) -> dict[str, dict[str, int]]:
 
 
 def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
-           known: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+           known: Mapping[str, Mapping[str, int]] | None = None, *, aside: Path | None = None) -> dict[str, Any]:
     """Rank 0, once every rank's files are written: checksum and fsync each file (those in
     ``known`` were checked and fsynced by the rank that wrote them), write the manifest,
     fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
-    appears only for a complete checkpoint, and survives a power cut once it has."""
+    appears only for a complete checkpoint, and survives a power cut once it has.
+    ``aside``: where an existing ``final_dir`` goes (an overwrite; see :func:`_swap`)."""
     files: dict[str, Any] = {}
     known = known or {}
     for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
@@ -89,9 +161,25 @@ def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp_dir)
-    os.replace(tmp_dir, final_dir)
+    _swap(tmp_dir, final_dir, aside)
     fsync_dir(final_dir.parent)
     return manifest
+
+
+def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
+    """Rename ``tmp_dir`` to ``final_dir``. A directory cannot replace a non-empty one: an
+    existing ``final_dir`` (an overwrite) moves to ``aside`` first, and back if the second
+    rename fails. A crash between the two leaves it there, and the next open puts it back
+    (:meth:`ckpt.store.local.LocalStore.clean_temporaries`)."""
+    if aside is None or not os.path.lexists(final_dir):
+        os.replace(tmp_dir, final_dir)
+        return
+    os.replace(final_dir, aside)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        os.replace(aside, final_dir)
+        raise
 
 
 def _crc32(f: BinaryIO) -> int:
