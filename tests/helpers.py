@@ -27,6 +27,19 @@ def temporaries(directory: Path) -> List[str]:
     return [p.name for p in directory.iterdir() if p.name.startswith(storage.TMP_PREFIX)]
 
 
+def record_data_offset(path: Path, name: str) -> int:
+    """Where the bytes of the zip record ``name`` (e.g. ``archive/data/0``) start in ``path``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
 # -- comparing state -----------------------------------------------------------------------
 
 
