@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -341,3 +342,68 @@ def test_read_bytes_refuses_what_is_not_a_regular_file(tmp_path: Path, kind: str
         LocalStore(tmp_path).read_bytes("name")
     assert info.value.errno == errno.EISDIR and info.value.filename == str(where)
     assert LocalStore(tmp_path).read_bytes("real") == b"x"
+
+
+# -- large files are freed in the background ------------------------------------------------
+
+
+def _linear_run(directory: Path) -> CheckpointManager:
+    torch.manual_seed(0)
+    return CheckpointManager(directory, model=torch.nn.Linear(64, 64), keep_last=1, progress=False)
+
+
+def test_an_evicted_large_file_leaves_its_name_at_once_and_its_blocks_by_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "RECLAIM_MIN", 1)  # every file counts as large
+    mgr = _linear_run(tmp_path)
+    for epoch in range(4):
+        mgr.save(epoch=epoch)
+        names = sorted(p.name for p in tmp_path.glob("ckpt-e*"))
+        assert names == [f"ckpt-e{epoch:06d}-s000000000.pt"]  # the evicted name is gone on return
+    mgr.wait()
+    assert temporaries(tmp_path) == []
+    assert mgr.verify() == {"ckpt-e000003-s000000000.pt": "ok"}
+
+
+def test_a_small_file_is_unlinked_in_the_call(tmp_path, monkeypatch):
+    unlinked = []
+    store = LocalStore(tmp_path)
+    store.write("a.bin", payload)
+    real = os.unlink
+
+    def unlink(path, *a, **k):
+        unlinked.append((Path(path).name, threading.current_thread() is threading.main_thread()))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "unlink", unlink)
+    store.delete("a.bin")
+    assert unlinked == [("a.bin", True)] and not (tmp_path / "a.bin").exists()
+
+
+KILLED_BEFORE_RECLAIM = r"""
+import os, signal, sys, threading, torch
+from pathlib import Path
+from ckpt import CheckpointManager
+from ckpt.store import local as storage
+
+storage.RECLAIM_MIN = 1
+real_unlink = os.unlink
+def stuck(path, *a, **k):  # the reclaimer never gets to free the evicted file
+    if threading.current_thread().name == "ckpt-reclaim":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_unlink(path, *a, **k)
+os.unlink = stuck
+torch.manual_seed(0)
+mgr = CheckpointManager(sys.argv[1], model=torch.nn.Linear(64, 64), keep_last=1, progress=False)
+mgr.save(epoch=0)
+mgr.save(epoch=1)  # evicts epoch 0: renamed aside, then the process dies
+threading.Event().wait(300)
+"""
+
+
+def test_a_kill_before_the_background_unlink_leaves_a_temporary_the_next_open_removes(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RECLAIM, str(tmp_path)], timeout=300)
+    assert proc.returncode == -9
+    left = temporaries(tmp_path)
+    assert len(left) == 1 and "del-ckpt-e000000" in left[0]
+    mgr = _linear_run(tmp_path)
+    assert temporaries(tmp_path) == []  # removed, not put back as a checkpoint
+    assert [r.epoch for r in mgr.checkpoints] == [1] and mgr.resume() == 2

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
@@ -129,6 +130,55 @@ def write_file(path: Path, produce: Produce) -> Path:
     return path
 
 
+#: Files at least this large are deleted on a background thread (see LocalStore.delete).
+RECLAIM_MIN = 64 << 20
+
+
+class _Reclaimer:
+    """Unlinks files on one background thread, started when there is work and ending
+    when there is none. Not a daemon: the interpreter finishes the unlinks at exit. An
+    unlink that fails leaves a temporary file, which the next open removes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: List[Path] = []
+        self._busy = False
+
+    def add(self, path: Path) -> None:
+        with self._cond:
+            self._pending.append(path)
+            if not self._busy:
+                self._busy = True
+                try:
+                    threading.Thread(target=self._run, name="ckpt-reclaim").start()
+                except RuntimeError:  # interpreter shutting down: no new threads
+                    self._busy = False
+                    self._unlink_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        with self._cond:
+            while self._pending:
+                self._unlink_all()
+            self._busy = False
+            self._cond.notify_all()
+
+    def _unlink_all(self) -> None:
+        """Unlink what is pending (the condition is held; unlinking is released from it)."""
+        batch, self._pending = self._pending, []
+        self._cond.release()
+        try:
+            for path in batch:
+                with suppress(OSError):
+                    os.unlink(path)
+        finally:
+            self._cond.acquire()
+
+
 class _DirectoryLock(FileLock):
     """A FileLock whose failures to open the lock file (read-only, full, gone, a planted
     symlink) are clear errors."""
@@ -161,6 +211,7 @@ class LocalStore:
     def __init__(self, directory: Path, *, create: bool = True) -> None:
         self.directory = prepare_directory(Path(directory)) if create else Path(directory)
         self.url = str(self.directory)
+        self._reclaimer = _Reclaimer()
 
     def where(self, name: str) -> Path:
         return self.directory / name
@@ -220,13 +271,28 @@ class LocalStore:
         return out
 
     def delete(self, name: str) -> None:
-        """Remove a file, or a directory (a sharded checkpoint) with everything in it."""
+        """Remove a file, or a directory (a sharded checkpoint) with everything in it.
+
+        A large file leaves its name now (renamed to a temporary name, which listings
+        skip) and its blocks are freed on a background thread: freeing a multi-GB file
+        takes the filesystem tens to hundreds of milliseconds the training loop need not
+        wait for. A crash before that leaves a temporary file the next open removes.
+        """
         path = self.directory / name
         with suppress(FileNotFoundError):
-            if stat.S_ISDIR(os.lstat(path).st_mode):
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(path)
+            elif st.st_size >= RECLAIM_MIN and not name.startswith(TMP_PREFIX):
+                aside = self.directory / temporary_name(name, "del-")
+                os.replace(path, aside)
+                self._reclaimer.add(aside)
             else:
                 os.unlink(path)
+
+    def flush(self) -> None:
+        """Wait until the files :meth:`delete` handed to the background are gone."""
+        self._reclaimer.wait()
 
     def move(self, src: str, dst: str) -> None:
         os.replace(self.directory / src, self.directory / dst)

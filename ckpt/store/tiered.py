@@ -154,6 +154,7 @@ class TieredStore:
                 self._start()  # what a failed upload left pending goes up now
             while self._worker is not None:
                 self._cond.wait()
+        self.local.flush()  # large local files freed in the background
         if raise_error:
             self._raise_pending()
 
