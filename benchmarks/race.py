@@ -10,11 +10,12 @@ is spread over all of them. Durable means: the bytes fsynced, the file renamed i
 place, the directory fsynced, and the previous save gone (each method replaces its
 previous file; DCP's previous directory is removed, timed). The floor is the best
 durable write this disk achieved in the same run: the state's bytes written with
-``os.pwrite`` at their offsets and fsynced, by one stream and by several. Reported:
+``os.pwrite`` at their offsets and fsynced, by one stream and by several, each with
+and without early writeback (``posix_fadvise`` of every finished 16 MiB). Reported:
 best round, median round, and the median over rounds of each method's time divided
 by ckpt's time in the same round (above 1: ckpt is faster). Async rows give the stall
 (the time ``save`` blocks the loop) against the copy floor. Results go to
-``benchmarks/results/race[-small].{json,md}``.
+``benchmarks/results/race[-small|-<size-mb>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse(argv)
     size, width = (10e6, 64) if args.small else (args.size_mb * 2**20, args.width)
     report = in_scratch(args.dir, "ckpt-race-", lambda root: measure(root, int(size), width, args.rounds))
-    publish(args.out, "race-small" if args.small else "race", report, render(report))
+    name = "race-small" if args.small else "race" if args.size_mb == 256 else f"race-{args.size_mb:g}"
+    publish(args.out, name, report, render(report))
 
 
 def measure(root: Path, size: int, width: int, rounds: int) -> Dict[str, Any]:
