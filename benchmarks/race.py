@@ -8,7 +8,9 @@ Every method saves once per round, the order rotating from round to round, after
 untimed round (fresh disk blocks, first-call costs), so that a slow minute of the disk
 is spread over all of them. Durable means: the bytes fsynced, the file renamed into
 place, the directory fsynced, and the previous save gone (each method replaces its
-previous file; DCP's previous directory is removed, timed). The floor is the best
+previous file; DCP's previous directory is removed, timed; ckpt's evicted file leaves
+its name within the save and its blocks are freed on a background thread, waited for
+after the timed region). The floor is the best
 durable write this disk achieved in the same run: the state's bytes written with
 ``os.pwrite`` at their offsets and fsynced, by one stream and by several, each with
 and without early writeback (``posix_fadvise`` of every finished 16 MiB). Reported:
