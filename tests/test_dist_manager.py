@@ -412,8 +412,7 @@ def _fsdp_save_e0(rank: int, world: int, directory: str, seed: int, overwrite: b
     for hook in hooks:
         hook.remove()
     names = [r.name for r in mgr.checkpoints]
-    if result == "saved":
-        mgr.close()  # after a failed collective a rank skips close()'s barrier
+    mgr.close()  # after a failed collective every rank skips close()'s barrier alike
     full = full_state(model, opt)  # collective: every rank gathers
     return {"result": result, "names": names, "full": full if rank == 0 else None}
 
@@ -477,6 +476,128 @@ def test_a_sharded_overwrite_that_fails_keeps_the_old_directory_indexed_and_load
     assert sorted(p.name for p in directory.iterdir() if p.name.startswith((".ckpt-tmp", "ckpt-e"))) == [DCP_E0]
     assert equal(_resumed_wide(directory), dict(second[0]["full"]["model"]))
     assert not equal(dict(second[0]["full"]["model"]), dict(first[0]["full"]["model"]))
+
+
+# ------------------------------------------------------- closing after a failed collective
+CLOSE_TIMEOUT = 30  # a close() that waited for a rank that never comes would take this long
+
+
+def _fail_then_close(rank: int, world: int, directory: str, fault: str, closing: str) -> dict:
+    """Save epoch 0, then make one rank fail a collective (``fault``) and close the manager
+    as users do: leaving a ``with`` block as the error propagates, or ``close()`` after
+    catching it. What each rank raised, how long closing took, and epoch 0's state."""
+    import time
+
+    from ckpt import CheckpointManager
+
+    sharded = fault.startswith("sharded")
+    if sharded:
+        model, opt = fsdp_mlp(world, 0)
+    else:
+        torch.manual_seed(0)  # only rank 0's state is saved: rank 1's model may differ until it loads
+        model = torch.nn.Linear(2, 3 if fault.endswith("other shapes") and rank == 1 else 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"rank {rank} cannot do this")
+
+    def fail(mgr: CheckpointManager) -> None:
+        if fault == "sharded save, rank 1's state_dict raises":
+            if rank == 1:
+                model.register_state_dict_pre_hook(refuse)
+            mgr.save(epoch=1)
+        elif fault == "replicated save, rank 0's commit fails":  # torch.load(weights_only=True) refuses it
+            mgr.save(epoch=1, extra={"x": object()} if rank == 0 else {"x": 1})
+        elif fault == "replicated resume, rank 1's model has other shapes":
+            mgr.resume()
+        else:
+            raise AssertionError(fault)
+
+    result, closed = "returned", "closed"
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, collective_timeout=CLOSE_TIMEOUT)
+    if sharded:
+        _step(model, opt, 0)
+    mgr.save(epoch=0)
+    saved = full_state(model, opt) if sharded else {k: v.clone() for k, v in model.state_dict().items()}
+    if closing == "with":
+        try:
+            with mgr:
+                try:
+                    fail(mgr)
+                finally:
+                    started = time.monotonic()  # __exit__ closes from here
+        except Exception as e:  # noqa: BLE001 - the save's error, unless close() raised its own
+            result = f"{type(e).__name__}: {e}"
+    else:
+        try:
+            fail(mgr)
+        except Exception as e:  # noqa: BLE001 - the test checks what each rank raised
+            result = f"{type(e).__name__}: {e}"
+        started = time.monotonic()
+        try:
+            mgr.close()
+        except Exception as e:  # noqa: BLE001
+            closed = f"{type(e).__name__}: {e}"
+    took = time.monotonic() - started
+    try:
+        mgr.save(epoch=2)
+        after = "saved"
+    except Exception as e:  # noqa: BLE001
+        after = f"{type(e).__name__}: {e}"
+    return {"result": result, "closed": closed, "took": took, "after": after,
+            "names": [r.name for r in mgr.checkpoints], "saved": saved if rank == 0 else None}
+
+
+def _resume_fresh(rank: int, world: int, directory: str, sharded: bool) -> dict:
+    from ckpt import CheckpointManager
+
+    if sharded:
+        model, opt = fsdp_mlp(world, 1)  # other weights: all must come from the checkpoint
+    else:
+        torch.manual_seed(1)
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(directory, model=model, optimizer=opt, collective_timeout=CLOSE_TIMEOUT) as mgr:
+        start = mgr.resume()
+        names = [r.name for r in mgr.checkpoints]
+    state = full_state(model, opt) if sharded else {k: v.clone() for k, v in model.state_dict().items()}
+    return {"start": start, "names": names, "state": state if rank == 0 else None}
+
+
+SHARDED_CAPTURE = (("CollectiveError: save of ckpt-e000001-s000000000.dcp (capture) failed on rank 1: StorageError",
+                    "rank 1 cannot do this"), ("StorageError", "RuntimeError: rank 1 cannot do this"))
+
+
+@pytest.mark.parametrize(("fault", "closing", "errors"), [  # errors: each rank's (prefix, text in it)
+    ("sharded save, rank 1's state_dict raises", "with", SHARDED_CAPTURE),
+    ("sharded save, rank 1's state_dict raises", "close()", SHARDED_CAPTURE),
+    ("replicated save, rank 0's commit fails", "with",
+     (("ConfigError", "object"), ("CollectiveError: save() of epoch 1, step 0 (commit) failed on rank 0: ConfigError",
+                                  "object"))),
+    ("replicated resume, rank 1's model has other shapes", "with",
+     (("CollectiveError: load of ckpt-e000000-s000000000.pt failed on rank 1: StateMismatchError",
+       "does not fit the model"), ("StateMismatchError", "shape mismatches"))),
+])
+def test_every_rank_closes_at_once_after_a_failed_collective(tmp_path: Path, fault: str, closing: str,
+                                                             errors: tuple) -> None:
+    """A collective fails on one rank, so every rank raises; then every rank closes its
+    manager. Every rank must take the same path through close() and return at once: none
+    may wait in close()'s barrier for a rank that skipped it (until collective_timeout,
+    then raising CollectiveTimeoutError over the real error). The run then resumes from
+    the last good checkpoint."""
+    directory = str(tmp_path / "run")
+    outs = run(_fail_then_close, 2, directory, fault, closing, timeout=4 * CLOSE_TIMEOUT)
+    for rank, (out, expected) in enumerate(zip(outs, errors)):
+        assert out["result"].startswith(expected[0]) and expected[1] in out["result"], (rank, out["result"])
+        assert out["closed"] == "closed", (rank, out["closed"])
+        assert out["took"] < CLOSE_TIMEOUT / 3, (rank, out["took"])
+        assert out["after"].startswith("StorageError") and "CheckpointManager is closed" in out["after"], rank
+    e0 = "ckpt-e000000-s000000000" + (".dcp" if fault.startswith("sharded") else ".pt")
+    assert [o["names"] for o in outs] == [[e0], [e0]]
+    assert sorted(p.name for p in Path(directory).iterdir() if p.name.startswith((".ckpt-tmp", "ckpt-e"))) == [e0]
+    fresh = run(_resume_fresh, 2, directory, fault.startswith("sharded"), timeout=120)
+    assert [f["start"] for f in fresh] == [1, 1] and [f["names"] for f in fresh] == [[e0], [e0]]
+    assert equal(fresh[0]["state"], outs[0]["saved"])
 
 
 # ------------------------------------------------------------------ the example, torchrun

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import policy, record, schema, state
-from ..errors import CheckpointNotFoundError, CkptError, CollectiveError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
 from ..store import index, sharddir
@@ -61,7 +61,7 @@ class Coordinator:
     def __init__(self, ctx: cl.Group, timeout: float) -> None:
         self.ctx = ctx
         self.timeout = timeout
-        self.broken = False  # a collective failed: skip the barrier of close()
+        self.broken = False  # a collective step raised (so on every rank): close() skips its barrier
         self._read: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
@@ -84,14 +84,15 @@ class Coordinator:
         return got  # type: ignore[no-any-return]
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn``, a collective step; if it raises, it raises on every rank, whatever each
+        raises: a failure is agreed (the failing rank re-raises its own error, the others
+        a :class:`CollectiveError`) and a timeout is one verdict for all. So every rank
+        marks itself broken alike, and every rank skips close()'s barrier: none waits there
+        for a rank that does not come."""
         try:
             return fn(*args, **kwargs)
-        except CollectiveError:
+        except BaseException:
             self.broken = True
-            raise
-        except CkptError as e:
-            if isinstance(e, TimeoutError):
-                self.broken = True
             raise
 
     def barrier(self, what: str) -> None:
