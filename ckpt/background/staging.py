@@ -13,7 +13,7 @@ needs (one copy of the state); :meth:`Stager.release` frees them.
 from __future__ import annotations
 
 import collections
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 import torch
 
@@ -40,6 +40,7 @@ class Stager:
         run = _Run(self._buffers)
         with torch.no_grad():
             staged = run.walk(obj, ())
+            run.copy()
         for device in run.devices:
             torch.cuda.current_stream(device).synchronize()
         self._buffers = run.fresh  # buffers of entries that disappeared are freed here
@@ -59,6 +60,8 @@ class _Run:
         self.seen: Dict[_Alias, torch.Tensor] = {}
         self.devices: Set[torch.device] = set()
         self.cuda = torch.cuda.is_available()  # once per save, not per tensor
+        self.dst: List[torch.Tensor] = []  # host-to-host copies, made in one batch by copy()
+        self.src: List[torch.Tensor] = []
 
     def walk(self, value: Any, path: KeyPath) -> Any:
         kind = type(value)
@@ -83,12 +86,25 @@ class _Run:
         if buffer is None or not _fits(buffer, t, pinned, self.cuda):
             del buffer  # free the old buffer before allocating its replacement
             buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-        buffer.copy_(t, non_blocking=pinned)  # under no_grad: no autograd record
+        if t.device.type == "cpu" and _FOREACH_COPY is not None:
+            self.dst.append(buffer)
+            self.src.append(t)
+        else:
+            buffer.copy_(t, non_blocking=pinned)  # under no_grad: no autograd record
         if pinned:
             self.devices.add(t.device)
         self.fresh[path] = buffer
         self.seen[alias] = buffer
         return buffer
+
+    def copy(self) -> None:
+        """The host-to-host copies in one batched call (for small tensors a ``copy_``
+        each costs more in dispatch than in bytes); copies from devices were made in walk()."""
+        if self.dst and _FOREACH_COPY is not None:
+            _FOREACH_COPY(self.dst, self.src)
+
+
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
 def _fits(buffer: torch.Tensor, t: torch.Tensor, pinned: bool, cuda: bool) -> bool:
