@@ -86,13 +86,16 @@ class AsyncWriter:
             pending = record.make(checkpoint.header, path, size=0, checksum=None,
                                   extra=staged["extra"])
             self._outcome.what = f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}"
-            thread = threading.Thread(target=self._run, args=(schema.with_states(checkpoint, staged), commit),
+            go = threading.Event()
+            thread = threading.Thread(target=self._run, args=(schema.with_states(checkpoint, staged), commit, go),
                                       name="ckpt-writer")
             thread.start()
             self._thread = thread  # visible to join() only once it has started
+            go.set()  # only now: a writer pickling at once would hold the GIL the caller needs to return
         return pending
 
-    def _run(self, staged: schema.Checkpoint, commit: Commit) -> None:
+    def _run(self, staged: schema.Checkpoint, commit: Commit, go: threading.Event) -> None:
+        go.wait()
         try:
             commit(staged)
         except BaseException as e:  # kept for the caller: a thread has no one to raise to
