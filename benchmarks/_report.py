@@ -98,7 +98,7 @@ def breakdown_table(report: Dict[str, Any]) -> str:
     b, floor = report["breakdown"], report["saves"]["write_floor"]["time"]
     rows = [
         ["`torch.save` to a null sink, zip CRC off (pickling, record layout)", b["serialise"]],
-        ["`torch.save`'s zip CRC-32, added when on (its default; ckpt keeps it)", b["zip_crc"]],
+        ["`torch.save`'s zip CRC-32, added when on (its default; ckpt computes its own per record)", b["zip_crc"]],
         [f"CRC-32 of every byte ({report['crc']}), one thread; ckpt overlaps it with the write", b["crc32"]],
         ["`write()` of the raw bytes into the page cache, no fsync", b["write"]],
         ["`fsync` of those bytes", b["fsync"]],
