@@ -30,8 +30,9 @@ T = TypeVar("T")
 
 #: Below this many bytes a thread hand-off costs more than the CRC it would hide.
 OVERLAP_MIN = 1 << 20
-#: Start writeback each time this many new bytes have been written.
-WRITEBACK_EVERY = 64 << 20
+#: Start writeback each time this many new bytes have been written (16 MiB was
+#: measured faster than 64 MiB on a VM disk: the final fsync waits for less).
+WRITEBACK_EVERY = 16 << 20
 #: Read size when checksumming a file (two buffers of it are in use at once).
 READ_CHUNK = 16 << 20
 
@@ -84,12 +85,20 @@ class Writeback:
             self._enabled = False
             return
         self._raw.flush()  # the buffered tail must reach the kernel; its errors are the write's
-        try:
-            if _FADVISE is not None:
-                _FADVISE(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
-        except OSError:  # not supported here: fsync will do all the work
-            self._enabled = False
+        self._enabled = start_writeback(self._fd, self._done, end)
         self._done = end
+
+
+def start_writeback(fd: int, start: int, end: int) -> bool:
+    """Ask the kernel to write ``[start, end)`` of ``fd`` out now rather than at ``fsync``
+    (``posix_fadvise(DONTNEED)``); False where that is not supported (fsync does it all)."""
+    if _FADVISE is None:
+        return False
+    try:
+        _FADVISE(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        return False
+    return True
 
 
 def file_crc(path: Path, on_read: Optional[Callable[[int], object]] = None) -> int:

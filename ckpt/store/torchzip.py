@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .checksum import crc32, crc32_combine
+from .checksum import WRITEBACK_EVERY, crc32, crc32_combine, start_writeback
 
 #: Records at least this large take their place in the file's CRC by combining (one
 #: pass over their bytes); smaller ones are summed a second time (cheaper than combining).
@@ -48,8 +48,6 @@ PARALLEL_MIN = 32 << 20
 WRITERS = 4
 #: At most this many buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
 IOV_MAX = 1024
-#: Start the kernel's writeback of a thread's finished bytes every this many bytes.
-WRITEBACK_EVERY = 16 << 20
 #: Zip fields of 32 bits (16 for counts) overflow at these values; tests lower them.
 ZIP32_LIMIT = 0xFFFFFFFF
 ZIP16_LIMIT = 0xFFFF
@@ -57,7 +55,6 @@ _FULL32, _FULL16 = 0xFFFFFFFF, 0xFFFF  # "see the zip64 field" in a 32 (16) bit 
 
 _ARCHIVE = "archive/"
 _PAD_ID = b"FB"  # torch's padding extra field, which aligns record data
-_FADVISE = getattr(os, "posix_fadvise", None)
 _DATE = 0x21  # 1980-01-01 in DOS format (torch writes 0, which is not a date)
 _PWRITEV = getattr(os, "pwritev", None)
 
@@ -316,10 +313,8 @@ def _write_group(fd: int, records: List[_Record], progress: _Locked) -> None:
         if at - start >= WRITEBACK_EVERY:
             _pwrite_all(fd, batch, start)
             progress(at - start)
-            batch, start = [], at
-            if at - flushed >= WRITEBACK_EVERY:
-                _writeback(fd, flushed, at)
-                flushed = at
+            start_writeback(fd, flushed, at)
+            batch, start, flushed = [], at, at
     if batch:
         _pwrite_all(fd, batch, start)
         progress(at - start)
@@ -338,12 +333,3 @@ def _pwrite_all(fd: int, buffers: List[memoryview], offset: int) -> None:
             first += 1
         if n:
             views[first] = views[first][n:]
-
-
-def _writeback(fd: int, start: int, end: int) -> None:
-    """Ask the kernel to start writing ``[start, end)`` out now (fsync then waits less)."""
-    if _FADVISE is not None:
-        try:
-            _FADVISE(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
