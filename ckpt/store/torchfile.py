@@ -20,7 +20,6 @@ import os
 import pickle
 import pickletools
 import re
-import stat
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from ..progress import Progress
 from . import torchzip
 from .base import Store, Written
 from .checksum import ChecksumWriter, file_checksum
+from .local import open_regular
 
 MapLocation = Any
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
@@ -100,22 +100,17 @@ def opened(path: Path) -> Iterator[Path]:
     """A path to the file ``path`` names *now*: on Linux ``/proc/self/fd/N`` of an open
     descriptor, so that verifying and loading read the same inode even if the name is
     replaced or deleted meanwhile. :class:`CheckpointNotFoundError` if it is gone."""
-    try:  # O_NONBLOCK: opening a FIFO put in a file's place must not wait for a writer
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        f = open_regular(path)
     except FileNotFoundError as e:
         raise gone_error(path) from e
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # a symlink in the checkpoint namespace: not ours
-            raise CorruptCheckpointError("is a symbolic link, not a checkpoint file", path=path,
-                                         hint="ckpt reads only the regular files it wrote") from e
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
-            raise CorruptCheckpointError("is not a regular file (a FIFO, device or directory)", path=path,
-                                         hint="ckpt reads only the regular files it wrote")
-        yield _PROC_FD / str(fd) if _PROC_FD.is_dir() else path
-    finally:
-        os.close(fd)
+    except IsADirectoryError as e:  # a FIFO or a device would block or never end
+        link = isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ELOOP
+        what = "is a symbolic link, not a checkpoint file" if link else \
+            "is not a regular file (a FIFO, device or directory)"
+        raise CorruptCheckpointError(what, path=path, hint="ckpt reads only the regular files it wrote") from e
+    with f:
+        yield _PROC_FD / str(f.fileno()) if _PROC_FD.is_dir() else path
 
 
 def verify(path: Path, expected: Optional[str], *, progress: Optional[bool] = None,
