@@ -1,0 +1,116 @@
+"""ckpt's Lightning CheckpointIO with the real Lightning Trainer (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import trainer_runs  # noqa: E402
+from helpers import same_weights  # noqa: E402
+
+from ckpt.errors import CorruptCheckpointError  # noqa: E402
+from ckpt.integrations.lightning import CheckpointIO, last_checkpoint  # noqa: E402
+
+
+def _saved(n: int):
+    return lambda d: len(list(d.glob("*.ckpt.ckpt-sum"))) >= n
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("full")
+    trainer_runs.run("lightning", d / "run", d / "w.pt")
+    return torch.load(d / "w.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [(), ("--async",)], ids=["sync", "async"])
+def test_killed_fit_resumes_bit_exact(tmp_path: Path, uninterrupted: dict, flags: tuple) -> None:
+    run = tmp_path / "run"
+    trainer_runs.run_and_kill("lightning", run, _saved(3), *flags)
+    start = last_checkpoint(run)
+    assert start is not None
+    done = torch.load(start, weights_only=True)["epoch"]
+    assert done < trainer_runs.EPOCHS - 1, "the kill came too late to test a resume"
+    trainer_runs.run("lightning", run, tmp_path / "w.pt", "--resume", *flags)
+    assert same_weights(torch.load(tmp_path / "w.pt"), uninterrupted)
+    # ModelCheckpoint's top-k removal went through the plug-in: no orphan sidecars
+    files = {p.name for p in run.glob("*.ckpt")}
+    sums = {p.name[: -len(".ckpt-sum")] for p in run.glob("*.ckpt-sum")}
+    assert files == sums and "last.ckpt" in files and len(files) == 3
+    assert not list(run.glob(".ckpt-tmp-*")), "the resumed run cleans the killed run's temporaries"
+
+
+def test_files_load_with_stock_lightning_and_back(tmp_path: Path) -> None:
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    ckpt_io, stock = CheckpointIO(), TorchCheckpointIO()
+    state = {"epoch": 1, "global_step": 10, "state_dict": {"w": torch.arange(4.0)}}
+    ckpt_io.save_checkpoint(state, tmp_path / "ours.ckpt")
+    assert torch.equal(stock.load_checkpoint(tmp_path / "ours.ckpt")["state_dict"]["w"], torch.arange(4.0))
+    stock.save_checkpoint(state, tmp_path / "theirs.ckpt")
+    assert ckpt_io.load_checkpoint(tmp_path / "theirs.ckpt")["global_step"] == 10
+
+
+def test_rng_restored_on_load(tmp_path: Path) -> None:
+    ckpt_io = CheckpointIO()
+    ckpt_io.save_checkpoint({"epoch": 0, "global_step": 1}, tmp_path / "a.ckpt")
+    expected = torch.rand(3)
+    torch.rand(5)
+    ckpt_io.load_checkpoint(tmp_path / "a.ckpt")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_newest_is_skipped_and_named(tmp_path: Path) -> None:
+    ckpt_io = CheckpointIO()
+    for step in (10, 20, 30):
+        ckpt_io.save_checkpoint({"epoch": step // 10, "global_step": step, "w": torch.randn(256)},
+                                tmp_path / f"step={step}.ckpt")
+    (tmp_path / "half.ckpt").write_bytes((tmp_path / "step=30.ckpt").read_bytes()[:500])  # stock, killed
+    _damage(tmp_path / "step=30.ckpt")
+    with pytest.warns(UserWarning, match="step=30.ckpt"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "step=20.ckpt")
+    with pytest.raises(CorruptCheckpointError, match=r"step=30\.ckpt(.|\n)*step=20\.ckpt"):
+        ckpt_io.load_checkpoint(tmp_path / "step=30.ckpt")
+    assert last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_async_removal_waits_for_the_save_in_flight(tmp_path: Path) -> None:
+    ckpt_io = CheckpointIO(async_save=True)
+    big = {"epoch": 0, "global_step": 1, "w": torch.randn(4 << 20)}
+    ckpt_io.save_checkpoint({"epoch": 0, "global_step": 0}, tmp_path / "old.ckpt")
+    ckpt_io.save_checkpoint(big, tmp_path / "new.ckpt")
+    ckpt_io.remove_checkpoint(tmp_path / "old.ckpt")  # as ModelCheckpoint's rotation does
+    assert (tmp_path / "new.ckpt").exists() and not (tmp_path / "old.ckpt").exists()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "new.ckpt")
+    ckpt_io.teardown()
+
+
+def test_works_on_urls() -> None:
+    pytest.importorskip("fsspec")
+    ckpt_io = CheckpointIO()
+    url = "memory://lightning-test/run"
+    ckpt_io.save_checkpoint({"epoch": 2, "global_step": 7, "w": torch.ones(3)}, url + "/a.ckpt")
+    assert last_checkpoint(url) == url + "/a.ckpt"
+    assert torch.equal(ckpt_io.load_checkpoint(url + "/a.ckpt")["w"], torch.ones(3))
+    ckpt_io.remove_checkpoint(url + "/a.ckpt")
+    assert last_checkpoint(url) is None
+
+
+def test_import_ckpt_imports_no_integration() -> None:
+    code = "import sys, ckpt; print([m for m in sys.modules if m.startswith(('ckpt.integrations', " \
+           "'pytorch_lightning', 'transformers', 'ignite'))])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

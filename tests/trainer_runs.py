@@ -1,0 +1,137 @@
+"""Tiny training runs in the real trainers, for the integration tests.
+
+Run as a script (``python tests/trainer_runs.py TRAINER DIR OUT [--resume] [--slow]
+[--async]``) so that a test can SIGKILL it from outside; the final weights go to OUT.
+Imported as ``trainer_runs`` (the tests folder is on ``sys.path``) for the kill harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+HERE = Path(__file__).resolve()
+EPOCHS = 6
+
+
+def data(n: int = 48) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+
+
+def pause(slow: bool) -> None:
+    if slow:
+        time.sleep(0.3)
+
+
+# -- Lightning -----------------------------------------------------------------------------
+
+def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bool) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ckpt.integrations.lightning import CheckpointIO, last_checkpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def on_train_epoch_end(self) -> None:
+            pause(slow)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+        def train_dataloader(self) -> Any:
+            return torch.utils.data.DataLoader(data(), batch_size=8, shuffle=True)
+
+    pl.seed_everything(0, verbose=False)
+    model = Module()
+    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[CheckpointIO(async_save=async_save)],
+                         callbacks=[ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=2,
+                                                    monitor="loss", every_n_epochs=1)])
+    trainer.fit(model, ckpt_path=last_checkpoint(directory) if resume else None)
+    torch.save(model.net.state_dict(), out)
+
+
+RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning}
+
+
+def main(argv: List[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("trainer", choices=sorted(RUNS))
+    p.add_argument("directory")
+    p.add_argument("out")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--slow", action="store_true")
+    p.add_argument("--async", dest="async_save", action="store_true")
+    a = p.parse_args(argv)
+    kwargs: Dict[str, Any] = {"resume": a.resume, "slow": a.slow}
+    if a.trainer == "lightning":
+        kwargs["async_save"] = a.async_save
+    RUNS[a.trainer](a.directory, a.out, **kwargs)
+
+
+# -- the kill harness -------------------------------------------------------------------------
+
+def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 120) -> None:
+    """Run to the end in a subprocess."""
+    subprocess.run([sys.executable, str(HERE), trainer, str(directory), str(out), *flags],
+                   check=True, timeout=timeout, env=_env())
+
+
+def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *flags: str,
+                 deadline: float = 90) -> None:
+    """Start a slow run, SIGKILL it by PID from outside once ``saved(directory)``, reap it."""
+    proc = subprocess.Popen([sys.executable, str(HERE), trainer, str(directory), str(directory / "unused.pt"),
+                             "--slow", *flags], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + deadline
+        while not (directory.exists() and saved(directory)):
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before it was killed: {proc.stderr.read()!r}")  # type: ignore
+            if time.monotonic() > end:
+                raise AssertionError("no checkpoint appeared before the deadline")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    root = str(HERE.parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1:])
