@@ -118,3 +118,37 @@ def test_a_failing_flush_before_writeback_is_the_writes_error(tmp_path: Path,
         with pytest.raises(OSError, match="No space"):
             writer.write(bytes(2 << 10))
         assert isinstance(writer.error, OSError)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 63, 4095, 65537, (4 << 20) + 5])
+def test_the_default_crc_equals_zlib_crc32_at_every_size(size: int) -> None:
+    """Every length (SIMD head/body/tail paths) and a running start value give zlib's values."""
+    data = random.Random(size).randbytes(size)
+    for start in (0, 1, 0xFFFFFFFF, 0x12345678):
+        assert fastio.crc32(data, start) == zlib.crc32(data, start)
+    view = memoryview(bytearray(data))[1:]
+    assert fastio.crc32(view) == zlib.crc32(view)
+
+
+def test_zlib_ng_is_a_default_dependency_and_is_what_runs() -> None:
+    """zlib-ng is in the default dependencies (installed here), and the summing code uses it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("zlib-ng") for d in deps)
+    import zlib_ng.zlib_ng
+    assert fastio.CRC_IMPL == "zlib-ng" and fastio.crc32 is zlib_ng.zlib_ng.crc32
+    from ckpt.store import sharddir, shardfiles, torchzip
+    assert torchzip.crc32 is shardfiles.crc32 is sharddir.crc32 is zlib_ng.zlib_ng.crc32
+
+
+def test_without_zlib_ng_the_stdlib_is_the_fallback(tmp_path: Path) -> None:
+    """A Python where zlib-ng cannot be imported sums with zlib.crc32: same values."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['zlib_ng'] = None; sys.modules['zlib_ng.zlib_ng'] = None\n"
+            "import zlib\nfrom ckpt.store import checksum as c\n"
+            "assert c.CRC_IMPL == 'zlib' and c.crc32 is zlib.crc32, c.CRC_IMPL\n"
+            "print(c.crc32(b'ckpt'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == zlib.crc32(b"ckpt")

@@ -10,7 +10,6 @@ record's size is the total of its files, its checksum the CRC-32 of its manifest
 from __future__ import annotations
 
 import os
-import zlib
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Dict, List
@@ -20,7 +19,7 @@ from ..errors import CorruptCheckpointError, StorageError
 from ..record import CheckpointRecord
 from . import index, torchfile
 from .base import Store
-from .checksum import format_checksum
+from .checksum import crc32, format_checksum
 from .local import LocalStore, temporary_name
 from .shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
 
@@ -37,7 +36,7 @@ def _local(store: Store, name: str) -> Path:
 
 def manifest_checksum(store: Store, name: str) -> str:
     """The checksum a sharded checkpoint's record holds: CRC-32 of its manifest's bytes."""
-    return format_checksum(zlib.crc32(manifest_bytes(_local(store, name))))
+    return format_checksum(crc32(manifest_bytes(_local(store, name))))
 
 
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
@@ -45,7 +44,7 @@ def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     directory = _local(store, name)
     data = manifest_bytes(directory)  # CheckpointNotFoundError without one
     manifest = parse_manifest(data, directory / MANIFEST)
-    got = format_checksum(zlib.crc32(data))
+    got = format_checksum(crc32(data))
     if expected is not None and got != expected:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
                                      path=directory / MANIFEST,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from .checksum import crc32
 from .local import open_regular, read_regular
 
 MANIFEST = "ckpt-manifest.json"
@@ -185,7 +185,7 @@ def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
 def _crc32(f: BinaryIO) -> int:
     crc = 0
     while chunk := f.read(_CHUNK):
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
     return crc
 
 
