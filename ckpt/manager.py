@@ -224,6 +224,7 @@ class CheckpointManager:
         overwrite = opts.flag("overwrite", overwrite)
         metric_values = schema.metrics_to_floats(metrics)
         opts.check_monitored(self.policy, metric_values, mid_epoch, epoch, step)
+        opts.check_monitor_recorded(self.policy, metric_values, self._records, epoch, step)
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
                               hint="pass extra={'lr': lr, 'best_acc': best_acc}")

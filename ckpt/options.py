@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
@@ -150,3 +150,19 @@ def check_monitored(retention: policy.RetentionPolicy, metrics: Dict[str, float]
         f"{monitor!r}" + (f" (closest: {close[0]!r})" if close else "") + "; nothing was written",
         hint=f"pass metrics={{{monitor!r}: ...}}, or create the manager with monitor={close[0]!r}"
              if close else f"pass metrics={{{monitor!r}: ...}}")
+
+
+def check_monitor_recorded(retention: policy.RetentionPolicy, metrics: Dict[str, float],
+                           records: Iterable[policy.RecordLike], epoch: int, step: int) -> None:
+    """Best-K ranks by ``monitor``: when neither this save nor any checkpoint of the run
+    records it (a typo, another name after a restart), retention would keep none of the
+    best and delete them; a mid-epoch save or ``metrics={}`` must not slip past this."""
+    if not retention.keep_best:
+        return
+    wrong = policy.unknown_monitor(retention.monitor, records, metrics)
+    if wrong is None:
+        return
+    fix = f"create the manager with monitor={wrong.closest!r}" if wrong.closest else \
+        f"pass metrics={{{wrong.monitor!r}: ...}} at the end of an epoch"
+    raise ConfigError(f"save(epoch={epoch}, step={step}): {wrong.describe()}; nothing was written or deleted",
+                      hint=f"{fix}, or pass metrics={{{wrong.monitor!r}: ...}} if it is a new metric")

@@ -15,6 +15,7 @@ numbers, never by file time. The rules (design §5):
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Collection, Iterable, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, TypeVar
@@ -113,3 +114,40 @@ def select_kept(records: Sequence[RecordLike], policy: RetentionPolicy,
     if policy.keep_every:
         kept |= {key_of(r) for r in records if is_milestone(r, policy.keep_every)}
     return kept
+
+
+@dataclass(frozen=True)
+class UnknownMonitor:
+    """``monitor`` names a metric that no checkpoint of the run records."""
+
+    monitor: str
+    seen: Tuple[str, ...]  #: every metric name the run's checkpoints record, sorted
+    closest: Optional[str]  #: the recorded name most like ``monitor`` (None when there is none)
+
+    def describe(self) -> str:
+        seen = ", ".join(map(repr, self.seen)) if self.seen else "none"
+        close = f" (closest: {self.closest!r})" if self.closest else ""
+        return (f"no checkpoint of the run records the monitored metric {self.monitor!r}; "
+                f"metrics recorded: {seen}{close}")
+
+
+def unknown_monitor(monitor: Optional[str], records: Iterable[RecordLike],
+                    current: Collection[str] = (), *, require: bool = False) -> Optional[UnknownMonitor]:
+    """The mismatch when neither ``records`` nor the ``current`` save's metrics carry
+    ``monitor`` although an end-of-epoch checkpoint of the run records metrics (a typo
+    would rank every checkpoint last and let best-K delete the best). ``require``: also
+    when nothing is ranked yet (``ckpt prune --keep-best`` needs the metric on disk)."""
+    if monitor is None or monitor in current:
+        return None
+    seen: Set[str] = set(current)
+    ranked = require  # an end-of-epoch checkpoint with metrics: the run ranks by them
+    for r in records:
+        if monitor in r.metrics:
+            return None
+        seen.update(r.metrics)
+        ranked = ranked or (bool(r.metrics) and not r.mid_epoch)
+    if not ranked:
+        return None  # only step checkpoints so far (training metrics): normal, nothing ranked yet
+    folded = [m for m in sorted(seen) if m.casefold() == monitor.casefold()]
+    close = folded or difflib.get_close_matches(monitor, sorted(seen), n=1, cutoff=0.0)
+    return UnknownMonitor(monitor, tuple(sorted(seen)), close[0] if close else None)

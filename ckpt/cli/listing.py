@@ -89,16 +89,17 @@ def reasons(records: List[CheckpointRecord], pol: Optional[policy.RetentionPolic
 
 
 def describe_policy(pol: Optional[policy.RetentionPolicy]) -> str:
+    """The options as given (``keep_last=0`` too: it keeps only what the fixed rules keep)."""
     if pol is None or not pol.deletes:
         return "keep everything (no retention policy)"
     parts = []
-    if pol.keep_last:
+    if pol.keep_last is not None:
         parts.append(f"keep_last={pol.keep_last}")
-    if pol.keep_best:
+    if pol.keep_best is not None:
         parts.append(f"keep_best={pol.keep_best} ({pol.monitor}, {pol.mode})")
-    if pol.keep_every:
+    if pol.keep_every is not None:
         parts.append(f"keep_every={pol.keep_every}")
-    return ", ".join(parts) or "keep everything"
+    return ", ".join(parts)
 
 
 def _metrics(rec: Any) -> str:
@@ -274,8 +275,21 @@ def _locked(cat: Any) -> Iterator[None]:
         yield
 
 
+def check_monitor(records: List[CheckpointRecord], pol: policy.RetentionPolicy, where: str) -> None:
+    """Refuse a ``--monitor`` that no checkpoint on disk records (a typo would rank every
+    checkpoint last and delete the best), in the dry run too."""
+    if not pol.keep_best or not records:
+        return
+    wrong = policy.unknown_monitor(pol.monitor, records, require=True)
+    if wrong is not None:
+        fix = f"--monitor {wrong.closest}" if wrong.closest else "--keep-last N without --keep-best"
+        raise UsageError(f"{wrong.describe()}; nothing deleted", path=where, hint=f"did you mean {fix}?"
+                         if wrong.closest else f"pass {fix}")
+
+
 def _prune(cat: Any, pol: policy.RetentionPolicy, *, delete: bool) -> int:
     listing = cat.scan(locked=delete)
+    check_monitor(listing.records, pol, cat.store.url)
     _, protected = common.recorded(cat)
     kept_keys = policy.select_kept(listing.records, pol, protected)
     gone = [r for r in listing.records if r.key not in kept_keys]
@@ -285,7 +299,7 @@ def _prune(cat: Any, pol: policy.RetentionPolicy, *, delete: bool) -> int:
         return 0
     verb = "deleting" if delete else "would delete"
     print(f"{verb} {len(gone)} of {len(listing.records)} checkpoints ({table.size(sum(r.size for r in gone))}), "
-          f"keeping {len(kept)} by {describe_policy(pol)}:")
+          f"keeping {len(kept)} by {describe_policy(pol)} (the newest and the resume source are always kept):")
     rows = [[r.name, str(r.epoch), str(r.step), _metrics(r), table.size(r.size)] for r in gone]
     for line in table.render(["file", "epoch", "step", "metrics", "size"], rows, right=(1, 2, 4)):
         print("  " + line)
