@@ -2,7 +2,7 @@
 
 Pure functions over records: no I/O, no torch, no clocks. A record is anything with
 ``epoch``, ``step``, ``mid_epoch`` and ``metrics``; order is by ``(epoch, step)``
-numbers, never by file time. The rules (design §5):
+numbers, never by file time. The rules (see the docs page 'Retention'):
 
 * no option set: keep everything (ckpt never deletes without being told to);
 * otherwise keep the union of the ``keep_last`` newest, the ``keep_best`` best by
@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, TypeVar
+from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, TypeVar
 
 from .errors import ConfigError
 
@@ -74,6 +74,17 @@ class RetentionPolicy:
         if self.monitor is not None and not isinstance(self.monitor, str):
             raise ConfigError(f"monitor must be a metric name (str), got {self.monitor!r}",
                               hint="pass monitor='val_loss'")
+
+    def to_json(self) -> Dict[str, Any]:
+        """The options as a JSON object (the run history and ``ckpt ls --json`` store it)."""
+        return {"keep_last": self.keep_last, "keep_best": self.keep_best, "monitor": self.monitor,
+                "mode": self.mode, "keep_every": self.keep_every}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> RetentionPolicy:
+        """The policy :meth:`to_json` wrote; raises :class:`ConfigError` (or TypeError) if invalid."""
+        return cls(**{k: value.get(k) for k in ("keep_last", "keep_best", "monitor", "keep_every")},
+                   mode=value.get("mode") or "min")
 
     @property
     def deletes(self) -> bool:

@@ -225,3 +225,28 @@ def test_ckpt_export_writes_plain_weights_from_a_differential_checkpoint(tmp_pat
     plain = torch.load(out, weights_only=True)
     assert plain.keys() == model.state_dict().keys()
     assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_deletes_the_tensor_files_only_evicted_checkpoints_used(tmp_path: Path) -> None:
+    """``ckpt prune`` runs the same commit-and-retention transaction as a save: the
+    blobs that no kept checkpoint references go with the files that used them."""
+    model = finetune_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with CheckpointManager(tmp_path, model=model, optimizer=opt, differential=True) as mgr:
+        for epoch in range(3):
+            train_head(model, opt)
+            mgr.save(epoch=epoch)
+        with torch.no_grad():
+            for p in model[0].parameters():  # the backbone changes: its old blobs are the first two's only
+                p.add_(1.0)
+        mgr.save(epoch=3)
+    before = blobs_on_disk(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "ckpt", "prune", str(tmp_path), "--keep-last", "1", "--yes"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    kept = Catalog(LocalStore(tmp_path, create=False)).scan().records
+    assert [r.epoch for r in kept] == [3]
+    assert blobs_on_disk(tmp_path) == {b for b, _ in kept[0].blobs} < before
+    restored = finetune_model()
+    CheckpointManager(tmp_path, model=restored).restore("latest")
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))

@@ -219,3 +219,10 @@ def test_kept_set_bounds(saves, policy, protected_steps):
     if policy.keep_best:
         eligible = [r for r in records if "m" in r.metrics]
         assert sum((r.epoch, r.step) in kept for r in eligible) >= min(policy.keep_best, len(eligible))
+
+
+def test_the_policy_round_trips_through_json() -> None:
+    pol = RetentionPolicy(keep_last=2, keep_best=1, monitor="loss", mode="max", keep_every=3)
+    assert pol.to_json() == {"keep_last": 2, "keep_best": 1, "monitor": "loss", "mode": "max", "keep_every": 3}
+    assert RetentionPolicy.from_json(pol.to_json()) == pol
+    assert RetentionPolicy.from_json({}) == RetentionPolicy()

@@ -15,7 +15,7 @@ from filelock import Timeout
 from .. import policy, schema
 from ..errors import CkptError, UnsafeCheckpointError
 from ..record import CheckpointRecord
-from ..store import index, is_url, torchfile
+from ..store import commit, index, is_url, torchfile
 from ..store.catalog import QUARANTINE_SUFFIX
 from . import common, table
 from .common import Key, UsageError
@@ -147,8 +147,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for rec in listing.records:
             st, detail = status.get(rec.name, ("ok", ""))
             rows.append({**rec.to_json(), "kept_because": why[rec.key], "status": st, "detail": detail})
-        pol_json = None if pol is None else {"keep_last": pol.keep_last, "keep_best": pol.keep_best,
-                                             "monitor": pol.monitor, "mode": pol.mode, "keep_every": pol.keep_every}
+        pol_json = None if pol is None else pol.to_json()
         print(json.dumps({"directory": str(directory), "policy": pol_json, "policy_source": source,
                           "checkpoints": rows, "problems": problems}, indent=1))
         return 1 if bad else 0
@@ -291,9 +290,7 @@ def _prune(cat: Any, pol: policy.RetentionPolicy, *, delete: bool) -> int:
     listing = cat.scan(locked=delete)
     check_monitor(listing.records, pol, cat.store.url)
     _, protected = common.recorded(cat)
-    kept_keys = policy.select_kept(listing.records, pol, protected)
-    gone = [r for r in listing.records if r.key not in kept_keys]
-    kept = [r for r in listing.records if r.key in kept_keys]
+    kept, gone = commit.partition(listing.records, pol, protected)
     if not gone:
         print(f"nothing to delete: all {len(kept)} checkpoints are kept by {describe_policy(pol)}")
         return 0
@@ -306,8 +303,6 @@ def _prune(cat: Any, pol: policy.RetentionPolicy, *, delete: bool) -> int:
     if not delete:
         print("nothing deleted: add --yes to delete them")
         return 0
-    index.write(cat.store, kept)  # the commit protocol's order: index first, then the files
-    for rec in gone:
-        cat.store.delete(rec.name)
+    cat.retain(listing.records, pol, protected)  # the commit protocol's order: index first, then the files
     print(f"deleted {len(gone)} checkpoints")
     return 0

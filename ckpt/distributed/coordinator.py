@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import policy, record, schema, state
+from .. import record, schema, state
 from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
-from ..store import index, sharddir
+from ..store import sharddir
 from ..store.commit import check_new
 from ..store.local import TMP_PREFIX
 from . import collective as cl
@@ -209,7 +209,7 @@ class Coordinator:
             if ctx.is_leader:
                 try:
                     rec = sharddir.committed(store, name, manifest, meta)
-                    kept = _retain(mgr, store, records, rec, replacing)
+                    kept = _retain(mgr, records, rec, replacing)
                     outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
                 except Exception as e:  # noqa: BLE001
                     if replacing is not None:
@@ -356,26 +356,16 @@ def _split(trackables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return dcp, plain
 
 
-def _retain(mgr: CheckpointManager, store: Any, records: list[CheckpointRecord],
+def _retain(mgr: CheckpointManager, records: list[CheckpointRecord],
             rec: CheckpointRecord, replacing: sharddir.Overwrite | None) -> list[CheckpointRecord]:
-    """Rank 0, holding the lock: index the new directory, then delete what retention evicts
-    (and the directory it replaced)."""
+    """Rank 0, holding the lock: the catalog's commit-and-retention transaction over the
+    new directory (the one it replaced is deleted once the index is committed)."""
     protected = mgr._protected
     newer = protected is None or rec.key > protected
-    candidates = [r for r in records if r.key != rec.key] + [rec]
-    keep = {rec.key} if newer or protected is None else {rec.key, protected}
-    kept_keys = policy.select_kept(candidates, mgr.policy, keep)
-    kept = sorted((r for r in candidates if r.key in kept_keys), key=lambda r: r.key)
-    try:
-        index.write(store, kept)
-    except BaseException:
-        store.delete(rec.name)  # not indexed: not committed (an overwrite's caller puts the old one back)
-        raise
-    if replacing is not None:
-        replacing.done()
-    for old in candidates:
-        if old.key not in kept_keys:
-            store.delete(old.name)
+    candidates = sorted([r for r in records if r.key != rec.key] + [rec], key=lambda r: r.key)
+    catalog: Catalog = mgr._catalog
+    kept, _ = catalog.retain(candidates, mgr.policy, () if newer else (protected,), new=rec,
+                                  indexed=None if replacing is None else replacing.done)
     if newer:
         mgr._protected = None
     mgr._records = kept

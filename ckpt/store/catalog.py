@@ -9,7 +9,7 @@ and index transactions happen here, never in the manager.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Tuple
 
 from filelock import Timeout
 
@@ -222,6 +222,31 @@ class Catalog:
                                   differential_save=differential_save, previous=previous)
             self._book.seal()
             return done
+
+    def retain(self, candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
+               protected: Collection[Tuple[int, int]] = (), *, new: Optional[CheckpointRecord] = None,
+               indexed: Optional[Callable[[], None]] = None) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+        """The commit-and-retention transaction of a writer that holds the lock and wrote
+        its files itself (a collective save: ``new``, already in place; ``ckpt prune``:
+        none): index the ``candidates`` (sorted) that ``retention`` keeps, ``protected``
+        and ``new`` always; then ``indexed()``, the history line of ``new``, and the
+        deletion of what was evicted. Returns (kept, evicted).
+
+        If the index cannot be written, ``new`` is deleted (it is not committed) and the
+        error raised; the caller puts back what it replaced.
+        """
+        keep = set(protected) | ({new.key} if new is not None else set())
+        try:
+            kept, evicted = _commit.index_kept(self.store, self._book, candidates, retention, keep)
+        except BaseException:
+            if new is not None:
+                self.store.delete(new.name)
+            raise
+        if indexed is not None:
+            indexed()
+        _commit.finish(self.store, kept, evicted, new=new, retention=retention, protected=protected)
+        self._book.seal()
+        return kept, evicted
 
     def _unresolved(self, rec: CheckpointRecord) -> Optional[Dict[str, Any]]:
         """The checkpoint dict of ``rec`` with blob references as they are (None if unreadable:

@@ -1,7 +1,10 @@
 """Committing one checkpoint: file, index, retention, in that order, under the lock.
 
-Design §4 at the level of the directory: the checkpoint file is committed, then the
-index, and only then are evicted files deleted. A failure at any step puts the
+The commit protocol (see the docs page 'Commit protocol') at the level of the
+directory: the checkpoint file is committed, then the index, and only then are
+evicted files deleted. Every writer goes through the retention step here
+(:func:`index_kept` then :func:`finish`): a local save, the collective save of a
+process group and ``ckpt prune``. A failure at any step puts the
 directory back as it was. Replacing an existing (epoch, step) takes extra care, since
 the store's commit destroys the old bytes: the old entry leaves the index first (a
 crash now leaves a valid, unindexed file that the next scan adopts), the old bytes are
@@ -75,8 +78,7 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
         candidates = others + [rec]
         if others and others[-1].key > key:
             candidates.sort(key=lambda r: r.key)
-        kept, evicted = _retain(candidates, retention, {key, *protected})
-        _write_index(store, book, kept, ([rec], [r.name for r in evicted]))
+        kept, evicted = index_kept(store, book, candidates, retention, {key, *protected}, added=[rec])
     except BaseException:
         _undo(store, name, book, records, replacing=replacing, backup=backup, written=written)
         differential.remove(store, new_blobs)
@@ -84,21 +86,46 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
     finally:
         if backup is not None:
             store.delete(backup)
-    history.append(store, rec, retention, protected)  # every save's metrics, evicted ones included
-    _delete(store, evicted)
-    still = {b for r in kept for b, _ in r.blobs}
-    replaced = existing.blobs if existing is not None else ()
-    _delete_blobs(store, {b for r in evicted for b, _ in r.blobs} | {b for b, _ in replaced}, still)
+    finish(store, kept, evicted, new=rec, retention=retention, protected=protected,
+           replaced=existing.blobs if existing is not None else ())
     return rec, kept
 
 
-def _retain(candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
-            protected: Collection[Key]) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
-    """(kept, evicted) of ``candidates`` (sorted); keep-all costs nothing per record."""
+def partition(candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
+              protected: Collection[Key]) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+    """(kept, evicted) of ``candidates`` (sorted, order kept); keep-all costs nothing per record."""
     if not retention.deletes:
         return candidates, []
     kept_keys = policy.select_kept(candidates, retention, protected)
     return ([r for r in candidates if r.key in kept_keys], [r for r in candidates if r.key not in kept_keys])
+
+
+def index_kept(store: Store, book: Book, candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
+               protected: Collection[Key], *,
+               added: Optional[List[CheckpointRecord]] = None) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+    """Commit the index as the ``candidates`` (sorted) that ``retention`` keeps, the
+    ``protected`` keys always; return (kept, evicted). Nothing is deleted yet (:func:`finish`).
+
+    ``added``: the records new since the records ``book`` holds, so the change can be one
+    journal line; None rewrites the whole index (the caller changed it behind the book).
+    """
+    kept, evicted = partition(candidates, retention, protected)
+    change: Optional[Change] = None if added is None else (added, [r.name for r in evicted])
+    _write_index(store, book, kept, change)
+    return kept, evicted
+
+
+def finish(store: Store, kept: List[CheckpointRecord], evicted: List[CheckpointRecord], *,
+           new: Optional[CheckpointRecord], retention: policy.RetentionPolicy, protected: Collection[Key],
+           replaced: Collection[Tuple[str, str]] = ()) -> None:
+    """After the index commit: the history line of the ``new`` save (evicted or not), then
+    the evicted files, then the blobs no kept record references (the evicted ones' and
+    the ``replaced`` checkpoint's)."""
+    if new is not None:
+        history.append(store, new, retention, protected)
+    _delete(store, evicted)
+    still = {b for r in kept for b, _ in r.blobs}
+    _delete_blobs(store, {b for r in evicted for b, _ in r.blobs} | {b for b, _ in replaced}, still)
 
 
 def _undo(store: Store, name: str, book: Book, before: List[CheckpointRecord], *, replacing: bool,
@@ -125,7 +152,7 @@ def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Opt
         raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
 
 
-def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Change) -> None:
+def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Optional[Change]) -> None:
     try:
         book.write(records, change)
     except OSError as e:

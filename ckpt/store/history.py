@@ -51,8 +51,7 @@ class Entry:
 
 def encode(rec: CheckpointRecord, retention: policy.RetentionPolicy, protected: Collection[Key]) -> bytes:
     metrics = {k: v if math.isfinite(v) else str(v) for k, v in rec.metrics.items()}
-    keep = {"keep_last": retention.keep_last, "keep_best": retention.keep_best, "monitor": retention.monitor,
-            "mode": retention.mode, "keep_every": retention.keep_every}
+    keep = retention.to_json()
     line = {"epoch": rec.epoch, "step": rec.step, "mid_epoch": rec.mid_epoch, "metrics": metrics,
             "time": rec.time, "retention": keep, "protected": sorted(k for k in set(protected) if k != rec.key)}
     return (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")
@@ -143,9 +142,7 @@ def _policy(value: Any) -> Optional[policy.RetentionPolicy]:
     if not isinstance(value, dict):
         return None
     try:
-        return policy.RetentionPolicy(**{k: value.get(k) for k in ("keep_last", "keep_best", "monitor",
-                                                                     "keep_every")},
-                                      mode=value.get("mode") or "min")
+        return policy.RetentionPolicy.from_json(value)
     except (ConfigError, TypeError):
         return None
 
