@@ -75,7 +75,42 @@ def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bo
     torch.save(model.net.state_dict(), out)
 
 
-RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning}
+# -- Hugging Face Trainer ------------------------------------------------------------------------
+
+HF_STEPS, HF_SAVE_EVERY = 12, 3
+
+
+def hf(directory: str, out: str, resume: bool, slow: bool) -> None:
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from ckpt.integrations.transformers import CheckpointCallback, last_checkpoint
+
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(0)
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=8, num_labels=2)
+    model = BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32, (32, 6), generator=g)
+    ds = [{"input_ids": ids[i], "labels": int(ids[i].sum()) % 2} for i in range(len(ids))]
+
+    class Slow(Trainer):
+        def _save_rng_state(self, output_dir: str) -> None:  # a save the test kills half-way
+            if slow and self.state.global_step == 2 * HF_SAVE_EVERY:
+                time.sleep(30)
+            super()._save_rng_state(output_dir)
+
+    args = TrainingArguments(output_dir=directory, max_steps=HF_STEPS, save_steps=HF_SAVE_EVERY,
+                             save_strategy="steps", save_total_limit=1, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True,
+                             logging_strategy="no", seed=0, dataloader_num_workers=0)
+    trainer = Slow(model=model, args=args, train_dataset=ds, callbacks=[CheckpointCallback()])
+    trainer.train(resume_from_checkpoint=last_checkpoint(directory) if resume else None)
+    torch.save(model.state_dict(), out)
+
+
+RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf}
 
 
 def main(argv: List[str]) -> None:
