@@ -20,8 +20,11 @@ LAYERS = {
     "schema": 2, "record": 2,
     "state": 3, "spec": 3, "sampler": 3, "preemption": 3,
     "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5, "options": 5, "resume": 5,
-    "manager": 6, "cli": 7, "__main__": 7, "__init__": 7,
+    "manager": 6, "cli": 7, "integrations": 7, "__main__": 7, "__init__": 7,
 }
+
+#: The format layer: the only modules that call ``torch.save`` / ``torch.load``.
+FORMAT = {"store/torchfile.py", "store/torchio.py"}
 
 
 def top(module: str) -> str:
@@ -78,3 +81,17 @@ print(loaded)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_format_layer_calls_torch_save_and_load() -> None:
+    callers: Dict[str, Set[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("save", "load")
+                    and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+                callers.setdefault(path.relative_to(ROOT).as_posix(), set()).add(f"torch.{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+                named = {a.name for a in node.names} & {"save", "load"}
+                if named:
+                    callers.setdefault(path.relative_to(ROOT).as_posix(), set()).update(named)
+    assert set(callers) <= FORMAT, {k: v for k, v in callers.items() if k not in FORMAT}

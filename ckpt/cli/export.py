@@ -12,7 +12,7 @@ import torch
 from .. import schema
 from ..errors import ConfigError
 from ..spec import module_names, pick_module
-from ..store import LocalStore, differential, torchfile
+from ..store import LocalStore, differential, torchfile, torchio
 from ..store.local import write_file
 from . import common, table
 from .common import UsageError
@@ -88,7 +88,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(str(e).splitlines()[0], path=out, hint="export it as .safetensors, or pick "
                                                                     "another --object") from e
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_file(out, lambda f: torch.save(weights, f))
+        write_file(out, lambda f: torchio.save(weights, f))
     count = sum(1 for v in weights.values() if isinstance(v, torch.Tensor))
     total = sum(common.nbytes(v) for v in weights.values() if isinstance(v, torch.Tensor))
     print(f"wrote {out}: {count} tensors, {table.size(total)}")

@@ -80,6 +80,7 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from ..store import torchio
 from ..store.local import read_regular
 from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
 from .collective import Group, agree, broadcast_object, sync
@@ -118,7 +119,7 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
             with open(tmp_dir / META, "wb") as f:
-                torch.save(dict(meta), f)
+                torchio.save(dict(meta), f)
                 os.fsync(f.fileno())
         return {"kinds": kinds, "state": state}
 
@@ -215,7 +216,7 @@ def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Pa
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(out, f)
+            torchio.save(out, f)
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
@@ -300,7 +301,7 @@ def _numbered(optim: Mapping[str, Any]) -> dict[str, Any]:
 
 def _torch_load(path: Path) -> dict[str, Any]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torchio.load(path)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"refusing to unpickle: {e}", path=path) from e
     except (OSError, RuntimeError, EOFError) as e:
@@ -354,7 +355,7 @@ class _SafeBytes:
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         try:
-            torch.load(value, weights_only=True)
+            torchio.load(value)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(f"refusing to unpickle entry {read_item.dest_index.fqn!r}: {e}") from e
         value.seek(0)

@@ -17,14 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-import torch
 from torch import nn
 
 from .. import schema, spec, state
 from .._version import __version__
 from ..errors import ArchitectureError, CkptError, PathLike
 from ..spec import pick_module
-from ..store import LocalStore, index, torchfile
+from ..store import LocalStore, index, torchfile, torchio
 from ..store.local import write_file
 from . import build
 
@@ -43,7 +42,7 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     specs = spec.model_spec({"model": {"architecture": spec.capture(module)}}, default="model")
     checkpoint = schema.build({"model": module.state_dict()}, epoch=0, step=0, mid_epoch=True,
                               metrics={}, rng={}, extra={}, library_version=__version__, spec=specs)
-    return write_file(path, lambda f: torch.save(checkpoint.obj, f))
+    return write_file(path, lambda f: torchio.save(checkpoint.obj, f))
 
 
 def load_model(path: PathLike, trusted: Iterable[str] = (), *, trust_all: bool = False,

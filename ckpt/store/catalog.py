@@ -17,7 +17,7 @@ from .. import policy, record, schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
 from ..record import CheckpointRecord
 from . import commit as _commit
-from . import differential, index, sharddir, torchfile
+from . import differential, index, sharddir, torchfile, torchio
 from .base import Store
 from .book import Book
 from .checksum import file_checksum
@@ -190,15 +190,14 @@ class Catalog:
         return obj, head
 
     def extra_loader(self, name: str) -> record.ExtraLoader:
-        """Reads the ``extra`` dict of ``name`` (unmapped, so the file is not pinned)."""
+        """Reads the ``extra`` dict of ``name``: its pickle only, not the tensors (:func:`torchio.read_extra`)."""
         def load() -> Dict[str, Any]:
             if schema.is_sharded(name):
                 obj: Any = sharddir.load_meta(self.store, name)
-            else:
-                with self.store.local_path(name) as local:
-                    obj = torchfile.load(local, mmap=False)
-            extra = obj.get("extra", {}) if isinstance(obj, dict) else {}
-            return dict(extra) if isinstance(extra, dict) else {}
+                extra = obj.get("extra", {}) if isinstance(obj, dict) else {}
+                return dict(extra) if isinstance(extra, dict) else {}
+            with self.store.local_path(name) as local:
+                return torchio.read_extra(local, shown=self.store.where(name))
         return load
 
     # -- changing --------------------------------------------------------------------

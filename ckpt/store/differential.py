@@ -37,7 +37,7 @@ import torch
 
 from .. import schema
 from ..errors import CorruptCheckpointError
-from . import torchfile
+from . import torchfile, torchio
 from .base import Store
 
 MARKER = "ckpt_blob"
@@ -189,7 +189,7 @@ def _same_bytes(store: Store, name: str, data: torch.Tensor) -> bool:
     """Exactly the bytes of blob ``name`` (mapped from disk, not hashed)."""
     try:
         with store.local_path(name) as local:
-            old = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+            old = torchio.load(local, mmap=True)
     except (OSError, RuntimeError, ValueError, EOFError):
         return False  # gone or unreadable: write the tensor again
     if not isinstance(old, torch.Tensor) or old.dtype != data.dtype or old.shape != data.shape:
