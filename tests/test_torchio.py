@@ -48,7 +48,7 @@ def test_extra_is_read_without_the_tensors(run_dir: Path) -> None:
 
 
 def test_extra_never_loads_the_file(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _saved(run_dir, {"lr": 0.5})
+    _saved(run_dir, {"lr": 0.5})
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("record.extra loaded the whole file")
