@@ -74,7 +74,7 @@ def exit_status(e: BaseException) -> int:
     """2 for a user mistake (a bad argument, nothing there), 1 for a failed check."""
     if isinstance(e, (UsageError, ConfigError, CheckpointNotFoundError)):
         return 2
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return 2
     return 1
 

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..spec import module_names, pick_module
 from ..store import LocalStore, differential, torchfile, torchio
 from ..store.local import write_file
+from ..store.namespace import refuse_run_file
 from . import common, table
 from .common import UsageError
 
@@ -77,6 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if suffix not in (".safetensors", ".pt", ".pth"):
         raise UsageError(f"unknown output format {out.suffix or '(no suffix)'!r}", path=out,
                          hint="name the output OUT.safetensors (weights) or OUT.pt (a plain state dict)")
+    refuse_run_file(out, "the export")
     weights = weights_of(source, args.object)
     if suffix == ".safetensors":
         from ..interop.safetensors import save_safetensors

@@ -13,6 +13,7 @@ from ..errors import ConfigError, PathLike
 from ..spec import module_names, pick_module
 from ..store import torchfile
 from ..store.local import write_file
+from ..store.namespace import refuse_run_file
 from .foreign import ALIASES, is_state_dict
 
 
@@ -31,6 +32,7 @@ def save_safetensors(source: Union[nn.Module, Mapping[str, Any], PathLike], path
         raise ConfigError("saving safetensors needs the safetensors package",
                           hint='pip install "ckpt[safetensors]"') from e
     path = Path(path)
+    refuse_run_file(path, "a safetensors file")
     tensors = _tensors(_weights(source), str(path))
     data = st_save(tensors, metadata=dict(metadata) if metadata else None)
     path.parent.mkdir(parents=True, exist_ok=True)

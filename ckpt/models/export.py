@@ -35,6 +35,7 @@ from ..errors import (
     UnsafeCheckpointError,
 )
 from ..store.local import write_file
+from ..store.namespace import refuse_run_file
 from ..store.torchfile import first_line
 
 METHODS = ("export", "torchscript", "trace")
@@ -52,6 +53,7 @@ def export(model: nn.Module, path: PathLike, example_inputs: Any, *, dynamic_bat
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}",
                           hint="use method='export' (default) unless torch.export fails on the model")
     path = Path(path)
+    refuse_run_file(path, "an exported program")
     module = state.unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = module.training

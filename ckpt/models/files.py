@@ -25,6 +25,7 @@ from ..errors import ArchitectureError, CkptError, PathLike
 from ..spec import pick_module
 from ..store import LocalStore, index, torchfile, torchio
 from ..store.local import write_file
+from ..store.namespace import refuse_run_file
 from . import build
 
 
@@ -35,6 +36,7 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     cannot be recorded (the message names the argument and the fix).
     """
     path = Path(path)
+    refuse_run_file(path, "a model file")
     module = state.unwrap(model)
     if not isinstance(module, nn.Module):
         raise ArchitectureError(f"save_model expects a torch.nn.Module, got {type(model).__name__}",
