@@ -282,7 +282,7 @@ class CheckpointManager:
                 self.refresh()
                 for record in reversed(self._records):
                     try:
-                        obj, _ = self._load(record)
+                        obj, _ = self._load(record, direct=True)
                     except (CorruptCheckpointError, FileNotFoundError) as e:
                         if not self._skip(record, e) and attempt < RESUME_PASSES - 1:
                             break  # replaced or deleted by another process: read the directory again
@@ -315,7 +315,7 @@ class CheckpointManager:
             self.refresh()
             record, obj = self._find(which, step)
             if obj is None:
-                obj, _ = self._load(record)
+                obj, _ = self._load(record, direct=True)
             return self._apply(obj, record)
 
     def export_model(self, which: Which, path: PathLike, *, example_inputs: Any, **options: Any) -> Path:
@@ -344,9 +344,12 @@ class CheckpointManager:
         return resume.read_file(path, self.trackables, map_location=self.options.map_location,
                                 weights_only=self.options.weights_only)
 
-    def _load(self, record: CheckpointRecord) -> Tuple[Dict[str, Any], schema.Header]:
+    def _load(self, record: CheckpointRecord, direct: bool = False) -> Tuple[Dict[str, Any], schema.Header]:
+        """``direct``: the modules' tensors are read straight into the tracked modules
+        when the dict is applied (:func:`state.restore` fills them after its checks)."""
         return self._catalog.load(record, map_location=self.options.map_location,
-                                  weights_only=self.options.weights_only, progress=self.options.progress)
+                                  weights_only=self.options.weights_only, progress=self.options.progress,
+                                  targets=state.direct_targets(self.trackables) if direct else None)
 
     def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
         state.restore(self.trackables, obj, strict=self.options.strict, path=str(record.path),

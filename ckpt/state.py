@@ -7,7 +7,7 @@ import random
 import sys
 import warnings
 from contextlib import suppress
-from typing import Any, Collection, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -60,6 +60,29 @@ def _state_of(obj: Any) -> Any:
     if isinstance(obj, torch.Generator):
         return {"generator_state": obj.get_state(), "device": str(obj.device)}
     return unwrap(obj).state_dict()
+
+
+def direct_targets(trackables: Mapping[str, Any]) -> Callable[[Any], List[Tuple[Any, Any, torch.Tensor]]]:
+    """For a loaded checkpoint dict: (state dict, key, live tensor) of every module entry
+    the file's bytes may be read straight into (see ckpt.store.directread); none for a
+    differential checkpoint (its tensors come from other files)."""
+    def targets(obj: Any) -> List[Tuple[Any, Any, torch.Tensor]]:
+        meta = obj.get("ckpt") if isinstance(obj, Mapping) else None
+        if not isinstance(meta, Mapping) or meta.get("blobs"):
+            return []
+        out: List[Tuple[Any, Any, torch.Tensor]] = []
+        for name, target in trackables.items():
+            module, saved = unwrap(target), obj.get(name)
+            if not isinstance(module, torch.nn.Module) or not isinstance(saved, dict):
+                continue
+            own = module.state_dict()
+            stripped = strip_wrapper_prefix(saved, own.keys())
+            for key, mine in zip(list(saved.keys()), list(stripped.keys())):
+                dest = own.get(mine)
+                if isinstance(dest, torch.Tensor):
+                    out.append((saved, key, dest))
+        return out
+    return targets
 
 
 def _load_state(target: Any, saved: Any) -> None:
@@ -143,6 +166,7 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
     for name in others:
         _check_optimizer(name, unwrap(trackables[name]), checkpoint[name], path)
     rng_states = _parse_rng(rng, path) if rng is not None else None
+    owned = getattr(checkpoint, "owned", False)  # fresh tensors, not a file mapping
     done: List[Tuple[Any, Any]] = []
     try:
         for name in others:
@@ -151,12 +175,17 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             try:
                 # optimizers keep the tensors they are given: copy them out of the checkpoint's
                 # file mapping, which would otherwise pin the file (and its disk space once
-                # retention deletes it) for the rest of the run
-                _load_state(target, copy.deepcopy(checkpoint[name]))
+                # retention deletes it) for the rest of the run; fresh tensors are kept as
+                # they are (read where the optimizer keeps them)
+                mapped = not (owned and isinstance(target, torch.optim.Optimizer))
+                _load_state(target, copy.deepcopy(checkpoint[name]) if mapped else checkpoint[name])
             except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
                 raise _load_error(name, target, e, path) from e
             if before is not None:
                 done.append((target, before))
+        fill = getattr(checkpoint, "fill", None)
+        if fill is not None:  # every check passed: the modules' records into their tensors
+            fill()
     except BaseException:
         for target, before in reversed(done):
             with suppress(Exception):

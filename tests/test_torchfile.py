@@ -17,6 +17,7 @@ import torch
 
 import ckpt
 from ckpt import CheckpointManager, CorruptCheckpointError
+from ckpt.store import directread
 from ckpt.store import torchfile as fileio
 
 
@@ -46,6 +47,7 @@ def test_a_failing_process_is_not_a_damaged_file(tmp_path: Path, monkeypatch: py
         raise error
 
     monkeypatch.setattr(torch, "load", failing_load)
+    monkeypatch.setattr(directread, "load", failing_load)  # resume's own reader fails the same way
     mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(4, 2))
     with pytest.raises(type(error)):
         mgr.resume()

@@ -176,11 +176,12 @@ class Catalog:
     # -- loading ---------------------------------------------------------------------
 
     def load(self, rec: CheckpointRecord, *, map_location: Any = "cpu", weights_only: bool = True,
-             progress: Optional[bool] = None) -> Tuple[Dict[str, Any], schema.Header]:
-        """Verify and load one committed checkpoint and validate its header."""
+             progress: Optional[bool] = None, targets: Any = None) -> Tuple[Dict[str, Any], schema.Header]:
+        """Verify and load one committed checkpoint and validate its header (``targets``:
+        see :func:`torchfile.load`)."""
         with self.store.local_path(rec.name) as local:
             obj = torchfile.load(local, map_location=map_location, weights_only=weights_only,
-                                 checksum=rec.checksum, progress=progress)
+                                 checksum=rec.checksum, progress=progress, targets=targets)
         head = schema.header(obj, str(rec.path))
         if head.key != rec.key:
             raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, not "

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..progress import Progress
-from . import torchzip
+from . import directread, torchzip
 from .base import Store, Written
 from .checksum import ChecksumWriter, file_checksum
 from .local import open_regular
@@ -129,14 +129,23 @@ def verify(path: Path, expected: Optional[str], *, progress: Optional[bool] = No
 
 def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = True,
          checksum: Optional[str] = None, progress: Optional[bool] = None, mmap: bool = True,
-         check_records: bool = False) -> Any:
+         check_records: bool = False, targets: Optional[directread.Targets] = None) -> Any:
     """Verify and load one file; damage and unsafe pickles raise typed errors.
 
     ``check_records``: also check every zip record's own CRC-32 (for a file with no
     recorded checksum, so that damage in tensor data is not adopted as good).
+    ``targets``: live tensors to read records straight into (see
+    :mod:`~ckpt.store.directread`): the result is then a :class:`directread.Loaded`
+    whose ``fill()`` must be called once every check passed, before it is applied.
     """
     path = Path(path)
     with opened(path) as real:
+        if targets is not None and weights_only and checksum is not None:
+            with open(real, "rb", buffering=0) as f:
+                loaded = directread.load(f.fileno(), path, checksum=checksum, map_location=map_location,
+                                         targets=targets)
+            if loaded is not None:
+                return loaded
         return load_open(real, path, map_location=map_location, weights_only=weights_only, checksum=checksum,
                          progress=progress, mmap=mmap, check_records=check_records)
 
