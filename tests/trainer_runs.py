@@ -110,7 +110,41 @@ def hf(directory: str, out: str, resume: bool, slow: bool) -> None:
     torch.save(model.state_dict(), out)
 
 
-RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf}
+# -- pytorch-ignite ------------------------------------------------------------------------------
+
+def ignite(directory: str, out: str, resume: bool, slow: bool) -> None:
+    from ignite.engine import Engine, Events
+    from ignite.handlers import Checkpoint, global_step_from_engine
+
+    from ckpt.integrations.ignite import CkptSaver, RNGState, last_checkpoint, load
+
+    torch.manual_seed(0)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = torch.utils.data.DataLoader(data(), batch_size=8, shuffle=True)
+
+    def step(engine: Engine, batch: Any) -> float:
+        x, y = batch
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    to_save = {"model": model, "optimizer": opt, "trainer": trainer, "rng": RNGState()}
+    handler = Checkpoint(to_save, CkptSaver(directory), n_saved=2,
+                         global_step_transform=global_step_from_engine(trainer))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, handler)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda: pause(slow))
+    path = last_checkpoint(directory) if resume else None
+    if path:
+        Checkpoint.load_objects(to_load=to_save, checkpoint=load(path))
+    trainer.run(loader, max_epochs=EPOCHS)
+    torch.save(model.state_dict(), out)
+
+
+RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite}
 
 
 def main(argv: List[str]) -> None:
