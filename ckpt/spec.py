@@ -6,13 +6,8 @@ weights: ``{"version": 1, "module": "pkg.mod", "qualname": "Net", "args": [...],
 reads (numbers, strings, lists, tuples, dicts, tensors, dtypes); classes, enums and
 functions are stored by import path, never pickled, and nothing is ever ``eval``-ed.
 
-An argument that is not plain data is a dict tagged by ``"kind"`` (written by
-:func:`encode`, read by :mod:`ckpt.models.build`, which decodes exactly these):
-``module`` (``spec``: a nested spec); ``enum`` (``module``, ``qualname``, ``name``);
-``global`` (``module``, ``qualname``: a class or function); ``namedtuple``
-(``module``, ``qualname``, ``items``); ``dataclass`` (``module``, ``qualname``,
-``fields``); ``partial`` (``func``, ``args``, ``kwargs``); ``dict``/``odict``
-(``items``: [key, value] pairs); ``set``/``frozenset`` (``items``).
+An argument that is not plain data is a dict tagged by ``"kind"``: the vocabulary,
+and the walks over it, are :mod:`ckpt.specvalues`.
 
 How the arguments are known, without a hand-written config:
 
@@ -38,21 +33,21 @@ import collections
 import dataclasses
 import enum
 import functools
-import importlib
 import inspect
-import sys
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
 
+from . import specvalues as sv
 from .errors import ArchitectureError, ConfigError
 from .schema import Header
+from .specvalues import NATIVE, global_ref, qualified_name, ref
+from .specvalues import describe as describe  # re-exported: ckpt.spec.describe
 from .state import unwrap
 
 SPEC_VERSION = 1
 RECORD_ATTR = "_ckpt_init_args"
-NATIVE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 _SKIPPED_PARAMS = frozenset({"device", "dtype"})
 _FIX = ("decorate the class with @ckpt.rebuildable so its constructor arguments are recorded, "
         "or use ckpt.export(model, path, example_inputs=...), which needs no class at all")
@@ -152,90 +147,35 @@ def encode(value: Any, where: str) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, nn.Module):
-        return {"kind": "module", "spec": capture(value, where)}
+        return {"kind": sv.MODULE, "spec": capture(value, where)}
     if isinstance(value, enum.Enum):
-        return {"kind": "enum", **_ref(type(value), where), "name": value.name}
+        return {"kind": sv.ENUM, **ref(type(value), where), "name": value.name}
     if kind is list:
         return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if kind is tuple:
         return tuple(encode(v, f"{where}[{i}]") for i, v in enumerate(value))
     if kind in (dict, collections.OrderedDict):
         items = [[encode(k, f"{where} key {k!r}"), encode(v, f"{where}[{k!r}]")] for k, v in value.items()]
-        return {"kind": "odict" if kind is collections.OrderedDict else "dict", "items": items}
+        return {"kind": sv.ODICT if kind is collections.OrderedDict else sv.DICT, "items": items}
     if kind in (set, frozenset):
-        return {"kind": kind.__name__, "items": [encode(v, f"{where} item") for v in value]}
+        return {"kind": sv.SET if kind is set else sv.FROZENSET, "items": [encode(v, f"{where} item") for v in value]}
     if isinstance(value, tuple) and hasattr(kind, "_fields"):
-        return {"kind": "namedtuple", **_ref(kind, where),
+        return {"kind": sv.NAMEDTUPLE, **ref(kind, where),
                 "items": [encode(v, f"{where}.{f}") for f, v in zip(kind._fields, value)]}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: encode(getattr(value, f.name), f"{where}.{f.name}")
                   for f in dataclasses.fields(value) if f.init}
-        return {"kind": "dataclass", **_ref(kind, where), "fields": fields}
+        return {"kind": sv.DATACLASS, **ref(kind, where), "fields": fields}
     if isinstance(value, functools.partial):
-        return {"kind": "partial", "func": encode(value.func, f"{where}.func"),
+        return {"kind": sv.PARTIAL, "func": encode(value.func, f"{where}.func"),
                 "args": [encode(v, f"{where}.args[{i}]") for i, v in enumerate(value.args)],
                 "kwargs": {k: encode(v, f"{where}.{k}") for k, v in value.keywords.items()}}
     if isinstance(value, type) or inspect.isfunction(value) or inspect.isbuiltin(value):
-        return {"kind": "global", **_ref(value, where)}
+        return {"kind": sv.GLOBAL, **ref(value, where)}
     raise ArchitectureError(
         f"argument {where} is a {qualified_name(kind)}, which a spec cannot record",
         hint="pass plain values (numbers, strings, tuples, lists, dicts, enums, dataclasses), "
              "tensors, modules, or classes and functions importable by name; or use ckpt.export")
-
-
-def _ref(obj: Any, where: str) -> Dict[str, str]:
-    module, qualname = global_ref(obj, where)
-    return {"module": module, "qualname": qualname}
-
-
-def global_ref(obj: Any, where: str) -> Tuple[str, str]:
-    """(module, qualname) under which ``obj`` can be imported again."""
-    qualname = str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", ""))
-    module = str(getattr(obj, "__module__", None) or "")
-    if "<locals>" in qualname or "<lambda>" in qualname or not module:
-        raise ArchitectureError(
-            f"argument {where} is {obj!r}, defined inside a function or a lambda: it has no "
-            "import path to record", hint="define it at module level (top of a .py file)")
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        return (spec.name if spec is not None else "__main__"), qualname
-    for candidate, name in _candidates(obj, module, qualname):
-        if _lookup(candidate, name) is obj:
-            return candidate, name
-    raise ArchitectureError(
-        f"argument {where} is {obj!r}, which is not importable as {module}.{qualname}",
-        hint="pass classes and functions defined at module level under their own name")
-
-
-def _candidates(obj: Any, module: str, qualname: str) -> Iterator[Tuple[str, str]]:
-    """Where to look for an object; torch defines many functions in private modules
-    (``F.logsigmoid`` is ``torch._C._nn.log_sigmoid``), so its public names come first."""
-    if module.split(".")[0] == "torch" and not isinstance(obj, type):
-        name = getattr(obj, "__name__", qualname)
-        yield from ((m, name) for m in _TORCH_PUBLIC)
-        for m in _TORCH_PUBLIC:
-            yield from ((m, n) for n, v in getattr(sys.modules.get(m), "__dict__", {}).items()
-                        if v is obj and not n.startswith("_"))
-    yield module, qualname
-
-
-_TORCH_PUBLIC = ("torch.nn.functional", "torch.nn.init", "torch")
-
-
-def _lookup(module: str, qualname: str) -> Any:
-    found: Any = sys.modules.get(module)
-    if found is None:
-        try:
-            found = importlib.import_module(module)
-        except ImportError:
-            return None
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    return found
-
-
-def qualified_name(cls: Any) -> str:
-    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
 
 
 # -- inference for torch.nn's own classes ------------------------------------------------
@@ -338,33 +278,6 @@ def _is_plain(value: Any) -> bool:
     if type(value) in (tuple, list):
         return all(_is_plain(v) for v in value)
     return False
-
-
-def describe(spec: Dict[str, Any], limit: int = 300) -> str:
-    """``pkg.mod:Net(4, hidden=8)``: a spec as a call, for error messages."""
-    parts = [_show(a) for a in spec.get("args", [])]
-    parts += [f"{k}={_show(v)}" for k, v in spec.get("kwargs", {}).items()]
-    text = f"{spec.get('module')}:{spec.get('qualname')}({', '.join(parts)})"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        kind = value.get("kind")
-        if kind == "module":
-            return describe(value["spec"], limit=10_000)
-        if kind in ("dict", "odict"):
-            return "{" + ", ".join(f"{_show(k)}: {_show(v)}" for k, v in value["items"]) + "}"
-        if kind == "enum":
-            return f"{value['qualname']}.{value['name']}"
-        if kind in ("global", "dataclass", "namedtuple", "partial"):
-            return f"<{kind} {value.get('module', '')}:{value.get('qualname', '')}>"
-        return f"<{kind}>"
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)}"
-    return repr(value)
 
 
 # -- the specs a manager records in every checkpoint ----------------------------------------

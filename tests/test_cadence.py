@@ -1,4 +1,4 @@
-"""Cadence (design §14): when a step checkpoint is due. A fake clock, never a real one."""
+"""Cadence (see the docs page 'When to save'): when a step checkpoint is due. A fake clock, never a real one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Differential checkpoints (design §14): unchanged tensors are stored once and referenced."""
+"""Differential checkpoints (see the docs page 'Differential checkpoints'): unchanged
+tensors are stored once and referenced."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Injected faults at every step of the commit protocol (design §4).
+"""Injected faults at every step of the commit protocol (see the docs page 'Commit protocol').
 
 Each step of a save (the checkpoint's writes, its fsync, its rename, the directory
 fsync, the same four for the index, and the deletion of an evicted checkpoint) is made
 to fail in turn. After each fault the caller gets a clear error, nothing partial or
 temporary is visible, earlier checkpoints and the index are byte-identical, and the next
-save works. A last test records the order of the calls and checks it against §4.
+save works. A last test records the order of the calls and checks it against the commit protocol.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def fault_for(events: List[Event], position: int) -> Tuple[str, int, BaseExcepti
 
 def check_fault(directory: Path, mgr: CheckpointManager, injector: Injector,
                 fault: Tuple[str, int, BaseException], event: Event) -> None:
-    """Inject one fault into the save of epoch 3 and check every promise of §4."""
+    """Inject one fault into the save of epoch 3 and check every promise of the commit protocol."""
     before = snapshot(directory)
     injector.arm(fault)
     with pytest.raises(BaseException) as info:
@@ -256,7 +256,7 @@ def test_a_failed_overwrite_puts_the_old_checkpoint_back(tmp_path: Path, monkeyp
                                                          rename: int) -> None:
     """overwrite=True: the old entry leaves the index, the old file is linked aside, the new
     one replaces it, then the index. A failure at any rename restores the old bytes and
-    the old index, so a failed save changes nothing (design §4)."""
+    the old index, so a failed save changes nothing (see the docs page 'Commit protocol')."""
     directory = tmp_path / "run"
     mgr = populated(directory)
     before = snapshot(directory)
@@ -282,7 +282,7 @@ def test_an_overwrite_commits_the_new_bytes(tmp_path: Path) -> None:
 
 
 def test_commit_order_follows_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """§4: file fsync -> rename -> dir fsync, then the index the same way, then the
+    """The commit protocol: file fsync -> rename -> dir fsync, then the index the same way, then the
     history's append (not fsynced: a cache of metrics), then deletions."""
     collapsed = []
     for event in dry_run(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Retention policy (design §5): table-driven rules and hypothesis properties."""
+"""Retention policy (see the docs page 'Retention'): table-driven rules and hypothesis properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Command line: ``ckpt`` / ``python -m ckpt`` (design §13).
+"""Command line: ``ckpt`` / ``python -m ckpt`` (see the docs page 'Command line').
 
     ckpt ls DIR            the checkpoints of a run, and why each is kept
     ckpt show FILE         one checkpoint: header, objects, extra (--tensors: every tensor)

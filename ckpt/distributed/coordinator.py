@@ -1,4 +1,5 @@
-"""The manager's collective operations under ``torch.distributed`` (design §11).
+"""The manager's collective operations under ``torch.distributed``
+(see the docs page 'Distributed training').
 
 With a default process group, :class:`~ckpt.CheckpointManager` hands ``save``,
 ``resume``, ``restore``, ``wait`` and ``close`` to a :class:`Coordinator`. Every rank

@@ -26,14 +26,16 @@ import functools
 import importlib
 import inspect
 import types
-from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .. import specvalues as sv
 from .. import state
 from ..errors import ArchitectureError, ConfigError, FormatVersionError, StateMismatchError, UntrustedModuleError
-from ..spec import SPEC_VERSION, describe
+from ..spec import SPEC_VERSION
+from ..specvalues import describe, refs
 
 DEFAULT_TRUSTED = ("torch.nn",)  # importable, and their classes usable, by default
 _DEFAULT_EXACT = ("torch",)  # importable by default; only _SAFE_FUNCTIONS from it are usable
@@ -199,32 +201,6 @@ def _refused(obj: Any, recorded: str, source: str, where: str) -> UntrustedModul
         + "(or trust_all=True to trust every module the file names)")
 
 
-def refs(spec: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
-    """Every (module, qualname) a spec names, nested ones included, in the order built.
-
-    ``Resolver.resolve`` checks trust again at each import, so a malformed spec that
-    hides a name from this walk still imports nothing untrusted.
-    """
-    yield spec["module"], spec["qualname"]
-    stack = list(spec.get("args", [])) + list(spec.get("kwargs", {}).values())
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-            continue
-        kind = item.get("kind") if isinstance(item, dict) else None
-        if kind == "module":
-            yield from refs(item["spec"])
-        elif kind in ("enum", "global", "namedtuple", "dataclass"):
-            yield item["module"], item["qualname"]
-            stack.extend(item.get("items", []))  # namedtuple fields
-            stack.extend(item.get("fields", {}).values())  # dataclass fields
-        elif kind == "partial":
-            stack += [item["func"], *item["args"], *item["kwargs"].values()]
-        elif kind in ("dict", "odict", "set", "frozenset"):
-            stack.extend(item["items"])
-
-
 def build(spec: Mapping[str, Any], resolver: Resolver, where: str = "model",
           weights: Optional[Mapping[str, Any]] = None, strict: bool = True) -> nn.Module:
     """Construct the module a spec describes (weights are loaded by the caller).
@@ -307,28 +283,28 @@ def _decode(value: Any, r: Resolver, where: str) -> Any:
     if not isinstance(value, dict):
         return value
     kind = value.get("kind")
-    if kind in ("dict", "odict"):
+    if kind in sv.MAPPINGS:
         items = [(_decode(k, r, where), _decode(v, r, where)) for k, v in value["items"]]
-        return collections.OrderedDict(items) if kind == "odict" else dict(items)
-    if kind in ("set", "frozenset"):
-        return (set if kind == "set" else frozenset)(_decode(v, r, where) for v in value["items"])
-    if kind == "module":
+        return collections.OrderedDict(items) if kind == sv.ODICT else dict(items)
+    if kind in sv.SETS:
+        return (set if kind == sv.SET else frozenset)(_decode(v, r, where) for v in value["items"])
+    if kind == sv.MODULE:
         return _module(value["spec"], r, where)
-    if kind == "enum":
+    if kind == sv.ENUM:
         return r.resolve(value["module"], value["qualname"], where, enum.Enum)[value["name"]]
-    if kind == "namedtuple":
+    if kind == sv.NAMEDTUPLE:
         cls = r.resolve(value["module"], value["qualname"], where, tuple)
         return cls(*(_decode(v, r, where) for v in value["items"]))
-    if kind == "dataclass":
+    if kind == sv.DATACLASS:
         cls = r.resolve(value["module"], value["qualname"], where, object)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise ArchitectureError(f"{where}: {value['module']}:{value['qualname']} is not a dataclass")
         return cls(**{k: _decode(v, r, where) for k, v in value["fields"].items()})
-    if kind == "partial":
+    if kind == sv.PARTIAL:
         return functools.partial(_decode(value["func"], r, where),
                                  *[_decode(v, r, where) for v in value["args"]],
                                  **{k: _decode(v, r, where) for k, v in value["kwargs"].items()})
-    if kind == "global":
+    if kind == sv.GLOBAL:
         return r.resolve(value["module"], value["qualname"], where)
     raise ArchitectureError(f"{where}: unknown value kind {kind!r} in the model spec",
                             hint="the file was written by a newer ckpt: upgrade ckpt")
