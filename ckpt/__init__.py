@@ -29,6 +29,7 @@ from .errors import (
     CorruptCheckpointError,
     ExportError,
     FormatVersionError,
+    RankLostError,
     StateMismatchError,
     StorageError,
     UnsafeCheckpointError,
@@ -53,7 +54,7 @@ __all__ = [
     "StateMismatchError", "StorageError", "__version__",
     "save_model", "load_model", "rebuildable", "export", "load_exported", "save_safetensors",
     "ArchitectureError", "ExportError", "UntrustedModuleError",
-    "ResumableSampler", "Preempted", "CollectiveError", "CollectiveTimeoutError", "export_sharded",
+    "ResumableSampler", "Preempted", "CollectiveError", "CollectiveTimeoutError", "RankLostError", "export_sharded",
 ]
 
 

@@ -85,6 +85,11 @@ class CollectiveError(CkptError, RuntimeError):
     """Another rank failed its part of a collective operation, or called a different one."""
 
 
+class RankLostError(CollectiveError):
+    """A rank stopped answering during a collective (its process died, or its machine is
+    gone): every surviving rank raises this at once, naming it, instead of waiting for it."""
+
+
 def storage_error(e: OSError, path: Any, action: str) -> StorageError:
     """Wrap an OSError raised while committing, keeping its errno and a useful hint."""
     if e.errno == errno.ENOSPC:

@@ -89,7 +89,9 @@ class CheckpointManager:
     collective_timeout
         With a process group of 2+ ranks (see :mod:`ckpt.distributed.coordinator`):
         seconds a rank waits for the others at ``save``/``resume``/``restore``/``wait``/
-        ``close`` before every rank raises :class:`CollectiveTimeoutError` (default 600).
+        ``close`` before every rank raises :class:`CollectiveTimeoutError`; by default
+        the process group's own timeout (``init_process_group(timeout=...)``) plus 5 s.
+        A rank whose process dies is noticed sooner (:class:`ckpt.RankLostError`).
 
     The methods may be called from several threads; they run one at a time.
     """
@@ -103,7 +105,7 @@ class CheckpointManager:
                  async_save: bool = False, every_steps: Optional[int] = None,
                  every_seconds: Optional[float] = None, max_overhead: Optional[float] = None,
                  differential: bool = False, storage_options: Optional[Mapping[str, Any]] = None,
-                 cache_dir: Optional[PathLike] = None, collective_timeout: float = 600.0,
+                 cache_dir: Optional[PathLike] = None, collective_timeout: Optional[float] = None,
                  **trackables: Any) -> None:
         self.policy = policy.RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                              monitor=monitor, mode=mode, keep_every=keep_every)
@@ -436,6 +438,9 @@ class CheckpointManager:
                     self._drain()
                     if self._dist is not None:
                         self._dist.close()
+                    release = getattr(self._catalog.store, "release", None)
+                    if release is not None:  # a remote run directory: the next writer may take it now
+                        release()
                 finally:
                     self._closed = True
                     if self._writer is not None:
@@ -457,7 +462,7 @@ class CheckpointManager:
         when a sharded checkpoint is committed here, which loads through DCP."""
         if self._dist is None and any(schema.is_sharded(r.name) for r in self._records):
             from .distributed import collective, coordinator
-            return coordinator.Coordinator(collective.Group(), self.options.collective_timeout)
+            return coordinator.Coordinator(collective.Group(), self.options.collective_timeout or 600.0)
         return self._dist
 
     def __repr__(self) -> str:

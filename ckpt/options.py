@@ -34,17 +34,18 @@ class Options:
     progress: Optional[bool] = None
     async_save: bool = False
     differential: bool = False
-    collective_timeout: float = 600.0
+    collective_timeout: Optional[float] = None  # None: the process group's own timeout + a margin
 
     @classmethod
     def check(cls, *, map_location: Any, weights_only: Any, strict: Any, progress: Any,
-              async_save: Any, differential: Any = False, collective_timeout: Any = 600.0) -> Options:
+              async_save: Any, differential: Any = False, collective_timeout: Any = None) -> Options:
         if progress is not None:
             flag("progress", progress)
         return cls(map_location=check_map_location(map_location), weights_only=flag("weights_only", weights_only),
                    strict=flag("strict", strict), progress=progress, async_save=flag("async_save", async_save),
                    differential=flag("differential", differential),
-                   collective_timeout=seconds("collective_timeout", collective_timeout))
+                   collective_timeout=None if collective_timeout is None
+                   else seconds("collective_timeout", collective_timeout))
 
 
 def seconds(name: str, value: Any) -> float:

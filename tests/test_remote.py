@@ -313,10 +313,10 @@ def test_tiered_upload_error_is_raised_like_an_async_error(server: MotoServer, b
     mgr.wait()
     server.pause()
     try:
-        with pytest.warns(UserWarning, match="local tier only"):
+        with pytest.warns(UserWarning, match="local tier only"):  # warned when the upload fails
             mgr.save(epoch=1, step=1)  # commits locally, returns; the upload fails in the background
-        with pytest.raises(StorageError, match="background upload of ckpt-e000001"):
-            mgr.wait()
+            with pytest.raises(StorageError, match="background upload of ckpt-e000001"):
+                mgr.wait()
     finally:
         server.resume()
     assert (tmp_path / "c" / "ckpt-e000001-s000000001.pt").is_file()  # the local commit stands

@@ -27,8 +27,11 @@ collective timed out that group may be out of step: stop the run, as torchrun wo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import pickle
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
-from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError
+from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError, RankLostError
 
 if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store
@@ -46,17 +49,55 @@ if TYPE_CHECKING:
 ORDER_HINT = ("every rank must call save()/resume()/restore()/wait()/close() in the same order; a rank "
               "that crashed, or is stuck elsewhere (data loading, a collective of its own), shows up here")
 RngState = dict[str, Any]
-__all__ = ["CollectiveError", "CollectiveTimeoutError", "Group", "agree", "broadcast_object", "context",
-           "gather_rng", "has_dtensor", "rng_for_rank", "scatter_rng", "sync"]
+__all__ = ["CollectiveError", "CollectiveTimeoutError", "Group", "RankLostError", "agree", "broadcast_object",
+           "context", "default_timeout", "gather_rng", "has_dtensor", "rng_for_rank", "scatter_rng", "sync"]
+#: Seconds between a rank's heartbeats, and without one after which a missing rank counts as lost.
+HEARTBEAT_S = 1.0
+LOST_AFTER_S = 15.0
+#: Seconds a collective waits beyond the process group's own timeout, by default.
+MARGIN_S = 5.0
+_SLICE_S = 5.0  # a waiting rank looks for lost ranks this often
 
 
 class _Channel:
-    """The mutable half of a :class:`Group`: the store, the call counter, keys to delete."""
+    """The mutable half of a :class:`Group`: the store, the call counter, keys to delete,
+    and this rank's heartbeat (a counter in the store that a thread bumps every second,
+    so that a rank waiting for another can tell "slow" from "gone")."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, rank: int) -> None:
         self.store = store
         self.calls: Iterator[int] = itertools.count()
         self.garbage: list[str] = []  # this rank's keys of the previous call
+        self.seen: dict[int, tuple[int, float]] = {}  # rank -> (its last heartbeat, when it changed)
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(f"hb/{rank}",), name="ckpt-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self, key: str) -> None:
+        while True:
+            try:
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone: the others will see it as lost
+                return
+            if self._stop.wait(HEARTBEAT_S):
+                return
+
+    def lost(self, ranks: Sequence[int]) -> list[int]:
+        """Those of ``ranks`` whose heartbeat has not moved for :data:`LOST_AFTER_S` seconds."""
+        now, gone = time.monotonic(), []
+        for r in ranks:
+            beat = self.store.add(f"hb/{r}", 0)
+            last = self.seen.get(r)
+            if last is None or last[0] != beat:
+                self.seen[r] = (beat, now)
+            elif now - last[1] > LOST_AFTER_S:
+                gone.append(r)
+        return gone
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(timeout=10)
 
 
 @dataclass(frozen=True)
@@ -81,6 +122,27 @@ class Group:
     def is_leader(self) -> bool:
         """Rank 0: the rank that commits, indexes and applies retention."""
         return self.rank == 0
+
+    def close(self) -> None:
+        """Stop the heartbeat and destroy the gloo group (local: no rank waits for another)."""
+        if self._channel is not None:
+            self._channel.close()
+        if self.control is not None and dist.is_initialized():
+            with contextlib.suppress(Exception):  # already destroyed with the default group
+                dist.destroy_process_group(self.control)
+
+
+def default_timeout() -> float:
+    """The default process group's own timeout plus :data:`MARGIN_S`: how long a ckpt
+    collective waits by default (the group's timeout is the store's, which
+    ``init_process_group(timeout=...)`` sets)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 600.0
+    try:
+        own = float(dist.distributed_c10d._get_default_store().timeout.total_seconds())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a store without a timeout: torch's default for gloo
+        own = float(dist.default_pg_timeout.total_seconds())
+    return own + MARGIN_S
 
 
 def context(*, timeout: float = 1800.0) -> Group:
@@ -110,7 +172,7 @@ def context(*, timeout: float = 1800.0) -> Group:
     from torch._C._distributed_c10d import PrefixStore
 
     store = PrefixStore(f"ckpt/{control.group_name}/", dist.distributed_c10d._get_default_store())
-    return Group(rank=rank, world_size=world_size, control=control, _channel=_Channel(store))
+    return Group(rank=rank, world_size=world_size, control=control, _channel=_Channel(store, rank))
 
 
 def _check_timeout(timeout: float) -> None:
@@ -134,20 +196,18 @@ def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
         for key, obj in zip(mine, posts.values()):
             store.set(key, pickle.dumps(obj))  # type: ignore[arg-type]  # takes bytes too
         store.set(arrivals[ctx.rank], what)  # after the payloads: arrival means they are there
-        try:
-            store.wait(arrivals, timedelta(seconds=timeout))
-            outcome = "ok"
-        except dist.DistStoreError:
-            outcome = f"timeout {timeout:g}"
+        outcome = _wait(channel, arrivals, f"{call}/verdict", timeout)
         verdict = store.compare_set(f"{call}/verdict", "", outcome).decode()
         if verdict != "ok":
             channel.garbage += posted
+            arrived = [r for r, key in enumerate(arrivals) if store.check([key])]
+            if verdict.startswith("lost"):
+                raise _lost_error(ctx, what, verdict, arrived)
             if outcome == "ok":  # this rank came late: every key is there, the others gave up
                 theirs = {n.decode() for r, n in enumerate(store.multi_get(arrivals)) if r != ctx.rank}
                 raise CollectiveTimeoutError(
                     f"rank {ctx.rank} reached {what} after the other ranks had given up waiting for it at "
                     f"{' / '.join(sorted(theirs))} ({verdict.split()[-1]} s)", hint=ORDER_HINT)
-            arrived = [r for r, key in enumerate(arrivals) if store.check([key])]
             raise _timeout_error(ctx, what, timeout, arrived)
         names = [b.decode() for b in store.multi_get(arrivals)]
         values = [pickle.loads(b) for b in store.multi_get([f"{call}/{name}" for name in fetch])] if fetch else []
@@ -162,6 +222,34 @@ def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
         calls = ", ".join(f"rank {r}: {n}" for r, n in enumerate(names))
         raise CollectiveError(f"ranks reached different ckpt operations ({calls})", hint=ORDER_HINT)
     return values
+
+
+def _wait(channel: _Channel, arrivals: list[str], verdict: str, timeout: float) -> str:
+    """Wait for every key of ``arrivals``: ``"ok"``, ``"timeout <s>"``, or ``"lost <ranks>"``
+    when a missing rank's heartbeat stopped; stops early once another rank decided."""
+    store, deadline = channel.store, time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store.wait(arrivals, timedelta(seconds=max(0.001, min(_SLICE_S, left))))
+            return "ok"
+        except dist.DistStoreError:
+            pass
+        if store.check([verdict]) or left <= _SLICE_S:  # decided elsewhere (compare_set reads it), or late
+            return f"timeout {timeout:g}"
+        missing = [r for r, key in enumerate(arrivals) if not store.check([key])]
+        lost = channel.lost(missing)
+        if lost:
+            return "lost " + ",".join(map(str, lost))
+
+
+def _lost_error(ctx: Group, what: str, verdict: str, arrived: list[int]) -> RankLostError:
+    lost = [int(r) for r in verdict.split()[1].split(",")]
+    msg = (f"{what}: rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} stopped answering "
+           f"(no heartbeat for {LOST_AFTER_S:g} s: the process died or its machine is gone); "
+           f"rank {ctx.rank} gives up" + (f" (ranks {arrived} had arrived)" if arrived else ""))
+    return RankLostError(msg, hint="see the lost rank's log and the launcher's (torchrun) output; resume "
+                                   "restarts from the newest complete checkpoint")
 
 
 def _timeout_error(ctx: Group, what: str, timeout: float, arrived: list[int]) -> CollectiveTimeoutError:
@@ -194,6 +282,8 @@ def agree(ctx: Group, what: str, error: BaseException | None, *, timeout: float)
     report = None if error is None else f"{type(error).__name__}: {error}"
     try:
         reports = sync(ctx, what, timeout=timeout, payload=report)
+    except RankLostError as lost:  # names the rank that is gone; this rank's own error is the cause
+        raise lost from error
     except CkptError:
         if error is not None:
             raise error

@@ -67,9 +67,11 @@ class Coordinator:
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
     @classmethod
-    def create(cls, timeout: float) -> Coordinator:
-        """Collective: builds ckpt's gloo group (every rank, at manager construction)."""
-        return cls(cl.context(timeout=max(timeout, 1.0)), timeout)
+    def create(cls, timeout: float | None) -> Coordinator:
+        """Collective: builds ckpt's gloo group (every rank, at manager construction).
+        ``timeout=None``: the process group's own timeout plus a margin."""
+        seconds = cl.default_timeout() if timeout is None else timeout
+        return cls(cl.context(timeout=max(seconds, 1.0)), seconds)
 
     # -- the collectives, failing every rank together --------------------------------
 
@@ -100,8 +102,12 @@ class Coordinator:
         self._collective(cl.sync, self.ctx, what, timeout=self.timeout)
 
     def close(self) -> None:
-        if not self.broken:
-            self.barrier("close()")
+        """Collective (unless broken); then frees the gloo group and heartbeat, even if it raised."""
+        try:
+            if not self.broken:
+                self.barrier("close()")
+        finally:
+            self.ctx.close()
 
     # -- opening ---------------------------------------------------------------------
 

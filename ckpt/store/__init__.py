@@ -50,8 +50,9 @@ def open_existing(location: Union[str, os.PathLike[str]],
                   storage_options: Optional[Mapping[str, Any]] = None) -> Store:
     """The store of an existing run directory, for reading (the CLI): never created."""
     check_location(location)
-    if is_url(location):
-        return open_store(location, storage_options)
+    if is_url(location):  # a tool's store: it never takes a run over from its writer
+        from .remote import FsspecStore
+        return FsspecStore(str(location), storage_options, writer=False)
     return LocalStore(Path(location), create=False)
 
 

@@ -46,6 +46,7 @@ from ..progress import Progress
 from . import retry
 from .base import OnBytes, Produce, Written
 from .checksum import ChecksumWriter, format_checksum
+from .claim import WRITER_NAME, WriterClaim
 from .local import TMP_PREFIX
 
 T = TypeVar("T")
@@ -54,7 +55,6 @@ T = TypeVar("T")
 #: operation may keep retrying transient errors, in seconds.
 RETRY_OPTION = "ckpt_retry_seconds"
 COMMIT_SUFFIX = ".ckpt-commit"
-WRITER_NAME = ".ckpt-writer"
 #: An uncommitted object younger than this may be a live upload: cleaning leaves it.
 STALE_AFTER = 3600.0
 _CHUNK = 8 << 20
@@ -99,11 +99,11 @@ def filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[
     return fs, str(root).rstrip("/")
 
 
-class FsspecStore:
+class FsspecStore(WriterClaim):
     """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None, *,
-                 stale_after: float = STALE_AFTER) -> None:
+                 stale_after: float = STALE_AFTER, writer: bool = True) -> None:
         self.url = url.rstrip("/")
         options = dict(storage_options or {})
         deadline = options.pop(RETRY_OPTION, retry.DEFAULT_DEADLINE)
@@ -114,6 +114,8 @@ class FsspecStore:
         self.deadline = float(deadline)
         self.stale_after = stale_after
         self._token: Optional[str] = None
+        #: False for a tool (``ckpt prune``): it never takes a run over from a writer (see :meth:`lock`).
+        self.writer = writer
         self._check_reachable()
 
     # -- helpers ---------------------------------------------------------------------
@@ -213,8 +215,12 @@ class FsspecStore:
             raise
         size = self._size(name)
         if size != written.size:
-            raise StorageError(f"uploaded {written.size} bytes but the store holds {size}", path=self.where(name),
-                               hint="the upload was cut short; nothing was committed, save again")
+            if self._token is not None and self._claimant() != self._token:
+                raise self._conflict(f"it replaced {name} while this process uploaded it")
+            raise StorageError(f"uploaded {written.size} bytes but the store holds {size}: another process wrote "
+                               f"{name} at the same time, or the upload was cut short", path=self.where(name),
+                               hint="one writer per run directory (a second writer is the likely cause); "
+                                    "nothing was committed, save again")
         self._write_commit_record(name, written.size, written.checksum)
         return written
 
@@ -320,29 +326,6 @@ class FsspecStore:
         rec = self._commit_record(src) or {}
         self._retry(lambda: self.fs.copy(self._key(src), self._key(dst)))
         self._write_commit_record(dst, self._size(dst), rec.get("checksum"))
-
-    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
-        return self._writer_check()
-
-    @contextmanager
-    def _writer_check(self) -> Iterator[object]:
-        """Claim the run directory on the first lock; on later ones check no one else has."""
-        if self._token is None:
-            token = f"{os.getpid()}-{secrets.token_hex(8)}"
-            self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), token.encode()), WRITER_NAME,
-                        "claiming the run directory")
-            self._token = token
-        else:
-            try:
-                now = self._retry(lambda: self.fs.cat_file(self._key(WRITER_NAME)), WRITER_NAME,
-                                  "checking the run directory's writer").decode(errors="replace")
-            except FileNotFoundError:
-                now = None
-            if now != self._token:
-                raise StorageError("another writer has taken over this run directory",
-                                   path=self.url, hint="one writer per run directory on object stores: stop "
-                                                       "the other process, or give each run its own prefix")
-        yield self
 
     def clean_temporaries(self) -> List[str]:
         """Remove uncommitted objects older than ``stale_after`` (younger ones may be a

@@ -11,10 +11,15 @@ Reads see the union of both tiers: the local copy when there is one, else the re
 one (downloaded), so resume takes the newest checkpoint of either tier, after the
 cache was wiped or a remote object was deleted. Deletion and moves apply to both.
 
-An upload that fails (after the remote store's retries) is kept and raised by the
-next commit (:meth:`lock`) or :meth:`flush` (the manager's ``wait()``/``close()``),
-once, like an async save error; the names it did not upload stay pending and go up
-with the next upload.
+A save never waits on the remote tier: the remote run is listed once (when the run is
+opened) and that listing is then kept up to date by the upload thread, the only writer
+of the remote side; a file missing locally and absent from it is missing, with no
+request. So an unreachable or hung endpoint costs a save nothing: it commits locally
+and returns. An upload that fails (after the remote store's retries) warns at once and
+is raised by :meth:`flush` (the manager's ``wait()``/``close()``), once, like an async
+save error; the names it did not upload stay pending and go up with the next upload.
+Only a lost writer claim (another writer took the run over) is raised by the next
+commit (:meth:`lock`) too: saving on would race that writer.
 """
 
 from __future__ import annotations
@@ -49,8 +54,11 @@ class TieredStore:
         self._deletes: Dict[str, None] = {}
         self._worker: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._uploaded = 0  # the size of the upload thread's last upload
         #: The remote listing failed: list the local tier only (no timeout per save) until an upload succeeds.
         self._remote_down = False
+        #: The remote tier's committed names and sizes, listed once, then kept by the upload thread.
+        self._remote: Optional[Dict[str, int]] = None
 
     def where(self, name: str) -> ObjectPath:
         return self.remote.where(name)
@@ -97,7 +105,14 @@ class TieredStore:
         try:
             return self.local.read_bytes(name)
         except FileNotFoundError:
+            if not self._remote_has(name):
+                raise
             return self.remote.read_bytes(name)
+
+    def _remote_has(self, name: str) -> bool:
+        """Might the remote tier hold ``name``? Answered from the kept listing: no request."""
+        with self._cond:
+            return not self._remote_down and (self._remote is None or name in self._remote)
 
     def local_path(self, name: str) -> AbstractContextManager[Path]:
         """The local copy, unless it differs from the uploaded one (damaged after the
@@ -107,7 +122,7 @@ class TieredStore:
         if not path.is_file():
             return self.remote.local_path(name)
         try:
-            uploaded = self.remote.recorded_checksum(name) if not self._remote_down else None
+            uploaded = self.remote.recorded_checksum(name) if self._remote_has(name) else None
         except OSError:
             uploaded = None  # the remote tier is unreachable: the local copy is all there is
         if uploaded is not None and uploaded != file_checksum(path):
@@ -119,14 +134,20 @@ class TieredStore:
     def list(self, prefix: str = "") -> Dict[str, int]:
         with self._cond:
             deleting = set(self._deletes)
-        remote: Dict[str, int] = {}
-        if not self._remote_down:
+        with self._cond:
+            remote, down = self._remote, self._remote_down
+        if remote is None and not down:
             try:
-                remote = self.remote.list(prefix)
+                remote = self.remote.list()
             except StorageError as e:  # saves go on locally; the upload reports the outage
                 warnings.warn(f"{e}; listing the local tier only until an upload succeeds", stacklevel=2)
-                self._remote_down = True
-        out = {n: s for n, s in remote.items() if n not in deleting}
+                with self._cond:
+                    self._remote_down = True
+            else:
+                with self._cond:
+                    self._remote = remote = dict(remote)
+        remote = {} if remote is None or down else remote
+        out = {n: s for n, s in remote.items() if n not in deleting and n.startswith(prefix)}
         out.update(self.local.list(prefix))
         return out
 
@@ -137,7 +158,10 @@ class TieredStore:
 
     @contextmanager
     def _locked(self, timeout: float) -> Iterator[object]:
-        self._raise_pending()
+        with self._cond:
+            conflict = self._error if getattr(self._error, "writer_conflict", False) else None
+        if conflict is not None:
+            self._raise_pending()
         with self.local.lock(timeout):  # the remote writer check runs with each upload
             yield self
 
@@ -161,6 +185,13 @@ class TieredStore:
     def close(self) -> None:
         self.flush()
 
+    def release(self) -> None:
+        """Free the remote run directory (after :meth:`flush`: nothing left to upload)."""
+        with self._cond:
+            busy = self._worker is not None or bool(self._uploads or self._deletes)
+        if not busy:
+            self.remote.release()
+
     def _raise_pending(self) -> None:
         with self._cond:
             error, self._error = self._error, None
@@ -169,7 +200,7 @@ class TieredStore:
 
     def _start(self) -> None:
         """Start the upload thread if none runs (the caller holds the condition)."""
-        if self._worker is None and self._error is None:
+        if self._worker is None:
             # not a daemon: at interpreter exit the pending uploads finish
             self._worker = threading.Thread(target=self._run, name="ckpt-upload")
             self._worker.start()
@@ -205,19 +236,29 @@ class TieredStore:
                                      hint="the local tier holds it and it is uploaded again with the next save, "
                                           "wait() or close(); check the remote store")
                 error.__cause__ = e
+                error.writer_conflict = getattr(e, "writer_conflict", False)  # type: ignore[attr-defined]
+                warnings.warn(f"{error}; saves go on in the local tier only until an upload succeeds",
+                              stacklevel=1)
                 with self._cond:
                     self._error = error
                     self._worker = None
                     self._cond.notify_all()
                 return
             with self._cond:
-                self._remote_down = False
+                if self._remote_down:
+                    self._remote_down, self._remote = False, None  # listed again at the next list()
                 if kind == "delete":
                     self._deletes.pop(name, None)
-                elif self._uploads.get(name) == n:  # not written again meanwhile
-                    del self._uploads[name]
+                    if self._remote is not None:
+                        self._remote.pop(name, None)
+                else:
+                    if self._remote is not None and self._uploaded >= 0:
+                        self._remote[name] = self._uploaded
+                    if self._uploads.get(name) == n:  # not written again meanwhile
+                        del self._uploads[name]
 
     def _upload(self, name: str) -> None:
+        self._uploaded = -1
         try:
             src = open(self.local.where(name), "rb")  # noqa: SIM115  (closed below)
         except FileNotFoundError:
@@ -228,7 +269,7 @@ class TieredStore:
             shutil.copyfileobj(src, f, 8 << 20)
 
         with src, Progress(f"uploading {name}", os.fstat(src.fileno()).st_size, None) as bar:
-            self.remote.write(name, produce, on_write=bar.update)
+            self._uploaded = self.remote.write(name, produce, on_write=bar.update).size
 
     def __repr__(self) -> str:
         return f"TieredStore({self.local.url!r} -> {self.remote.url!r})"

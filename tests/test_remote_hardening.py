@@ -1,0 +1,153 @@
+"""Remote and tiered run directories attacked as users would (real moto S3 server, own process).
+
+A tiered save never waits on a hung endpoint; the CLI lists a URL as JSON; two writers
+on one run are told it is a writer conflict; ``ckpt prune`` never takes a live run over.
+Every child process has a deadline and is reaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from ckpt.errors import StorageError  # noqa: E402
+from tests.s3server import MotoServer  # noqa: E402
+from tests.test_remote import QUICK, keys, manager, server_fs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[MotoServer]:
+    srv = MotoServer()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def bucket(server: MotoServer) -> str:
+    name = f"b{secrets.token_hex(6)}"
+    server_fs(server).mkdir(name)
+    return name
+
+TIERED_HUNG = textwrap.dedent("""
+    import json, os, signal, sys, torch
+    from ckpt import CheckpointManager
+    url, opts, cache, server_pid = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    mgr = CheckpointManager(url, model=torch.nn.Linear(4, 4), storage_options=opts, cache_dir=cache)
+    mgr.save(epoch=0)
+    mgr.wait()
+    os.kill(server_pid, signal.SIGSTOP)   # the endpoint hangs: connections open, nothing answers
+    try:
+        for epoch in (1, 2, 3):
+            mgr.save(epoch=epoch)
+            print("saved", epoch, flush=True)
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+    mgr.close()                           # the uploads go up now that it answers again
+    print("closed", flush=True)
+""")
+
+
+def _child(script: str, *args: str, timeout: float = 50) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_tiered_save_never_waits_on_a_hung_endpoint(server: MotoServer, bucket: str, tmp_path: Path) -> None:
+    # each remote operation retries for 30 s: a save that touched the remote would take
+    # longer than the child's whole deadline, three of them far longer
+    opts = dict(server.options(config_kwargs=QUICK), ckpt_retry_seconds=30)
+    try:
+        out = _child(TIERED_HUNG, f"s3://{bucket}/run", json.dumps(opts), str(tmp_path / "cache"),
+                     str(server.proc.pid), timeout=50)
+    finally:
+        server.resume()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:4] == ["saved 1", "saved 2", "saved 3", "closed"]
+    assert {f"ckpt-e00000{e}-s000000000.pt" for e in range(4)} <= set(keys(server, f"{bucket}/run"))
+
+
+def test_cli_lists_a_url_as_json(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    mgr = manager(url, server, keep_last=3)
+    for epoch in range(2):
+        mgr.save(epoch=epoch, metrics={"val_loss": 1.0 / (epoch + 1)})
+    mgr.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION="us-east-1")
+    out = subprocess.run([sys.executable, "-m", "ckpt", "list", url, "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    text = json.dumps(listed)
+    assert "ckpt-e000000-s000000000.pt" in text and "ckpt-e000001-s000000000.pt" in text
+
+
+def test_two_writers_on_one_run_are_told_it_is_a_writer_conflict(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    first = manager(url, server)
+    first.save(epoch=0)
+    second = manager(url, server, seed=1)
+    second.save(epoch=1)  # takes the run over (the first writer's claim is replaced)
+    with pytest.raises(StorageError, match="another writer"):
+        first.save(epoch=2)
+
+
+def test_an_upload_replaced_by_a_second_writer_is_reported_as_a_writer_conflict(server: MotoServer,
+                                                                                bucket: str) -> None:
+    from ckpt.store.remote import FsspecStore
+
+    url, opts = f"s3://{bucket}/run", server.options()
+
+    class Raced(FsspecStore):
+        def _size(self, name: str) -> int:  # a second writer lands between the upload and its check
+            if name == "ckpt-index.json":
+                other = FsspecStore(url, opts)
+                with other.lock():
+                    other.write(name, lambda f: f.write(b"{}"))
+            return super()._size(name)
+
+    first = Raced(url, opts)
+    with pytest.raises(StorageError, match=r"another writer has taken over .*replaced ckpt-index.json"), \
+            first.lock():
+        first.write("ckpt-index.json", lambda f: f.write(b'{"a": 1}'))
+
+
+def _cli(server: MotoServer, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION="us-east-1")
+    return subprocess.run([sys.executable, "-m", "ckpt", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_prune_never_takes_a_live_run_over(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    mgr = manager(url, server)
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+    out = _cli(server, "prune", url, "--keep-last", "1", "--yes")
+    assert out.returncode != 0 and "a writer holds this run directory" in out.stderr, out.stderr
+    mgr.save(epoch=3)  # the writer goes on (prune used to take the run over: every save failed)
+    assert [r.epoch for r in mgr.checkpoints] == [0, 1, 2, 3]
+    mgr.close()  # a clean close frees the run: prune works now
+    out = _cli(server, "prune", url, "--keep-last", "1", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert sorted(n for n in keys(server, f"{bucket}/run") if n.endswith(".pt")) == ["ckpt-e000003-s000000000.pt"]
+    again = manager(url, server)  # and a new writer opens it
+    again.save(epoch=4)
+    again.close()
