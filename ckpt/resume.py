@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 from . import policy
 from .errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, PathLike
 from .record import CheckpointRecord
-from .store import is_url, torchfile
+from .store import differential, is_url, torchfile
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 
@@ -88,6 +88,7 @@ def read_file(path: Path, trackables: Mapping[str, Any], *, map_location: Any,
     (a foreign layout is mapped onto the ``trackables``' names)."""
     from .interop import foreign  # files ckpt did not write: loaded on use only
     obj = torchfile.load(path, map_location=map_location, weights_only=weights_only, check_records=True)
+    obj = differential.resolve_beside(path, obj, map_location=map_location)  # references: the files beside it
     return foreign.record_of(obj, path, weights_only=weights_only), foreign.as_checkpoint(obj, trackables, str(path))
 
 

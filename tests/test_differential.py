@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, CorruptCheckpointError
-from ckpt.store import Catalog, LocalStore, differential
+from ckpt.store import Catalog, LocalStore, chunks, differential
 
 BACKBONE = 256  # 4 x 256 x 256 float32 = 1 MiB frozen, vs a 2 KiB head
 
@@ -157,17 +157,34 @@ torch.manual_seed(0)
 backbone = torch.nn.Linear(512, 512, bias=False)
 head = torch.nn.Linear(512, 4)
 model = torch.nn.Sequential(backbone, head)
-mgr = CheckpointManager(sys.argv[1], model=model, differential=True, keep_last=2, progress=False)
+table = torch.nn.Embedding(4096, 64)  # a few rows change every save: chunks
+with torch.no_grad():
+    table.weight.zero_()
+mgr = CheckpointManager(sys.argv[1], model=model, embedding=table, differential=True, keep_last=2,
+                        progress=False)
 epoch = mgr.resume()
 while True:
     with torch.no_grad():
         head.weight.fill_(epoch)
         if epoch % 3 == 0:
             backbone.weight.fill_(epoch)  # the backbone changes now and then
+        table.weight[(epoch * 37) % 4000:(epoch * 37) % 4000 + 50] = float(epoch)
     mgr.save(epoch=epoch)
     print(epoch, flush=True)
     epoch += 1
 """
+
+
+_TABLE_ROWS = slice(0, 4096)
+
+
+def expected_rows(epoch: int) -> torch.Tensor:
+    """The writer's table after the save of ``epoch`` (zeros, then 50 rows a save)."""
+    out = torch.zeros((4096, 64))
+    for e in range(epoch + 1):
+        start = (e * 37) % 4000
+        out[start:start + 50] = float(e)
+    return out
 
 
 @pytest.mark.slow
@@ -186,7 +203,8 @@ def test_sigkill_during_differential_saves_leaves_every_listed_checkpoint_restor
             child.send_signal(signal.SIGKILL)
             child.wait()
         model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 4))
-        mgr = CheckpointManager(directory, model=model)  # no writer: orphans are cleaned
+        table = torch.nn.Embedding(4096, 64)
+        mgr = CheckpointManager(directory, model=model, embedding=table)  # no writer: orphans are cleaned
         referenced = {b for r in mgr.checkpoints for b, _ in r.blobs}
         assert blobs_on_disk(directory) == referenced
         assert set(mgr.verify().values()) == {"ok"}
@@ -194,21 +212,22 @@ def test_sigkill_during_differential_saves_leaves_every_listed_checkpoint_restor
             mgr.restore(record)
             assert torch.equal(model[1].weight, torch.full_like(model[1].weight, record.epoch))
             assert torch.equal(model[0].weight, torch.full_like(model[0].weight, record.epoch - record.epoch % 3))
+            assert torch.equal(table.weight[_TABLE_ROWS], expected_rows(record.epoch))
         mgr.close()
 
 
-def test_an_embedding_table_rewrites_only_the_pieces_with_updated_rows(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(differential, "CHUNK_BYTES", 128 << 10)  # 2 MiB table in 16 pieces
-    table = torch.nn.Embedding(8192, 64)
+def test_an_embedding_table_rewrites_only_the_chunks_with_updated_rows(tmp_path: Path) -> None:
+    table = torch.nn.Embedding(8192, 64)  # 2 MiB, chunks of 2 rows
     mgr = CheckpointManager(tmp_path, embedding=table, differential=True)
     mgr.save(epoch=0)
     first = blobs_on_disk(tmp_path)
-    assert len(first) == 16
+    assert len(first) == 1  # one pack: every chunk is new
     with torch.no_grad():
-        table.weight[[5, 6000]] += 1.0  # two rows, in two different pieces
+        table.weight[[5, 6000]] += 1.0  # two rows, in two different chunks
     mgr.save(epoch=1)
-    assert len(blobs_on_disk(tmp_path) - first) == 2
+    (pack,) = blobs_on_disk(tmp_path) - first
+    rows = chunks.rows_per_chunk(table.weight)
+    assert torch.load(tmp_path / pack, weights_only=True).shape == (2 * rows, 64)  # exactly those two chunks
     restored = torch.nn.Embedding(8192, 64)
     CheckpointManager(tmp_path, embedding=restored).restore(1)
     assert torch.equal(restored.weight, table.weight)

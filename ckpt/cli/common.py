@@ -12,7 +12,7 @@ import torch
 
 from .. import policy
 from ..errors import CkptError
-from ..store import Catalog, LocalStore, history, index, is_url, open_existing, torchfile
+from ..store import Catalog, LocalStore, differential, history, index, is_url, open_existing, torchfile
 
 Key = Tuple[int, int]
 
@@ -114,8 +114,9 @@ def load_file(path: Path, *, progress: Optional[bool] = None) -> Any:
     """A file's object, loaded safely (``weights_only``), its own CRCs or its indexed
     checksum verified first: never runs code, damage raises."""
     checksum = indexed_checksum(path)
-    return torchfile.load(path, weights_only=True, checksum=checksum, check_records=checksum is None,
-                          progress=progress, mmap=True)
+    obj = torchfile.load(path, weights_only=True, checksum=checksum, check_records=checksum is None,
+                         progress=progress, mmap=True)
+    return differential.resolve_beside(path, obj)  # a differential checkpoint: its tensors, not references
 
 
 def indexed_checksum(path: Path) -> Optional[str]:

@@ -12,7 +12,7 @@ import torch
 from .. import schema
 from ..errors import ConfigError
 from ..spec import module_names, pick_module
-from ..store import LocalStore, differential, torchfile, torchio
+from ..store import torchfile, torchio
 from ..store.local import write_file
 from ..store.namespace import refuse_run_file
 from . import common, table
@@ -46,8 +46,6 @@ def weights_of(path: Path, wanted: Optional[str] = None) -> Dict[str, Any]:
         obj = common.load_file(common.checkpoint_file(str(path)))
     if schema.is_checkpoint(obj):
         head = schema.header(obj, str(path))
-        if head.blobs:  # differential: its large tensors live in the blob files beside it
-            obj = differential.resolve(LocalStore(path.parent, create=False), obj, head)
         names = module_names(head) if wanted is None else list(head.objects)
         name = pick_module(names, wanted)
         if name is None or not isinstance(obj.get(name), dict):

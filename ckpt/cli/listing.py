@@ -15,7 +15,7 @@ from filelock import Timeout
 from .. import policy, schema
 from ..errors import CkptError, UnsafeCheckpointError
 from ..record import CheckpointRecord
-from ..store import commit, index, is_url, torchfile
+from ..store import commit, differential, index, is_url, torchfile
 from ..store.catalog import QUARANTINE_SUFFIX
 from . import common, table
 from .common import Key, UsageError
@@ -118,13 +118,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     why = reasons(listing.records, pol, protected)
     on_disk = cat.store.list("ckpt-")
     status: Dict[str, Tuple[str, str]] = {}
+    checked: Dict[str, str] = {}
     for rec in listing.records:
         if rec.name in on_disk and on_disk[rec.name] != rec.size:
             status[rec.name] = ("damaged", f"{on_disk[rec.name]} bytes on disk, {rec.size} recorded")
         elif args.verify:
             try:
-                with cat.store.local_path(rec.name) as local, torchfile.opened(local) as real:
-                    torchfile.verify(real, rec.checksum, shown=rec.path)
+                cat.verify_one(rec, checked)  # the file and every tensor file it references
                 status[rec.name] = ("verified", "")
             except FileNotFoundError:
                 status[rec.name] = ("missing", "deleted while listing")
@@ -229,8 +229,9 @@ def verify_file(path: Path) -> Tuple[str, str]:
         with torchfile.opened(path) as real:
             if checksum is not None:
                 torchfile.verify(real, checksum, shown=path)
-            else:
-                torchfile.load_open(real, path, check_records=True)
+            obj = torchfile.load_open(real, path, check_records=checksum is None)
+        if schema.is_checkpoint(obj):  # a differential checkpoint: every tensor file it references
+            differential.verify_beside(path, schema.header(obj, str(path)).blobs)
         return ("ok", "")
     except FileNotFoundError:
         return ("missing", "gone from disk")

@@ -23,7 +23,7 @@ from .. import schema, spec, state
 from .._version import __version__
 from ..errors import ArchitectureError, CkptError, PathLike
 from ..spec import pick_module
-from ..store import LocalStore, index, torchfile, torchio
+from ..store import LocalStore, differential, index, torchfile, torchio
 from ..store.local import write_file
 from ..store.namespace import refuse_run_file
 from . import build
@@ -61,6 +61,7 @@ def load_model(path: PathLike, trusted: Iterable[str] = (), *, trust_all: bool =
     """
     path = Path(path)
     obj = torchfile.load(path, map_location=device or "cpu", checksum=_indexed_checksum(path), mmap=False)
+    obj = differential.resolve_beside(path, obj, map_location=device or "cpu")
     head = schema.header(obj, str(path))
     name, arch = _pick(head.model_spec, object, path)
     if not isinstance(obj.get(name), dict):

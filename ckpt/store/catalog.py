@@ -9,7 +9,7 @@ and index transactions happen here, never in the manager.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from filelock import Timeout
 
@@ -43,6 +43,7 @@ class Catalog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._book = Book(store)  # the writer's copy of the index (flat bookkeeping)
+        self._suspects: Set[str] = set()  # unreferenced tensor files seen after this writer's last commit
 
     # -- listing ---------------------------------------------------------------------
 
@@ -51,7 +52,12 @@ class Catalog:
         index when no writer is active."""
         self.store.clean_temporaries()
         listing = self.scan(remember=True)  # no commit of ours is in flight yet
-        orphans = differential.unreferenced(self.store, {b for r in listing.records for b, _ in r.blobs})
+        # Tensor files no checkpoint references: a crashed save's, or a live save's that
+        # has not committed yet. Only a lock that excludes every writer tells them apart;
+        # elsewhere (object stores) the writer collects them after its commits (_collect).
+        exclusive = getattr(self.store, "exclusive_lock", False)
+        orphans = differential.unreferenced(
+            self.store, {b for r in listing.records for b, _ in r.blobs}) if exclusive else []
         if not listing.changed and not orphans:
             return listing.records
         try:
@@ -59,9 +65,9 @@ class Catalog:
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
                     self._book.write(listing.records)
-                # tensor files of a differential save that crashed before its commit
-                differential.remove(self.store, differential.unreferenced(
-                    self.store, {b for r in listing.records for b, _ in r.blobs}))
+                if exclusive:  # tensor files of a differential save that crashed before its commit
+                    differential.remove(self.store, differential.unreferenced(
+                        self.store, {b for r in listing.records for b, _ in r.blobs}))
         except Timeout:
             pass  # a writer is committing: it rewrites the index itself
         except OSError as e:
@@ -221,6 +227,8 @@ class Catalog:
                                   protected=protected, overwrite=overwrite, progress=progress,
                                   differential_save=differential_save, previous=previous)
             self._book.seal()
+            if differential_save and not getattr(self.store, "exclusive_lock", False):
+                self._collect(done[1])
             return done
 
     def retain(self, candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
@@ -247,6 +255,18 @@ class Catalog:
         _commit.finish(self.store, kept, evicted, new=new, retention=retention, protected=protected)
         self._book.seal()
         return kept, evicted
+
+    def _collect(self, kept: List[CheckpointRecord]) -> None:
+        """Delete the tensor files that were already unreferenced after this writer's
+        previous commit and still are: a crashed save's (a save in flight at the first
+        look has committed, or been refused, by the second). Readers never delete them."""
+        orphans = set(differential.unreferenced(self.store, {b for r in kept for b, _ in r.blobs}))
+        try:
+            differential.remove(self.store, sorted(orphans & self._suspects))
+        except OSError as e:  # the checkpoint is committed: the next commit tries again
+            warnings.warn(f"{self.store.url}: could not delete unreferenced tensor files ({e})", stacklevel=3)
+            return
+        self._suspects = orphans - self._suspects
 
     def _unresolved(self, rec: CheckpointRecord) -> Optional[Dict[str, Any]]:
         """The checkpoint dict of ``rec`` with blob references as they are (None if unreadable:
@@ -298,7 +318,7 @@ class Catalog:
 
     # -- integrity -------------------------------------------------------------------
 
-    def _verify_one(self, rec: CheckpointRecord, checked: Dict[str, str], progress: Optional[bool]) -> None:
+    def verify_one(self, rec: CheckpointRecord, checked: Dict[str, str], progress: Optional[bool] = None) -> None:
         """Raise unless ``rec``'s file (or sharded directory) and its blobs match their checksums."""
         if schema.is_sharded(rec.name):
             sharddir.verify(self.store, rec.name, rec.checksum)
@@ -339,7 +359,7 @@ class Catalog:
             suspect: Dict[str, Optional[str]] = {}
             for rec in pending:
                 try:
-                    self._verify_one(rec, checked, progress)
+                    self.verify_one(rec, checked, progress)
                     report[rec.name] = ("ok", "")
                 except FileNotFoundError:
                     gone.append(rec.name)

@@ -1,51 +1,50 @@
-"""Differential checkpoints: a tensor whose bytes did not change is stored once.
+"""Differential checkpoints: only the chunks of a tensor that changed are written.
 
 With ``CheckpointManager(..., differential=True)`` every tensor of at least
-:data:`MIN_BYTES` in the tracked states is stored out of line, in a file of its own,
-``ckpt-blob-<16 hex>.pt`` (a plain ``torch.save`` of the tensor), and the checkpoint file
-holds a reference in its place, ``{"ckpt_blob": ["<name>", ...]}``: a tensor larger than
-:data:`CHUNK_BYTES` is cut along its first dimension into pieces of about that size, each
-its own blob, so an embedding table with a few rows updated rewrites only the pieces that
-hold them. The checkpoint's header lists every blob
-it references with the blob's checksum (``ckpt["blobs"]``), and so does its index entry.
-A save compares each large tensor with the same entry of the previous committed
-checkpoint, byte for byte against that blob mapped from disk, and references the old
-blob when they are equal: a frozen backbone is written once, and each later
-checkpoint costs its changed tensors plus a small file.
+:data:`MIN_BYTES` in the tracked states is stored out of line: cut into fixed-size
+chunks of rows, of which a save writes only those whose bytes differ from the previous
+committed checkpoint's, into one new file ``ckpt-blob-<16 hex>.pt`` (a *pack*: a plain
+``torch.save`` of a tensor). The checkpoint file holds a reference in the tensor's
+place (:mod:`ckpt.store.chunks`, format 2), and its header lists every pack it
+references with the pack's checksum (``ckpt["blobs"]``), and so does its index entry.
+Checkpoints of format 1 (a list of whole-tensor blobs, ``{"ckpt_blob": [...]}``) are
+still read. Why chunks of rows: ``docs/explanation/differential.md``.
 
 Guarantees, as for full checkpoints:
 
-* every checkpoint restores on its own through ckpt (its blobs are loaded, each
+* every checkpoint restores on its own through ckpt (its packs are loaded, each
   verified against its checksum); :func:`standalone` gives the plain dict for export;
-* blobs are committed (atomically, durably) before the checkpoint that references them,
-  so a crash leaves at most unreferenced blobs, which the next writer to open the
-  directory deletes;
-* retention deletes a blob only after the commit, and only when no kept checkpoint
+* a chunk is reused only when its bytes equal the new ones *and* the pack holding it
+  matches its recorded checksum (a damaged pack is never referenced again);
+* packs are committed (atomically, durably) before the checkpoint that references them,
+  so a crash leaves at most unreferenced packs, deleted by a writer that holds the
+  directory's lock (:func:`collect`), never by a reader;
+* retention deletes a pack only after the commit, and only when no kept checkpoint
   references it.
 
-The comparison is exact (bytes, not a hash): detecting an unchanged tensor costs one
-read of the previous blob (usually from the page cache), not a write and an ``fsync``.
+The comparison is exact (bytes, not a hash): detecting an unchanged chunk costs one
+read of the previous packs (usually from the page cache), not a write and an ``fsync``.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
 from .. import schema
-from ..errors import CorruptCheckpointError
-from . import torchfile, torchio
+from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from . import chunks, torchfile
 from .base import Store
+from .local import LocalStore
 
 MARKER = "ckpt_blob"
 BLOB_PREFIX = "ckpt-blob-"
 #: Smaller tensors stay inline: a file per tensor costs more than it saves below this.
 MIN_BYTES = 64 << 10
-#: Larger tensors are stored in pieces of about this size (rows of the first dimension).
-CHUNK_BYTES = 16 << 20
 
 Path_ = Tuple[Any, ...]
 #: Entries of the checkpoint dict that are not tracked state (never stored out of line).
@@ -57,43 +56,59 @@ def new_name() -> str:
 
 
 def is_marker(value: Any) -> bool:
+    """A reference in place of a tensor: format 2 (chunks) or format 1 (whole blobs)."""
+    if chunks.is_ref(value):
+        return True
     names = value.get(MARKER) if type(value) is dict and len(value) == 1 else None
     return isinstance(names, list) and bool(names) and all(isinstance(n, str) for n in names)
 
 
 def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[str, Any]],
           progress: Optional[bool] = None) -> Tuple[schema.Checkpoint, List[str]]:
-    """``checkpoint`` with its large tensors replaced by blob references, and the names of
-    the blobs written for it. ``previous``: the previous committed checkpoint's dict
-    (references unresolved), whose blobs are reused where the bytes are equal."""
+    """``checkpoint`` with its large tensors replaced by chunk references, and the names
+    of the packs written for it. ``previous``: the previous committed checkpoint's dict
+    (references unresolved), whose chunks are reused where the bytes are equal and the
+    pack holding them still matches its checksum."""
     before = _references(previous) if previous is not None else {}
     known: Dict[str, str] = dict(previous["ckpt"].get("blobs", {})) if previous is not None else {}
     used: Dict[str, str] = {}
     written: List[str] = []
 
+    def load(name: str) -> Optional[torch.Tensor]:
+        if name not in known:
+            return None
+        try:
+            with store.local_path(name) as local:
+                pack = torchfile.load(local, map_location="cpu", checksum=known[name], mmap=True)
+        except (CkptError, OSError, RuntimeError, ValueError, EOFError):
+            return None  # gone or damaged: its chunks are written again
+        return pack if isinstance(pack, torch.Tensor) else None
+
     def out_of_line(tensor: torch.Tensor, path: Path_) -> Any:
-        if tensor.layout != torch.strided or tensor.nelement() * tensor.element_size() < MIN_BYTES:
+        if tensor.layout != torch.strided or tensor.dim() == 0 or \
+                tensor.nelement() * tensor.element_size() < MIN_BYTES:
             return tensor
-        old = before.get(path, [])
-        names = []
-        for i, piece in enumerate(_pieces(_plain(tensor))):
-            if i < len(old) and old[i] in known and _same_bytes(store, old[i], piece):
-                names.append(old[i])
-                used[old[i]] = known[old[i]]
-                continue
+        old = before.get(path)
+        prior = old[chunks.KEY] if old is not None and chunks.is_ref(old) else None
+        done = chunks.plan(_plain(tensor), prior, load)
+        ref = done.ref[chunks.KEY]
+        for name in done.reused:
+            used[name] = known[name]
+        if done.pack is not None:
             name = new_name()
-            result = torchfile.write(store, name, piece, nbytes=piece.nbytes, progress=progress)
+            result = torchfile.write(store, name, done.pack, nbytes=done.pack.nbytes, progress=progress)
             written.append(name)
             used[name] = result.checksum
-            names.append(name)
-        return {MARKER: names}
+            ref["packs"] = [name if n == "" else n for n in ref["packs"]]
+        return done.ref
 
     try:
         obj = {k: v if k in _OWN else _walk(v, (k,), out_of_line) for k, v in checkpoint.obj.items()}
     except BaseException:
         remove(store, written)
         raise
-    obj["ckpt"] = {**checkpoint.obj["ckpt"], "blobs": dict(sorted(used.items()))}
+    meta = {**checkpoint.obj["ckpt"], "blobs": dict(sorted(used.items())), "differential": chunks.VERSION}
+    obj["ckpt"] = meta
     header = replace(checkpoint.header, blobs=tuple(sorted(used.items())))
     small = schema.check_loadable({k: v for k, v in obj.items() if k not in _OWN}, "state")
     return schema.Checkpoint(obj, header, small), written
@@ -101,26 +116,54 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
 
 def resolve(store: Store, obj: Dict[str, Any], header: schema.Header, *, map_location: Any = "cpu",
             progress: Optional[bool] = None) -> Dict[str, Any]:
-    """The checkpoint dict with every blob reference replaced by its (verified) tensor."""
+    """The checkpoint dict with every reference (format 1: whole blobs, format 2: chunks)
+    replaced by its tensor, each file it reads verified against its checksum."""
     checksums = dict(header.blobs)
     where = store.where(schema.file_name(header.epoch, header.step))
 
-    def load(value: Any, path: Path_) -> Any:
-        pieces = []
-        for name in value[MARKER]:
-            if name not in checksums:
-                raise CorruptCheckpointError(f"references {name}, which its header does not list", path=where)
+    def load(name: str) -> torch.Tensor:
+        if name not in checksums:
+            raise CorruptCheckpointError(f"references {name}, which its header does not list", path=where)
+        try:
             with store.local_path(name) as local:
-                piece = torchfile.load(local, map_location=map_location, checksum=checksums[name], progress=progress)
-            if not isinstance(piece, torch.Tensor):
-                raise CorruptCheckpointError(f"{name} does not hold a tensor", path=store.where(name))
-            pieces.append(piece)
+                piece = torchfile.load(local, map_location=map_location, checksum=checksums[name],
+                                       progress=progress)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"its tensor file {name} is missing", path=where,
+                                         hint="restore an earlier checkpoint (resume() falls back to "
+                                              "the newest one that restores)") from e
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"its tensor file {name} is damaged: {e}", path=where,
+                                         hint="restore an earlier checkpoint (resume() falls back to "
+                                              "the newest one that restores)") from e
+        if not isinstance(piece, torch.Tensor):
+            raise CorruptCheckpointError(f"{name} does not hold a tensor", path=store.where(name))
+        return piece
+
+    def whole(value: Any, path: Path_) -> Any:
+        if chunks.is_ref(value):
+            return _chunked(value[chunks.KEY], load, where)
+        pieces = [load(name) for name in value[MARKER]]
         try:
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         except RuntimeError as e:
             raise CorruptCheckpointError(f"the pieces {value[MARKER]} do not fit together ({e})", path=where) from e
 
-    return {k: v if k in _OWN else _walk(v, (k,), None, load) for k, v in obj.items()}
+    return {k: v if k in _OWN else _walk(v, (k,), None, whole) for k, v in obj.items()}
+
+
+def _chunked(ref: Dict[str, Any], load: Callable[[str], torch.Tensor], where: Any) -> torch.Tensor:
+    if ref.get("v") != chunks.VERSION:
+        raise FormatVersionError(f"a tensor is stored in differential format {ref.get('v')!r}; this ckpt "
+                                 f"reads formats 1 and {chunks.VERSION}", path=where,
+                                 hint="upgrade ckpt to read it")
+    try:
+        tensor, _ = chunks.gather(ref, load)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CorruptCheckpointError(f"a chunked tensor reference is malformed ({e})", path=where) from e
+    if tensor is None or list(tensor.shape) != [int(d) for d in ref["shape"]]:
+        raise CorruptCheckpointError("a chunked tensor reference does not describe its tensor", path=where)
+    return tensor
 
 
 def standalone(obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -139,11 +182,11 @@ def unreferenced(store: Store, referenced: Set[str]) -> List[str]:
     return sorted(n for n in store.list(BLOB_PREFIX) if schema.BLOB_RE.fullmatch(n) and n not in referenced)
 
 
-def _references(obj: Dict[str, Any]) -> Dict[Path_, List[str]]:
-    found: Dict[Path_, List[str]] = {}
+def _references(obj: Dict[str, Any]) -> Dict[Path_, Any]:
+    found: Dict[Path_, Any] = {}
 
     def note(value: Any, path: Path_) -> Any:
-        found[path] = value[MARKER]
+        found[path] = value
         return value
 
     for k, v in obj.items():
@@ -168,14 +211,6 @@ def _walk(value: Any, path: Path_, on_tensor: Optional[Callable[[torch.Tensor, P
     return value
 
 
-def _pieces(data: torch.Tensor) -> List[torch.Tensor]:
-    """``data`` cut along its first dimension into pieces of about :data:`CHUNK_BYTES`."""
-    if data.dim() == 0 or data.nbytes <= CHUNK_BYTES:
-        return [data]
-    rows = max(1, CHUNK_BYTES // max(1, data[0].nbytes))
-    return [_plain(piece) for piece in torch.split(data, rows)]
-
-
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor owning exactly its bytes (``torch.save`` of a view would
     write the whole storage it views)."""
@@ -185,23 +220,28 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _same_bytes(store: Store, name: str, data: torch.Tensor) -> bool:
-    """Exactly the bytes of blob ``name`` (mapped from disk, not hashed)."""
-    try:
-        with store.local_path(name) as local:
-            old = torchio.load(local, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError):
-        return False  # gone or unreadable: write the tensor again
-    if not isinstance(old, torch.Tensor) or old.dtype != data.dtype or old.shape != data.shape:
-        return False
-    return bool(torch.equal(_bits(old.contiguous()), _bits(data)))
+def resolve_beside(path: Path, obj: Any, *, map_location: Any = "cpu") -> Any:
+    """A checkpoint read from a file, outside any manager, with its references resolved
+    from the files beside it (every other object is returned as it is)."""
+    if not schema.is_checkpoint(obj):
+        return obj
+    head = schema.header(obj, str(path))
+    if not head.blobs and not _references(obj):
+        return obj
+    return resolve(LocalStore(path.parent, create=False), obj, head, map_location=map_location)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous tensor as the widest integers that hold them (a bitwise
-    comparison: -0.0 differs from 0.0, NaN equals itself; 8 bytes at a time is ~8x faster)."""
-    raw = t.reshape(-1).view(torch.uint8)
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if raw.numel() % size == 0 and raw.data_ptr() % size == 0:
-            return raw.view(dtype)
-    return raw
+def verify_beside(path: Path, blobs: Iterable[Tuple[str, str]], *, progress: Optional[bool] = None) -> None:
+    """Raise :class:`CorruptCheckpointError` naming the first tensor file of ``blobs``
+    (``(name, checksum)``, beside ``path``) that is missing or fails its checksum."""
+    for name, checksum in blobs:
+        blob = path.parent / name
+        try:
+            with torchfile.opened(blob) as real:
+                torchfile.verify(real, checksum, progress=progress, shown=blob)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"its tensor file {name} is missing", path=path,
+                                         hint="restore an earlier checkpoint") from e
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"its tensor file {name} is damaged: {e}", path=path,
+                                         hint="restore an earlier checkpoint") from e

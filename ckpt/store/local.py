@@ -208,6 +208,10 @@ def _refuse_link(path: Path) -> None:
 class LocalStore:
     """A run directory on a local (or shared, POSIX) filesystem."""
 
+    #: Its lock excludes every other writer (a file lock), so what is unreferenced while
+    #: it is held belongs to no save in flight.
+    exclusive_lock = True
+
     def __init__(self, directory: Path, *, create: bool = True) -> None:
         self.directory = prepare_directory(Path(directory)) if create else Path(directory)
         self.url = str(self.directory)
