@@ -11,6 +11,7 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Tuple
 
 import torch
 
+from . import loaders
 from .errors import CkptError, ConfigError, StateMismatchError
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
@@ -165,13 +166,15 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
         check_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
     for name in others:
         _check_optimizer(name, unwrap(trackables[name]), checkpoint[name], path)
+        loaders.check(name, trackables[name], checkpoint[name], path)
     rng_states = _parse_rng(rng, path) if rng is not None else None
     owned = getattr(checkpoint, "owned", False)  # fresh tensors, not a file mapping
     done: List[Tuple[Any, Any]] = []
     try:
         for name in others:
             target = unwrap(trackables[name])
-            before = copy.deepcopy(_state_of(target)) if not isinstance(target, torch.optim.Optimizer) else None
+            before = None if isinstance(target, torch.optim.Optimizer) else \
+                {} if loaders.is_stateful_loader(target) else copy.deepcopy(_state_of(target))
             try:
                 # optimizers keep the tensors they are given: copy them out of the checkpoint's
                 # file mapping, which would otherwise pin the file (and its disk space once
@@ -191,6 +194,8 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             with suppress(Exception):
                 _load_state(target, before)
         raise
+    for name in others:
+        loaders.after_load(unwrap(trackables[name]), checkpoint[name])
     for name in modules:
         load_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
     if rng_states is not None:

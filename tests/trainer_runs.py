@@ -144,7 +144,33 @@ def ignite(directory: str, out: str, resume: bool, slow: bool) -> None:
     torch.save(model.state_dict(), out)
 
 
-RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite}
+# -- torchdata StatefulDataLoader under CheckpointManager, saved mid-epoch ----------------------
+
+def torchdata(directory: str, out: str, resume: bool, slow: bool) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from ckpt import CheckpointManager
+
+    torch.manual_seed(0)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = StatefulDataLoader(data(), batch_size=4, shuffle=True, num_workers=2)
+    with CheckpointManager(directory, model=model, optimizer=opt, loader=loader) as mgr:
+        start = mgr.resume() if resume else 0
+        step = mgr.step if resume else 0
+        for epoch in range(start, 3):
+            for x, y in loader:
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                step += 1
+                if step % 5 == 0:
+                    mgr.save(epoch=epoch, step=step, mid_epoch=True)
+                    pause(slow)
+    torch.save(model.state_dict(), out)
+
+
+RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite, "torchdata": torchdata}
 
 
 def main(argv: List[str]) -> None:
