@@ -5,6 +5,8 @@ calls :meth:`Cadence.due` once per training step (``mgr.should_save(step=...)``)
 :meth:`Cadence.saved` after every save with the seconds the loop was blocked. A save is
 due when any configured rule says so:
 
+* at most once per step: never at the step of the last save (a loop that asks per
+  micro-batch saves a step once), preemption included.
 * ``preempted=True``: always, even with no option set (then nothing else is ever due).
 * ``every_steps=N``: at the multiples of N. Counting is by step number, so a resumed run
   saves at the same steps as an uninterrupted one. A multiple that was skipped (no due()
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import statistics
 import time
 from collections import deque
@@ -53,6 +56,10 @@ STEP_WINDOW = 16
 COST_WINDOW = 5
 STATE_VERSION = 1
 _REL_TOL = 1e-9  # absorbs float noise so an exact ratio c / (f * t) does not round up
+MIN_OVERHEAD = 1e-6  #: a smaller max_overhead would mean "never save": refused
+MAX_STEPS = 10 ** 12  #: every_steps beyond this never triggers in any real run: refused
+MAX_SECONDS = 10 * 365 * 86400.0  #: every_seconds beyond ten years likewise; also the bound of saved timings
+MAX_INTERVAL = 10 ** 12  #: the adaptive interval is clamped here (no overflow on odd measurements)
 
 
 class Cadence:
@@ -73,6 +80,11 @@ class Cadence:
         self._interval: int | None = None  # c / (f * t) rounded up, before any floor
         self._logged: int | None = None
         self._restart()
+
+    def fresh(self) -> Cadence:
+        """A cadence with the same options and nothing measured (after damaged saved state)."""
+        return Cadence(every_steps=self.every_steps, every_seconds=self.every_seconds,
+                       max_overhead=self.max_overhead, clock=self._clock)
 
     def _restart(self) -> None:
         """Forget what belongs to this process only: the first step seen and clock readings."""
@@ -111,6 +123,8 @@ class Cadence:
         step = _step(step)
         now = self._clock()
         first, since = self._observe(step, now)
+        if step == self._last_saved:
+            return False  # once per step: asked again (per micro-batch) after the save at this step
         if preempted:
             return True
         anchor = first - 1 if self._last_saved is None else max(self._last_saved, first - 1)
@@ -169,7 +183,8 @@ class Cadence:
             return
         t = max(statistics.median(self._step_times), 1e-12)
         c = statistics.median(self._costs)
-        self._interval = max(1, math.ceil(c / (self.max_overhead * t) * (1 - _REL_TOL)))
+        ratio = c / (self.max_overhead * t) * (1 - _REL_TOL)
+        self._interval = MAX_INTERVAL if not ratio < MAX_INTERVAL else max(1, math.ceil(ratio))
 
     # -- resume ---------------------------------------------------------------------
 
@@ -204,18 +219,26 @@ def _step(value: Any) -> int:
     return value
 
 
+def _number(value: Any) -> bool:
+    """A real number that is not a bool (numpy scalars included; strings are not)."""
+    return not isinstance(value, (bool, str, bytes)) and isinstance(value, numbers.Real)
+
+
 def _positive_int(name: str, value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ConfigError(f"{name} must be an int > 0 or None, got {value!r}",
+    if value is None:
+        return None
+    if not (_number(value) and isinstance(value, numbers.Integral)) or not 0 < int(value) <= MAX_STEPS:
+        raise ConfigError(f"{name} must be an int in 1..{MAX_STEPS} or None, got {value!r}",
                           hint=f"pass {name}=1000, for example, or leave it out")
-    return value
+    return int(value)
 
 
 def _positive_seconds(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ConfigError(f"every_seconds must be a finite number > 0 or None, got {value!r}",
+    if not _number(value) or not 0 < value <= MAX_SECONDS:  # NaN fails both comparisons
+        raise ConfigError(f"every_seconds must be a number of seconds in (0, {MAX_SECONDS:.0f}] (ten years) or "
+                          f"None, got {value!r}",
                           hint="pass every_seconds=1800 for a save each half hour, or leave it out")
     return float(value)
 
@@ -223,8 +246,8 @@ def _positive_seconds(value: Any) -> float | None:
 def _fraction(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"max_overhead must be a fraction in (0, 1) or None, got {value!r}",
+    if not _number(value) or not MIN_OVERHEAD <= value < 1:
+        raise ConfigError(f"max_overhead must be a fraction in [{MIN_OVERHEAD:g}, 1) or None, got {value!r}",
                           hint="pass max_overhead=0.02 to spend at most 2% of training time on saves")
     return float(value)
 
@@ -232,7 +255,8 @@ def _fraction(value: Any) -> float | None:
 def _seconds_list(state: Mapping[str, Any], key: str) -> list[float]:
     values = state.get(key)
     if not isinstance(values, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in values):
-        raise StateMismatchError(f"cadence state {key!r} must be a list of seconds >= 0, got {values!r}",
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_SECONDS for v in values):
+        raise StateMismatchError(f"cadence state {key!r} must be a list of seconds in [0, {MAX_SECONDS:.0f}], "
+                                 f"got {str(values)[:200]}",
                                  hint="pass what Cadence.state_dict() returned")
     return [float(v) for v in values]

@@ -127,6 +127,7 @@ class CheckpointManager:
         self._protected: Optional[Tuple[int, int]] = None
         self._specs = spec.SpecCache()  # each tracked module's architecture, captured once
         self._closed = False
+        self._stop_after_save = False  # should_save() said yes to a preemption: save() then ends the run
         self._lock = threading.RLock()
         self._dist = _coordinator(self.options)  # None without a process group: nothing imported
         self._writer = background.create(self._catalog.store.url, self.options.async_save and self._dist is None)
@@ -171,8 +172,19 @@ class CheckpointManager:
 
             if mgr.should_save(step=global_step):
                 mgr.save(epoch=epoch, step=global_step, mid_epoch=True)
+
+        True at most once per step: asked again after the save at ``step`` (per
+        micro-batch, say) it is False. When it is True because of a preemption signal,
+        the next :meth:`save` commits, closes the manager and raises
+        :class:`ckpt.Preempted` (exit status 128 + signal), as :meth:`save_if_preempted`
+        does, so the loop above ends the run instead of saving at every later step. Under
+        a process group ranks see signals at different steps: agree on the flag yourself
+        (see the README's distributed section); save() then does not end the run.
         """
-        return self.cadence.due(opts.count("step", step), preempted=self.preempted)
+        due = self.cadence.due(opts.count("step", step), preempted=self.preempted)
+        if due and self.preempted and self._dist is None:
+            self._stop_after_save = True  # the save this asks for ends the run (see save())
+        return due
 
     @property
     def save_interval(self) -> Optional[int]:
@@ -191,8 +203,18 @@ class CheckpointManager:
         unless ``overwrite=True``; an end-of-epoch save replaces a mid-epoch
         checkpoint of the same (epoch, step) without asking. With ``async_save`` it
         returns the pending record (size 0, no checksum) once the state is copied;
-        :attr:`latest` is the committed record after :meth:`wait`.
+        :attr:`latest` is the committed record after :meth:`wait`. After
+        :meth:`should_save` said yes to a preemption signal, it commits, closes the
+        manager and raises :class:`ckpt.Preempted`.
         """
+        record = self._save(epoch, step, metrics, extra, mid_epoch, overwrite)
+        if self._stop_after_save and self._preemption is not None:
+            self._stop_after_save = False
+            raise preempt.stop(self, self._preemption, epoch=record.epoch, step=record.step)
+        return record
+
+    def _save(self, epoch: Optional[int], step: Optional[int], metrics: Optional[Mapping[str, Any]],
+              extra: Optional[Mapping[str, Any]], mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
         started = time.perf_counter()
         with self._lock:
             self._check_open()
@@ -365,8 +387,10 @@ class CheckpointManager:
         if isinstance(cadence, dict):
             try:
                 self.cadence.load_state_dict(cadence, step=record.step)
-            except StateMismatchError as e:
-                warnings.warn(f"{record.path}: save cadence state ignored ({e})", stacklevel=3)
+            except (StateMismatchError, ValueError, TypeError) as e:  # damaged: measure afresh
+                self.cadence = self.cadence.fresh()
+                warnings.warn(f"{record.path}: save cadence state ignored and reset "
+                              f"({getattr(e, 'message', e)}); the interval is measured again", stacklevel=3)
         self.resumed = records.with_extra(record, dict(extra) if isinstance(extra, dict) else {})
         self.epoch, self.step = record.epoch, record.step
         self._protected = record.key

@@ -1,0 +1,163 @@
+"""Cadence and preemption under the values and loops users write (hardening round):
+the README's ``should_save`` loop ends the run after a preemption save, a step is saved
+once however often it is asked, and edge values of the options are refused at
+construction while damaged saved cadence state is reset with a warning."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from ckpt import CheckpointManager, ConfigError
+from ckpt.cadence import Cadence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LOOP = textwrap.dedent("""
+    import os, signal, sys, torch
+    from ckpt import CheckpointManager
+    model = torch.nn.Linear(2, 2)
+    mgr = CheckpointManager(sys.argv[1], model=model, every_steps=100, preemption=True, keep_last=3,
+                            async_save=sys.argv[2] == "async")
+    saves = 0
+    try:
+        for step in range(1, 40):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            for micro in range(2):  # asked once per micro-batch
+                if mgr.should_save(step=step):
+                    mgr.save(epoch=0, step=step, mid_epoch=True)
+                    saves += 1
+    finally:
+        print("saves", saves, flush=True)
+    print("loop ended without exiting", flush=True)
+""")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_readme_cadence_loop_exits_143_after_one_preemption_save(tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mode], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout + done.stderr
+    assert "saves 0" in done.stdout and "loop ended" not in done.stdout, done.stdout  # save() itself ended it
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-e*.pt")) == ["ckpt-e000000-s000000005.pt"]
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_should_save_is_true_once_per_step(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), every_steps=2) as mgr:
+        saved: List[int] = []
+        for step in range(1, 9):
+            for _ in range(3):
+                if mgr.should_save(step=step):
+                    mgr.save(epoch=0, step=step, mid_epoch=True)  # a second save would raise CheckpointExistsError
+                    saved.append(step)
+        assert saved == [2, 4, 6, 8]
+
+
+def test_preemption_without_a_save_leaves_should_save_true_and_catching_preempted_works(tmp_path: Path) -> None:
+    import ckpt
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), preemption=[signal.SIGUSR1])
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert mgr.should_save(step=3) and mgr.should_save(step=3)  # not saved yet: still due
+        with pytest.raises(ckpt.Preempted) as e:
+            mgr.save(epoch=0, step=3, mid_epoch=True)
+        assert e.value.code == 128 + signal.SIGUSR1 and e.value.record.step == 3
+        assert [r.step for r in CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2)).checkpoints] == [3]
+    finally:
+        mgr.close()
+
+
+def test_a_save_without_should_save_is_unchanged_by_a_signal(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), preemption=[signal.SIGUSR1])
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert mgr.preempted
+        mgr.save(epoch=0, step=1, mid_epoch=True)  # "break out of the loop yourself" (README)
+        mgr.save(epoch=0, step=2, mid_epoch=True)
+    finally:
+        mgr.close()
+
+
+BAD_OPTIONS: List[Dict[str, Any]] = [
+    {"every_steps": 0}, {"every_steps": -1}, {"every_steps": True}, {"every_steps": False}, {"every_steps": 2.0},
+    {"every_steps": math.nan}, {"every_steps": math.inf}, {"every_steps": 10 ** 30}, {"every_steps": "100"},
+    {"every_seconds": 0}, {"every_seconds": -5.0}, {"every_seconds": math.nan}, {"every_seconds": math.inf},
+    {"every_seconds": 1e308}, {"every_seconds": True}, {"every_seconds": "60"},
+    {"max_overhead": 0}, {"max_overhead": -0.1}, {"max_overhead": 1}, {"max_overhead": 1.5},
+    {"max_overhead": math.nan}, {"max_overhead": math.inf}, {"max_overhead": 5e-324}, {"max_overhead": 1e-300},
+    {"max_overhead": True}, {"max_overhead": "0.02"},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_OPTIONS, ids=[repr(k) for k in BAD_OPTIONS])
+def test_bad_cadence_values_are_refused_at_construction(tmp_path: Path, kwargs: Dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as e:
+        CheckpointManager(tmp_path / "run", model=torch.nn.Linear(2, 2), **kwargs)
+    name = next(iter(kwargs))
+    assert name in str(e.value) and "hint: pass" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+GOOD_OPTIONS: List[Dict[str, Any]] = [
+    {"every_steps": 1}, {"every_steps": 10 ** 12}, {"every_seconds": 0.001}, {"every_seconds": 3600},
+    {"max_overhead": 1e-6}, {"max_overhead": 0.999}, {"every_steps": torch.tensor(5).numpy().item()},
+]
+
+
+@pytest.mark.parametrize("kwargs", GOOD_OPTIONS, ids=[repr(k) for k in GOOD_OPTIONS])
+def test_edge_but_valid_cadence_values_run_a_loop(tmp_path: Path, kwargs: Dict[str, Any]) -> None:
+    ticks = iter(range(10 ** 6))
+    cad = Cadence(clock=lambda: float(next(ticks)) * 0.01, **kwargs)
+    for step in range(1, 50):
+        if cad.due(step):
+            cad.saved(step, stall=0.5)
+    assert cad.interval_steps is None or cad.interval_steps >= 1
+
+
+def test_the_smallest_overhead_still_saves_and_never_divides_by_zero() -> None:
+    ticks = iter(range(10 ** 6))
+    cad = Cadence(max_overhead=1e-6, every_steps=20, clock=lambda: next(ticks) * 1e-300)  # absurd step times
+    saved = [s for s in range(1, 100) if cad.due(s) and (cad.saved(s, stall=1e6) or True)]
+    assert saved and all(b - a <= 20 for a, b in zip(saved, saved[1:]))  # the every_steps floor holds
+
+
+@pytest.mark.parametrize("state", [
+    {"version": 1, "last_saved_step": 5, "step_times": [0.1], "save_costs": [1e308]},
+    {"version": 1, "last_saved_step": 5, "step_times": [1e308], "save_costs": [1.0]},
+    {"version": 1, "last_saved_step": 5, "step_times": [math.nan], "save_costs": [1.0]},
+    {"version": 1, "last_saved_step": 5, "step_times": [-1.0], "save_costs": [1.0]},
+    {"version": 1, "last_saved_step": -3, "step_times": [], "save_costs": []},
+    {"version": 1, "last_saved_step": 5, "step_times": "fast", "save_costs": []},
+    {"version": 99},
+])
+def test_damaged_cadence_state_in_a_checkpoint_is_reset_with_a_warning(tmp_path: Path, state: Dict[str, Any]) -> None:
+    with CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), max_overhead=0.05) as mgr:
+        mgr.save(epoch=0, step=5, mid_epoch=True)
+    path = next(tmp_path.glob("ckpt-e*.pt"))
+    obj = torch.load(path, weights_only=True)
+    obj["ckpt"]["cadence"] = state
+    torch.save(obj, path)
+    (tmp_path / "ckpt-index.json").unlink()  # the file is adopted as it is now (its checksum changed)
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), max_overhead=0.05)
+    with pytest.warns(UserWarning, match="cadence state ignored and reset"):
+        assert mgr.resume() == 0
+    assert mgr.cadence.save_cost is None and mgr.cadence.step_time is None
+    for step in range(6, 30):  # the loop goes on: a warm-up save measures the cost again
+        if mgr.should_save(step=step):
+            mgr.save(epoch=0, step=step, mid_epoch=True)
+    assert mgr.cadence.save_cost is not None
+    mgr.close()
