@@ -13,7 +13,7 @@ needs (one copy of the state); :meth:`Stager.release` frees them.
 from __future__ import annotations
 
 import collections
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -57,7 +57,8 @@ class _Run:
     def __init__(self, previous: Dict[KeyPath, torch.Tensor]) -> None:
         self.previous = previous
         self.fresh: Dict[KeyPath, torch.Tensor] = {}
-        self.seen: Dict[_Alias, torch.Tensor] = {}
+        self.seen: Dict[_Alias, torch.Tensor] = {}  # full keys, only where addresses repeat
+        self.ptrs: Dict[int, Tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # address -> first (tensor, buffer)
         self.devices: Set[torch.device] = set()
         self.cuda = torch.cuda.is_available()  # once per save, not per tensor
         self.dst: List[torch.Tensor] = []  # host-to-host copies, made in one batch by copy()
@@ -65,28 +66,40 @@ class _Run:
 
     def walk(self, value: Any, path: KeyPath) -> Any:
         kind = type(value)
-        if isinstance(value, torch.Tensor):
+        if kind is torch.Tensor or kind is torch.nn.Parameter or isinstance(value, torch.Tensor):
             return self.tensor(value, path)
-        if kind is dict or kind is collections.OrderedDict:
-            return kind((k, self.walk(v, path + (k,))) for k, v in value.items())
-        if kind is list or kind is tuple:
-            return kind(self.walk(v, path + (i,)) for i, v in enumerate(value))
+        walk = self.walk
+        if kind is dict:  # a comprehension: per-entry cost matters with thousands of tensors
+            return {k: walk(v, path + (k,)) for k, v in value.items()}
+        if kind is collections.OrderedDict:
+            return kind([(k, walk(v, path + (k,))) for k, v in value.items()])
+        if kind is list:
+            return [walk(v, path + (i,)) for i, v in enumerate(value)]
+        if kind is tuple:
+            return tuple([walk(v, path + (i,)) for i, v in enumerate(value)])
         if kind is bytearray or kind is set:
             return kind(value)
         return value  # immutable: numbers, strings, bytes, torch.Size, dtypes, devices
 
     def tensor(self, t: torch.Tensor, path: KeyPath) -> torch.Tensor:
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided or t.is_meta:
             return t.detach().to("cpu", copy=True)  # rare kinds: a plain copy, not pooled
-        alias = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-        if t.nelement() and alias in self.seen:  # the same tensor twice (tied weights)
-            return self.seen[alias]
-        pinned = t.device.type == "cuda"
+        ptr = t.data_ptr()
+        first = self.ptrs.get(ptr)
+        if first is not None and t.nelement():  # another tensor at this address: the same one twice?
+            if first[0] is not None:  # the full key of the first one, built only now
+                self.seen[_alias(first[0])] = first[1]
+                self.ptrs[ptr] = (None, first[1])
+            same = self.seen.get(_alias(t))
+            if same is not None:  # tied weights
+                return same
+        pinned = t.is_cuda
         buffer = self.previous.pop(path, None)
-        if buffer is None or not _fits(buffer, t, pinned, self.cuda):
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype \
+                or (self.cuda and buffer.is_pinned() != pinned):
             del buffer  # free the old buffer before allocating its replacement
             buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-        if t.device.type == "cpu" and _FOREACH_COPY is not None:
+        if t.is_cpu and _FOREACH_COPY is not None:
             self.dst.append(buffer)
             self.src.append(t)
         else:
@@ -94,7 +107,10 @@ class _Run:
         if pinned:
             self.devices.add(t.device)
         self.fresh[path] = buffer
-        self.seen[alias] = buffer
+        if first is None:
+            self.ptrs[ptr] = (t, buffer)
+        else:
+            self.seen[_alias(t)] = buffer
         return buffer
 
     def copy(self) -> None:
@@ -107,6 +123,5 @@ class _Run:
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
-def _fits(buffer: torch.Tensor, t: torch.Tensor, pinned: bool, cuda: bool) -> bool:
-    is_pinned = cuda and buffer.is_pinned()
-    return buffer.shape == t.shape and buffer.dtype == t.dtype and is_pinned == pinned
+def _alias(t: torch.Tensor) -> _Alias:
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
