@@ -53,7 +53,10 @@ def check(name: str, loader: Any, state: Any, path: str) -> None:
 
 def after_load(loader: Any, state: Any) -> None:
     """Make the next iterator's seed draw leave the global RNG alone (see the module doc)."""
-    if not is_stateful_loader(loader) or not state or loader.generator is not None:
+    if not is_stateful_loader(loader) or not state:
+        return
+    loader = getattr(loader, "base_dataloader", loader)  # Accelerate's DataLoaderShard wraps one
+    if loader.generator is not None:
         return
     loader.generator = torch.Generator()
 
