@@ -68,23 +68,22 @@ def chunk_count(n: int, rows: int) -> int:
     return (n + rows - 1) // rows
 
 
-def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], load: LoadPack) -> Plan:
+def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], peek: LoadPack, verified: Callable[[str], bool]) -> Plan:
     """The chunks of ``data`` (a contiguous CPU tensor, dim >= 1) to write, given the
-    previous checkpoint's reference ``old`` for the same entry (or None)."""
+    previous checkpoint's reference ``old`` for the same entry (or None). ``peek``
+    maps a pack without checking it; a chunk is reused only from a pack ``verified``
+    (its checksum) says is intact."""
     rows = rows_per_chunk(data)
     n = data.shape[0]
     count = chunk_count(n, rows)
     packs: List[str] = []
     where = torch.zeros((count, 2), dtype=torch.int32)
     changed = torch.ones(count, dtype=torch.bool)
-    if old is not None and _compatible(old, data, rows):
-        previous, valid = gather(old, load, on_missing="invalid")
-        if previous is not None:
-            same = same_chunks(as_rows(data), as_rows(previous), rows) & valid
-            changed = ~same
-            packs = list(old["packs"])
-            where = old["where"].to("cpu", torch.int32).clone()
-            changed |= _sparse_packs(where, changed, len(packs))
+    if old is not None and _compatible(old, data, rows) and old["where"].shape == (count, 2):
+        packs = list(old["packs"])
+        where = old["where"].to("cpu", torch.int32).clone()
+        changed = ~_same(as_rows(data), packs, where, rows, peek, verified)
+        changed |= _sparse_packs(where, changed, len(packs))
     if not bool(changed.any()):
         return Plan(None, _ref(data, rows, packs, where), packs)
     picked = torch.nonzero(changed).flatten()
@@ -94,6 +93,68 @@ def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], load: LoadPack) -> P
     where[picked, 0] = len(kept)
     where[picked, 1] = starts
     return Plan(pack.reshape((pack.shape[0],) + tuple(data.shape[1:])), _ref(data, rows, kept + [""], where), kept)
+
+
+#: Chunks compared first: when none of them is unchanged, the tensor is written whole
+#: without reading the rest of the previous packs (a trained tensor costs a full save).
+SAMPLE = 32
+
+
+def _same(new: torch.Tensor, packs: List[str], where: torch.Tensor, rows: int, peek: LoadPack,
+          verified: Callable[[str], bool]) -> torch.Tensor:
+    """Per chunk: equal to the stored chunk, in a pack that passes its checksum."""
+    count = where.shape[0]
+    same = torch.zeros(count, dtype=torch.bool)
+    loaded: Dict[int, Optional[torch.Tensor]] = {}
+
+    def pack(p: int) -> Optional[torch.Tensor]:
+        if p not in loaded:
+            got = peek(packs[p]) if 0 <= p < len(packs) else None
+            loaded[p] = as_rows(got) if got is not None and got.dim() >= 1 else None
+        return loaded[p]
+
+    def compare(chunks: torch.Tensor) -> None:
+        owner = where[chunks, 0].long()
+        for p in _distinct(owner):
+            cs = chunks[owner == p]
+            src = pack(int(p))
+            if src is not None and src.dtype == new.dtype and src.shape[1:] == new.shape[1:]:
+                same[cs] = _equal_chunks(new, src, cs, where[cs, 1].long(), rows)
+
+    if count > SAMPLE:
+        compare(torch.tensor(_distinct(torch.linspace(0, count - 1, SAMPLE).long()), dtype=torch.long))
+        if not bool(same.any()):
+            return same  # every sampled chunk changed: write the tensor whole
+    compare(torch.arange(count))
+    for p in _distinct(where[same, 0]):
+        if not verified(packs[int(p)]):  # damaged: its chunks are written again
+            same[where[:, 0] == p] = False
+    return same
+
+
+def _equal_chunks(new: torch.Tensor, src: torch.Tensor, cs: torch.Tensor, starts: torch.Tensor,
+                  rows: int) -> torch.Tensor:
+    """Per chunk of ``cs``: are its rows in ``new`` the rows of ``src`` from ``starts``?"""
+    n = new.shape[0]
+    count = chunk_count(n, rows)
+    if 2 * cs.numel() > count and src.shape[0] == n and torch.equal(starts, cs * rows):  # as the tensor
+        a, b = _bits(new), _bits(src)
+        if a is not None and b is not None and torch.equal(a, b):
+            return torch.ones(cs.numel(), dtype=torch.bool)
+        return same_chunks(new, src, rows)[cs]
+    offsets = torch.arange(rows)
+    dest, source = (cs[:, None] * rows + offsets).flatten(), (starts[:, None] + offsets).flatten()
+    inside = dest < n
+    dest, source = dest[inside], source[inside]
+    if source.numel() == 0 or int(source.max()) >= src.shape[0]:
+        return torch.zeros(cs.numel(), dtype=torch.bool)
+    a, b = _bits(new.index_select(0, dest)), _bits(src.index_select(0, source))
+    if a is None or b is None:
+        return torch.zeros(cs.numel(), dtype=torch.bool)
+    differs = (a != b).reshape(dest.numel(), -1).any(dim=1)
+    bad = torch.zeros(count, dtype=torch.bool)
+    bad[torch.div(dest[differs], rows, rounding_mode="floor")] = True
+    return ~bad[cs]
 
 
 def gather(ref: Dict[str, Any], load: LoadPack, *,
@@ -155,6 +216,13 @@ def _bits(t: torch.Tensor) -> Optional[torch.Tensor]:
     return raw
 
 
+def _distinct(values: torch.Tensor) -> List[int]:
+    """The distinct values of a tensor of small non-negative integers, ascending."""
+    if values.numel() == 0:
+        return []
+    return [int(v) for v in torch.nonzero(torch.bincount(values.long().flatten())).flatten().tolist()]
+
+
 def _compatible(old: Dict[str, Any], data: torch.Tensor, rows: int) -> bool:
     try:
         return (old.get("v") == VERSION and str(old["dtype"]) == _dtype_name(data.dtype)
@@ -180,7 +248,7 @@ def _sparse_packs(where: torch.Tensor, changed: torch.Tensor, packs: int) -> tor
 def _drop_unused(packs: List[str], where: torch.Tensor, changed: torch.Tensor) -> List[str]:
     """The packs still referenced by unchanged chunks, renumbered in ``where``."""
     keep = ~changed
-    used = sorted(set(where[keep, 0].tolist()))
+    used = _distinct(where[keep, 0])
     remap = torch.full((max(len(packs), 1),), -1, dtype=torch.int32)
     for i, p in enumerate(used):
         remap[p] = i

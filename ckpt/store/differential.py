@@ -74,15 +74,18 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
     used: Dict[str, str] = {}
     written: List[str] = []
 
-    def load(name: str) -> Optional[torch.Tensor]:
+    def peek(name: str) -> Optional[torch.Tensor]:
         if name not in known:
             return None
         try:
             with store.local_path(name) as local:
-                pack = torchfile.load(local, map_location="cpu", checksum=known[name], mmap=True)
+                pack = torchfile.load(local, map_location="cpu", mmap=True)  # checked if reused
         except (CkptError, OSError, RuntimeError, ValueError, EOFError):
-            return None  # gone or damaged: its chunks are written again
+            return None  # gone or unreadable: its chunks are written again
         return pack if isinstance(pack, torch.Tensor) else None
+
+    def verified(name: str) -> bool:
+        return _intact(store, name, known[name])
 
     def out_of_line(tensor: torch.Tensor, path: Path_) -> Any:
         if tensor.layout != torch.strided or tensor.dim() == 0 or \
@@ -90,7 +93,7 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
             return tensor
         old = before.get(path)
         prior = old[chunks.KEY] if old is not None and chunks.is_ref(old) else None
-        done = chunks.plan(_plain(tensor), prior, load)
+        done = chunks.plan(_plain(tensor), prior, peek, verified)
         ref = done.ref[chunks.KEY]
         for name in done.reused:
             used[name] = known[name]
@@ -99,6 +102,7 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
             result = torchfile.write(store, name, done.pack, nbytes=done.pack.nbytes, progress=progress)
             written.append(name)
             used[name] = result.checksum
+            _remember(store, name, result.checksum)
             ref["packs"] = [name if n == "" else n for n in ref["packs"]]
         return done.ref
 
@@ -112,6 +116,45 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
     header = replace(checkpoint.header, blobs=tuple(sorted(used.items())))
     small = schema.check_loadable({k: v for k, v in obj.items() if k not in _OWN}, "state")
     return schema.Checkpoint(obj, header, small), written
+
+
+#: Packs this process wrote or verified: (store, name) -> (checksum, file identity then).
+#: A pack whose file is unchanged since (same inode, size and modification time) is not
+#: read again to check it; any write to it (a corruption, a replacement) changes that.
+_INTACT: Dict[Tuple[str, str], Tuple[str, Tuple[int, ...]]] = {}
+
+
+def _identity(store: Store, name: str) -> Optional[Tuple[int, ...]]:
+    directory = getattr(store, "directory", None)  # local files only: a download is new each time
+    if not isinstance(directory, Path):
+        return None
+    try:
+        st = (directory / name).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember(store: Store, name: str, checksum: str) -> None:
+    ident = _identity(store, name)
+    if ident is not None:
+        _INTACT[(store.url, name)] = (checksum, ident)
+
+
+def _intact(store: Store, name: str, checksum: str) -> bool:
+    """Does pack ``name`` match ``checksum``? (Read and summed unless this process saw
+    the same file intact already.)"""
+    seen = _INTACT.get((store.url, name))
+    if seen is not None and seen[0] == checksum and seen[1] == _identity(store, name):
+        return True
+    try:
+        with store.local_path(name) as local, torchfile.opened(local) as real:
+            torchfile.verify(real, checksum)
+    except (CkptError, OSError):
+        _INTACT.pop((store.url, name), None)
+        return False
+    _remember(store, name, checksum)
+    return True
 
 
 def resolve(store: Store, obj: Dict[str, Any], header: schema.Header, *, map_location: Any = "cpu",
