@@ -132,6 +132,7 @@ class CheckpointManager:
         self._dist = _coordinator(self.options)  # None without a process group: nothing imported
         self._writer = background.create(self._catalog.store.url, self.options.async_save and self._dist is None)
         self._records = self._catalog.open() if self._dist is None else self._dist.open(self._catalog)
+        self._preempted_agreed = False  # with a process group: every rank learned of the signal
         self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
     # option values, read by users and by the tests of earlier versions
@@ -181,9 +182,10 @@ class CheckpointManager:
         a process group ranks see signals at different steps: agree on the flag yourself
         (see the README's distributed section); save() then does not end the run.
         """
-        due = self.cadence.due(opts.count("step", step), preempted=self.preempted)
-        if due and self.preempted and self._dist is None:
-            self._stop_after_save = True  # the save this asks for ends the run (see save())
+        preempted = self._preempted_everywhere()  # with a process group: the same on every rank
+        due = self.cadence.due(opts.count("step", step), preempted=preempted)
+        if due and preempted:
+            self._stop_after_save = True  # the save this asks for ends the run (see save()), on every rank
         return due
 
     @property
@@ -448,9 +450,21 @@ class CheckpointManager:
         """Call after each optimizer step: a no-op until a preemption signal arrived; then
         save a mid-epoch checkpoint, close the manager (restoring the signal handlers) and
         raise :class:`ckpt.Preempted`, a ``SystemExit`` with status 128 + signal number."""
-        if self._preemption is not None and self._preemption.triggered:
+        if self._preemption is not None and self._preempted_everywhere():
             raise preempt.stop(self, self._preemption, epoch=epoch, step=step,
                                metrics=metrics, extra=extra)
+
+    def _preempted_everywhere(self) -> bool:
+        """This process's preemption flag; with a process group, the same on every rank:
+        one small collective per call (every rank calls should_save/save_if_preempted at
+        the same points), until a signal reached any rank -- then it is every rank's."""
+        handler = self._preemption
+        if handler is None or self._dist is None or self._preempted_agreed:
+            return handler is not None and handler.triggered
+        signum = self._dist.agree_signal(handler.received)
+        if signum is not None:
+            handler.received, self._preempted_agreed = signum, True  # every rank exits 128 + this one
+        return signum is not None
 
     def close(self) -> None:
         """Flush pending writes; the manager cannot save afterwards."""

@@ -98,6 +98,13 @@ class Coordinator:
             self.broken = True
             raise
 
+    def agree_signal(self, received: int | None) -> int | None:
+        """Collective: the preemption signal of the lowest rank that received one (None:
+        no rank did), so should_save()/save_if_preempted() answer alike on every rank."""
+        got = self._collective(cl.sync, self.ctx, "should_save()/save_if_preempted() (preemption check)",
+                               timeout=self.timeout, payload=received)
+        return next((s for s in got if s is not None), None)
+
     def barrier(self, what: str) -> None:
         self._collective(cl.sync, self.ctx, what, timeout=self.timeout)
 
