@@ -69,3 +69,40 @@ def test_sigterm_to_one_rank_preempts_every_rank_at_the_same_step(tmp_path: Path
     assert got[0]["saved"][1] == got[0]["first_true"]  # saved at the step should_save said
     saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-e"))
     assert saved == [f"ckpt-e000000-s{got[0]['saved'][1]:09d}.pt"]
+
+
+def _readme_loop(rank: int, world: int, directory: str) -> dict:
+    """The README's cadence loop: ``if should_save(): save(mid_epoch=True)``; the save ends the run."""
+    from ckpt import CheckpointManager, Preempted
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2), preemption=True, collective_timeout=20)
+    deadline = time.monotonic() + 40
+    step = 0
+    try:
+        while time.monotonic() < deadline:
+            step += 1
+            if rank == 1 and step == 20:
+                Path(directory, "pid1").write_text(str(os.getpid()))
+            time.sleep(0.002)
+            if mgr.should_save(step=step):
+                mgr.save(epoch=0, step=step, mid_epoch=True)
+    except Preempted as e:
+        return {"code": e.code, "saved": (e.record.epoch, e.record.step)}
+    mgr.close()
+    return {"code": None, "steps": step}
+
+
+def test_the_readme_cadence_loop_ends_every_rank_after_one_save(tmp_path: Path) -> None:
+    stop = threading.Event()
+    killer = threading.Thread(target=_signal_rank1, args=(tmp_path, stop), daemon=True)
+    killer.start()
+    try:
+        outs = launch(_readme_loop, 2, str(tmp_path), timeout=90)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    for out in outs:
+        assert out.error is None, out.traceback
+    got = [o.value for o in outs]
+    assert [g["code"] for g in got] == [143, 143] and got[0]["saved"] == got[1]["saved"], got
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("ckpt-e")]) == 1
