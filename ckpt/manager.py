@@ -150,6 +150,7 @@ class CheckpointManager:
 
     @property
     def latest(self) -> Optional[CheckpointRecord]:
+        """The newest committed checkpoint (None before the first)."""
         return self._records[-1] if self._records else None
 
     @property

@@ -1,7 +1,7 @@
 """The background writer of asynchronous saves: one thread, at most one save in flight.
 
 With ``CheckpointManager(..., async_save=True)``, ``save()`` snapshots the checkpoint
-into staging buffers (:mod:`ckpt.staging`) and returns; a ``ckpt-writer`` thread then
+into staging buffers (:mod:`ckpt.background.staging`) and returns; a ``ckpt-writer`` thread then
 runs the same commit as a synchronous save (write, fsync, rename, index, retention),
 so the index and retention change only once the file is durable.
 

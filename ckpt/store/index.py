@@ -151,7 +151,7 @@ def _read_one(store: Store, name: str) -> Optional[bytes]:
 
 
 def identity(store: Store) -> Optional[Identity]:
-    """The index's :data:`Identity`, None where the store cannot tell (then it is re-read)."""
+    """The index's ``Identity``, None where the store cannot tell (then it is re-read)."""
     ident = getattr(store, "identity", None)
     if ident is None:
         return None

@@ -92,7 +92,7 @@ class Overwrite:
     :mod:`ckpt.store.commit` replaces a file: the old entry leaves the index first (a crash
     now leaves a valid, unindexed checkpoint that the next scan adopts); the old one stays
     under its name while the new one is written (a directory of the same name moves to
-    :attr:`aside` only at the commit rename), and is deleted once the new index is
+    ``aside`` only at the commit rename), and is deleted once the new index is
     committed, or put back, indexed again, if the save fails before that."""
 
     def __init__(self, store: Store, old: str, new: str, records: List[CheckpointRecord]) -> None:

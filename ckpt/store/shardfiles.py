@@ -144,7 +144,7 @@ def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
     ``known`` were checked and fsynced by the rank that wrote them), write the manifest,
     fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
     appears only for a complete checkpoint, and survives a power cut once it has.
-    ``aside``: where an existing ``final_dir`` goes (an overwrite; see :func:`_swap`)."""
+    ``aside``: where an existing ``final_dir`` goes (an overwrite; see ``_swap``)."""
     files: dict[str, Any] = {}
     known = known or {}
     for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):

@@ -42,7 +42,8 @@ from .remote import FsspecStore, ObjectPath
 
 
 class TieredStore:
-    """A :class:`LocalStore` cache committed first, mirrored to an :class:`FsspecStore`."""
+    """A :class:`~ckpt.store.local.LocalStore` cache committed first, mirrored to an
+    :class:`~ckpt.store.remote.FsspecStore`."""
 
     def __init__(self, local: LocalStore, remote: FsspecStore) -> None:
         self.local = local

@@ -1,0 +1,93 @@
+"""Sphinx configuration for the ckpt documentation.
+
+Build it with ``sphinx-build -W -b html docs docs/_build/html`` (``pip install -e '.[docs]'``).
+Warnings are errors and every cross-reference must resolve (``nitpicky``); nothing is
+fetched from the network (no intersphinx), so names from torch and the standard library
+are listed in ``nitpick_ignore_regex`` instead of being linked.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+from typing import Any, Optional
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from ckpt import __version__  # noqa: E402
+
+project = "ckpt"
+author = "The ckpt authors"
+copyright = "2026, The ckpt authors"
+release = __version__
+version = ".".join(__version__.split(".")[:2])
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinxarg.ext",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+html_theme = "furo"
+html_title = f"ckpt {release}"
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+
+nitpicky = True
+_EXTERNAL = r"(torch|numpy|np|typing|typing_extensions|collections|pathlib|os|io|abc|argparse|enum|threading|" \
+            r"concurrent|dataclasses|datetime|signal|types|fsspec|s3fs|safetensors|zlib|zipfile|pickle|" \
+            r"contextlib|queue|tqdm|filelock|logging|json|functools|inspect|subprocess|socket)(\..*)?"
+nitpick_ignore_regex = [
+    (r"py:.*", _EXTERNAL),
+    (r"py:.*", r"(" + "|".join(n for n in dir(builtins) if not n.startswith("_")) + r")"),
+    (r"py:.*", r"(Any|Optional|Union|List|Dict|Tuple|Set|Callable|Iterator|Iterable|Mapping|Sequence|"
+               r"Sized|NoReturn|IO|BinaryIO|TypeVar|Protocol|Literal|PathLike|T|K|V|Self|MutableMapping|"
+               r"Generator|ContextManager|AbstractContextManager|Hashable|Collection|FrameType|Type|"
+               r"NamedTuple|Tensor|Module|Optimizer|Generator)"),
+    (r"py:.*", r"nn\..*|dist\..*|DTensor|ProcessGroup|TCPStore|Path|PurePath|PosixPath|string|_pickle\..*"),
+    (r"py:.*", r"ckpt(\.\w+)*\.[A-Z]|ckpt(\.\w+)*\._\w+|Which|preempt\.Option|PathLike"),  # type variables, private
+]
+# Names documented twice (``ckpt.CheckpointRecord`` and its canonical ``ckpt.record.CheckpointRecord``)
+# are the same object: an annotation that finds both is not ambiguous.
+suppress_warnings = ["ref.python"]
+
+
+def _resolve_short_names(app: Any, env: Any, node: Any, contnode: Any) -> Optional[Any]:
+    """Resolve an unqualified ``:class:`Name``` in a docstring to the one ckpt object of that name.
+
+    Docstrings refer to their neighbours by short name (``:class:`Catalog```); Sphinx looks
+    those up only in the current module. When exactly one documented object ends with
+    ``.Name``, link to it; otherwise the reference stays broken (and ``-W`` fails the build).
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "").lstrip(".~")
+    domain = env.get_domain("py")
+    matches = [name for name in domain.objects if name == target or name.endswith("." + target)]
+    module, cls = node.get("py:module") or "", node.get("py:class") or ""
+    tiers = [
+        [n for n in matches if cls and n.startswith(f"{module}.{cls}.")],   # a method of this class
+        [n for n in matches if module and n.startswith(f"{module}.")],       # a name of this module
+        [n for n in matches if n.count(".") == target.count(".") + 1],      # a public ckpt.Name
+        matches,
+    ]
+    chosen = next((tier for tier in tiers if len(tier) == 1), [])
+    if not chosen:
+        return None
+    from sphinx.util.nodes import make_refnode
+    obj = domain.objects[chosen[0]]
+    return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, chosen[0])
+
+
+def setup(app: Any) -> None:
+    app.connect("missing-reference", _resolve_short_names)
