@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import sys
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, List, Optional
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
@@ -46,7 +53,8 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 nitpicky = True
 _EXTERNAL = r"(torch|numpy|np|typing|typing_extensions|collections|pathlib|os|io|abc|argparse|enum|threading|" \
             r"concurrent|dataclasses|datetime|signal|types|fsspec|s3fs|safetensors|zlib|zipfile|pickle|" \
-            r"contextlib|queue|tqdm|filelock|logging|json|functools|inspect|subprocess|socket)(\..*)?"
+            r"contextlib|queue|tqdm|filelock|logging|json|functools|inspect|subprocess|socket|" \
+            r"transformers|pytorch_lightning|lightning|lightning_fabric|ignite|accelerate|torchdata|botocore)(\..*)?"
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL),
     (r"py:.*", r"(" + "|".join(n for n in dir(builtins) if not n.startswith("_")) + r")"),
@@ -55,7 +63,7 @@ nitpick_ignore_regex = [
                r"Generator|ContextManager|AbstractContextManager|Hashable|Collection|FrameType|Type|"
                r"NamedTuple|Tensor|Module|Optimizer|Generator)"),
     (r"py:.*", r"nn\..*|dist\..*|DTensor|ProcessGroup|TCPStore|Path|PurePath|PosixPath|string|_pickle\..*"),
-    (r"py:.*", r"ckpt(\.\w+)*\.[A-Z]|ckpt(\.\w+)*\._\w+|Which|preempt\.Option|PathLike"),  # type variables, private
+    (r"py:.*", r"ckpt(\.\w+)*\.[A-Z]|ckpt(\.\w+)*\._\w+|Which|preempt\.Option|(\w+\.)?PathLike"),  # type variables, private
 ]
 # Names documented twice (``ckpt.CheckpointRecord`` and its canonical ``ckpt.record.CheckpointRecord``)
 # are the same object: an annotation that finds both is not ambiguous.
@@ -89,5 +97,32 @@ def _resolve_short_names(app: Any, env: Any, node: Any, contnode: Any) -> Option
     return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, chosen[0])
 
 
+class RemainingModules(SphinxDirective):
+    """``.. ckpt-remaining-modules::``: ``automodule`` for every ckpt module the page does not list.
+
+    Modules added later (by any change) are documented without editing the page, and a
+    docstring's ``:mod:`` reference to them resolves.
+    """
+
+    def run(self) -> List[Any]:
+        import pkgutil
+
+        import ckpt
+
+        source = Path(self.env.doc2path(self.env.docname)).read_text()
+        listed = set(re.findall(r"automodule:: (\S+)", source))
+        names = [m.name for m in pkgutil.walk_packages(ckpt.__path__, "ckpt.")
+                 if m.name not in listed and m.name not in ("ckpt.__main__", "ckpt._version")]
+        lines = StringList()
+        for name in sorted(names):
+            for line in (f".. automodule:: {name}", "   :members:", "   :undoc-members:", ""):
+                lines.append(line, "<ckpt-remaining-modules>")
+        node = nodes.section()
+        node.document = self.state.document
+        nested_parse_with_titles(self.state, lines, node)
+        return list(node.children)
+
+
 def setup(app: Any) -> None:
     app.connect("missing-reference", _resolve_short_names)
+    app.add_directive("ckpt-remaining-modules", RemainingModules)
