@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from docutils import nodes
+from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
@@ -70,6 +71,18 @@ nitpick_ignore_regex = [
 suppress_warnings = ["ref.python"]
 
 
+def _defined_there(name: str) -> bool:
+    """Is the documented ``name`` where its object is defined (not a module's re-export)?"""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return getattr(obj, "__module__", None) == module
+
+
 def _resolve_short_names(app: Any, env: Any, node: Any, contnode: Any) -> Optional[Any]:
     """Resolve an unqualified ``:class:`Name``` in a docstring to the one ckpt object of that name.
 
@@ -87,8 +100,14 @@ def _resolve_short_names(app: Any, env: Any, node: Any, contnode: Any) -> Option
         [n for n in matches if cls and n.startswith(f"{module}.{cls}.")],   # a method of this class
         [n for n in matches if module and n.startswith(f"{module}.")],       # a name of this module
         [n for n in matches if n.count(".") == target.count(".") + 1],      # a public ckpt.Name
+        [n for n in matches if _defined_there(n)],                          # not a re-export
         matches,
     ]
+    if not matches and target.startswith("ckpt.") and target.count(".") == 1:
+        # a public name (``ckpt.ConfigError``) documented where it is defined (``ckpt.errors``)
+        short = target.split(".")[-1]
+        found = [n for n in domain.objects if n.startswith("ckpt.") and n.endswith("." + short)]
+        tiers = [found, [n for n in found if _defined_there(n)]]
     chosen = next((tier for tier in tiers if len(tier) == 1), [])
     if not chosen:
         return None
@@ -104,13 +123,15 @@ class RemainingModules(SphinxDirective):
     docstring's ``:mod:`` reference to them resolves.
     """
 
+    option_spec = {"exclude": directives.unchanged}
+
     def run(self) -> List[Any]:
         import pkgutil
 
         import ckpt
 
         source = Path(self.env.doc2path(self.env.docname)).read_text()
-        listed = set(re.findall(r"automodule:: (\S+)", source))
+        listed = set(re.findall(r"automodule:: (\S+)", source)) | set(self.options.get("exclude", "").split())
         names = [m.name for m in pkgutil.walk_packages(ckpt.__path__, "ckpt.")
                  if m.name not in listed and m.name not in ("ckpt.__main__", "ckpt._version")]
         lines = StringList()

@@ -133,7 +133,7 @@ class Group:
 
 
 def default_timeout() -> float:
-    """The default process group's own timeout plus :data:`MARGIN_S`: how long a ckpt
+    """The default process group's own timeout plus ``MARGIN_S``: how long a ckpt
     collective waits by default (the group's timeout is the store's, which
     ``init_process_group(timeout=...)`` sets)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -18,7 +18,7 @@ Guarantees, as for full checkpoints:
   matches its recorded checksum (a damaged pack is never referenced again);
 * packs are committed (atomically, durably) before the checkpoint that references them,
   so a crash leaves at most unreferenced packs, deleted by a writer that holds the
-  directory's lock (:func:`collect`), never by a reader;
+  directory's lock (``collect``), never by a reader;
 * retention deletes a pack only after the commit, and only when no kept checkpoint
   references it.
 

@@ -19,7 +19,7 @@ Object stores have no rename, no fsync and no lock, so commit means *commit-last
    resumed; :meth:`clean_temporaries` removes such objects once they are old enough
    not to be a live upload.
 
-One writer per run directory: there is no lock. :meth:`lock` detects a second writer
+One writer per run directory: there is no lock. :meth:`~ckpt.store.base.Store.lock` detects a second writer
 instead: the first writer's lock claims the directory with a token
 (``.ckpt-writer``), and every later lock checks it, so a writer that another has
 taken over from (a zombie after a restart) stops at its next commit with a clear
@@ -114,7 +114,7 @@ class FsspecStore(WriterClaim):
         self.deadline = float(deadline)
         self.stale_after = stale_after
         self._token: Optional[str] = None
-        #: False for a tool (``ckpt prune``): it never takes a run over from a writer (see :meth:`lock`).
+        #: False for a tool (``ckpt prune``): it never takes a run over from a writer (see :meth:`~ckpt.store.base.Store.lock`).
         self.writer = writer
         self._check_reachable()
 
