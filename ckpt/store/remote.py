@@ -114,7 +114,8 @@ class FsspecStore(WriterClaim):
         self.deadline = float(deadline)
         self.stale_after = stale_after
         self._token: Optional[str] = None
-        #: False for a tool (``ckpt prune``): it never takes a run over from a writer (see :meth:`~ckpt.store.base.Store.lock`).
+        #: False for a tool (``ckpt prune``): it never takes a run over from a writer
+        #: (see :meth:`~ckpt.store.base.Store.lock`).
         self.writer = writer
         self._check_reachable()
 
