@@ -151,3 +151,25 @@ def test_prune_never_takes_a_live_run_over(server: MotoServer, bucket: str) -> N
     again = manager(url, server)  # and a new writer opens it
     again.save(epoch=4)
     again.close()
+
+
+def test_a_killed_writers_multipart_upload_is_aborted_when_the_next_writer_claims_the_run(
+        server: MotoServer, bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    # what a writer SIGKILLed mid-upload leaves: an open multipart upload under the run
+    up = s3.create_multipart_upload(Bucket=bucket, Key="run/ckpt-e000003-s000000000.pt")
+    s3.upload_part(Bucket=bucket, Key="run/ckpt-e000003-s000000000.pt", UploadId=up["UploadId"],
+                   PartNumber=1, Body=b"x" * (5 << 20))
+    other = s3.create_multipart_upload(Bucket=bucket, Key="elsewhere/big.bin")  # not this run's
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 2
+    reader = manager(f"s3://{bucket}/run", server)  # opening alone (an eval job) aborts nothing
+    assert reader.checkpoints == []
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 2
+    writer = manager(f"s3://{bucket}/run", server)
+    writer.save(epoch=0)  # claims the run: the dead writer's upload is aborted
+    left = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [other["UploadId"]]
+    writer.close()

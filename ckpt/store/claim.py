@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -35,6 +36,9 @@ class WriterClaim:
     def _retry(self, fn: Callable[[], T], name: str = "", action: str = "accessing the store") -> T:
         raise NotImplementedError
 
+    def abort_uploads(self, before: float) -> int:
+        raise NotImplementedError
+
     def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
         return self._writer_check()
 
@@ -52,6 +56,7 @@ class WriterClaim:
             self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), token.encode()), WRITER_NAME,
                         "claiming the run directory")
             self._token = token
+            self.abort_uploads(before=time.time())  # a previous writer's: it is dead or taken over
         elif self._claimant() != self._token:
             raise self._conflict()
         yield self

@@ -347,6 +347,26 @@ class FsspecStore(WriterClaim):
                     removed.append(name)
         return removed
 
+    def abort_uploads(self, before: float) -> int:
+        """Abort the unfinished multipart uploads under this run started before ``before``
+        (seconds since the epoch): a killed writer's, which S3 keeps (and bills) forever.
+        Called by a writer when it claims the run; S3 only, best effort. Returns how many."""
+        call = getattr(self.fs, "call_s3", None)
+        if call is None:
+            return 0
+        bucket, _, prefix = self.root.strip("/").partition("/")
+        aborted = 0
+        with suppress(Exception):
+            listed = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/" if prefix else "")
+            for up in listed.get("Uploads", []) or []:
+                started = up.get("Initiated")
+                if isinstance(started, datetime) and started.timestamp() >= before:
+                    continue
+                with suppress(Exception):
+                    call("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    aborted += 1
+        return aborted
+
     def __repr__(self) -> str:
         return f"FsspecStore({self.url!r})"
 
