@@ -18,7 +18,7 @@ LAYERS = {
     "errors": 0, "_version": 0, "progress": 0,
     "policy": 1, "cadence": 1,
     "schema": 2, "record": 2,
-    "state": 3, "spec": 3, "specvalues": 3, "sampler": 3, "preemption": 3,
+    "state": 3, "loaders": 3, "spec": 3, "specvalues": 3, "sampler": 3, "preemption": 3,
     "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5, "options": 5, "resume": 5,
     "manager": 6, "cli": 7, "integrations": 7, "__main__": 7, "__init__": 7,
 }
