@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -34,29 +33,18 @@ from ._variants import build_state
 
 
 def _transient(fn: Callable[[], Any]) -> Dict[str, float]:
-    """(seconds, peak anonymous bytes above the start, bytes still there after)."""
+    """(seconds, peak resident bytes above the start, bytes still resident after): the
+    peak is VmHWM, reset to the current RSS first (exact, unlike sampling)."""
     gc.collect()
-    base = h.status_bytes("RssAnon")
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.001):
-            peak.append(h.status_bytes("RssAnon"))
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    h.reset_peak()
+    base = h.status_bytes("VmRSS")
     start = time.perf_counter()
-    try:
-        keep = fn()
-    finally:
-        took = time.perf_counter() - start
-        done.set()
-        sampler.join()
+    keep = fn()
+    took = time.perf_counter() - start
     gc.collect()
-    after = h.status_bytes("RssAnon")
-    peak.append(after)
+    peak, after = h.status_bytes("VmHWM"), h.status_bytes("VmRSS")
     del keep
-    return {"time": took, "peak": max(peak) - base, "stays": after - base}
+    return {"time": took, "peak": max(0, peak - base), "stays": max(0, after - base)}
 
 
 def measure(root: Path, size_gb: float, rounds: int) -> Dict[str, Any]:
