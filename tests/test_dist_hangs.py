@@ -100,3 +100,59 @@ def test_managers_under_a_process_group_free_their_group_and_threads(tmp_path: P
     for seen in run(_open_close, 2, str(tmp_path), 40, timeout=120):
         (fds0, threads0), (fds, threads) = seen[4], seen[-1]
         assert fds <= fds0 + 2 and threads <= threads0 + 2, seen  # was +5 fds, +3 threads a manager
+
+
+# -- adversarial round: rank 0 killed during the commit; ranks that disagree -------------
+
+
+def _rank0_killed_in_commit(rank: int, world: int, directory: str) -> str:
+    from ckpt import CheckpointManager, RankLostError
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2))  # default timeout: 120 + 5 s here
+    mgr.save(epoch=0)
+    if rank == 0:
+        real = mgr._commit
+
+        def commit_then_die(*args: object, **kwargs: object) -> object:
+            real(*args, **kwargs)  # the file is committed and indexed, then rank 0 dies before telling anyone
+            kill_self()
+
+        mgr._commit = commit_then_die  # type: ignore[method-assign]
+    try:
+        mgr.save(epoch=1)
+    except RankLostError as e:
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
+def _resume(rank: int, world: int, directory: str) -> int:
+    from ckpt import CheckpointManager
+
+    with CheckpointManager(directory, model=torch.nn.Linear(2, 2), collective_timeout=30) as mgr:
+        return mgr.resume()
+
+
+def test_rank_0_killed_during_the_commit_is_named_and_resume_takes_a_complete_checkpoint(tmp_path: Path) -> None:
+    outs = launch(_rank0_killed_in_commit, 2, str(tmp_path), timeout=90, pg_timeout=120)
+    assert outs[0].killed and outs[1].error is None, outs[1].traceback
+    assert outs[1].value.startswith("RankLostError: save() of epoch 1, step 0 (commit): rank 0 stopped"), outs[1].value
+    assert run(_resume, 2, str(tmp_path), timeout=60) in ([1, 1], [2, 2])  # whichever commit was complete
+
+
+def _disagree(rank: int, world: int, directory: str) -> str:
+    from ckpt import CheckpointManager, CollectiveError
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2), collective_timeout=30)
+    try:
+        mgr.save(epoch=rank)  # a bug in the user's loop: each rank counts its own epochs
+    except CollectiveError as e:
+        return str(e)
+    finally:
+        mgr.close()
+    return "returned"
+
+
+def test_ranks_that_save_different_epochs_all_raise_and_commit_nothing(tmp_path: Path) -> None:
+    for out in run(_disagree, 2, str(tmp_path), timeout=60):
+        assert out.startswith("ranks called save() with different arguments (rank 0: epoch=0"), out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt-e")]

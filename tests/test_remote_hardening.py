@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
+from ckpt import CheckpointManager  # noqa: E402
 from ckpt.errors import StorageError  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 from tests.test_remote import QUICK, keys, manager, server_fs  # noqa: E402
@@ -173,3 +174,52 @@ def test_a_killed_writers_multipart_upload_is_aborted_when_the_next_writer_claim
     left = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["UploadId"] for u in left] == [other["UploadId"]]
     writer.close()
+
+
+# -- adversarial round: objects deleted behind ckpt's back; tiered kill before the upload ---------
+
+
+def test_a_checkpoint_object_deleted_behind_ckpts_back_is_skipped_on_resume(server: MotoServer,
+                                                                             bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    mgr = manager(url, server)
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+    mgr.close()
+    server_fs(server).rm_file(f"{bucket}/run/ckpt-e000002-s000000000.pt")  # its commit record stays
+    again = manager(url, server, seed=1)
+    with pytest.warns(UserWarning):
+        assert again.resume() == 2  # the newest that is there: epoch 1
+    again.save(epoch=2)  # and the run goes on
+    again.close()
+
+
+TIERED_KILLED = textwrap.dedent("""
+    import json, os, signal, sys, torch
+    from ckpt import CheckpointManager
+    url, opts, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    mgr = CheckpointManager(url, model=torch.nn.Linear(4, 4), storage_options=opts, cache_dir=cache)
+    mgr.save(epoch=0)
+    mgr.wait()
+    mgr._catalog.store.remote.write = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    mgr.save(epoch=1)   # committed locally; the upload thread is killed with the process
+    mgr.wait()
+""")
+
+
+def test_tiered_killed_between_local_commit_and_upload_resumes_on_either_cache(server: MotoServer, bucket: str,
+                                                                              tmp_path: Path) -> None:
+    url, opts = f"s3://{bucket}/run", server.options()
+    out = _child(TIERED_KILLED, url, json.dumps(opts), str(tmp_path / "cache"), timeout=60)
+    assert out.returncode == -9, out.stderr[-2000:]
+    import torch
+
+    same = CheckpointManager(url, model=torch.nn.Linear(4, 4), storage_options=opts, cache_dir=str(tmp_path / "cache"))
+    assert same.resume() == 2  # the local commit stands
+    same.save(epoch=2)  # the restarted writer's first commit uploads it too (it used to stay local only)
+    same.close()
+    assert {"ckpt-e000001-s000000000.pt", "ckpt-e000002-s000000000.pt"} <= set(keys(server, f"{bucket}/run"))
+    fresh = CheckpointManager(url, model=torch.nn.Linear(4, 4), storage_options=opts,
+                              cache_dir=str(tmp_path / "new-cache"))
+    assert fresh.resume() == 3  # a new machine: every checkpoint is on the remote tier
+    fresh.close()

@@ -18,6 +18,8 @@ request. So an unreachable or hung endpoint costs a save nothing: it commits loc
 and returns. An upload that fails (after the remote store's retries) warns at once and
 is raised by :meth:`flush` (the manager's ``wait()``/``close()``), once, like an async
 save error; the names it did not upload stay pending and go up with the next upload.
+Checkpoints committed locally by a process killed before their upload are found when
+the run is opened (local, not remote) and uploaded with this store's first commit.
 Only a lost writer claim (another writer took the run over) is raised by the next
 commit (:meth:`lock`) too: saving on would race that writer.
 """
@@ -35,6 +37,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 from ..errors import StorageError
 from ..progress import Progress
 from .base import OnBytes, Produce, Written
+from .. import schema
 from .checksum import file_checksum
 from .index import INDEX_NAME
 from .local import LocalStore
@@ -60,6 +63,7 @@ class TieredStore:
         self._remote_down = False
         #: The remote tier's committed names and sizes, listed once, then kept by the upload thread.
         self._remote: Optional[Dict[str, int]] = None
+        self._backlog: List[str] = []  # local checkpoints missing remotely when the run was opened
 
     def where(self, name: str) -> ObjectPath:
         return self.remote.where(name)
@@ -69,6 +73,11 @@ class TieredStore:
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
         written = self.local.write(name, produce, on_write=on_write)
         with self._cond:
+            for left in self._backlog:  # a killed writer's local commits that never went up, first
+                if left not in self._uploads and left != name:
+                    self._writes += 1
+                    self._uploads[left] = self._writes
+            self._backlog = []
             self._deletes.pop(name, None)
             self._uploads.pop(name, None)
             self._writes += 1
@@ -147,6 +156,10 @@ class TieredStore:
             else:
                 with self._cond:
                     self._remote = remote = dict(remote)
+                    # committed here, not there: the process was killed before its upload; this
+                    # store's first commit (a writer's, never a reader's) uploads them
+                    self._backlog = [n for n in self.local.list() if schema.parse_name(n) and n not in remote
+                                     and self.local.where(n).is_file()]
         remote = {} if remote is None or down else remote
         out = {n: s for n, s in remote.items() if n not in deleting and n.startswith(prefix)}
         out.update(self.local.list(prefix))
