@@ -34,10 +34,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
+from .. import schema
 from ..errors import StorageError
 from ..progress import Progress
 from .base import OnBytes, Produce, Written
-from .. import schema
 from .checksum import file_checksum
 from .index import INDEX_NAME
 from .local import LocalStore
