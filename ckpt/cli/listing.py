@@ -117,12 +117,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
     source = "command line" if given else "recorded by the manager" if recorded else "none recorded"
     why = reasons(listing.records, pol, protected)
     on_disk = cat.store.list("ckpt-")
+    status = _status(cat, listing.records, on_disk, verify=args.verify)
+    problems = _problems(listing, on_disk)
+    bad = any(s == "damaged" for s, _ in status.values()) or any(p["status"] in ("missing", "damaged")
+                                                                    for p in problems)
+    if args.json:
+        _print_json(directory, listing.records, status, why, pol, source, problems)
+        return 1 if bad else 0
+    if not listing.records and not problems:
+        print(f"{directory}: no checkpoints")
+        return 0
+    _print_table(listing.records, status, why, problems, on_disk)
+    total = sum(r.size for r in listing.records)
+    n = len(listing.records)
+    print(f"\n{n} checkpoint{'' if n == 1 else 's'}, {table.size(total)}; policy: {describe_policy(pol)} ({source})")
+    if any(r.mid_epoch for r in listing.records):
+        print("* mid-epoch checkpoint (resume continues that epoch)")
+    return 1 if bad else 0
+
+
+def _status(cat: Any, records: List[CheckpointRecord], on_disk: Dict[str, int], *,
+            verify: bool) -> Dict[str, Tuple[str, str]]:
+    """File name -> (status, detail) of the committed checkpoints that are not simply ok."""
     status: Dict[str, Tuple[str, str]] = {}
     checked: Dict[str, str] = {}
-    for rec in listing.records:
+    for rec in records:
         if rec.name in on_disk and on_disk[rec.name] != rec.size:
             status[rec.name] = ("damaged", f"{on_disk[rec.name]} bytes on disk, {rec.size} recorded")
-        elif args.verify:
+        elif verify:
             try:
                 cat.verify_one(rec, checked)  # the file and every tensor file it references
                 status[rec.name] = ("verified", "")
@@ -130,6 +152,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 status[rec.name] = ("missing", "deleted while listing")
             except CkptError as e:
                 status[rec.name] = ("damaged", common.message(e, rec.path))
+    return status
+
+
+def _problems(listing: Any, on_disk: Dict[str, int]) -> List[Dict[str, str]]:
+    """Files that are not committed checkpoints but should be looked at: indexed and gone,
+    moved aside as damaged, or checkpoint-named and unreadable."""
     indexed = {r.name for r in listing.records}
     problems: List[Dict[str, str]] = [{"file": n, "status": "missing", "detail": "listed in the index, gone from disk"}
                                       for n in listing.missing]
@@ -140,23 +168,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
             problems.append({"file": name, "status": "quarantined", "detail": "moved aside as damaged"})
         elif schema.parse_name(name):
             problems.append({"file": name, "status": "damaged", "detail": "not in the index and unreadable"})
-    bad = any(s == "damaged" for s, _ in status.values()) or any(p["status"] in ("missing", "damaged")
-                                                                    for p in problems)
-    if args.json:
-        rows = []
-        for rec in listing.records:
-            st, detail = status.get(rec.name, ("ok", ""))
-            rows.append({**rec.to_json(), "kept_because": why[rec.key], "status": st, "detail": detail})
-        pol_json = None if pol is None else pol.to_json()
-        print(json.dumps({"directory": str(directory), "policy": pol_json, "policy_source": source,
-                          "checkpoints": rows, "problems": problems}, indent=1))
-        return 1 if bad else 0
-    if not listing.records and not problems:
-        print(f"{directory}: no checkpoints")
-        return 0
+    return problems
+
+
+def _print_json(directory: Any, records: List[CheckpointRecord], status: Dict[str, Tuple[str, str]],
+                why: Dict[Key, List[str]], pol: Optional[policy.RetentionPolicy], source: str,
+                problems: List[Dict[str, str]]) -> None:
+    rows = []
+    for rec in records:
+        st, detail = status.get(rec.name, ("ok", ""))
+        rows.append({**rec.to_json(), "kept_because": why[rec.key], "status": st, "detail": detail})
+    pol_json = None if pol is None else pol.to_json()
+    print(json.dumps({"directory": str(directory), "policy": pol_json, "policy_source": source,
+                      "checkpoints": rows, "problems": problems}, indent=1))
+
+
+def _print_table(records: List[CheckpointRecord], status: Dict[str, Tuple[str, str]], why: Dict[Key, List[str]],
+                 problems: List[Dict[str, str]], on_disk: Dict[str, int]) -> None:
     now = time.time()
     rows_text: List[List[str]] = []
-    for rec in listing.records:
+    for rec in records:
         st, detail = status.get(rec.name, ("", ""))
         step = f"{rec.step}*" if rec.mid_epoch else str(rec.step)
         kept = ", ".join(why[rec.key]) or "- (prune would delete)"
@@ -169,12 +200,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for line in table.render(["file", "epoch", "step", "metrics", "size", "age", "kept because", "status"],
                              rows_text, right=(1, 2, 4, 5)):
         print(line)
-    total = sum(r.size for r in listing.records)
-    n = len(listing.records)
-    print(f"\n{n} checkpoint{'' if n == 1 else 's'}, {table.size(total)}; policy: {describe_policy(pol)} ({source})")
-    if any(r.mid_epoch for r in listing.records):
-        print("* mid-epoch checkpoint (resume continues that epoch)")
-    return 1 if bad else 0
 
 
 # -- verify --------------------------------------------------------------------------
