@@ -10,41 +10,24 @@ then apply.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-import warnings
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
+from . import engines, policy, resume, saving, schema, spec, state
 from . import options as opts
-from . import policy, resume, sampler, schema, spec, state
 from . import preemption as preempt
-from . import record as records
-from ._version import __version__
 from .background import writer as background
 from .cadence import Cadence
-from .errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    ConfigError,
-    CorruptCheckpointError,
-    PathLike,
-    StateMismatchError,
-    StorageError,
-)
+from .errors import PathLike, StorageError
 from .record import CheckpointRecord
 from .resume import Which
 from .store import Catalog, is_url, open_store
-from .store.commit import check_new
 from .store.remote import ObjectPath
 
 if TYPE_CHECKING:
     from .distributed.coordinator import Coordinator
-
-#: How often resume() reads the directory again when another process replaced or
-#: deleted the checkpoint it was loading (then it falls back to older ones).
-RESUME_PASSES = 5
 
 
 class CheckpointManager:
@@ -129,7 +112,7 @@ class CheckpointManager:
         self._closed = False
         self._stop_after_save = False  # should_save() said yes to a preemption: save() then ends the run
         self._lock = threading.RLock()
-        self._dist = _coordinator(self.options)  # None without a process group: nothing imported
+        self._dist = engines.collective(self.options)  # None without a process group: nothing imported
         self._writer = background.create(self._catalog.store.url, self.options.async_save and self._dist is None)
         self._records = self._catalog.open() if self._dist is None else self._dist.open(self._catalog)
         self._preempted_agreed = False  # with a process group: every rank learned of the signal
@@ -243,45 +226,21 @@ class CheckpointManager:
 
     def _checked(self, epoch: Optional[int], step: Optional[int], metrics: Optional[Mapping[str, Any]],
                  extra: Optional[Mapping[str, Any]], mid_epoch: bool, overwrite: bool
-                 ) -> Tuple[int, int, bool, bool, Dict[str, float], Dict[str, Any]]:
+                 ) -> saving.SaveArgs:
         """save()'s arguments, checked (nothing written yet) and with their defaults."""
-        epoch = self.epoch if epoch is None else opts.count("epoch", epoch)
-        step = self.step if step is None else opts.count("step", step)
-        mid_epoch = opts.flag("mid_epoch", mid_epoch)
-        overwrite = opts.flag("overwrite", overwrite)
-        metric_values = schema.metrics_to_floats(metrics)
-        opts.check_monitored(self.policy, metric_values, mid_epoch, epoch, step)
-        opts.check_monitor_recorded(self.policy, metric_values, self._records, epoch, step)
-        if extra is not None and not isinstance(extra, Mapping):
-            raise ConfigError(f"extra must be a dict, got {type(extra).__name__}",
-                              hint="pass extra={'lr': lr, 'best_acc': best_acc}")
-        try:
-            check_new((epoch, step), mid_epoch, overwrite, self._records)
-        except CheckpointExistsError as e:
-            raise resume.restored_older(e, (epoch, step), self.resumed, self.latest) from None
-        inside = [] if mid_epoch else sampler.inside_epoch(self.trackables)
-        if inside:
-            warnings.warn(f"save(epoch={epoch}, step={step}) is an end-of-epoch checkpoint, but "
-                          f"{', '.join(map(repr, inside))} is part-way "
-                          "through the epoch: resuming from it starts the next epoch and skips the "
-                          "rest of this one; pass mid_epoch=True for step checkpoints", stacklevel=3)
-        return epoch, step, mid_epoch, overwrite, metric_values, dict(extra or {})
+        return saving.check_args(epoch, step, metrics, extra, mid_epoch, overwrite, counters=(self.epoch, self.step),
+                                 retention=self.policy, records=self._records, resumed=self.resumed,
+                                 trackables=self.trackables)
 
     def _build(self, states: Dict[str, Any], epoch: int, step: int, mid_epoch: bool, metrics: Dict[str, float],
                extra: Dict[str, Any], rngs: List[Dict[str, Any]]) -> schema.Checkpoint:
         """The checkpoint dict; ``rngs`` holds every rank's RNG states (rank 0's first)."""
-        checkpoint = schema.build(states, epoch=epoch, step=step, mid_epoch=mid_epoch, metrics=metrics,
-                                  rng=rngs[0], extra=extra, library_version=__version__,
-                                  spec=spec.checkpoint_specs(self.trackables, self._specs),
-                                  cadence=self.cadence.state_dict() if self.cadence.enabled else None)
-        if len(rngs) > 1:  # a process group: each rank restores its own (see ckpt.distributed)
-            checkpoint.obj["ckpt"]["rng_per_rank"] = rngs
-        return checkpoint
+        args = saving.SaveArgs(epoch, step, mid_epoch, False, metrics, extra)
+        return saving.build(states, args, rngs, trackables=self.trackables, specs=self._specs, cadence=self.cadence)
 
     def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
         """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
-        newer = self._protected is None or checkpoint.key > self._protected
-        protected = () if newer or self._protected is None else (self._protected,)
+        protected, newer = saving.protection(self._protected, checkpoint.key)
         record, self._records = self._catalog.commit(checkpoint, retention=self.policy, overwrite=overwrite,
                                                      protected=protected, progress=self.options.progress,
                                                      differential_save=self.options.differential)
@@ -304,27 +263,13 @@ class CheckpointManager:
             multi = self._multi()
             if multi is not None:
                 return multi.resume(self)
-            damaged: List[str] = []
-            for attempt in range(RESUME_PASSES):
-                self.refresh()
-                for record in reversed(self._records):
-                    try:
-                        obj, _ = self._load(record, direct=True)
-                    except (CorruptCheckpointError, FileNotFoundError) as e:
-                        if not self._skip(record, e) and attempt < RESUME_PASSES - 1:
-                            break  # replaced or deleted by another process: read the directory again
-                        damaged.append(str(record.path))
-                        continue
-                    self._apply(obj, record)
-                    return record.next_epoch
-                else:
-                    break
-            if damaged:
-                raise CheckpointNotFoundError(
-                    f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
-                    path=self.directory, hint="the damaged files were kept as *.corrupt; "
-                                              "start a fresh run or restore one by path")
-            return 0
+            found = resume.newest_valid(self.refresh, lambda record: self._load(record, direct=True)[0], self._skip,
+                                        self.directory)
+            if found is None:
+                return 0
+            record, obj = found
+            self._apply(obj, record)
+            return record.next_epoch
 
     def restore(self, which: Which = "latest", *, step: Optional[int] = None) -> CheckpointRecord:
         """Restore a chosen checkpoint (``"latest"``, ``"best"``, an epoch, a path or a
@@ -385,16 +330,7 @@ class CheckpointManager:
 
     def _applied(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
         """Note that ``record`` (whose dict is ``obj``) was restored."""
-        extra = obj.get("extra")
-        cadence = obj["ckpt"].get("cadence") if schema.is_checkpoint(obj) else None
-        if isinstance(cadence, dict):
-            try:
-                self.cadence.load_state_dict(cadence, step=record.step)
-            except (StateMismatchError, ValueError, TypeError) as e:  # damaged: measure afresh
-                self.cadence = self.cadence.fresh()
-                warnings.warn(f"{record.path}: save cadence state ignored and reset "
-                              f"({getattr(e, 'message', e)}); the interval is measured again", stacklevel=3)
-        self.resumed = records.with_extra(record, dict(extra) if isinstance(extra, dict) else {})
+        self.resumed, self.cadence = resume.applied(obj, record, self.cadence)
         self.epoch, self.step = record.epoch, record.step
         self._protected = record.key
         return self.resumed
@@ -404,13 +340,7 @@ class CheckpointManager:
         is renamed ``*.corrupt`` and dropped from the index so that no save collides with it.
         True if it was moved aside; False if it is gone, or was replaced meanwhile."""
         self._records = [r for r in self._records if r.key != record.key]
-        if not isinstance(error, CorruptCheckpointError):
-            warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=3)
-            return False
-        where = self._catalog.quarantine(record, error)
-        moved = record.name not in self._catalog.store.list(record.name)
-        warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=3)
-        return moved
+        return resume.skip(self._catalog, record, error)
 
     # -- integrity -----------------------------------------------------------------
 
@@ -497,26 +427,10 @@ class CheckpointManager:
                                hint="create a new CheckpointManager for the directory")
 
     def _multi(self) -> Optional[Coordinator]:
-        """The coordinator for resume/restore: with a process group, or (single process)
-        when a sharded checkpoint is committed here, which loads through DCP."""
-        if self._dist is None and any(schema.is_sharded(r.name) for r in self._records):
-            from .distributed import collective, coordinator
-            return coordinator.Coordinator(collective.Group(), self.options.collective_timeout or 600.0)
-        return self._dist
+        """The engine for resume/restore (see :func:`ckpt.engines.for_restore`)."""
+        return engines.for_restore(self._dist, self._records, self.options)
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "
                 f"checkpoints={len(self._records)})")
 
-
-def _coordinator(options: opts.Options) -> Optional[Coordinator]:
-    """A :class:`ckpt.distributed.coordinator.Coordinator` when a default process group
-    is initialised (collective: every rank builds its manager), else None. A process
-    that never imported ``torch.distributed`` has no process group: nothing is imported."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not (dist.is_available() and dist.is_initialized()):
-        return None
-    from .distributed import coordinator
-    if options.async_save:
-        coordinator.warn_async()
-    return coordinator.Coordinator.create(options.collective_timeout)

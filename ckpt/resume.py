@@ -5,24 +5,69 @@ narrows it, or picks by step alone), a path or URL, or a record: :func:`find` tu
 that into a committed record, or into the path of a file outside the index, which
 :func:`read_file` reads once (ckpt's own layout or a foreign one). After ``restore()``
 of an older checkpoint its counters are the manager's, so a save without numbers
-collides with it: :func:`restored_older` says so.
+collides with it: :func:`restored_older` says so. ``resume()`` takes the newest
+checkpoint that loads: :func:`newest_valid`.
 
 Functions of records and arguments; the only I/O is looking at a path the caller
-named (``find``) and reading it (``read_file``). The manager decides when they run and
+named (``find``), reading it (``read_file``), and what the caller's functions do
+(``newest_valid``). The manager decides when they run and
 applies what they return.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path, PurePath
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import policy
-from .errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, PathLike
+from . import policy, schema
+from . import record as records
+from .cadence import Cadence
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    PathLike,
+    StateMismatchError,
+)
 from .record import CheckpointRecord
-from .store import differential, is_url, torchfile
+from .store import Catalog, differential, is_url, torchfile
 
 Which = Union[str, int, PathLike, CheckpointRecord]
+
+#: How often resume() reads the directory again when another process replaced or
+#: deleted the checkpoint it was loading (then it falls back to older ones).
+RESUME_PASSES = 5
+
+
+def newest_valid(refresh: Callable[[], List[CheckpointRecord]], load: Callable[[CheckpointRecord], Any],
+                 skip: Callable[[CheckpointRecord, BaseException], bool],
+                 directory: PurePath) -> Optional[Tuple[CheckpointRecord, Any]]:
+    """The newest committed checkpoint that ``load`` reads, and what it read (None when
+    there is none). One that fails to load goes to ``skip`` (True: it was moved aside
+    as damaged); one replaced or deleted meanwhile (``skip`` says False) sends the
+    search back to ``refresh`` (a few times, then it is left out too). Raises
+    :class:`CheckpointNotFoundError` when every checkpoint failed."""
+    damaged: List[str] = []
+    for attempt in range(RESUME_PASSES):
+        for record in reversed(refresh()):
+            try:
+                obj = load(record)
+            except (CorruptCheckpointError, FileNotFoundError) as e:
+                if not skip(record, e) and attempt < RESUME_PASSES - 1:
+                    break  # replaced or deleted by another process: read the directory again
+                damaged.append(str(record.path))
+                continue
+            return record, obj
+        else:
+            break
+    if damaged:
+        raise CheckpointNotFoundError(
+            f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
+            path=directory, hint="the damaged files were kept as *.corrupt; "
+                                 "start a fresh run or restore one by path")
+    return None
 
 
 def best(records: Sequence[CheckpointRecord], retention: policy.RetentionPolicy) -> Optional[CheckpointRecord]:
@@ -90,6 +135,37 @@ def read_file(path: Path, trackables: Mapping[str, Any], *, map_location: Any,
     obj = torchfile.load(path, map_location=map_location, weights_only=weights_only, check_records=True)
     obj = differential.resolve_beside(path, obj, map_location=map_location)  # references: the files beside it
     return foreign.record_of(obj, path, weights_only=weights_only), foreign.as_checkpoint(obj, trackables, str(path))
+
+
+def skip(catalog: Catalog, record: CheckpointRecord, error: BaseException) -> bool:
+    """Leave out a checkpoint that failed to load, with a warning; a damaged one (not a
+    missing one) is renamed ``*.corrupt`` and dropped from the index so that no save
+    collides with it. True if it was moved aside; False if it is gone, or was replaced
+    meanwhile. The warnings point at the caller of ``resume()``."""
+    if not isinstance(error, CorruptCheckpointError):
+        warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=5)
+        return False
+    where = catalog.quarantine(record, error)
+    moved = record.name not in catalog.store.list(record.name)
+    warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=5)
+    return moved
+
+
+def applied(obj: Dict[str, Any], record: CheckpointRecord,
+            cadence: Cadence) -> Tuple[CheckpointRecord, Cadence]:
+    """``record``, restored from its dict ``obj``, with its ``extra`` (a copy); and the
+    save cadence with the saved state loaded (a fresh one, measuring again, when that
+    state is damaged)."""
+    extra = obj.get("extra")
+    state = obj["ckpt"].get("cadence") if schema.is_checkpoint(obj) else None
+    if isinstance(state, dict):
+        try:
+            cadence.load_state_dict(state, step=record.step)
+        except (StateMismatchError, ValueError, TypeError) as e:  # damaged: measure afresh
+            cadence = cadence.fresh()
+            warnings.warn(f"{record.path}: save cadence state ignored and reset "
+                          f"({getattr(e, 'message', e)}); the interval is measured again", stacklevel=4)
+    return records.with_extra(record, dict(extra) if isinstance(extra, dict) else {}), cadence
 
 
 def restored_older(error: CheckpointExistsError, key: Tuple[int, int], resumed: Optional[CheckpointRecord],

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import record, schema, state
+from .. import record, saving, schema, state
 from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
@@ -374,12 +374,11 @@ def _retain(mgr: CheckpointManager, records: list[CheckpointRecord],
             rec: CheckpointRecord, replacing: sharddir.Overwrite | None) -> list[CheckpointRecord]:
     """Rank 0, holding the lock: the catalog's commit-and-retention transaction over the
     new directory (the one it replaced is deleted once the index is committed)."""
-    protected = mgr._protected
-    newer = protected is None or rec.key > protected
+    protected, newer = saving.protection(mgr._protected, rec.key)
     candidates = sorted([r for r in records if r.key != rec.key] + [rec], key=lambda r: r.key)
     catalog: Catalog = mgr._catalog
-    kept, _ = catalog.retain(candidates, mgr.policy, () if newer else (protected,), new=rec,
-                                  indexed=None if replacing is None else replacing.done)
+    kept, _ = catalog.retain(candidates, mgr.policy, protected, new=rec,
+                             indexed=None if replacing is None else replacing.done)
     if newer:
         mgr._protected = None
     mgr._records = kept
