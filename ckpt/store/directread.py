@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..progress import Progress
 from .checksum import READ_CHUNK, crc32, format_checksum
 
 #: A place in a loaded checkpoint whose tensor may be read into ``dest`` instead:
@@ -70,7 +71,7 @@ class _Record:
 
 
 def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
-         targets: Targets) -> Optional[Loaded]:
+         targets: Targets, progress: Optional[bool] = None) -> Optional[Loaded]:
     """The checkpoint in ``fd``, verified against ``checksum``, with ``targets``'s tensors
     left to :meth:`Loaded.fill`; None where only ``torch.load`` can load it."""
     device = _device(map_location)
@@ -97,7 +98,8 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
         if records[key].dest is None and st.nbytes():
             records[key].view = _memory(st)
     ordered = sorted(records.values(), key=lambda r: r.offset)
-    actual = format_checksum(_first_pass(fd, ordered, size, path))
+    with Progress(f"verifying {path.name}", size, progress) as bar:
+        actual = format_checksum(_first_pass(fd, ordered, size, path, bar.update))
     if actual != checksum:
         raise CorruptCheckpointError(f"checksum mismatch (recorded {checksum}, file has {actual}): the file is "
                                      "damaged", path=path,
@@ -109,9 +111,10 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
 
 
 def _device(map_location: Any) -> Optional[torch.device]:
-    """The one device every tensor goes to, or None (a dict or callable map_location)."""
+    """The one device every tensor goes to, or None (a dict or callable map_location, or
+    None: tensors go where they were saved, which torch.load's path checks)."""
     if map_location is None:
-        return torch.device("cpu")
+        return None
     if isinstance(map_location, (str, torch.device)):
         try:
             device = torch.device(map_location)
@@ -223,7 +226,8 @@ def _at(address: int, size: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
 
-def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath) -> int:
+def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath,
+                update: Callable[[int], None]) -> int:
     """Read the whole file once, in order; fresh records land in their storage, direct
     ones are summed; the CRC-32 of every byte is returned."""
     starts = [r.offset for r in ordered]
@@ -235,6 +239,7 @@ def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath) -> i
         if rec is not None and rec.view is not None and pos == rec.offset and rec.size >= (1 << 20):
             _read_at(fd, rec.view, pos, path)  # a big record goes straight into its storage
             crc, pos = crc32(rec.view, crc), pos + rec.size
+            update(rec.size)
             continue
         end = min(size, pos + len(bounce))
         nxt = bisect_right(starts, pos)
@@ -250,6 +255,7 @@ def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath) -> i
         _read_at(fd, view, pos, path)
         crc = crc32(view, crc)
         _scatter(ordered, starts, view, pos)
+        update(end - pos)
         pos = end
     return crc
 

@@ -143,7 +143,7 @@ def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = 
         if targets is not None and weights_only and checksum is not None:
             with open(real, "rb", buffering=0) as f:
                 loaded = directread.load(f.fileno(), path, checksum=checksum, map_location=map_location,
-                                         targets=targets)
+                                         targets=targets, progress=progress)
             if loaded is not None:
                 return loaded
         return load_open(real, path, map_location=map_location, weights_only=weights_only, checksum=checksum,
