@@ -8,8 +8,8 @@ A tiny state (``nn.Linear(4, 4)`` + SGD), every checkpoint kept, saved synchrono
 and mean cost of the saves around 10, 100, 1,000 and 10,000 checkpoints, their ratio to
 the cost at 10, and the largest single save (the index journal's compaction), and the
 cost of opening (and resuming) the full directory. Results go to
-``benchmarks/results/scale.{json,md}``. The scale target (see the docs page 'Scale'): at 10,000 a save costs at most 2x
-what it does at 10.
+``benchmarks/results/scale.{json,md}``. The scale target (see
+docs/explanation/performance.md): at 10,000 a save costs at most 2x what it does at 10.
 """
 
 from __future__ import annotations

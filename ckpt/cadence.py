@@ -1,4 +1,4 @@
-"""Cadence: when a step checkpoint is due (see the docs page 'When to save').
+"""Cadence: when a step checkpoint is due (see docs/howto/mid-epoch.md).
 
 A pure policy object: no I/O, no torch; time comes from an injected clock. The manager
 calls :meth:`Cadence.due` once per training step (``mgr.should_save(step=...)``) and

@@ -2,7 +2,7 @@
 
 Pure functions over records: no I/O, no torch, no clocks. A record is anything with
 ``epoch``, ``step``, ``mid_epoch`` and ``metrics``; order is by ``(epoch, step)``
-numbers, never by file time. The rules (see the docs page 'Retention'):
+numbers, never by file time. The rules (see docs/explanation/retention.md):
 
 * no option set: keep everything (ckpt never deletes without being told to);
 * otherwise keep the union of the ``keep_last`` newest, the ``keep_best`` best by

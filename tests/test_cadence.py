@@ -1,4 +1,4 @@
-"""Cadence (see the docs page 'When to save'): when a step checkpoint is due. A fake clock, never a real one."""
+"""Cadence (see docs/howto/mid-epoch.md): when a step checkpoint is due. A fake clock, never a real one."""
 
 from __future__ import annotations
 

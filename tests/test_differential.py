@@ -1,4 +1,4 @@
-"""Differential checkpoints (see the docs page 'Differential checkpoints'): unchanged
+"""Differential checkpoints (see docs/explanation/differential.md): unchanged
 tensors are stored once and referenced."""
 
 from __future__ import annotations

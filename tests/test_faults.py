@@ -1,4 +1,4 @@
-"""Injected faults at every step of the commit protocol (see the docs page 'Commit protocol').
+"""Injected faults at every step of the commit protocol (see docs/explanation/commit-protocol.md).
 
 Each step of a save (the checkpoint's writes, its fsync, its rename, the directory
 fsync, the same four for the index, and the deletion of an evicted checkpoint) is made
@@ -256,7 +256,7 @@ def test_a_failed_overwrite_puts_the_old_checkpoint_back(tmp_path: Path, monkeyp
                                                          rename: int) -> None:
     """overwrite=True: the old entry leaves the index, the old file is linked aside, the new
     one replaces it, then the index. A failure at any rename restores the old bytes and
-    the old index, so a failed save changes nothing (see the docs page 'Commit protocol')."""
+    the old index, so a failed save changes nothing (see docs/explanation/commit-protocol.md)."""
     directory = tmp_path / "run"
     mgr = populated(directory)
     before = snapshot(directory)

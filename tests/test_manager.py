@@ -91,7 +91,7 @@ def test_epoch_and_step_default_to_the_last_saved_values(run_dir, trainables):
 
 
 def test_a_save_without_metrics_is_allowed_but_a_missing_monitored_metric_is_an_error(run_dir, trainables):
-    """Retention (see the docs page 'Retention'): a step checkpoint without metrics is
+    """Retention (see docs/explanation/retention.md): a step checkpoint without metrics is
     normal; an epoch's metrics without the monitored name is a typo, which must never make best-K delete history."""
     with CheckpointManager(run_dir, keep_best=1, keep_last=5, monitor="val_loss", **trainables()) as mgr:
         mgr.save(epoch=0, metrics={"val_loss": 1.0})

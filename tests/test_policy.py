@@ -1,4 +1,4 @@
-"""Retention policy (see the docs page 'Retention'): table-driven rules and hypothesis properties."""
+"""Retention policy (see docs/explanation/retention.md): table-driven rules and hypothesis properties."""
 
 from __future__ import annotations
 

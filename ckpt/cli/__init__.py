@@ -1,4 +1,4 @@
-"""Command line: ``ckpt`` / ``python -m ckpt`` (see the docs page 'Command line').
+"""Command line: ``ckpt`` / ``python -m ckpt`` (see docs/reference/cli.md).
 
     ckpt ls DIR            the checkpoints of a run, and why each is kept
     ckpt show FILE         one checkpoint: header, objects, extra (--tensors: every tensor)

@@ -1,5 +1,5 @@
 """The manager's collective operations under ``torch.distributed``
-(see the docs page 'Distributed training').
+(see docs/howto/ddp.md and docs/howto/fsdp2.md).
 
 With a default process group, :class:`~ckpt.CheckpointManager` hands ``save``,
 ``resume``, ``restore``, ``wait`` and ``close`` to a :class:`Coordinator`. Every rank

@@ -4,7 +4,8 @@ Everything above this interface (index, commit, catalog, manager) speaks in name
 relative to the run directory and never touches ``os`` or a path; a local directory,
 an object store (no rename, no fsync, no lock) and a local cache in front of a remote
 store implement it. The contract of :meth:`Store.write` is the commit protocol
-(see the docs page 'Commit protocol') for that medium: until it returns, nothing is visible under ``name``
+(see docs/explanation/commit-protocol.md) for that medium: until it returns, nothing is
+visible under ``name``
 (listings and readers see the old state); once it returns, the bytes are durable.
 """
 

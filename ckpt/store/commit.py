@@ -1,6 +1,6 @@
 """Committing one checkpoint: file, index, retention, in that order, under the lock.
 
-The commit protocol (see the docs page 'Commit protocol') at the level of the
+The commit protocol (see docs/explanation/commit-protocol.md) at the level of the
 directory: the checkpoint file is committed, then the index, and only then are
 evicted files deleted. Every writer goes through the retention step here
 (:func:`index_kept` then :func:`finish`): a local save, the collective save of a

@@ -1,6 +1,6 @@
 """A local directory as a :class:`~ckpt.store.base.Store`.
 
-The commit protocol (see the docs page 'Commit protocol'): write to a unique temporary name in the same
+The commit protocol (see docs/explanation/commit-protocol.md): write to a unique temporary name in the same
 directory, flush and ``fsync`` it, ``os.replace`` it onto its final name, ``fsync`` the
 directory. A failed write removes its temporary file and re-raises; nothing partial is
 ever visible under a final name. Knows nothing of torch or of the checkpoint schema.
