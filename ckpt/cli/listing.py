@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -106,21 +107,59 @@ def _metrics(rec: Any) -> str:
     return " ".join(f"{k}={table.number(v)}" for k, v in rec.metrics.items())
 
 
+#: How often ``ls`` looks again when what it saw may be a concurrent writer's rotation.
+LS_PASSES = 5
+
+
+@dataclass
+class Look:
+    """One look at a run directory: the listing, each file's status, the other findings."""
+
+    listing: Any
+    status: Dict[str, Tuple[str, str]]
+    problems: List[Dict[str, str]]
+    on_disk: Dict[str, int]
+
+    @property
+    def bad(self) -> bool:
+        return any(s in ("damaged", "missing") for s, _ in self.status.values()) or any(
+            p["status"] in ("missing", "damaged") for p in self.problems)
+
+    def findings(self) -> Tuple[Tuple[str, str], ...]:
+        return tuple(sorted([(n, s) for n, (s, _) in self.status.items() if s in ("damaged", "missing")]
+                            + [(p["file"], p["status"]) for p in self.problems]))
+
+
+def settled(cat: Any, verify: bool) -> Look:
+    """A look whose damage is real: a finding that a writer's commit or eviction can
+    explain (the index changed meanwhile, or the next look differs) is looked at again."""
+    last: Optional[Look] = None
+    for _ in range(LS_PASSES):
+        before = index.read_raw(cat.store)
+        with common.quiet():  # damaged and missing files are flagged in the table
+            listing = cat.scan()
+        on_disk = cat.store.list("ckpt-")
+        look = Look(listing, _status(cat, listing.records, on_disk, verify=verify),
+                    _problems(cat, listing, on_disk), on_disk)
+        if not look.bad:
+            return look
+        if last is not None and look.findings() == last.findings() and index.read_raw(cat.store) == before:
+            return look  # the same twice, with no commit in between: damage
+        last = look
+    assert last is not None
+    return last
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     directory = common.run_directory(args.directory)
     cat = common.catalog(directory)
-    with common.quiet():  # damaged and missing files are flagged in the table
-        listing = cat.scan()
+    look = settled(cat, args.verify)
+    listing, status, problems, on_disk, bad = look.listing, look.status, look.problems, look.on_disk, look.bad
     recorded, protected = common.recorded(cat)
     given = common.given_policy(args)
     pol = given or recorded
     source = "command line" if given else "recorded by the manager" if recorded else "none recorded"
     why = reasons(listing.records, pol, protected)
-    on_disk = cat.store.list("ckpt-")
-    status = _status(cat, listing.records, on_disk, verify=args.verify)
-    problems = _problems(listing, on_disk)
-    bad = any(s == "damaged" for s, _ in status.values()) or any(p["status"] in ("missing", "damaged")
-                                                                    for p in problems)
     if args.json:
         _print_json(directory, listing.records, status, why, pol, source, problems)
         return 1 if bad else 0
@@ -155,7 +194,7 @@ def _status(cat: Any, records: List[CheckpointRecord], on_disk: Dict[str, int], 
     return status
 
 
-def _problems(listing: Any, on_disk: Dict[str, int]) -> List[Dict[str, str]]:
+def _problems(cat: Any, listing: Any, on_disk: Dict[str, int]) -> List[Dict[str, str]]:
     """Files that are not committed checkpoints but should be looked at: indexed and gone,
     moved aside as damaged, or checkpoint-named and unreadable."""
     indexed = {r.name for r in listing.records}
@@ -166,9 +205,21 @@ def _problems(listing: Any, on_disk: Dict[str, int]) -> List[Dict[str, str]]:
             continue
         if QUARANTINE_SUFFIX in name:
             problems.append({"file": name, "status": "quarantined", "detail": "moved aside as damaged"})
-        elif schema.parse_name(name):
+        elif schema.parse_name(name) and _unreadable(cat, name):  # a writer's new file reads fine
             problems.append({"file": name, "status": "damaged", "detail": "not in the index and unreadable"})
     return problems
+
+
+def _unreadable(cat: Any, name: str) -> bool:
+    """A checkpoint-named file the index does not list fails to read (one deleted
+    meanwhile is not damage)."""
+    try:
+        cat.describe(name)
+    except FileNotFoundError:
+        return False
+    except CkptError:
+        return True
+    return False
 
 
 def _print_json(directory: Any, records: List[CheckpointRecord], status: Dict[str, Tuple[str, str]],
