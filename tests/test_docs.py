@@ -1,9 +1,10 @@
-"""The documentation's code runs: every ```python block of the README and of docs/.
+"""The documentation's code runs: the ```python blocks of the README and of the docs pages
+that opt in with the MyST comment line ``% test: run the python blocks``.
 
-Each page's ``python`` blocks run in order, as one script, in a fresh process inside an
-empty directory (blocks fenced as ``py`` are fragments and are not run; see the
-conventions on docs/index.md). Also: the README's test command is the one CI runs, and
-the options page lists every option of the manager.
+Each such page's ``python`` blocks run in order, as one script, in a fresh process inside
+an empty directory (see the conventions on docs/index.md). Pages without the marker show
+fragments, or include their programs from examples/, which other tests run. Also: the
+README's test command is the one CI runs, and the options page lists every option of the manager.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import pytest
 from ckpt.options import OPTION_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = "% test: run the python blocks"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 TEST_COMMAND = "pip install -e '.[test]' && python -m pytest"
 
 
 def pages() -> list:
-    found = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    return [p for p in found if "_build" not in p.parts and FENCE.search(p.read_text())]
+    found = [p for p in sorted((ROOT / "docs").rglob("*.md")) if "_build" not in p.parts]
+    marked = [p for p in found if MARKER in p.read_text().splitlines()]
+    return [ROOT / "README.md", *marked]
 
 
 def blocks(page: Path) -> list:
@@ -43,6 +46,8 @@ def test_page_code_runs(page: Path, tmp_path: Path) -> None:
 
 def test_readme_quickstart_is_run() -> None:
     assert blocks(ROOT / "README.md"), "the README's quickstart must be a ```python block"
+    assert all(blocks(page) for page in pages()), "a page marked to run has no ```python block"
+    assert len(pages()) >= 3, "the tutorial and the retention page run their code"
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:
