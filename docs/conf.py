@@ -103,8 +103,9 @@ def _resolve_short_names(app: Any, env: Any, node: Any, contnode: Any) -> Option
         [n for n in matches if _defined_there(n)],                          # not a re-export
         matches,
     ]
-    if not matches and target.startswith("ckpt.") and target.count(".") == 1:
-        # a public name (``ckpt.ConfigError``) documented where it is defined (``ckpt.errors``)
+    if not matches and "." in target:
+        # a public name (``ckpt.ConfigError``) documented where it is defined (``ckpt.errors``),
+        # or an annotation through a module alias (``opts.Options`` for ``ckpt.options.Options``)
         short = target.split(".")[-1]
         found = [n for n in domain.objects if n.startswith("ckpt.") and n.endswith("." + short)]
         tiers = [found, [n for n in found if _defined_there(n)]]
