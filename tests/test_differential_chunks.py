@@ -286,3 +286,20 @@ def test_restore_path_and_load_model_resolve_references(tmp_path: Path) -> None:
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
     built = load_model(mgr.latest.path)
     assert all(torch.equal(built.state_dict()[k], v) for k, v in want.items())
+
+
+def test_async_differential_saves_with_keep_last_1_restore(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    table = torch.nn.Embedding(8192, 64)
+    mgr = CheckpointManager(tmp_path, embedding=table, differential=True, keep_last=1, async_save=True,
+                            progress=False)
+    for epoch in range(5):
+        touch_rows(table, 0.02, epoch)
+        mgr.save(epoch=epoch)  # returns before the files are written; the next save waits for it
+    mgr.close()
+    want = table.weight.detach().clone()
+    assert [r.epoch for r in mgr.checkpoints] == [4]
+    assert blobs(tmp_path) == referenced(mgr)
+    fresh = torch.nn.Embedding(8192, 64)
+    assert CheckpointManager(tmp_path, embedding=fresh).resume() == 5
+    assert torch.equal(fresh.weight, want)

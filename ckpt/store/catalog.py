@@ -271,11 +271,13 @@ class Catalog:
     def _unresolved(self, rec: CheckpointRecord) -> Optional[Dict[str, Any]]:
         """The checkpoint dict of ``rec`` with blob references as they are (None if unreadable:
         the next differential save then writes every tensor)."""
-        if not rec.blobs:
+        if schema.is_sharded(rec.name):
             return None
         try:
             with self.store.local_path(rec.name) as local:
-                obj = torchfile.load(local, checksum=rec.checksum)
+                # its references are reused: checked first; with none, only its inline
+                # tensors are sampled (to tell a trained tensor), never referenced
+                obj = torchfile.load(local, checksum=rec.checksum if rec.blobs else None)
             return obj if schema.is_checkpoint(obj) else None
         except (CkptError, OSError):
             return None

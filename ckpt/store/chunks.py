@@ -47,6 +47,7 @@ class Plan:
     pack: Optional[torch.Tensor]
     ref: Dict[str, Any]
     reused: List[str]
+    trained: bool = False  #: every sampled chunk changed: better stored inline, whole
 
 
 def is_ref(value: Any) -> bool:
@@ -82,7 +83,10 @@ def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], peek: LoadPack, veri
     if old is not None and _compatible(old, data, rows) and old["where"].shape == (count, 2):
         packs = list(old["packs"])
         where = old["where"].to("cpu", torch.int32).clone()
-        changed = ~_same(as_rows(data), packs, where, rows, peek, verified)
+        same = _same(as_rows(data), packs, where, rows, peek, verified)
+        if same is None:
+            return Plan(None, {}, [], trained=True)
+        changed = ~same
         changed |= _sparse_packs(where, changed, len(packs))
     if not bool(changed.any()):
         return Plan(None, _ref(data, rows, packs, where), packs)
@@ -100,9 +104,21 @@ def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], peek: LoadPack, veri
 SAMPLE = 32
 
 
+def changed_everywhere(data: torch.Tensor, old: torch.Tensor) -> bool:
+    """Does every sampled chunk of ``data`` differ from ``old`` (the previous checkpoint's
+    tensor, stored inline)? True also when they cannot be compared."""
+    rows = rows_per_chunk(data)
+    if old.dtype != data.dtype or old.shape != data.shape:
+        return True
+    count = chunk_count(data.shape[0], rows)
+    cs = torch.tensor(_distinct(torch.linspace(0, count - 1, min(SAMPLE, count)).long()), dtype=torch.long)
+    return not bool(_equal_chunks(as_rows(data), as_rows(old.contiguous()), cs, cs * rows, rows).any())
+
+
 def _same(new: torch.Tensor, packs: List[str], where: torch.Tensor, rows: int, peek: LoadPack,
-          verified: Callable[[str], bool]) -> torch.Tensor:
-    """Per chunk: equal to the stored chunk, in a pack that passes its checksum."""
+          verified: Callable[[str], bool]) -> Optional[torch.Tensor]:
+    """Per chunk: equal to the stored chunk, in a pack that passes its checksum (None
+    when every sampled chunk changed)."""
     count = where.shape[0]
     same = torch.zeros(count, dtype=torch.bool)
     loaded: Dict[int, Optional[torch.Tensor]] = {}
@@ -124,7 +140,7 @@ def _same(new: torch.Tensor, packs: List[str], where: torch.Tensor, rows: int, p
     if count > SAMPLE:
         compare(torch.tensor(_distinct(torch.linspace(0, count - 1, SAMPLE).long()), dtype=torch.long))
         if not bool(same.any()):
-            return same  # every sampled chunk changed: write the tensor whole
+            return None  # every sampled chunk changed: a trained tensor
     compare(torch.arange(count))
     for p in _distinct(where[same, 0]):
         if not verified(packs[int(p)]):  # damaged: its chunks are written again

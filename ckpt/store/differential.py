@@ -92,8 +92,13 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
                 tensor.nelement() * tensor.element_size() < MIN_BYTES:
             return tensor
         old = before.get(path)
+        data = _plain(tensor)
+        if isinstance(old, torch.Tensor) and chunks.changed_everywhere(data, old):
+            return tensor  # trained since the last save too: inline, as in a full save
         prior = old[chunks.KEY] if old is not None and chunks.is_ref(old) else None
-        done = chunks.plan(_plain(tensor), prior, peek, verified)
+        done = chunks.plan(data, prior, peek, verified)
+        if done.trained:
+            return tensor  # every sampled chunk changed: inline (chunks would cost more)
         ref = done.ref[chunks.KEY]
         for name in done.reused:
             used[name] = known[name]
@@ -125,7 +130,8 @@ _INTACT: Dict[Tuple[str, str], Tuple[str, Tuple[int, ...]]] = {}
 
 
 def _identity(store: Store, name: str) -> Optional[Tuple[int, ...]]:
-    directory = getattr(store, "directory", None)  # local files only: a download is new each time
+    local = getattr(store, "local", store)  # a tiered store: its local cache
+    directory = getattr(local, "directory", None)  # local files only: a download is new each time
     if not isinstance(directory, Path):
         return None
     try:
@@ -226,6 +232,7 @@ def unreferenced(store: Store, referenced: Set[str]) -> List[str]:
 
 
 def _references(obj: Dict[str, Any]) -> Dict[Path_, Any]:
+    """Every reference and every inline tensor of a checkpoint dict, by its path."""
     found: Dict[Path_, Any] = {}
 
     def note(value: Any, path: Path_) -> Any:
@@ -234,7 +241,7 @@ def _references(obj: Dict[str, Any]) -> Dict[Path_, Any]:
 
     for k, v in obj.items():
         if k not in _OWN:
-            _walk(v, (k,), None, note)
+            _walk(v, (k,), note, note)
     return found
 
 
@@ -269,7 +276,7 @@ def resolve_beside(path: Path, obj: Any, *, map_location: Any = "cpu") -> Any:
     if not schema.is_checkpoint(obj):
         return obj
     head = schema.header(obj, str(path))
-    if not head.blobs and not _references(obj):
+    if not head.blobs and not any(is_marker(v) for v in _references(obj).values()):
         return obj
     return resolve(LocalStore(path.parent, create=False), obj, head, map_location=map_location)
 
