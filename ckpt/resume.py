@@ -50,14 +50,17 @@ def newest_valid(refresh: Callable[[], List[CheckpointRecord]], load: Callable[[
     search back to ``refresh`` (a few times, then it is left out too). Raises
     :class:`CheckpointNotFoundError` when every checkpoint failed."""
     damaged: List[str] = []
+    moved = 0
     for attempt in range(RESUME_PASSES):
         for record in reversed(refresh()):
             try:
                 obj = load(record)
             except (CorruptCheckpointError, FileNotFoundError) as e:
-                if not skip(record, e) and attempt < RESUME_PASSES - 1:
+                aside = skip(record, e)
+                if not aside and attempt < RESUME_PASSES - 1:
                     break  # replaced or deleted by another process: read the directory again
                 damaged.append(str(record.path))
+                moved += aside
                 continue
             return record, obj
         else:
@@ -65,9 +68,17 @@ def newest_valid(refresh: Callable[[], List[CheckpointRecord]], load: Callable[[
     if damaged:
         raise CheckpointNotFoundError(
             f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
-            path=directory, hint="the damaged files were kept as *.corrupt; "
-                                 "start a fresh run or restore one by path")
+            path=directory, hint=_kept_hint(moved, len(damaged)) + "start a fresh run or restore one by path")
     return None
+
+
+def _kept_hint(moved: int, damaged: int) -> str:
+    """What happened to the damaged files: say *.corrupt only for those really moved."""
+    if moved == damaged:
+        return "the damaged files were kept as *.corrupt; "
+    if moved == 0:
+        return "nothing was moved or deleted; "
+    return f"{moved} of them were kept as *.corrupt, the others left in place; "
 
 
 def best(records: Sequence[CheckpointRecord], retention: policy.RetentionPolicy) -> Optional[CheckpointRecord]:
