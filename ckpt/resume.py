@@ -26,10 +26,12 @@ from .cadence import Cadence
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CkptError,
     ConfigError,
     CorruptCheckpointError,
     PathLike,
     StateMismatchError,
+    StorageError,
 )
 from .record import CheckpointRecord
 from .store import Catalog, differential, is_url, torchfile
@@ -143,7 +145,13 @@ def read_file(path: Path, trackables: Mapping[str, Any], *, map_location: Any,
     """A file outside the index, read once: its record, and its dict in ckpt's layout
     (a foreign layout is mapped onto the ``trackables``' names)."""
     from .interop import foreign  # files ckpt did not write: loaded on use only
-    obj = torchfile.load(path, map_location=map_location, weights_only=weights_only, check_records=True)
+    try:
+        obj = torchfile.load(path, map_location=map_location, weights_only=weights_only, check_records=True)
+    except (CkptError, FileNotFoundError):
+        raise
+    except OSError as e:  # EIO, EISDIR, a device or /proc file: not a checkpoint file ckpt can read
+        raise StorageError(f"cannot read the file: {e.strerror or e}", path=path,
+                           hint="pass the path of a checkpoint file (ckpt ls lists a run's checkpoints)") from e
     obj = differential.resolve_beside(path, obj, map_location=map_location)  # references: the files beside it
     return foreign.record_of(obj, path, weights_only=weights_only), foreign.as_checkpoint(obj, trackables, str(path))
 

@@ -159,9 +159,30 @@ def load_open(real: Path, path: PurePath, *, map_location: MapLocation = "cpu", 
     return _load(real, path, map_location, weights_only, mmap)
 
 
+class _MapLocationFailed(Exception):
+    """A callable ``map_location`` raised: the caller's configuration, not the file."""
+
+
+def _guarded(map_location: MapLocation) -> MapLocation:
+    """``map_location``, with a callable's own failures told apart from damage."""
+    if not callable(map_location) or isinstance(map_location, torch.device):
+        return map_location
+
+    def call(storage: Any, location: str) -> Any:
+        try:
+            return map_location(storage, location)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's function is theirs
+            raise _MapLocationFailed(f"{type(e).__name__}: {first_line(e)}") from e
+    return call
+
+
 def _load(real: Path, path: PurePath, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
     try:
-        return torch.load(real, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        return torch.load(real, map_location=_guarded(map_location), weights_only=weights_only, mmap=mmap)
+    except _MapLocationFailed as e:
+        raise ConfigError(f"map_location={map_location!r} failed: {e}", path=path,
+                          hint="the file was not judged damaged; fix the map_location function, "
+                               "or pass map_location='cpu'") from e.__cause__
     except pickle.UnpicklingError as e:
         examine(real, path, e)  # damaged bytes are damage, whatever torch's message says
         if weights_only:  # an intact pickle the allow-list refuses (a global, or an opcode such as INST)
