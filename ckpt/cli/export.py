@@ -89,7 +89,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                                                                     "another --object") from e
         out.parent.mkdir(parents=True, exist_ok=True)
         write_file(out, lambda f: torchio.save(weights, f))
-    count = sum(1 for v in weights.values() if isinstance(v, torch.Tensor))
-    total = sum(common.nbytes(v) for v in weights.values() if isinstance(v, torch.Tensor))
-    print(f"wrote {out}: {count} tensors, {table.size(total)}")
+    every = [t for _, t in common.tensors(weights)]  # nested too: an optimizer's state per parameter
+    print(f"wrote {out}: {len(every)} tensors, {table.size(sum(common.nbytes(t) for t in every))}")
     return 0

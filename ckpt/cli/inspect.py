@@ -8,7 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -64,6 +64,28 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _spec_class(spec: Optional[Dict[str, Any]]) -> Optional[str]:
+    """``module.qualname`` of the recorded class of the default object, or None."""
+    if not isinstance(spec, dict):
+        return None
+    objects = spec.get("objects")
+    entry = objects.get(spec.get("default")) if isinstance(objects, dict) else None
+    arch = entry.get("architecture") if isinstance(entry, dict) else None
+    if not isinstance(arch, dict) or not isinstance(arch.get("module"), str):
+        return None
+    return f"{arch['module']}.{arch.get('qualname', '?')}"
+
+
+def _spec_note(model_class: Optional[str]) -> str:
+    """What load_model can do with the spec: a class defined in a script is not importable."""
+    if model_class is None:
+        return "recorded"
+    if model_class.startswith("__main__."):
+        return (f"recorded, but its class {model_class[len('__main__.'):]} was defined in the script that "
+                "saved it (__main__): load_model cannot import it; move the class into a module")
+    return f"recorded: {model_class} (load_model can rebuild it)"
+
+
 def summary(obj: Any, path: Path) -> Dict[str, Any]:
     """The facts ``show`` prints, as plain data."""
     info: Dict[str, Any] = {"file": str(path), "size": path.stat().st_size}
@@ -72,15 +94,17 @@ def summary(obj: Any, path: Path) -> Dict[str, Any]:
         info.update(kind="ckpt checkpoint", format=head.format, library=head.library, torch=head.torch,
                     epoch=head.epoch, step=head.step, mid_epoch=head.mid_epoch,
                     metrics={k: v if math.isfinite(v) else str(v) for k, v in head.metrics.items()},
-                    created=head.created, model_spec=head.model_spec is not None)
+                    created=head.created, model_spec=head.model_spec is not None,
+                    model_class=_spec_class(head.model_spec))
         extra = obj.get("extra") if isinstance(obj.get("extra"), dict) else {}
         info["extra"] = {str(k): _short(v) for k, v in extra.items()}
         info["rng"] = sorted(obj["rng"]) if isinstance(obj.get("rng"), dict) else []
     else:
         from ..interop import foreign  # reading a foreign layout's counters; lazy, like the manager
         rec = foreign.record_of(obj, path)
-        info.update(kind="plain torch.save file (not written by ckpt)", epoch=rec.epoch, step=rec.step,
-                    mid_epoch=rec.mid_epoch, metrics=dict(rec.metrics))
+        counted = foreign.has_counters(obj)  # else the file says nothing of epoch or step
+        info.update(kind="plain torch.save file (not written by ckpt)", epoch=rec.epoch if counted else None,
+                    step=rec.step if counted else None, mid_epoch=rec.mid_epoch, metrics=dict(rec.metrics))
         info["extra"] = {}
     info["objects"] = [{"name": name, "kind": kind(value), "tensors": len(ts := list(common.tensors(value))),
                         "bytes": sum(common.nbytes(t) for _, t in ts)}
@@ -108,13 +132,16 @@ def _show(args: argparse.Namespace, path: Path) -> int:
         rows.append(("written by", f"{info['library']}, torch {info['torch']}, format {info['format']}"))
         created = datetime.datetime.fromtimestamp(info["created"], datetime.timezone.utc)
         rows.append(("created", f"{created:%Y-%m-%d %H:%M:%S} UTC ({table.age(time.time() - info['created'])} ago)"))
-    rows.append(("epoch", f"{info['epoch']} ({'mid-epoch: resume continues it' if info['mid_epoch'] else 'complete'})"))
-    rows.append(("step", str(info["step"])))
+    if info["epoch"] is None:
+        rows += [("epoch", "- (not recorded in the file)"), ("step", "-")]
+    else:
+        done = "mid-epoch: resume continues it" if info["mid_epoch"] else "complete"
+        rows += [("epoch", f"{info['epoch']} ({done})"), ("step", str(info["step"]))]
     rows.append(("metrics", " ".join(f"{k}={table.number(v) if isinstance(v, float) else v}"
                                     for k, v in info["metrics"].items()) or "-"))
     if "format" in info:
         rows.append(("rng", ", ".join(info["rng"]) or "-"))
-        rows.append(("model spec", "recorded (load_model can rebuild it)" if info["model_spec"] else "-"))
+        rows.append(("model spec", _spec_note(info.get("model_class")) if info["model_spec"] else "-"))
     for k, v in rows:
         print(f"{k:<11} {v}")
     print("\nobjects:")

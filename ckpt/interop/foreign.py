@@ -172,25 +172,34 @@ def progress(obj: Any) -> Tuple[int, int, bool]:
     return (0, step, True) if epoch is None else (epoch, step, False)
 
 
+def has_counters(obj: Any) -> bool:
+    """Whether a foreign dict records its epoch or step at all (else both read as 0)."""
+    return isinstance(obj, Mapping) and (_lightning_epochs(obj) is not None or any(
+        _int(obj.get(k)) is not None for k in _EPOCH_KEYS + _STEP_KEYS))
+
+
 def _lightning_epochs(obj: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
     """(epochs started, epochs whose batches all ran) from Lightning's loop progress."""
     try:
         current = obj["loops"]["fit_loop"]["epoch_progress"]["current"]
-        return int(current["started"]), int(current["processed"])
+        started, processed = _int(current["started"]), _int(current["processed"])
     except (KeyError, TypeError, ValueError):
         return None
+    return None if started is None or processed is None else (started, processed)
 
 
 def _int(value: Any) -> Optional[int]:
+    """A counter: a non-negative int (a negative one is damage or a foreign convention:
+    ignored, so that no save is named with a negative epoch)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _metrics(obj: Any) -> Dict[str, float]:
     """Top-level float entries (``loss``, ``best_acc``): plain floats or one-element tensors."""
-    if not isinstance(obj, Mapping):
-        return {}
+    if not isinstance(obj, Mapping) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {}  # a bare state dict: a one-element tensor there is a weight (a bias), not a metric
     out: Dict[str, float] = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():

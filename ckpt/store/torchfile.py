@@ -216,6 +216,12 @@ def examine(real: Path, path: PurePath, error: BaseException) -> None:
     """Raise :class:`CorruptCheckpointError` (caused by ``error``) if the file's bytes are
     damaged: a zip record fails its CRC, or the pickle is not a well-formed pickle."""
     if not zipfile.is_zipfile(real):  # neither the zip format nor readable: nothing intact to tell
+        with open(real, "rb") as f:
+            head = f.read(4)
+        if head and not head.startswith((b"PK", b"\x80")):  # neither a zip nor a legacy pickle
+            raise CorruptCheckpointError(f"is not a file torch.save writes (it starts with {head!r})", path=path,
+                                         hint="pass a checkpoint file; if this name held one, it was "
+                                              "overwritten by something else") from error
         raise CorruptCheckpointError(f"cannot read the file: {first_line(error)}", path=path,
                                      hint="the file is truncated or damaged") from error
     try:
