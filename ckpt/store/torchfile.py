@@ -160,7 +160,8 @@ def load_open(real: Path, path: PurePath, *, map_location: MapLocation = "cpu", 
 
 
 class _MapLocationFailed(Exception):
-    """A callable ``map_location`` raised: the caller's configuration, not the file."""
+    """A callable ``map_location`` raised: the caller's own error, not the file's (it is
+    re-raised as it was, whatever its type, and the file is not judged damaged)."""
 
 
 def _guarded(map_location: MapLocation) -> MapLocation:
@@ -172,17 +173,15 @@ def _guarded(map_location: MapLocation) -> MapLocation:
         try:
             return map_location(storage, location)
         except Exception as e:  # noqa: BLE001 - any failure of the user's function is theirs
-            raise _MapLocationFailed(f"{type(e).__name__}: {first_line(e)}") from e
+            raise _MapLocationFailed() from e
     return call
 
 
 def _load(real: Path, path: PurePath, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
     try:
         return torch.load(real, map_location=_guarded(map_location), weights_only=weights_only, mmap=mmap)
-    except _MapLocationFailed as e:
-        raise ConfigError(f"map_location={map_location!r} failed: {e}", path=path,
-                          hint="the file was not judged damaged; fix the map_location function, "
-                               "or pass map_location='cpu'") from e.__cause__
+    except _MapLocationFailed as e:  # the caller's own error, as raised: never taken for damage
+        raise e.__cause__ or e
     except pickle.UnpicklingError as e:
         examine(real, path, e)  # damaged bytes are damage, whatever torch's message says
         if weights_only:  # an intact pickle the allow-list refuses (a global, or an opcode such as INST)
