@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 import pytest
 import torch
+
+from tests.s3server import MotoServer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,3 +69,22 @@ def snapshot() -> Callable[[Path], Dict[str, bytes]]:
     def take(directory: Path) -> Dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
     return take
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[MotoServer]:
+    """A real S3-compatible server (moto, its own process), one per test module that asks."""
+    srv = MotoServer()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def bucket(server: MotoServer) -> str:
+    """A fresh bucket on :func:`server` for each test."""
+    import s3fs
+    name = f"b{secrets.token_hex(6)}"
+    s3fs.S3FileSystem(**server.options()).mkdir(name)
+    return name

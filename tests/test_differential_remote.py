@@ -7,10 +7,9 @@ unrestorable.
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 import torch
@@ -22,23 +21,6 @@ from ckpt import CheckpointManager  # noqa: E402
 from ckpt.store import differential, torchfile  # noqa: E402
 from ckpt.store.remote import FsspecStore  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[MotoServer]:
-    srv = MotoServer()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def bucket(server: MotoServer) -> str:
-    import s3fs
-    name = f"b{secrets.token_hex(6)}"
-    s3fs.S3FileSystem(**server.options()).mkdir(name)
-    return name
 
 
 def remote_blobs(server: MotoServer, url: str) -> set[str]:

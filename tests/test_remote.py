@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -39,21 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[MotoServer]:
-    srv = MotoServer()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def bucket(server: MotoServer) -> str:
-    """A fresh bucket for each test."""
-    name = f"b{secrets.token_hex(6)}"
-    server_fs(server).mkdir(name)
-    return name
 
 
 def server_fs(server: MotoServer) -> Any:

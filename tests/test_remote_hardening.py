@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,20 +27,6 @@ from tests.test_remote import QUICK, keys, manager, server_fs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[MotoServer]:
-    srv = MotoServer()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def bucket(server: MotoServer) -> str:
-    name = f"b{secrets.token_hex(6)}"
-    server_fs(server).mkdir(name)
-    return name
 
 TIERED_HUNG = textwrap.dedent("""
     import json, os, signal, sys, torch
