@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable, List
 
 import pytest
 import torch
@@ -52,18 +53,23 @@ def _signal_rank1(directory: Path, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_to_one_rank_preempts_every_rank_at_the_same_step(tmp_path: Path) -> None:
+def _run_signalling_rank1(fn: Callable[[int, int, str], dict], tmp_path: Path) -> List[dict]:
+    """Run ``fn`` on 2 ranks while rank 1 is sent SIGTERM by PID; each rank's result."""
     stop = threading.Event()
     killer = threading.Thread(target=_signal_rank1, args=(tmp_path, stop), daemon=True)
     killer.start()
     try:
-        outs = launch(_loop, 2, str(tmp_path), timeout=90)
+        outs = launch(fn, 2, str(tmp_path), timeout=90)
     finally:
         stop.set()
         killer.join(timeout=5)
     for out in outs:
         assert out.error is None, out.traceback
-    got = [o.value for o in outs]
+    return [o.value for o in outs]
+
+
+def test_sigterm_to_one_rank_preempts_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    got = _run_signalling_rank1(_loop, tmp_path)
     assert [g["code"] for g in got] == [143, 143], got
     assert got[0]["saved"] == got[1]["saved"] and got[0]["first_true"] == got[1]["first_true"], got
     assert got[0]["saved"][1] == got[0]["first_true"]  # saved at the step should_save said
@@ -93,16 +99,6 @@ def _readme_loop(rank: int, world: int, directory: str) -> dict:
 
 
 def test_the_readme_cadence_loop_ends_every_rank_after_one_save(tmp_path: Path) -> None:
-    stop = threading.Event()
-    killer = threading.Thread(target=_signal_rank1, args=(tmp_path, stop), daemon=True)
-    killer.start()
-    try:
-        outs = launch(_readme_loop, 2, str(tmp_path), timeout=90)
-    finally:
-        stop.set()
-        killer.join(timeout=5)
-    for out in outs:
-        assert out.error is None, out.traceback
-    got = [o.value for o in outs]
+    got = _run_signalling_rank1(_readme_loop, tmp_path)
     assert [g["code"] for g in got] == [143, 143] and got[0]["saved"] == got[1]["saved"], got
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("ckpt-e")]) == 1
