@@ -8,10 +8,11 @@ A committed checkpoint directory holds::
     ckpt-manifest.json               rank 0, last: format, world size, what each state is, and the
                                      size and CRC-32 of every other file
 
-Save (every rank): capture, then agree; DCP writes into ``tmp_dir``, each rank checksums
-and fsyncs its own shard files (in parallel), then agree and gather the checksums; rank 0
-checksums the rest (``.metadata``, ``ckpt-meta.pt``), writes the manifest, fsyncs files and directory, renames
-``tmp_dir`` to ``final_dir`` and fsyncs the parent, then agree -- so a rank that fails or
+Save (every rank): capture, then agree; DCP writes into ``tmp_dir`` through
+:class:`~.shardio.SummingWriter`, which takes each file's CRC-32 as its bytes stream out
+and fsyncs it once (nothing is read back), then agree and gather the checksums; rank 0
+writes the manifest, fsyncs it and the directory, renames ``tmp_dir`` to ``final_dir``
+and fsyncs the parent, then agree -- so a rank that fails or
 is killed at any step makes every other rank raise (bounded: see ckpt.distributed) and
 nothing appears under ``final_dir``. Load: rank 0 verifies the checksums, every rank
 reads its slices through DCP, which reshards: a checkpoint saved by 2 ranks loads on
@@ -58,7 +59,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -82,8 +83,9 @@ from ..errors import (
 )
 from ..store import torchio
 from ..store.local import read_regular
-from ..store.shardfiles import FORMAT, MANIFEST, VERSION, checksums, commit, fsync_dir, read_manifest, verify_files
+from ..store.shardfiles import FORMAT, MANIFEST, VERSION, commit, fsync_dir, read_manifest, verify_files
 from .collective import Group, agree, broadcast_object, sync
+from .shardio import SummingWriter, write_meta
 
 META = "ckpt-meta.pt"
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
@@ -105,6 +107,7 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     what = f"save of {final_dir.name}"
+    sums: dict[str, dict[str, int]] = {}
 
     def prepare() -> dict[str, Any]:
         kinds, state = _capture(states)
@@ -118,16 +121,14 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
                                             hint="save under a new (epoch, step)")
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-            with open(tmp_dir / META, "wb") as f:
-                torchio.save(dict(meta), f)
-                os.fsync(f.fileno())
+            sums[META] = write_meta(tmp_dir / META, meta)
         return {"kinds": kinds, "state": state}
 
     def write() -> dict[str, dict[str, int]]:
+        writer = SummingWriter(tmp_dir)  # each file checksummed as it is written, fsynced once
         with _quiet_no_dist():
-            dcp_save(captured["state"], storage_writer=FileSystemWriter(tmp_dir),
-                     process_group=ctx.control, no_dist=not ctx.active)
-        return checksums(tmp_dir, f"__{ctx.rank}_")  # DCP names each rank's files __<rank>_<n>.distcp
+            dcp_save(captured["state"], storage_writer=writer, process_group=ctx.control, no_dist=not ctx.active)
+        return {**sums, **writer.sums}  # this rank's __<rank>_<n>.distcp; rank 0's .metadata too
 
     def finish() -> dict[str, Any]:
         return commit(tmp_dir, final_dir, manifest, known, aside=aside) if ctx.is_leader else manifest

@@ -127,21 +127,11 @@ def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
                 hint="the file was damaged after the save; resume from an older checkpoint")
 
 
-def checksums(directory: Path, prefix: str) -> dict[str, dict[str, int]]:
-    """Size and CRC-32 of the files in ``directory`` whose names start with ``prefix``
-    (one rank's shards), each fsynced: every rank checks its own files, in parallel."""
-    out = {}
-    for path in sorted(p for p in Path(directory).glob(f"{prefix}*") if p.is_file()):
-        with open(path, "rb") as f:
-            out[path.name] = {"size": os.fstat(f.fileno()).st_size, "crc32": _crc32(f)}
-            os.fsync(f.fileno())
-    return out
-
-
 def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
            known: Mapping[str, Mapping[str, int]] | None = None, *, aside: Path | None = None) -> dict[str, Any]:
-    """Rank 0, once every rank's files are written: checksum and fsync each file (those in
-    ``known`` were checked and fsynced by the rank that wrote them), write the manifest,
+    """Rank 0, once every rank's files are written: take each file's size and CRC-32 from
+    ``known`` (checksummed as they were written, and fsynced, by the rank that wrote
+    them; any other file is read, checksummed and fsynced here), write the manifest,
     fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
     appears only for a complete checkpoint, and survives a power cut once it has.
     ``aside``: where an existing ``final_dir`` goes (an overwrite; see ``_swap``)."""

@@ -1,0 +1,62 @@
+"""Sharded saves checksum each file as it is written and fsync it once (real gloo ranks).
+
+The rank processes count every ``os.fsync`` by the path of its descriptor and make any
+read-back checksum of a whole file fail, so a save that reads a shard again, or syncs
+a file twice, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+from dist_harness import run
+from helpers import fsdp_mlp
+
+from ckpt.distributed import collective as cd
+
+
+def _save_counting(rank: int, world: int, root: Path) -> dict:
+    from ckpt.distributed.sharded import save_sharded
+    from ckpt.store import checksum, shardfiles
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def no_read_back(*args: object, **kwargs: object) -> int:
+        raise AssertionError("a file of the checkpoint was read back to checksum it")
+
+    os.fsync = fsync
+    shardfiles._crc32 = no_read_back  # type: ignore[assignment]
+    checksum.file_crc = no_read_back  # type: ignore[assignment]
+    ctx = cd.context(timeout=30)
+    model, opt = fsdp_mlp(world, seed=0, hidden=64)
+    model(__import__("torch").randn(3, 4)).sum().backward()
+    opt.step()
+    manifest = save_sharded(ctx, root / ".tmp-e1", root / "e1", {"model": model, "optimizer": opt},
+                            {"epoch": 1}, timeout=20)
+    return {"manifest": manifest, "synced": synced}
+
+
+def test_a_sharded_save_checksums_while_writing_and_fsyncs_each_file_once(tmp_path: Path) -> None:
+    outs = run(_save_counting, 2, tmp_path, timeout=120)
+    manifest = outs[0]["manifest"]
+    final = tmp_path / "e1"
+    files = sorted(p.name for p in final.iterdir())
+    assert files == sorted([*manifest["files"], "ckpt-manifest.json"])
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "ckpt-meta.pt"} <= set(manifest["files"])
+    for name, want in manifest["files"].items():  # the sums taken on the way are the files' own
+        data = (final / name).read_bytes()
+        assert want == {"size": len(data), "crc32": zlib.crc32(data)}, name
+    tmp = str(tmp_path / ".tmp-e1")
+    leader = [p for p in outs[0]["synced"]]
+    other = outs[1]["synced"]
+    assert sorted(other) == [f"{tmp}/__1_0.distcp"]  # rank 1: its own shard, once
+    expected = sorted([f"{tmp}/__0_0.distcp", f"{tmp}/.metadata.tmp", f"{tmp}/ckpt-meta.pt",
+                       f"{tmp}/ckpt-manifest.json", tmp, str(tmp_path)])
+    assert sorted(leader) == expected  # each file, the directory and its parent: once each
