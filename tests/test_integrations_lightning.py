@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,8 @@ def test_killed_fit_resumes_bit_exact(tmp_path: Path, uninterrupted: dict, flags
     # (A resumed ModelCheckpoint forgets its top-k list, so the resume point itself may stay.)
     files = {p.name for p in run.glob("*.ckpt")}
     sums = {p.name[: -len(".ckpt-sum")] for p in run.glob("[!.]*.ckpt-sum")}
-    if flags:  # known gap (async): a kill between a file's commit and its sidecar's can leave the file
-        assert sums <= files  # without a sidecar; it is never listed as verified, and nothing is lost
-    else:
-        assert files == sums
+    assert files == sums  # sync and async: a file is renamed in only once its sidecar is durable
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".ckpt-next", ".ckpt-sum-next"))]
     assert "last.ckpt" in files and len(files) <= 4
     assert not list(run.glob(".ckpt-tmp-*")), "the resumed run cleans the killed run's temporaries"
 
@@ -92,12 +91,30 @@ def test_damaged_newest_is_skipped_and_named(tmp_path: Path) -> None:
     assert last_checkpoint(tmp_path / "nothing") is None
 
 
+class _Held:
+    """Pickles only once ``release`` is set: a save that stays in flight as long as a test wants."""
+
+    release = threading.Event()
+
+    def __reduce__(self) -> tuple:
+        assert self.release.wait(60), "never released"
+        return (int, (0,))
+
+
 def test_async_removal_waits_for_the_save_in_flight(tmp_path: Path) -> None:
-    ckpt_io = CheckpointIO(async_save=True)
-    big = {"epoch": 0, "global_step": 1, "w": torch.randn(4 << 20)}
+    ckpt_io = CheckpointIO(async_save=True, weights_only=False)
     ckpt_io.save_checkpoint({"epoch": 0, "global_step": 0}, tmp_path / "old.ckpt")
-    ckpt_io.save_checkpoint(big, tmp_path / "new.ckpt")
-    ckpt_io.remove_checkpoint(tmp_path / "old.ckpt")  # as ModelCheckpoint's rotation does
+    ckpt_io.save_checkpoint({"epoch": 0, "global_step": 1, "held": _Held()}, tmp_path / "new.ckpt")
+    remover = threading.Thread(target=ckpt_io.remove_checkpoint, args=(tmp_path / "old.ckpt",))
+    remover.start()  # as ModelCheckpoint's rotation does, while new.ckpt is being written
+    try:
+        remover.join(0.5)
+        assert remover.is_alive() and (tmp_path / "old.ckpt").exists(), \
+            "the previous file went while its successor was still being written"
+        assert last_checkpoint(tmp_path) == str(tmp_path / "old.ckpt")
+    finally:
+        _Held.release.set()
+        remover.join(30)
     assert (tmp_path / "new.ckpt").exists() and not (tmp_path / "old.ckpt").exists()
     assert last_checkpoint(tmp_path) == str(tmp_path / "new.ckpt")
     ckpt_io.teardown()

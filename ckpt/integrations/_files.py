@@ -1,11 +1,25 @@
 """Single checkpoint files in a trainer's own format, written with ckpt's commit protocol.
 
-A file ``NAME`` is committed through a :class:`~ckpt.store.base.Store` (temporary name,
-fsync, rename, directory fsync; commit-last on object stores) and then described by a
-small sidecar ``NAME.ckpt-sum`` (JSON: size, CRC-32, step numbers), committed the same
-way. The checkpoint file itself is exactly what ``torch.save`` writes, so the trainer's
-stock loader reads it; the sidecar only lets ckpt verify it before loading. A file
-without a sidecar (written without ckpt) is verified by its zip records' own CRC-32.
+A file ``NAME`` is the exact bytes ``torch.save`` writes, so the trainer's stock loader
+reads it; a small sidecar ``NAME.ckpt-sum`` (JSON: size, CRC-32, step numbers) lets ckpt
+verify it before loading. A file without a sidecar (written without ckpt) is verified
+by its zip records' own CRC-32.
+
+A save never makes a file visible before the record that verifies it is durable:
+
+1. the file is committed under a staging name, ``NAME.ckpt-next`` (temporary name,
+   fsync, rename, directory fsync; commit-last on object stores), which gives its
+   size and CRC-32;
+2. its record is committed as ``NAME.ckpt-sum-next`` (the pending sidecar);
+3. ``NAME.ckpt-next`` is renamed to ``NAME`` (replacing the previous file, whose own
+   sidecar still describes it until then);
+4. ``NAME.ckpt-sum-next`` is renamed to ``NAME.ckpt-sum``.
+
+A kill between 3 and 4 leaves ``NAME`` with a pending sidecar that matches it: readers
+take that record (:func:`current`), and the next writer finishes the step
+(:func:`settle`), which also rolls a save killed after 2 forward, drops what a save
+killed before 2 left, and drops sidecars whose file a killed removal deleted. At every
+instant each committed file has a record that verifies it (see docs/howto/lightning.md).
 """
 
 from __future__ import annotations
@@ -15,13 +29,18 @@ import os
 import time
 import warnings
 from pathlib import PurePath
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ..errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
 from ..store import Store, is_url, open_existing, open_store, torchfile
+from ..store.checksum import file_checksum
 
 SIDECAR = ".ckpt-sum"
+#: The sidecar of a file not renamed in yet, and that file (steps 2 and 1 of the module doc).
+PENDING = SIDECAR + "-next"
+STAGED = ".ckpt-next"
 PathLike = Union[str, "os.PathLike[str]"]
+Record = Dict[str, Any]
 
 
 def split(path: PathLike) -> Tuple[str, str]:
@@ -41,29 +60,85 @@ def store_for(directory: str, storage_options: Optional[Mapping[str, Any]] = Non
 
 def save(store: Store, name: str, obj: Mapping[str, Any], numbers: Mapping[str, Any], *,
          clean: bool = False) -> None:
-    """Commit ``obj`` as ``name`` (torch.save format), then its sidecar, under the
-    directory's writer lock. ``clean``: first remove what killed writers left."""
+    """Commit ``obj`` as ``name`` (torch.save format) and its sidecar, in the order of
+    the module doc, under the directory's writer lock. ``clean``: first settle what
+    killed writers left (:func:`settle`)."""
     if clean:
         store.clean_temporaries()
     with store.lock():
-        written = torchfile.write(store, name, obj, nbytes=0, progress=False)
+        if clean:
+            settle(store)
+        written = torchfile.write(store, name + STAGED, obj, nbytes=0, progress=False)
         record = {"size": written.size, "checksum": written.checksum, "time": time.time(), **numbers}
         data = json.dumps(record, sort_keys=True).encode()
-        store.write(name + SIDECAR, lambda f: f.write(data))
+        store.write(name + PENDING, lambda f: f.write(data))
+        store.move(name + STAGED, name)
+        store.move(name + PENDING, name + SIDECAR)
 
 
-def sidecar(store: Store, name: str) -> Optional[Dict[str, Any]]:
-    """The recorded size/checksum/numbers of ``name``; None when it has no (readable) sidecar."""
+def _read_record(store: Store, name: str) -> Optional[Record]:
     try:
-        record = json.loads(store.read_bytes(name + SIDECAR))
+        record = json.loads(store.read_bytes(name))
     except (FileNotFoundError, ValueError, OSError, CkptError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("checksum"), str) else None
 
 
+def sidecar(store: Store, name: str) -> Optional[Record]:
+    """The recorded size/checksum/numbers of ``name``; None when it has no (readable) sidecar."""
+    return _read_record(store, name + SIDECAR)
+
+
+def _matches(store: Store, name: str, record: Record) -> bool:
+    """Whether ``name``'s bytes are the ones ``record`` describes."""
+    try:
+        with store.local_path(name) as local:
+            return bool(os.stat(local).st_size == record.get("size") and file_checksum(local) == record["checksum"])
+    except (FileNotFoundError, OSError, CkptError):
+        return False
+
+
+def current(store: Store, name: str, listed: Optional[Set[str]] = None) -> Optional[Record]:
+    """The record that describes ``name`` now: its sidecar's, or the pending one's when a
+    save was killed after renaming the file in (step 3) and the file matches it.
+    ``listed``: the names in the directory, when the caller has them (saves a read)."""
+    pending = None if listed is not None and name + PENDING not in listed else _read_record(store, name + PENDING)
+    if pending is not None and _matches(store, name, pending):
+        return pending
+    return sidecar(store, name)
+
+
+def settle(store: Store) -> List[str]:
+    """Finish or undo what killed saves and removals left (the caller holds the lock):
+    a pending sidecar whose file is complete is rolled forward, anything else a save
+    killed half-way left goes, and so does a sidecar whose file is gone. What it did."""
+    names = set(store.list())
+    done: List[str] = []
+    for pending in sorted(n for n in names if n.endswith(PENDING)):
+        name, record = pending[: -len(PENDING)], _read_record(store, pending)
+        if record is not None and name + STAGED in names and _matches(store, name + STAGED, record):
+            store.move(name + STAGED, name)  # killed before step 3: everything was durable
+            names |= {name}
+        if record is not None and name in names and _matches(store, name, record):
+            store.move(pending, name + SIDECAR)  # killed before step 4
+            names |= {name + SIDECAR}
+            done.append(f"completed the save of {name}")
+        else:
+            store.delete(pending)
+    listed = set(store.list())
+    for staged in sorted(n for n in listed if n.endswith(STAGED)):  # killed before step 2
+        store.delete(staged)
+        done.append(f"removed the unfinished {staged}")
+    for side in sorted(n for n in listed if n.endswith(SIDECAR)):
+        if side[: -len(SIDECAR)] not in listed:  # a removal killed between its two deletes
+            store.delete(side)
+            done.append(f"removed the orphan {side}")
+    return done
+
+
 def load(store: Store, name: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-    """Verify ``name`` (its sidecar's checksum, or its zip records) and load it."""
-    record = sidecar(store, name)
+    """Verify ``name`` (its record's checksum, or its zip records) and load it."""
+    record = current(store, name)
     try:
         with store.local_path(name) as local:
             return torchfile.load(local, map_location=map_location, weights_only=weights_only,
@@ -75,16 +150,34 @@ def load(store: Store, name: str, *, map_location: Any = "cpu", weights_only: bo
 
 
 def remove(store: Store, name: str) -> None:
+    """Delete ``name``, then its sidecar (a kill in between leaves an orphan :func:`settle` drops)."""
     store.delete(name)
     store.delete(name + SIDECAR)
 
 
-def _numbers(store: Store, name: str, keys: Tuple[str, ...]) -> Optional[Tuple[Any, ...]]:
-    """The order key of ``name``: its numbers, from the sidecar or (without one) the file."""
-    record = sidecar(store, name)
-    if record is not None:
-        return tuple(record.get(k, -1) for k in keys) + (record.get("time", 0.0),)
-    return None
+Keyed = Tuple[Tuple[Any, ...], str, Optional[Record], Optional[Any]]
+
+
+def _keyed(store: Store, names: Set[str], suffix: str, keys: Tuple[str, ...],
+           read_numbers: Callable[[Any], Tuple[Any, ...]]) -> List[Keyed]:
+    """(order key, name, record, loaded file) of each candidate; unreadable files without
+    a record are skipped with a warning here."""
+    keyed: List[Keyed] = []
+    for name in (n for n in names if n.endswith(suffix)):
+        record = current(store, name, names)
+        if record is not None:
+            keyed.append((tuple(record.get(k, -1) for k in keys) + (record.get("time", 0.0),), name, record, None))
+            continue
+        try:  # written without ckpt: the file itself says where it stands
+            loaded = load(store, name)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            warnings.warn(f"skipping damaged checkpoint {store.where(name)}: {e}", stacklevel=4)
+            continue
+        except Exception as e:  # noqa: BLE001 - any unreadable file is not a resume point
+            warnings.warn(f"skipping unreadable checkpoint {store.where(name)}: {e}", stacklevel=4)
+            continue
+        keyed.append((read_numbers(loaded) + (0.0,), name, None, loaded))
+    return keyed
 
 
 def newest(directory: str, *, suffix: str, keys: Tuple[str, ...], read_numbers: Callable[[Any], Tuple[Any, ...]],
@@ -93,30 +186,15 @@ def newest(directory: str, *, suffix: str, keys: Tuple[str, ...], read_numbers: 
     half-written ones are skipped with a warning. None when there is none."""
     try:
         store = store_for(directory, storage_options, create=False)
-        names = [n for n in store.list() if n.endswith(suffix)]
+        names = set(store.list())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    keyed: List[Tuple[Tuple[Any, ...], str, Optional[Any]]] = []
-    for name in names:
-        key = _numbers(store, name, keys)
-        loaded = None
-        if key is None:  # written without ckpt: the file itself says where it stands
-            try:
-                loaded = load(store, name)
-                key = read_numbers(loaded) + (0.0,)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(f"skipping damaged checkpoint {store.where(name)}: {e}", stacklevel=3)
-                continue
-            except Exception as e:  # noqa: BLE001 - any unreadable file is not a resume point
-                warnings.warn(f"skipping unreadable checkpoint {store.where(name)}: {e}", stacklevel=3)
-                continue
-        keyed.append((key, name, loaded))
+    keyed = _keyed(store, names, suffix, keys, read_numbers)
     keyed.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    for _, name, loaded in keyed:
+    for _, name, record, loaded in keyed:
         if loaded is not None:
             return store.where(name)
         try:
-            record = sidecar(store, name)
             with store.local_path(name) as local:
                 torchfile.verify(local, record["checksum"] if record else None, shown=store.where(name))
                 if record is not None and os.stat(local).st_size != record["size"]:

@@ -68,7 +68,9 @@ class CkptSaver(BaseSaveHandler):
         self.dirname = str(dirname)
         self.storage_options = storage_options
         self._store = _files.store_for(self.dirname, storage_options)
-        self._store.clean_temporaries()  # what a killed run left
+        self._store.clean_temporaries()  # what a killed run left: temporaries, unfinished saves
+        with self._store.lock():
+            _files.settle(self._store)
         self._evicted: List[str] = []
 
     def __call__(self, checkpoint: Mapping[str, Any], filename: str,
