@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         mgr = CheckpointManager(f"s3://{bucket}/run", model=torch.nn.Linear(8, 8), storage_options=srv.options(),
                                 keep_last=args.keep_last)
-        client = mgr._catalog.store.fs.s3
+        client = mgr.catalog.store.fs.s3
         client.meta.events.register("before-send.s3", count)
         print(f"requests per save (s3://, keep_last={args.keep_last}, one small object per checkpoint)")
         for epoch in range(args.saves):

@@ -15,11 +15,13 @@ import time
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
-from . import engines, policy, resume, saving, schema, spec, state
+from . import engine as engines
 from . import options as opts
+from . import policy, resume, spec, state
 from . import preemption as preempt
 from .background import writer as background
 from .cadence import Cadence
+from .engine import restoring, saving
 from .errors import PathLike, StorageError
 from .record import CheckpointRecord
 from .resume import Which
@@ -98,23 +100,25 @@ class CheckpointManager:
         self.cadence = Cadence(every_steps=every_steps, every_seconds=every_seconds, max_overhead=max_overhead)
         opts.check_trackables(trackables)
         opts.check_location(directory, storage_options, cache_dir)
-        self._catalog = Catalog(open_store(directory, storage_options, cache_dir))
+        #: The run directory's committed checkpoints (for the engines: see ckpt.engine.base.ManagerView).
+        self.catalog = Catalog(open_store(directory, storage_options, cache_dir))
         #: The run directory as given: a local path, or the URL of a remote one.
-        self.url = self._catalog.store.url
+        self.url = self.catalog.store.url
         #: A local Path, or for a URL a pure path that prints as the URL (see ckpt.store.remote).
         self.directory: PurePath = ObjectPath(self.url) if is_url(self.url) else Path(self.url)
         self.trackables: Dict[str, Any] = dict(trackables)
         self.epoch = 0
         self.step = 0
         self.resumed: Optional[CheckpointRecord] = None
-        self._protected: Optional[Tuple[int, int]] = None
-        self._specs = spec.SpecCache()  # each tracked module's architecture, captured once
+        self.protected: Optional[Tuple[int, int]] = None  # the resume source: retention keeps it for now
+        self.specs = spec.SpecCache()  # each tracked module's architecture, captured once
         self._closed = False
         self._stop_after_save = False  # should_save() said yes to a preemption: save() then ends the run
         self._lock = threading.RLock()
         self._dist = engines.collective(self.options)  # None without a process group: nothing imported
-        self._writer = background.create(self._catalog.store.url, self.options.async_save and self._dist is None)
-        self._records = self._catalog.open() if self._dist is None else self._dist.open(self._catalog)
+        self._writer = background.create(self.catalog.store.url, self.options.async_save and self._dist is None)
+        self.records: List[CheckpointRecord] = (self.catalog.open() if self._dist is None
+                                                else self._dist.open(self.catalog))
         self._preempted_agreed = False  # with a process group: every rank learned of the signal
         self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
@@ -129,24 +133,24 @@ class CheckpointManager:
     @property
     def checkpoints(self) -> List[CheckpointRecord]:
         """Committed checkpoints, oldest first (by epoch, then step)."""
-        return list(self._records)
+        return list(self.records)
 
     @property
     def latest(self) -> Optional[CheckpointRecord]:
         """The newest committed checkpoint (None before the first)."""
-        return self._records[-1] if self._records else None
+        return self.records[-1] if self.records else None
 
     @property
     def best(self) -> Optional[CheckpointRecord]:
         """The best checkpoint by ``monitor``/``mode`` (None without a monitor or metric)."""
-        return resume.best(self._records, self.policy)
+        return resume.best(self.records, self.policy)
 
     def refresh(self) -> List[CheckpointRecord]:
         """Re-read the directory (another process may have committed) and return records."""
         with self._lock:
             if self._writer is not None:
                 self._writer.join()  # our own save in flight first; its error waits for save()/wait()
-            self._records = self._catalog.scan().records
+            self.records = self.catalog.scan().records
             return self.checkpoints
 
     # -- saving --------------------------------------------------------------------
@@ -211,42 +215,18 @@ class CheckpointManager:
                 return record
             if self._writer is not None:
                 self._writer.ready()  # the save in flight commits (or raises) before this one starts
-            epoch, step, mid_epoch, overwrite, metric_values, extra_ = self._checked(
-                epoch, step, metrics, extra, mid_epoch, overwrite)
-            checkpoint = self._build(state.capture(self.trackables), epoch, step, mid_epoch, metric_values, extra_,
-                                     [state.capture_rng()])
+            epoch, step, mid_epoch, overwrite, metric_values, extra_ = saving.checked(
+                self, epoch, step, metrics, extra, mid_epoch, overwrite)
+            checkpoint = saving.build(self, state.capture(self.trackables), epoch, step, mid_epoch, metric_values,
+                                      extra_, [state.capture_rng()])
             if self._writer is not None:
-                path = self._catalog.store.where(checkpoint.name)
-                record = self._writer.submit(checkpoint, path, lambda staged: self._commit(staged, overwrite))
+                path = self.catalog.store.where(checkpoint.name)
+                record = self._writer.submit(checkpoint, path, lambda staged: saving.commit(self, staged, overwrite))
             else:
-                record = self._commit(checkpoint, overwrite)
+                record = saving.commit(self, checkpoint, overwrite)
             self.epoch, self.step = epoch, step
             self.cadence.saved(step, stall=time.perf_counter() - started)  # what the loop paid
             return record
-
-    def _checked(self, epoch: Optional[int], step: Optional[int], metrics: Optional[Mapping[str, Any]],
-                 extra: Optional[Mapping[str, Any]], mid_epoch: bool, overwrite: bool
-                 ) -> saving.SaveArgs:
-        """save()'s arguments, checked (nothing written yet) and with their defaults."""
-        return saving.check_args(epoch, step, metrics, extra, mid_epoch, overwrite, counters=(self.epoch, self.step),
-                                 retention=self.policy, records=self._records, resumed=self.resumed,
-                                 trackables=self.trackables)
-
-    def _build(self, states: Dict[str, Any], epoch: int, step: int, mid_epoch: bool, metrics: Dict[str, float],
-               extra: Dict[str, Any], rngs: List[Dict[str, Any]]) -> schema.Checkpoint:
-        """The checkpoint dict; ``rngs`` holds every rank's RNG states (rank 0's first)."""
-        args = saving.SaveArgs(epoch, step, mid_epoch, False, metrics, extra)
-        return saving.build(states, args, rngs, trackables=self.trackables, specs=self._specs, cadence=self.cadence)
-
-    def _commit(self, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
-        """Commit ``checkpoint`` (runs on the writer thread with ``async_save``)."""
-        protected, newer = saving.protection(self._protected, checkpoint.key)
-        record, self._records = self._catalog.commit(checkpoint, retention=self.policy, overwrite=overwrite,
-                                                     protected=protected, progress=self.options.progress,
-                                                     differential_save=self.options.differential)
-        if newer:
-            self._protected = None  # a newer checkpoint is committed: the resume source may go
-        return record
 
     # -- restoring -----------------------------------------------------------------
 
@@ -263,12 +243,12 @@ class CheckpointManager:
             multi = self._multi()
             if multi is not None:
                 return multi.resume(self)
-            found = resume.newest_valid(self.refresh, lambda record: self._load(record, direct=True)[0], self._skip,
-                                        self.directory)
+            found = resume.newest_valid(self.refresh, lambda record: restoring.load(self, record, direct=True)[0],
+                                        lambda record, error: restoring.skip(self, record, error), self.directory)
             if found is None:
                 return 0
             record, obj = found
-            self._apply(obj, record)
+            restoring.apply(self, obj, record)
             return record.next_epoch
 
     def restore(self, which: Which = "latest", *, step: Optional[int] = None) -> CheckpointRecord:
@@ -285,10 +265,10 @@ class CheckpointManager:
             if multi is not None:
                 return multi.restore(self, which, step)
             self.refresh()
-            record, obj = self._find(which, step)
+            record, obj = restoring.find(self, which, step)
             if obj is None:
-                obj, _ = self._load(record, direct=True)
-            return self._apply(obj, record)
+                obj, _ = restoring.load(self, record, direct=True)
+            return restoring.apply(self, obj, record)
 
     def export_model(self, which: Which, path: PathLike, *, example_inputs: Any, **options: Any) -> Path:
         """Export the tracked model with the weights of checkpoint ``which`` (``"best"``,
@@ -298,49 +278,11 @@ class CheckpointManager:
         with self._lock:
             self._check_open()
             self.refresh()
-            record, obj = self._find(which, None)
+            record, obj = restoring.find(self, which, None)
             if obj is None:
-                obj, _ = self._load(record)
+                obj, _ = restoring.load(self, record)
             return export_checkpoint(self.trackables, obj, str(record.path), path,
                                      example_inputs=example_inputs, **options)
-
-    def _find(self, which: Which, step: Optional[int]) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]]]:
-        """The record ``which`` names, and the checkpoint dict when it had to be read to
-        tell (a file outside the index, possibly in a foreign layout): see :mod:`ckpt.resume`."""
-        found = resume.find(self._records, which, step, retention=self.policy, url=self.url,
-                            directory=self.directory)
-        return (found, None) if isinstance(found, CheckpointRecord) else self._foreign(found)
-
-    def _foreign(self, path: Path) -> Tuple[CheckpointRecord, Dict[str, Any]]:
-        """A file outside the index, read once: ckpt's own layout or a foreign one."""
-        return resume.read_file(path, self.trackables, map_location=self.options.map_location,
-                                weights_only=self.options.weights_only)
-
-    def _load(self, record: CheckpointRecord, direct: bool = False) -> Tuple[Dict[str, Any], schema.Header]:
-        """``direct``: the modules' tensors are read straight into the tracked modules
-        when the dict is applied (:func:`state.restore` fills them after its checks)."""
-        return self._catalog.load(record, map_location=self.options.map_location,
-                                  weights_only=self.options.weights_only, progress=self.options.progress,
-                                  targets=state.direct_targets(self.trackables) if direct else None)
-
-    def _apply(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
-        state.restore(self.trackables, obj, strict=self.options.strict, path=str(record.path),
-                      rng=obj.get("rng") or {})
-        return self._applied(obj, record)
-
-    def _applied(self, obj: Dict[str, Any], record: CheckpointRecord) -> CheckpointRecord:
-        """Note that ``record`` (whose dict is ``obj``) was restored."""
-        self.resumed, self.cadence = resume.applied(obj, record, self.cadence)
-        self.epoch, self.step = record.epoch, record.step
-        self._protected = record.key
-        return self.resumed
-
-    def _skip(self, record: CheckpointRecord, error: BaseException) -> bool:
-        """Leave out a checkpoint that failed to load; a damaged one (not a missing one)
-        is renamed ``*.corrupt`` and dropped from the index so that no save collides with it.
-        True if it was moved aside; False if it is gone, or was replaced meanwhile."""
-        self._records = [r for r in self._records if r.key != record.key]
-        return resume.skip(self._catalog, record, error)
 
     # -- integrity -----------------------------------------------------------------
 
@@ -350,7 +292,7 @@ class CheckpointManager:
         with self._lock:
             if self._writer is not None:
                 self._writer.join()
-            report = self._catalog.verify(progress=self.options.progress)
+            report = self.catalog.verify(progress=self.options.progress)
             return {name: status for name, (status, _) in report.items()}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -367,7 +309,7 @@ class CheckpointManager:
         """Finish this process's background work: the save in flight, a tiered store's uploads."""
         if self._writer is not None:
             self._writer.wait()
-        flush = getattr(self._catalog.store, "flush", None)
+        flush = getattr(self.catalog.store, "flush", None)
         if flush is not None:
             flush()
 
@@ -407,7 +349,7 @@ class CheckpointManager:
                     self._drain()
                     if self._dist is not None:
                         self._dist.close()
-                    release = getattr(self._catalog.store, "release", None)
+                    release = getattr(self.catalog.store, "release", None)
                     if release is not None:  # a remote run directory: the next writer may take it now
                         release()
                 finally:
@@ -428,9 +370,9 @@ class CheckpointManager:
 
     def _multi(self) -> Optional[Coordinator]:
         """The engine for resume/restore (see :func:`ckpt.engines.for_restore`)."""
-        return engines.for_restore(self._dist, self._records, self.options)
+        return engines.for_restore(self._dist, self.records, self.options)
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "
-                f"checkpoints={len(self._records)})")
+                f"checkpoints={len(self.records)})")
 

@@ -162,11 +162,11 @@ def skip(catalog: Catalog, record: CheckpointRecord, error: BaseException) -> bo
     collides with it. True if it was moved aside; False if it is gone, or was replaced
     meanwhile. The warnings point at the caller of ``resume()``."""
     if not isinstance(error, CorruptCheckpointError):
-        warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=5)
+        warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=6)
         return False
     where = catalog.quarantine(record, error)
     moved = record.name not in catalog.store.list(record.name)
-    warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=5)
+    warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=6)
     return moved
 
 

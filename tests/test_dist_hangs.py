@@ -111,13 +111,15 @@ def _rank0_killed_in_commit(rank: int, world: int, directory: str) -> str:
     mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2))  # default timeout: 120 + 5 s here
     mgr.save(epoch=0)
     if rank == 0:
-        real = mgr._commit
+        from ckpt.engine import saving
+
+        real = saving.commit
 
         def commit_then_die(*args: object, **kwargs: object) -> object:
             real(*args, **kwargs)  # the file is committed and indexed, then rank 0 dies before telling anyone
             kill_self()
 
-        mgr._commit = commit_then_die  # type: ignore[method-assign]
+        saving.commit = commit_then_die  # type: ignore[assignment]
     try:
         mgr.save(epoch=1)
     except RankLostError as e:

@@ -169,7 +169,7 @@ def test_unreachable_server_fails_save_then_recovers(server: MotoServer, bucket:
     opts = dict(server.options(config_kwargs=QUICK), ckpt_retry_seconds=1)
     t = make_trainables(0)
     mgr = CheckpointManager(url, storage_options=opts, **t)
-    mgr._catalog.store.fs.retries = 1  # s3fs's own retries (5 by default) are no storage option
+    mgr.catalog.store.fs.retries = 1  # s3fs's own retries (5 by default) are no storage option
     mgr.save(epoch=0, step=0)
     before = keys(server, f"{bucket}/run")
     server.pause()
@@ -241,7 +241,7 @@ def test_tiered_resume_after_losing_either_tier(server: MotoServer, bucket: str,
     url = f"s3://{bucket}/run"
     cache = tmp_path / "cache"
     mgr = manager(url, server, cache_dir=str(cache), keep_last=2)
-    assert isinstance(mgr._catalog.store, TieredStore)
+    assert isinstance(mgr.catalog.store, TieredStore)
     for epoch in range(3):
         mgr.trackables["model"][0].weight.data.fill_(float(epoch))
         mgr.save(epoch=epoch, step=epoch)
@@ -293,7 +293,7 @@ def test_tiered_upload_error_is_raised_like_an_async_error(server: MotoServer, b
     url = f"s3://{bucket}/run"
     opts = dict(server.options(config_kwargs=QUICK), ckpt_retry_seconds=0)
     mgr = CheckpointManager(url, storage_options=opts, cache_dir=str(tmp_path / "c"), **make_trainables(0))
-    mgr._catalog.store.remote.fs.retries = 1  # s3fs's own retries (5 by default) are no storage option
+    mgr.catalog.store.remote.fs.retries = 1  # s3fs's own retries (5 by default) are no storage option
     mgr.save(epoch=0, step=0)
     mgr.wait()
     server.pause()

@@ -185,7 +185,7 @@ TIERED_KILLED = textwrap.dedent("""
     mgr = CheckpointManager(url, model=torch.nn.Linear(4, 4), storage_options=opts, cache_dir=cache)
     mgr.save(epoch=0)
     mgr.wait()
-    mgr._catalog.store.remote.write = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    mgr.catalog.store.remote.write = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     mgr.save(epoch=1)   # committed locally; the upload thread is killed with the process
     mgr.wait()
 """)

@@ -210,7 +210,7 @@ def test_replacing_a_file_by_a_directory_keeps_the_file_until_the_commit(tmp_pat
     new = schema.dir_name(0, 0)
     if stray:
         _directory(tmp_path / new, b"not ours")
-    replacing = Overwrite(mgr._catalog.store, old.name, new, list(mgr.checkpoints))
+    replacing = Overwrite(mgr.catalog.store, old.name, new, list(mgr.checkpoints))
     assert replacing.begin() == [] and _indexed(tmp_path) == []
     if not stray:
         _directory(tmp_path / new, b"the failed save's")
@@ -219,7 +219,7 @@ def test_replacing_a_file_by_a_directory_keeps_the_file_until_the_commit(tmp_pat
     assert (tmp_path / new).exists() == stray  # a stray directory is not this save's to delete
     if stray:
         return
-    replacing = Overwrite(mgr._catalog.store, old.name, new, list(mgr.checkpoints))
+    replacing = Overwrite(mgr.catalog.store, old.name, new, list(mgr.checkpoints))
     replacing.begin()
     _directory(tmp_path / new, b"committed")
     replacing.done()  # the caller committed the new index

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import record, saving, schema, state
+from .. import record, schema, state
+from ..engine import restoring, saving
+from ..engine.base import ManagerView
 from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
@@ -51,9 +53,6 @@ if TYPE_CHECKING:
     from ..store import Catalog
 
 Outcome = tuple[str, Any, Any]
-#: ckpt.manager.CheckpointManager, whose private steps (_checked, _build, _commit, _load,
-#: _apply, ...) this module drives; a layer above this one, so not imported.
-CheckpointManager = Any
 
 
 class Coordinator:
@@ -134,14 +133,14 @@ class Coordinator:
 
     # -- saving ----------------------------------------------------------------------
 
-    def save(self, mgr: CheckpointManager, epoch: int | None, step: int | None, *,
+    def save(self, mgr: ManagerView, epoch: int | None, step: int | None, *,
              metrics: Mapping[str, Any] | None, extra: Mapping[str, Any] | None,
              mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
         ctx = self.ctx
         error: BaseException | None = None
         payload: Any = None
         try:
-            args = mgr._checked(epoch, step, metrics, extra, mid_epoch, overwrite)
+            args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
             sharded = cl.has_dtensor(list(mgr.trackables.values()))
             payload = (args[:3], sharded, state.capture_rng())
         except Exception as e:  # noqa: BLE001 - reported to every rank below
@@ -167,27 +166,28 @@ class Coordinator:
         mgr.epoch, mgr.step = epoch_, step_
         return rec
 
-    def _save_replicated(self, mgr: CheckpointManager, epoch: int, step: int, mid_epoch: bool,
+    def _save_replicated(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
                          metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
                          overwrite: bool) -> CheckpointRecord:
         outcome: Outcome | None = None
         error: BaseException | None = None
         if self.ctx.is_leader:
             try:
-                checkpoint = mgr._build(state.capture(mgr.trackables), epoch, step, mid_epoch, metrics, extra, rngs)
-                rec = mgr._commit(checkpoint, overwrite)
-                outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr._records])
+                checkpoint = saving.build(mgr, state.capture(mgr.trackables), epoch, step, mid_epoch, metrics, extra,
+                                          rngs)
+                rec = saving.commit(mgr, checkpoint, overwrite)
+                outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast(f"save() of epoch {epoch}, step {step} (commit)", outcome, error)
         return self._adopt(mgr, got)
 
-    def _save_sharded(self, mgr: CheckpointManager, epoch: int, step: int, mid_epoch: bool,
+    def _save_sharded(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
                       metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
                       overwrite: bool) -> CheckpointRecord:
         from .sharded import save_sharded
 
-        ctx, store = self.ctx, mgr._catalog.store
+        ctx, store = self.ctx, mgr.catalog.store
         name = schema.dir_name(epoch, step)
         tmp = f"{TMP_PREFIX}shard-{name}"  # the same on every rank: each writes its shards there
         dcp_states, plain = _split(mgr.trackables)
@@ -199,9 +199,9 @@ class Coordinator:
             if ctx.is_leader:  # the lock, for the whole save: no other writer, no cleanup of our tmp
                 try:
                     held.enter_context(store.lock())
-                    records = mgr._catalog.scan(locked=True).records
+                    records = mgr.catalog.scan(locked=True).records
                     existing = check_new((epoch, step), mid_epoch, overwrite, records)
-                    checkpoint = mgr._build(state.capture(plain), epoch, step, mid_epoch, metrics, extra, rngs)
+                    checkpoint = saving.build(mgr, state.capture(plain), epoch, step, mid_epoch, metrics, extra, rngs)
                     meta = checkpoint.obj
                     meta["ckpt"]["objects"] = list(mgr.trackables)
                     meta["ckpt"]["sharded"] = list(dcp_states)
@@ -223,7 +223,7 @@ class Coordinator:
             if ctx.is_leader:
                 try:
                     rec = sharddir.committed(store, name, manifest, meta)
-                    kept = _retain(mgr, records, rec, replacing)
+                    kept = saving.retain(mgr, records, rec, None if replacing is None else replacing.done)
                     outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
                 except Exception as e:  # noqa: BLE001
                     if replacing is not None:
@@ -232,32 +232,32 @@ class Coordinator:
             got = self._broadcast(f"save() of {name} (index)", outcome, error)
         return self._adopt(mgr, got)
 
-    def _adopt(self, mgr: CheckpointManager, got: Outcome) -> CheckpointRecord:
+    def _adopt(self, mgr: ManagerView, got: Outcome) -> CheckpointRecord:
         """Every rank's records become rank 0's; the committed record is returned."""
-        catalog = mgr._catalog
+        catalog = mgr.catalog
         if self.ctx.is_leader:
-            found: CheckpointRecord = next(r for r in mgr._records if r.name == got[1]["file"])
+            found: CheckpointRecord = next(r for r in mgr.records if r.name == got[1]["file"])
             return found
-        mgr._records = _records(catalog, got[2])
+        mgr.records = _records(catalog, got[2])
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
 
     # -- restoring -------------------------------------------------------------------
 
-    def resume(self, mgr: CheckpointManager) -> int:
+    def resume(self, mgr: ManagerView) -> int:
         rec, _ = self._choose(mgr, None, None)
         if rec is None:
             return 0
         self._load(mgr, rec)
         return rec.next_epoch
 
-    def restore(self, mgr: CheckpointManager, which: Any, step: int | None) -> CheckpointRecord:
+    def restore(self, mgr: ManagerView, which: Any, step: int | None) -> CheckpointRecord:
         rec, foreign = self._choose(mgr, which, step)
         if foreign is not None:
             return self._load_foreign(mgr, foreign)
         assert rec is not None  # restore raises instead of choosing nothing
         return self._load(mgr, rec)
 
-    def _choose(self, mgr: CheckpointManager, which: Any,
+    def _choose(self, mgr: ManagerView, which: Any,
                 step: int | None) -> tuple[CheckpointRecord | None, str | None]:
         """Rank 0 picks the checkpoint (resume: the newest that verifies); every rank learns
         it: (a committed record, None), or (None, the path of a file outside the index)."""
@@ -269,26 +269,26 @@ class Coordinator:
                 if which is None:
                     rec = self._pick_latest(mgr)
                 else:
-                    rec, obj = mgr._find(which, step)
+                    rec, obj = restoring.find(mgr, which, step)
                     if obj is not None:  # a file outside the index: every rank reads it by path
                         self._foreign = (rec, obj)
-                        outcome = ("foreign", str(rec.path), [r.to_json() for r in mgr._records])
+                        outcome = ("foreign", str(rec.path), [r.to_json() for r in mgr.records])
                 if outcome is None:
-                    outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr._records])
+                    outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
         if not self.ctx.is_leader:
-            mgr._records = _records(mgr._catalog, got[2])
+            mgr.records = _records(mgr.catalog, got[2])
         if got[0] == "foreign":
             return None, got[1]
         if got[1] is None:
             return None, None
         name = got[1]["file"]
-        known = next((r for r in mgr._records if r.name == name), None)
-        return known or record.from_json(got[1], mgr._catalog.store.where(name)), None
+        known = next((r for r in mgr.records if r.name == name), None)
+        return known or record.from_json(got[1], mgr.catalog.store.where(name)), None
 
-    def _load_foreign(self, mgr: CheckpointManager, path: str) -> CheckpointRecord:
+    def _load_foreign(self, mgr: ManagerView, path: str) -> CheckpointRecord:
         """restore(path) of a file outside the index: every rank reads it (a shared filesystem)."""
         from pathlib import Path
 
@@ -296,26 +296,26 @@ class Coordinator:
         applied: CheckpointRecord | None = None
         try:
             read, self._foreign = self._foreign, None
-            rec, obj = mgr._foreign(Path(path)) if read is None else read
-            applied = mgr._apply(obj, rec)
+            rec, obj = restoring.foreign(mgr, Path(path)) if read is None else read
+            applied = restoring.apply(mgr, obj, rec)
         except Exception as e:  # noqa: BLE001 - every failure must reach the others
             error = e
         self._collective(cl.agree, self.ctx, f"restore({path!r})", error, timeout=self.timeout)
         assert applied is not None
         return applied
 
-    def _pick_latest(self, mgr: CheckpointManager) -> CheckpointRecord | None:
+    def _pick_latest(self, mgr: ManagerView) -> CheckpointRecord | None:
         damaged: list[str] = []
         rec: CheckpointRecord
-        for rec in reversed(mgr._records):
+        for rec in reversed(mgr.records):
             try:
                 if schema.is_sharded(rec.name):
-                    sharddir.verify(mgr._catalog.store, rec.name, rec.checksum)
+                    sharddir.verify(mgr.catalog.store, rec.name, rec.checksum)
                 else:
-                    self._read = (rec.name, mgr._load(rec)[0])  # loaded once: _load takes it
+                    self._read = (rec.name, restoring.load(mgr, rec)[0])  # loaded once: _load takes it
             except (CorruptCheckpointError, FileNotFoundError) as e:
                 damaged.append(str(rec.path))
-                mgr._skip(rec, e)
+                restoring.skip(mgr, rec, e)
                 continue
             return rec
         if damaged:
@@ -324,7 +324,7 @@ class Coordinator:
                 path=mgr.directory, hint="the damaged ones were kept as *.corrupt; start a fresh run")
         return None
 
-    def _load(self, mgr: CheckpointManager, rec: CheckpointRecord) -> CheckpointRecord:
+    def _load(self, mgr: ManagerView, rec: CheckpointRecord) -> CheckpointRecord:
         """Every rank loads ``rec`` and applies it; all succeed or all raise."""
         ctx, path = self.ctx, str(rec.path)
         error: BaseException | None = None
@@ -340,7 +340,7 @@ class Coordinator:
         try:
             read, self._read = self._read, None
             if not schema.is_sharded(rec.name):
-                obj = read[1] if read is not None and read[0] == rec.name else mgr._load(rec)[0]
+                obj = read[1] if read is not None and read[0] == rec.name else restoring.load(mgr, rec)[0]
             schema.header(obj, path)
             meta = obj.get("ckpt")
             saved = (meta.get("rng_per_rank") if isinstance(meta, dict) else None) or obj.get("rng") or {}
@@ -349,7 +349,7 @@ class Coordinator:
             for tracked in mgr.trackables.values():
                 if isinstance(tracked, ResumableSampler):
                     tracked._use_rng(mine)  # its saved RNG is rank 0's: take this rank's
-            applied = mgr._applied(obj, rec)
+            applied = restoring.applied(mgr, obj, rec)
         except Exception as e:  # noqa: BLE001 - every failure must reach the others
             error = e
         self._collective(cl.agree, ctx, f"load of {rec.name}", error, timeout=self.timeout)
@@ -368,21 +368,6 @@ def _split(trackables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         else:
             plain[name] = obj
     return dcp, plain
-
-
-def _retain(mgr: CheckpointManager, records: list[CheckpointRecord],
-            rec: CheckpointRecord, replacing: sharddir.Overwrite | None) -> list[CheckpointRecord]:
-    """Rank 0, holding the lock: the catalog's commit-and-retention transaction over the
-    new directory (the one it replaced is deleted once the index is committed)."""
-    protected, newer = saving.protection(mgr._protected, rec.key)
-    candidates = sorted([r for r in records if r.key != rec.key] + [rec], key=lambda r: r.key)
-    catalog: Catalog = mgr._catalog
-    kept, _ = catalog.retain(candidates, mgr.policy, protected, new=rec,
-                             indexed=None if replacing is None else replacing.done)
-    if newer:
-        mgr._protected = None
-    mgr._records = kept
-    return kept
 
 
 def _records(catalog: Catalog, entries: list[dict[str, Any]]) -> list[CheckpointRecord]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from . import options as opts
-from . import schema
-from .record import CheckpointRecord
+from .. import options as opts
+from .. import schema
+from ..record import CheckpointRecord
 
 if TYPE_CHECKING:
-    from .distributed.coordinator import Coordinator
+    from ..distributed.coordinator import Coordinator
 
 
 def collective(options: opts.Options) -> Optional[Coordinator]:
@@ -26,7 +26,7 @@ def collective(options: opts.Options) -> Optional[Coordinator]:
     dist = sys.modules.get("torch.distributed")
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return None
-    from .distributed import coordinator
+    from ..distributed import coordinator
     if options.async_save:
         coordinator.warn_async()
     return coordinator.Coordinator.create(options.collective_timeout)
@@ -37,7 +37,7 @@ def for_restore(current: Optional[Coordinator], records: Sequence[CheckpointReco
     """The engine for resume/restore: ``current`` (the process group's), or in a single
     process a local Coordinator when a sharded checkpoint is committed, else None."""
     if current is None and any(schema.is_sharded(r.name) for r in records):
-        from .distributed import collective as cl
-        from .distributed import coordinator
+        from ..distributed import collective as cl
+        from ..distributed import coordinator
         return coordinator.Coordinator(cl.Group(), options.collective_timeout or 600.0)
     return current

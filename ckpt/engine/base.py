@@ -1,0 +1,95 @@
+"""The seam between the manager and the engine that does its work.
+
+:class:`~ckpt.CheckpointManager` holds the options, the tracked objects and the
+counters; each ``save``, ``resume``, ``restore``, ``wait`` and ``close`` goes to an
+:class:`Engine`: :class:`~ckpt.engine.local.LocalEngine` in one process,
+:class:`~ckpt.engine.collective.CollectiveEngine` under a process group. The two are
+peers: neither reaches into the manager, both see it through :class:`ManagerView`,
+which holds exactly what they read and update of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Protocol, Tuple
+
+from ..cadence import Cadence
+from ..options import Options
+from ..policy import RetentionPolicy
+from ..record import CheckpointRecord
+
+if TYPE_CHECKING:
+    from ..spec import SpecCache
+    from ..store import Catalog
+
+Key = Tuple[int, int]
+
+
+class ManagerView(Protocol):
+    """What an engine reads and updates of its manager (the manager implements it).
+
+    The public attributes are the manager's own (see :class:`~ckpt.CheckpointManager`);
+    ``catalog``, ``specs``, ``records`` and ``protected`` are for the engines only.
+    """
+
+    epoch: int  #: the counters a save without numbers uses; a save or restore sets them
+    step: int
+    resumed: Optional[CheckpointRecord]  #: the checkpoint restored last
+    cadence: Cadence  #: the save cadence; a restore loads its saved state
+    records: List[CheckpointRecord]  #: the committed checkpoints, oldest first
+    protected: Optional[Key]  #: the checkpoint resumed from: retention keeps it until a newer one
+
+    @property
+    def trackables(self) -> Mapping[str, Any]: ...
+
+    @property
+    def options(self) -> Options: ...
+
+    @property
+    def policy(self) -> RetentionPolicy: ...
+
+    @property
+    def directory(self) -> PurePath: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def specs(self) -> SpecCache: ...
+
+    def refresh(self) -> List[CheckpointRecord]: ...
+
+
+class Engine(Protocol):
+    """What the manager hands its work to; every method but :meth:`settle` is collective
+    under a process group (every rank calls it, in the same order)."""
+
+    def open(self, catalog: Catalog) -> List[CheckpointRecord]:
+        """The committed records at construction (leftovers of crashed writers cleaned)."""
+
+    def save(self, mgr: ManagerView, epoch: Optional[int], step: Optional[int], *,
+             metrics: Optional[Mapping[str, Any]], extra: Optional[Mapping[str, Any]],
+             mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
+        """One checkpoint of every tracked object (see :meth:`ckpt.CheckpointManager.save`)."""
+
+    def resume(self, mgr: ManagerView) -> int:
+        """Restore the newest checkpoint that verifies; the epoch to run next (0: none)."""
+
+    def restore(self, mgr: ManagerView, which: Any, step: Optional[int]) -> CheckpointRecord:
+        """Restore the checkpoint ``which`` names."""
+
+    def settle(self) -> None:
+        """This process's save in flight committed (or failed: its error waits for save()/wait())."""
+
+    def wait(self, mgr: ManagerView) -> None:
+        """Background work committed; the error of a background save that failed raised."""
+
+    def agree_signal(self, received: Optional[int]) -> Optional[int]:
+        """The preemption signal every rank acts on (None: none arrived)."""
+
+    def close(self, mgr: ManagerView) -> None:
+        """Pending work flushed, the engine's resources freed (also when that raised)."""
+
