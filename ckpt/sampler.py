@@ -60,12 +60,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.num_replicas, self.rank = _replicas(num_replicas, rank)
         self.drop_last = bool(drop_last)
         self.length = length
-        if self.num_replicas == 1:
-            self.num_samples = length
-        elif self.drop_last:
-            self.num_samples = length // self.num_replicas
-        else:
-            self.num_samples = -(-length // self.num_replicas)
+        self.num_samples = _share(length, self.num_replicas, self.drop_last)
         self.shuffle = bool(shuffle)
         self.seed = seed
         self.epoch = 0
@@ -153,15 +148,17 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 raise ConfigError(f"the checkpoint's sampler has {key}={saved[key]!r}, this one "
                                          f"{key}={mine!r}; the remaining order would differ",
                                          hint=f"build the ResumableSampler with {key}={saved[key]!r}")
-        same_split = (replicas, drop_last) == (self.num_replicas, self.drop_last)
-        if not same_split and 0 < position < self.num_samples:
-            raise ConfigError(
-                f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this sampler has "
-                f"num_replicas={self.num_replicas}: the rest of the epoch would differ",
-                hint="resume mid-epoch at the same world size, or from an end-of-epoch checkpoint")
-        if position > self.num_samples:
-            raise ConfigError(f"saved position {position} is outside 0..{self.num_samples}",
+        saved_share = _share(self.length, replicas, drop_last)  # the position counts the saving rank's share
+        if position > saved_share:
+            raise ConfigError(f"saved position {position} is outside 0..{saved_share}",
                                      hint="the state was saved by a sampler over another dataset")
+        if (replicas, drop_last) != (self.num_replicas, self.drop_last):
+            if 0 < position < saved_share:
+                raise ConfigError(
+                    f"the checkpoint was saved part-way through an epoch by {replicas} replicas; this sampler "
+                    f"has num_replicas={self.num_replicas}: the rest of the epoch would differ",
+                    hint="resume mid-epoch at the same world size, or from an end-of-epoch checkpoint")
+            position = self.num_samples if position else 0  # the epoch served whole (or not begun), in this split
         self.epoch, self.position = epoch, position
         self._start, self._resume_rng, self._restored = position, saved.get("rng"), True
         self._generation += 1
@@ -215,6 +212,13 @@ def inside_epoch(trackables: Mapping[str, Any]) -> List[str]:
     """Names of tracked samplers part-way through an epoch (samples handed out and left)."""
     return [name for name, obj in trackables.items()
             if isinstance(obj, ResumableSampler) and 0 < obj.position < obj.num_samples]
+
+
+def _share(length: int, replicas: int, drop_last: bool) -> int:
+    """One replica's samples per epoch (as DistributedSampler splits ``length``)."""
+    if replicas == 1:
+        return length
+    return length // replicas if drop_last else -(-length // replicas)
 
 
 def _replicas(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:

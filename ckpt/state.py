@@ -148,9 +148,9 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
 
     Everything that can be checked without changing an object is checked first: every
     module's keys and shapes, every optimizer's parameter groups, the RNG states. Then
-    the other objects are loaded, each one's previous state kept; if one fails, those
-    already loaded are put back and nothing else is touched. Modules (already checked)
-    and the RNG come last.
+    the other objects are loaded, each one's previous state kept (optimizers, whose state
+    is not copied aside, after the rest); if one fails, those already loaded are put back
+    and nothing else is touched. Modules (already checked) and the RNG come last.
     """
     absent = [n for n in trackables if n not in checkpoint]
     if absent:
@@ -170,8 +170,12 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
     rng_states = _parse_rng(rng, path) if rng is not None else None
     owned = getattr(checkpoint, "owned", False)  # fresh tensors, not a file mapping
     done: List[Tuple[Any, Any]] = []
+    # optimizers (checked above, and not kept aside: a copy of their state costs as much as
+    # the model) load after every other object, so a sampler or scheduler that refuses its
+    # state leaves them untouched
+    loading = sorted(others, key=lambda n: isinstance(unwrap(trackables[n]), torch.optim.Optimizer))
     try:
-        for name in others:
+        for name in loading:
             target = unwrap(trackables[name])
             before = None if isinstance(target, torch.optim.Optimizer) else \
                 {} if loaders.is_stateful_loader(target) else copy.deepcopy(_state_of(target))

@@ -324,3 +324,25 @@ def test_a_malformed_sampler_state_in_a_checkpoint_is_refused_by_the_manager(tmp
                                                      r"'position' is '4'; expected a non-negative int") as info:
             mgr.restore(tmp_path / "edited.pt")
     assert info.value.hint == "pass what ResumableSampler.state_dict() returned"
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_an_end_of_epoch_state_of_2_replicas_loads_at_another_world_size(world: int) -> None:
+    # issue 28: the saved position was compared with this sampler's share, so a DDP run's
+    # end-of-epoch checkpoint (position 6 of 12 over 2 ranks) was "part-way" at 1 rank and
+    # "outside 0..4" at 3: resume at another world size failed whenever a sampler was tracked
+    saved = ResumableSampler(12, seed=1, num_replicas=2, rank=1)
+    saved.set_epoch(3)
+    list(saved)
+    state = saved.state_dict()
+    fresh = ResumableSampler(12, seed=1, num_replicas=world, rank=0)
+    fresh.load_state_dict(state)
+    assert fresh.epoch == 3 and fresh.remaining == 0  # the epoch is over, in this split too
+    fresh.set_epoch(4)
+    assert list(fresh) == ResumableSampler(12, seed=1, num_replicas=world, rank=0).order(4)
+    untouched = ResumableSampler(12, seed=1, num_replicas=2, rank=1)
+    untouched.set_epoch(3)
+    fresh.load_state_dict(untouched.state_dict())  # not begun
+    assert fresh.position == 0
+    with pytest.raises(ValueError, match="outside 0..6"):
+        fresh.load_state_dict({**state, "position": 7})

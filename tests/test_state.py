@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +307,24 @@ def test_malformed_rng_states_leave_every_object_untouched(tmp_path) -> None:
     assert same_weights(_weights(other), before)
     assert other_opt.param_groups[0]["lr"] == 0.5
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_sampler_that_refuses_its_state_leaves_the_optimizer_untouched(tmp_path: Path) -> None:
+    # issue 28: resume at another world size from a mid-epoch checkpoint is refused by the
+    # sampler ("nothing was restored"), but the optimizer, listed first, had already loaded
+    # the checkpoint's momentum into the fresh run's optimizer
+    from ckpt import ResumableSampler
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sampler = ResumableSampler(12, seed=1, num_replicas=2, rank=0)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sampler.set_epoch(0)
+    next(iter(sampler))
+    CheckpointManager(tmp_path, model=model, optimizer=opt, sampler=sampler).save(epoch=0, step=1, mid_epoch=True)
+    fresh = torch.nn.Linear(2, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(StateMismatchError, match="nothing was restored"):
+        CheckpointManager(tmp_path, model=fresh, optimizer=fresh_opt, sampler=ResumableSampler(12, seed=1)).resume()
+    assert not fresh_opt.state

@@ -47,6 +47,7 @@ from ..sampler import ResumableSampler
 from ..store import sharddir
 from ..store.commit import check_new
 from ..store.local import TMP_PREFIX
+from . import agreement
 from . import collective as cl
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class Coordinator:
         try:
             args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
             sharded = cl.has_dtensor(list(mgr.trackables.values()))
-            payload = (args[:3], sharded, state.capture_rng())
+            payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4]), state.capture_rng())
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
         report = None if error is None else f"{type(error).__name__}: {error}"
@@ -152,16 +153,14 @@ class Coordinator:
             raise error
         if failed:
             raise CollectiveError(f"save() failed on {'; '.join(failed)}", hint="see that rank's log")
-        if len({repr(p[0]) for _, p in posts}) > 1 or len({p[1] for _, p in posts}) > 1:
-            calls = ", ".join(f"rank {r}: epoch={p[0][0]} step={p[0][1]}" + (" sharded" if p[1] else "")
-                              for r, (_, p) in enumerate(posts))
+        differ = agreement.disagreement([p[0] for _, p in posts])
+        if differ is not None:
             self.broken = True
-            raise CollectiveError(f"ranks called save() with different arguments ({calls})",
-                                  hint="pass the same epoch/step on every rank (and shard the same objects)")
+            raise differ
         epoch_, step_, mid = args[0], args[1], args[2]
         metric_values, extra_ = args[4], args[5]
-        rngs = [p[2] for _, p in posts]
-        save = self._save_sharded if payload[1] else self._save_replicated
+        rngs = [p[1] for _, p in posts]
+        save = self._save_sharded if payload[0].sharded else self._save_replicated
         rec = save(mgr, epoch_, step_, mid, metric_values, extra_, rngs, overwrite)
         mgr.epoch, mgr.step = epoch_, step_
         return rec
