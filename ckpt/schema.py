@@ -70,6 +70,10 @@ def check_loadable(obj: Any, where: str) -> int:
     only loads in trusted mode. Types are matched exactly: a NumPy scalar is not a
     float, a namedtuple is not a tuple. Returns the bytes of the tensors found.
     """
+    try:
+        return _nbytes(obj)  # the common case, without keeping where each value sits
+    except (_Refused, RecursionError):
+        pass  # walk again, keeping track, to name the offending value
     stack: List[Tuple[Any, Any]] = [(obj, where)]  # (value, where: str or (parent's, key, is_key))
     nbytes = 0
     while stack:
@@ -94,6 +98,41 @@ def check_loadable(obj: Any, where: str) -> int:
             hint="store plain numbers, strings, lists, dicts or tensors: use float(x), "
                  "x.tolist(), torch.from_numpy(x) or a dict of the object's fields")
     return nbytes
+
+
+class _Refused(Exception):
+    """A value :func:`_nbytes` does not accept (check_loadable says where and why)."""
+
+
+_LEAVES = frozenset(_PLAIN) - {bytes, torch.Tensor, torch.nn.Parameter}
+_MAPPINGS = frozenset((dict, collections.OrderedDict))
+_SEQUENCES = frozenset((list, tuple, set))
+
+
+def _nbytes(value: Any) -> int:
+    """:func:`check_loadable`'s walk, recursive and without bookkeeping: the bytes of
+    the tensors in ``value``; :class:`_Refused` for anything that walk refuses."""
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return int(value.nelement() * value.element_size())
+    if kind in _LEAVES or (kind is bytes and value):
+        return 0
+    n = 0
+    if kind in _MAPPINGS:
+        for k, v in value.items():
+            if type(k) not in _LEAVES:
+                n += _nbytes(k)
+            kind = type(v)
+            if kind is torch.Tensor or kind is torch.nn.Parameter:
+                n += v.nelement() * v.element_size()
+            elif kind not in _LEAVES:
+                n += _nbytes(v)
+        return n
+    if kind in _SEQUENCES:
+        for v in value:
+            n += _nbytes(v)
+        return n
+    raise _Refused()
 
 
 def _where(at: Any) -> str:
