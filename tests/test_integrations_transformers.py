@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +19,17 @@ from helpers import same_weights  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from ckpt.errors import CorruptCheckpointError  # noqa: E402
-from ckpt.integrations.transformers import MANIFEST, commit_directory, last_checkpoint, verify_directory  # noqa: E402
+from ckpt.integrations.transformers import INCOMPLETE, MANIFEST, commit_directory, last_checkpoint, verify_directory  # noqa: E402
 
 SECOND = 2 * trainer_runs.HF_SAVE_EVERY
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final weights of the uninterrupted run (shared by the kill tests)."""
+    d = tmp_path_factory.mktemp("full")
+    trainer_runs.run("hf", d / "run", d / "w.pt")
+    return torch.load(d / "w.pt")
 
 
 def _writing_second(d: Path) -> bool:
@@ -28,8 +39,7 @@ def _writing_second(d: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(tmp_path: Path) -> None:
-    trainer_runs.run("hf", tmp_path / "full", tmp_path / "full.pt")
+def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(tmp_path: Path, uninterrupted: dict) -> None:
     run = tmp_path / "run"
     trainer_runs.run_and_kill("hf", run, _writing_second)
     # the Trainer's own choice is the half-written directory; ckpt's is the committed one
@@ -37,7 +47,7 @@ def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(tmp_path
     with pytest.warns(UserWarning, match=f"checkpoint-{SECOND}"):
         assert last_checkpoint(run) == str(run / f"checkpoint-{trainer_runs.HF_SAVE_EVERY}")
     trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume")
-    assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
+    assert same_weights(torch.load(tmp_path / "resumed.pt"), uninterrupted)
     # save_total_limit=1, applied by ckpt after each commit: only the newest committed remains
     left = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
     assert left == [f"checkpoint-{trainer_runs.HF_STEPS}"]
@@ -69,3 +79,45 @@ def test_damaged_and_incomplete_directories_are_skipped(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpointError, match="model.safetensors fails its checksum"):
         verify_directory(tmp_path / "checkpoint-3")
     assert last_checkpoint(tmp_path / "absent") is None
+
+
+@pytest.mark.slow
+def test_sigterm_with_jit_checkpoint_is_committed_and_resumes_bit_exact(tmp_path: Path, uninterrupted: dict) -> None:
+    """transformers' enable_jit_checkpoint saves on SIGTERM without calling on_save: ckpt
+    commits that checkpoint at the end of training, and a resume from it is exact."""
+    run = tmp_path / "run"
+    trainer_runs.run_and_kill("hf", run, lambda d: (d / f"checkpoint-{trainer_runs.HF_SAVE_EVERY}" / MANIFEST).exists(),
+                              "--jit", sig=signal.SIGTERM, status=0)  # the Trainer stops by itself
+    start = last_checkpoint(run)
+    assert start is not None
+    step = int(Path(start).name.split("-")[1])
+    assert step < trainer_runs.HF_STEPS, "the SIGTERM did not stop the run early"
+    assert not (Path(start) / INCOMPLETE).exists()
+    if step % trainer_runs.HF_SAVE_EVERY:  # not a scheduled save: the JIT checkpoint, committed by ckpt
+        assert json.loads((Path(start) / MANIFEST).read_text())["jit"] is True
+    trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume")
+    assert same_weights(torch.load(tmp_path / "resumed.pt"), uninterrupted)
+
+
+def test_last_checkpoint_on_s3(tmp_path: Path, server: Any, bucket: str) -> None:
+    """Committed folders copied to an object store: the incomplete and the damaged newest
+    are skipped with a warning, the newest intact one is returned as a URL."""
+    s3fs = pytest.importorskip("s3fs")
+    for step in (1, 2, 3):
+        _checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-3" / INCOMPLETE).write_text("in progress")
+    data = bytearray((tmp_path / "checkpoint-2" / "model.safetensors").read_bytes())
+    data[7] ^= 1
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(bytes(data))
+    fs = s3fs.S3FileSystem(**server.options())
+    url = f"s3://{bucket}/run"
+    for step in (1, 2, 3):
+        fs.put(str(tmp_path / f"checkpoint-{step}"), f"{bucket}/run/checkpoint-{step}", recursive=True)
+    fs.put(str(tmp_path / "checkpoint-1" / "model.safetensors"), f"{bucket}/run/checkpoint-4/model.safetensors")
+    with pytest.warns(UserWarning) as seen:
+        assert last_checkpoint(url, server.options()) == f"{url}/checkpoint-1"
+    assert {w.message.args[0].split(":")[0] + ":" + w.message.args[0].split(":")[1] for w in seen} >= {
+        f"skipping {url}/checkpoint-{n}" for n in (2, 3, 4)}
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors fails its checksum"):
+        verify_directory(f"{url}/checkpoint-2", server.options())
+    assert last_checkpoint(f"s3://{bucket}/absent", server.options()) is None

@@ -80,9 +80,9 @@ def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bo
 HF_STEPS, HF_SAVE_EVERY = 12, 3
 
 
-def hf(directory: str, out: str, resume: bool, slow: bool) -> None:
+def hf(directory: str, out: str, resume: bool, slow: bool, jit: bool = False) -> None:
     import transformers
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
     from ckpt.integrations.transformers import CheckpointCallback, last_checkpoint
 
@@ -97,15 +97,22 @@ def hf(directory: str, out: str, resume: bool, slow: bool) -> None:
 
     class Slow(Trainer):
         def _save_rng_state(self, output_dir: str) -> None:  # a save the test kills half-way
-            if slow and self.state.global_step == 2 * HF_SAVE_EVERY:
+            if slow and not jit and self.state.global_step == 2 * HF_SAVE_EVERY:
                 time.sleep(30)
             super()._save_rng_state(output_dir)
 
-    args = TrainingArguments(output_dir=directory, max_steps=HF_STEPS, save_steps=HF_SAVE_EVERY,
-                             save_strategy="steps", save_total_limit=1, per_device_train_batch_size=8,
+    class Steady(TrainerCallback):  # with --jit: slow steps, so that a SIGTERM at step 3 (and the
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:  # Trainer's 3 s wait) stops it early
+            if slow:
+                time.sleep(0.8)
+
+    args = TrainingArguments(output_dir=directory, max_steps=HF_STEPS,
+                             save_steps=HF_SAVE_EVERY, save_strategy="steps", save_total_limit=1,
+                             per_device_train_batch_size=8,
                              learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True,
-                             logging_strategy="no", seed=0, dataloader_num_workers=0)
-    trainer = Slow(model=model, args=args, train_dataset=ds, callbacks=[CheckpointCallback()])
+                             logging_strategy="no", seed=0, dataloader_num_workers=0, enable_jit_checkpoint=jit)
+    callbacks = [CheckpointCallback()] + ([Steady()] if jit else [])
+    trainer = Slow(model=model, args=args, train_dataset=ds, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint(directory) if resume else None)
     torch.save(model.state_dict(), out)
 
@@ -170,7 +177,48 @@ def torchdata(directory: str, out: str, resume: bool, slow: bool) -> None:
     torch.save(model.state_dict(), out)
 
 
-RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite, "torchdata": torchdata}
+# -- Accelerate-prepared objects under CheckpointManager, saved mid-epoch (1 or 2 processes) ----
+
+ACC_EPOCHS, ACC_SAVE_EVERY = 2, 4
+
+
+def accelerate(directory: str, out: str, resume: bool, slow: bool, stop: int = 0) -> None:
+    """Run under ``python`` (one process) or ``torchrun``/``accelerate launch`` (gloo);
+    ``stop``: save at that step and exit, as a preempted job does. Rank 0 writes ``out``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from ckpt import CheckpointManager
+
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True,
+                                                                          use_seedable_sampler=True))
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 4)
+    loader = torch.utils.data.DataLoader(data(), batch_size=8 // acc.num_processes, shuffle=True)
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    with CheckpointManager(directory, model=model, optimizer=opt, scheduler=sched, loader=loader) as mgr:
+        start = mgr.resume() if resume else 0
+        step = mgr.step if resume else 0
+        for epoch in range(start, ACC_EPOCHS):
+            for x, y in loader:
+                opt.zero_grad()
+                acc.backward(torch.nn.functional.mse_loss(model(x), y))
+                opt.step()
+                sched.step()
+                step += 1
+                if step % ACC_SAVE_EVERY == 0:
+                    mgr.save(epoch=epoch, step=step, mid_epoch=True)
+                    if step == stop:
+                        return
+                    pause(slow)
+    if acc.is_main_process:
+        torch.save(acc.unwrap_model(model).state_dict(), out)
+
+
+RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite, "torchdata": torchdata,
+                                        "accelerate": accelerate}
 
 
 def main(argv: List[str]) -> None:
@@ -181,10 +229,16 @@ def main(argv: List[str]) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--slow", action="store_true")
     p.add_argument("--async", dest="async_save", action="store_true")
+    p.add_argument("--jit", action="store_true", help="hf: enable_jit_checkpoint (SIGTERM saves)")
+    p.add_argument("--stop", type=int, default=0, help="accelerate: save at this step and exit")
     a = p.parse_args(argv)
     kwargs: Dict[str, Any] = {"resume": a.resume, "slow": a.slow}
     if a.trainer == "lightning":
         kwargs["async_save"] = a.async_save
+    if a.trainer == "hf":
+        kwargs["jit"] = a.jit
+    if a.trainer == "accelerate":
+        kwargs["stop"] = a.stop
     RUNS[a.trainer](a.directory, a.out, **kwargs)
 
 
@@ -197,8 +251,9 @@ def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 
 
 
 def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *flags: str,
-                 deadline: float = 90) -> None:
-    """Start a slow run, SIGKILL it by PID from outside once ``saved(directory)``, reap it."""
+                 deadline: float = 90, sig: int = signal.SIGKILL, status: int = -signal.SIGKILL) -> None:
+    """Start a slow run, send it ``sig`` (SIGKILL) by PID from outside once ``saved(directory)``,
+    reap it; it must end with ``status`` (killed by the signal)."""
     proc = subprocess.Popen([sys.executable, str(HERE), trainer, str(directory), str(directory / "unused.pt"),
                              "--slow", *flags], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -209,14 +264,16 @@ def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *
             if time.monotonic() > end:
                 raise AssertionError("no checkpoint appeared before the deadline")
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=deadline)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+        err = proc.stderr.read() if proc.stderr is not None else b""
         if proc.stderr is not None:
             proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    assert proc.returncode == status, (proc.returncode, err[-3000:])
 
 
 def _env() -> Dict[str, str]:

@@ -24,8 +24,12 @@ argument to ``None``), and applies ckpt's policy (``keep_last``, ``keep_best`` w
 checkpoint and the one the run resumed from are never deleted before a newer commit.
 
 Preemption: transformers' ``enable_jit_checkpoint`` traps SIGTERM in each process and
-saves from there; ckpt adds no cross-rank agreement to it here. Under DDP, saving (and
-so this callback's commit) happens on the main process only; local paths only.
+saves through ``_save_checkpoint`` without calling ``on_save``; the callback commits
+such a checkpoint at ``on_train_end`` (only folders this run wrote, without the
+incomplete marker). ckpt adds no agreement across ranks to it (see
+docs/howto/transformers.md). Under DDP, saving (and so this callback's commit) happens
+on the main process only. The Trainer writes local folders; :func:`last_checkpoint`
+and :func:`verify_directory` also read committed folders copied to an fsspec URL.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..errors import CorruptCheckpointError
 from ..policy import RetentionPolicy, select_kept
 from ..store.checksum import file_checksum
 from ..store.local import atomic_write, fsync_dir
+from . import _dirs
 
 try:
     from transformers import TrainerCallback
@@ -86,28 +91,29 @@ def commit_directory(directory: Union[str, os.PathLike[str]], info: Optional[Map
     return directory / MANIFEST
 
 
-def verify_directory(directory: Union[str, os.PathLike[str]]) -> Dict[str, Any]:
-    """The manifest of a committed, intact checkpoint directory; raises
-    :class:`~ckpt.errors.CorruptCheckpointError` naming what is missing or damaged."""
-    directory = Path(directory)
-    if (directory / INCOMPLETE).exists():
-        raise CorruptCheckpointError(f"{INCOMPLETE} is there: the save was interrupted", path=directory,
+def verify_directory(directory: Union[str, os.PathLike[str]],
+                     storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The manifest of a committed, intact checkpoint directory (a path or an fsspec URL);
+    raises :class:`~ckpt.errors.CorruptCheckpointError` naming what is missing or damaged."""
+    folder = _dirs.tree(directory, storage_options)
+    shown = folder.where()
+    if folder.exists(INCOMPLETE):
+        raise CorruptCheckpointError(f"{INCOMPLETE} is there: the save was interrupted", path=shown,
                                      hint="resume from an earlier checkpoint (last_checkpoint(output_dir))")
     try:
-        manifest = json.loads((directory / MANIFEST).read_bytes())
+        manifest = json.loads(folder.read_bytes(MANIFEST))
         files = manifest["files"]
     except FileNotFoundError as e:
-        raise CorruptCheckpointError("no commit manifest: the save did not finish", path=directory,
+        raise CorruptCheckpointError("no commit manifest: the save did not finish", path=shown,
                                      hint="resume from an earlier checkpoint (last_checkpoint(output_dir))") from e
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"the commit manifest is damaged ({e})", path=directory) from e
+        raise CorruptCheckpointError(f"the commit manifest is damaged ({e})", path=shown) from e
     for rel, entry in files.items():
-        path = directory / rel
-        if not path.is_file() or path.stat().st_size != entry["size"]:
-            raise CorruptCheckpointError(f"{rel} is missing or has the wrong size", path=directory,
-                                         hint="the checkpoint was damaged after it was saved")
-        if file_checksum(path) != entry["checksum"]:
-            raise CorruptCheckpointError(f"{rel} fails its checksum: the file is damaged", path=directory,
+        if folder.size(rel) != entry["size"]:
+            raise CorruptCheckpointError(f"{rel} is missing or has the wrong size", path=shown,
+                                         hint="the checkpoint was damaged (or only partly copied) after it was saved")
+        if folder.checksum(rel) != entry["checksum"]:
+            raise CorruptCheckpointError(f"{rel} fails its checksum: the file is damaged", path=shown,
                                          hint="the checkpoint was damaged after it was saved")
     return dict(manifest)
 
@@ -121,20 +127,32 @@ def _checkpoints(output_dir: Path) -> List[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def last_checkpoint(output_dir: Union[str, os.PathLike[str]]) -> Optional[str]:
-    """The newest committed ``checkpoint-N`` under ``output_dir`` whose files verify, or None.
+def last_checkpoint(output_dir: Union[str, os.PathLike[str]],
+                    storage_options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The newest committed ``checkpoint-N`` under ``output_dir`` (a path or an fsspec
+    URL) whose files verify, or None.
 
     Half-written directories (no manifest, or ``checkpoint-is-incomplete.txt``) and
     damaged ones are skipped with a warning.
     """
-    for directory in _checkpoints(Path(output_dir)):
+    root = _dirs.tree(output_dir, storage_options)
+    found = sorted((n for n in root.folders() if _CHECKPOINT.fullmatch(n)), key=lambda n: int(n.split("-")[1]),
+                   reverse=True)
+    for name in found:
         try:
-            verify_directory(directory)
+            verify_directory(root.sub(name).where(), storage_options)
         except CorruptCheckpointError as e:
-            warnings.warn(f"skipping {directory}: {e}", stacklevel=2)
+            warnings.warn(f"skipping {root.sub(name).where()}: {e}", stacklevel=2)
             continue
-        return str(directory)
+        return root.sub(name).where()
     return None
+
+
+def _written_since(directory: Path, began: float, committed: Optional[float]) -> bool:
+    """Whether every file in ``directory`` was written at or after ``began`` (by this run)
+    and, if it has a manifest (written at ``committed``), some file after that."""
+    times = [p.stat().st_mtime for p in _files(directory)]
+    return bool(times) and min(times) >= began and (committed is None or max(times) > committed)
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,7 @@ class CheckpointCallback(TrainerCallback):
                  monitor: Optional[str] = None, mode: str = "min") -> None:
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode)
         self._resumed: Optional[str] = None
+        self._began = time.time()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         limit = getattr(args, "save_total_limit", None)
@@ -174,6 +193,25 @@ class CheckpointCallback(TrainerCallback):
                                           monitor=self.policy.monitor, mode=self.policy.mode)
             args.save_total_limit = None
         self._resumed = last_checkpoint(args.output_dir) if state.global_step else None
+        self._began = time.time()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Commit the checkpoints this run wrote without calling ``on_save``: transformers'
+        ``enable_jit_checkpoint`` saves on SIGTERM straight through ``_save_checkpoint``
+        (its marker removed once the save is complete)."""
+        if not args.should_save:
+            return
+        committed = False
+        for directory in _checkpoints(Path(args.output_dir)):
+            manifest = directory / MANIFEST
+            after = manifest.stat().st_mtime if manifest.exists() else None  # rewritten in place after its commit?
+            if (directory / INCOMPLETE).exists() or not _written_since(directory, self._began, after):
+                continue  # a killed earlier run's leftover stays uncommitted
+            commit_directory(directory, {"global_step": int(directory.name.split("-")[1]), "jit": True})
+            committed = True
+        if committed:
+            self._resumed = None
+            self._apply_retention(Path(args.output_dir), state)
 
     def _uncommit(self, args: Any, state: Any, control: Any) -> None:
         """Before the Trainer rewrites ``checkpoint-N`` in place, its old manifest goes."""
