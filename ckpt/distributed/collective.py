@@ -123,6 +123,11 @@ class Group:
         """Rank 0: the rank that commits, indexes and applies retention."""
         return self.rank == 0
 
+    @property
+    def store(self) -> Store | None:
+        """The rendezvous store (background uploads mark their progress in it); None when inactive."""
+        return self._channel.store if self._channel is not None else None
+
     def close(self) -> None:
         """Stop the heartbeat and destroy the gloo group (local: no rank waits for another)."""
         if self._channel is not None:

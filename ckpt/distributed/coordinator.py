@@ -184,7 +184,7 @@ class Coordinator:
     def _save_sharded(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
                       metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
                       overwrite: bool) -> CheckpointRecord:
-        from .sharded import save_sharded
+        from .sharded import save_into
 
         ctx, store = self.ctx, mgr.catalog.store
         name = schema.dir_name(epoch, step)
@@ -212,8 +212,8 @@ class Coordinator:
             aside = store.where(replacing.aside) if replacing is not None and replacing.aside else None
             try:
                 self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
-                manifest = self._collective(save_sharded, ctx, store.where(tmp), store.where(name), dcp_states,
-                                            meta, timeout=self.timeout, aside=aside)
+                manifest = self._collective(save_into, ctx, store, name, tmp, dcp_states, meta,
+                                            timeout=self.timeout, aside=aside)
             except BaseException:
                 if replacing is not None:
                     replacing.undo()
@@ -334,7 +334,8 @@ class Coordinator:
             from .sharded import load_sharded
 
             dcp_states, trackables = _split(mgr.trackables)
-            obj = self._collective(load_sharded, ctx, rec.path, dcp_states, timeout=self.timeout,
+            obj = self._collective(load_sharded, ctx, mgr._catalog.store.tree(rec.name), dcp_states,
+                                   timeout=self.timeout,
                                    strict=mgr.options.strict, verify=False)
         try:
             read, self._read = self._read, None

@@ -47,20 +47,15 @@ Findings on torch 2.13 (CPU build, gloo):
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickle
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TypeVar, cast
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -73,19 +68,28 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..errors import (
-    CheckpointExistsError,
     CkptError,
     ConfigError,
     CorruptCheckpointError,
     StateMismatchError,
     StorageError,
-    UnsafeCheckpointError,
 )
 from ..store import torchio
-from ..store.local import read_regular
-from ..store.shardfiles import FORMAT, MANIFEST, VERSION, commit, fsync_dir, read_manifest, verify_files
+from ..store.base import Store
+from ..store.shardfiles import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    fsync_dir,
+    parse_manifest,
+    read_manifest,
+    verify_files,
+)
+from ..store.trees import LocalTree, Tree
 from .collective import Group, agree, broadcast_object, sync
-from .shardio import SummingWriter, write_meta
+from .shardio import reader_for
+from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, manifest_of, torch_load
+from .targets import LocalTarget, for_tree
 
 META = "ckpt-meta.pt"
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
@@ -105,69 +109,83 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
     ``aside`` (rank 0): an existing ``final_dir`` is replaced, and moved there at the
     commit rename; until then, and if the save fails, it stays as it is.
     """
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    what = f"save of {final_dir.name}"
+    return save_to(ctx, LocalTarget(ctx, Path(tmp_dir), Path(final_dir), aside), states, meta, timeout=timeout)
+
+
+def save_into(ctx: Group, store: Store, name: str, tmp: str, states: Mapping[str, Trackable],
+              meta: Mapping[str, Any], *, timeout: float, aside: Path | None = None) -> dict[str, Any]:
+    """:func:`save_to` the sharded checkpoint ``name`` of ``store`` (``tmp``: its scratch
+    name where the store renames); collective."""
+    target = for_tree(ctx, store.tree(name), tmp, aside=aside, timeout=timeout)
+    return save_to(ctx, target, states, meta, timeout=timeout)
+
+
+def save_to(ctx: Group, target: Any, states: Mapping[str, Trackable], meta: Mapping[str, Any], *,
+            timeout: float) -> dict[str, Any]:
+    """:func:`save_sharded` into any target of :mod:`.targets` (a directory, an object
+    store, a tiered cache); collective. Returns the manifest."""
+    shown = target.shown
+    what = f"save of {PurePath(shown).name}"
     sums: dict[str, dict[str, int]] = {}
 
     def prepare() -> dict[str, Any]:
         kinds, state = _capture(states)
         clash = sorted(set(kinds) & set(meta))
         if clash:
-            raise ConfigError(f"{clash} name both a tracked state and a plain entry", path=final_dir,
+            raise ConfigError(f"{clash} name both a tracked state and a plain entry", path=shown,
                               hint="rename the extra entries")
+        target.begin()
         if ctx.is_leader:
-            if final_dir.exists() and aside is None:
-                raise CheckpointExistsError("a checkpoint of that name is already committed", path=final_dir,
-                                            hint="save under a new (epoch, step)")
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-            sums[META] = write_meta(tmp_dir / META, meta)
+            sums[META] = target.meta(dict(meta))
         return {"kinds": kinds, "state": state}
 
     def write() -> dict[str, dict[str, int]]:
-        writer = SummingWriter(tmp_dir)  # each file checksummed as it is written, fsynced once
+        writer = target.writer()  # each file checksummed as it is written, fsynced once
         with _quiet_no_dist():
             dcp_save(captured["state"], storage_writer=writer, process_group=ctx.control, no_dist=not ctx.active)
         return {**sums, **writer.sums}  # this rank's __<rank>_<n>.distcp; rank 0's .metadata too
 
     def finish() -> dict[str, Any]:
-        return commit(tmp_dir, final_dir, manifest, known, aside=aside) if ctx.is_leader else manifest
+        return cast(dict[str, Any], target.commit(manifest, known)) if ctx.is_leader else manifest
 
     try:
-        captured = _step(ctx, f"{what} (capture)", timeout, prepare, final_dir, StorageError)
-        mine = _step(ctx, f"{what} (write)", timeout, write, final_dir, StorageError)
+        captured = _step(ctx, f"{what} (capture)", timeout, prepare, shown, StorageError)
+        mine = _step(ctx, f"{what} (write)", timeout, write, shown, StorageError)
         known = {k: v for sums in sync(ctx, f"{what} (checksums)", timeout=timeout, payload=mine) for k, v in
                  sums.items()}
         manifest = {"format": FORMAT, "version": VERSION, "world_size": ctx.world_size, "states": captured["kinds"]}
-        manifest = _step(ctx, f"{what} (commit)", timeout, finish, final_dir, StorageError)
-        return cast(dict[str, Any], broadcast_object(ctx, manifest, timeout=timeout, what=f"{what} (manifest)"))
+        manifest = _step(ctx, f"{what} (commit)", timeout, finish, shown, StorageError)
+        manifest = cast(dict[str, Any], broadcast_object(ctx, manifest, timeout=timeout, what=f"{what} (manifest)"))
     except BaseException:
-        if ctx.is_leader:  # a stuck rank may still write here; resume's cleanup gets what is left
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        target.discard()
         raise
+    target.after(manifest, mine)
+    return manifest
 
 
-def load_sharded(ctx: Group, final_dir: Path, states: Mapping[str, Trackable], *, timeout: float,
+def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Trackable], *, timeout: float,
                  strict: bool = True, verify: bool = True) -> dict[str, Any]:
-    """Load a directory written by :func:`save_sharded` into ``states``, on any number of
-    ranks (DCP reshards); collective. Returns the plain entries (``ckpt-meta.pt``).
+    """Load a checkpoint written by :func:`save_sharded` (a local directory, or a store's
+    tree: :mod:`ckpt.store.trees`) into ``states``, on any number of ranks (DCP reshards);
+    collective. Returns the plain entries (``ckpt-meta.pt``).
 
     Rank 0 verifies every file's CRC-32 first (``verify``): one read of the directory,
     not one per rank. ``strict=False`` skips tracked states the checkpoint lacks.
     """
-    final_dir = Path(final_dir)
-    what = f"load of {final_dir.name}"
+    tree = LocalTree(Path(final_dir)) if isinstance(final_dir, (str, os.PathLike)) else final_dir
+    shown = tree.where()
+    what = f"load of {PurePath(shown).name}"
 
     def check() -> tuple[dict[str, Any], dict[str, Any]]:
-        manifest = read_manifest(final_dir)
+        manifest = parse_manifest(manifest_of(tree), tree.where(MANIFEST))
         if verify and ctx.is_leader:
-            verify_files(final_dir, manifest)
-        _check_metadata(final_dir)
+            verify_files(tree, manifest)
+        check_metadata(tree)
         missing = [n for n in states if n not in manifest["states"]]
         if missing and strict:
-            raise StateMismatchError(f"the checkpoint has no state for {missing}", path=final_dir,
+            raise StateMismatchError(f"the checkpoint has no state for {missing}", path=shown,
                                      hint="pass strict=False to restore the other objects")
-        return manifest, _torch_load(final_dir / META)
+        return manifest, torch_load(tree, META)
 
     def read() -> None:
         present = {n: obj for n, obj in states.items() if n in manifest["states"]}
@@ -176,10 +194,10 @@ def load_sharded(ctx: Group, final_dir: Path, states: Mapping[str, Trackable], *
                  if manifest["states"][n] != k]
         if wrong:
             raise StateMismatchError(f"tracked objects differ from the saved ones ({'; '.join(wrong)})",
-                                     path=final_dir, hint="track the same kinds of objects under the same names")
+                                     path=shown, hint="track the same kinds of objects under the same names")
         with _quiet_no_dist():
-            dcp_load(state, storage_reader=FileSystemReader(final_dir),
-                     planner=_SafeLoadPlanner(allow_partial_load=not strict),
+            dcp_load(state, storage_reader=reader_for(tree),
+                     planner=SafeLoadPlanner(allow_partial_load=not strict),
                      process_group=ctx.control, no_dist=not ctx.active)
         options = StateDictOptions(strict=strict)
         modules = _modules(present)
@@ -189,8 +207,8 @@ def load_sharded(ctx: Group, final_dir: Path, states: Mapping[str, Trackable], *
             else:
                 set_optimizer_state_dict(_owner(name, obj, modules), obj, state[name], options=options)
 
-    manifest, meta = _step(ctx, f"{what} (verify)", timeout, check, final_dir, CorruptCheckpointError)
-    _step(ctx, f"{what} (load)", timeout, read, final_dir, StateMismatchError)
+    manifest, meta = _step(ctx, f"{what} (verify)", timeout, check, shown, CorruptCheckpointError)
+    _step(ctx, f"{what} (load)", timeout, read, shown, StateMismatchError)
     return meta
 
 
@@ -202,14 +220,14 @@ def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Pa
     manifest = read_manifest(final_dir)
     if verify:
         verify_files(final_dir, manifest)
-    _check_metadata(final_dir)
+    check_metadata(LocalTree(final_dir))
     full: dict[str, Any] = {}
     try:
         _load_state_dict(full, storage_reader=FileSystemReader(final_dir),
-                         planner=_SafeEmptyPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+                         planner=SafeEmptyPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise _translate(e, final_dir, CorruptCheckpointError) from e
-    out = _torch_load(final_dir / META)
+    out = torch_load(LocalTree(final_dir), META)
     for name, kind in manifest["states"].items():
         if name not in full:
             raise CorruptCheckpointError(f"the DCP files hold no {name!r}, which the manifest lists", path=final_dir)
@@ -228,7 +246,7 @@ def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Pa
     return out_path
 
 
-def _step(ctx: Group, what: str, timeout: float, fn: Callable[[], _T], path: Path,
+def _step(ctx: Group, what: str, timeout: float, fn: Callable[[], _T], path: PurePath | os.PathLike[str],
           kind: type[CkptError]) -> _T:
     """Run this rank's part of ``what``, then agree with every rank on the outcome."""
     try:
@@ -243,7 +261,7 @@ def _step(ctx: Group, what: str, timeout: float, fn: Callable[[], _T], path: Pat
     return result
 
 
-def _translate(e: BaseException, path: Path, kind: type[CkptError]) -> BaseException:
+def _translate(e: BaseException, path: PurePath | os.PathLike[str], kind: type[CkptError]) -> BaseException:
     """ckpt's errors as they are; DCP's and the rest as ``kind`` (with this rank's message)."""
     if isinstance(e, CkptError):
         return e
@@ -300,72 +318,9 @@ def _numbered(optim: Mapping[str, Any]) -> dict[str, Any]:
     return {"state": {ids[p]: s for p, s in optim.get("state", {}).items()}, "param_groups": groups}
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        loaded = torchio.load(path)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"refusing to unpickle: {e}", path=path) from e
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CorruptCheckpointError(f"cannot read the plain entries: {e}", path=path) from e
-    if not isinstance(loaded, dict):
-        raise CorruptCheckpointError("the plain entries are not a dict", path=path)
-    return loaded
-
-
 @contextlib.contextmanager
 def _quiet_no_dist() -> Iterator[None]:
     """DCP warns on every call made without a process group, even when asked to (no_dist=True)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                   ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                   ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-                   ("pathlib", "PureWindowsPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's ``.metadata`` with nothing but its own classes, torch dtypes and paths."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_NAMES or module in _METADATA_MODULES or module == "torch":  # import only these
-            found = super().find_class(module, name)
-            if ((module, name) in _METADATA_NAMES or isinstance(found, torch.dtype)
-                    or (isinstance(found, type) and found.__module__ == module != "torch")):
-                return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
-
-
-def _check_metadata(final_dir: Path) -> None:
-    path = final_dir / ".metadata"
-    try:
-        _MetadataUnpickler(io.BytesIO(read_regular(path))).load()  # a FIFO in its place must not block
-    except (pickle.UnpicklingError, AttributeError, ImportError) as e:
-        raise UnsafeCheckpointError(f"refusing to unpickle DCP metadata: {e}", path=path,
-                                    hint="only load sharded checkpoints written by ckpt/DCP") from e
-    except (OSError, EOFError, ValueError) as e:
-        raise CorruptCheckpointError(f"unreadable DCP metadata: {e}", path=path) from e
-
-
-class _SafeBytes:
-    """Load-planner mixin: a non-tensor entry must load with ``weights_only=True`` before DCP
-    (which uses ``weights_only=False``) may unpickle it."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            torchio.load(value)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"refusing to unpickle entry {read_item.dest_index.fqn!r}: {e}") from e
-        value.seek(0)
-        super().load_bytes(read_item, value)  # type: ignore[misc]
-
-
-class _SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
-    pass
-
-
-class _SafeEmptyPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
-    pass

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, 
 
 from ..store import torchio
 from ..store.checksum import ChecksumWriter
+from ..store.trees import ObjectTree, TieredTree, Tree
 
 Sums = dict[str, dict[str, int]]
 
@@ -168,6 +169,33 @@ class TreeReader(FileSystemReader):
         if layer is not None:
             self.fs = layer  # type: ignore[assignment]  # as in DCP's own FsspecReader
             self.path = layer.init_path(path)
+
+
+class _TieredLayer(_FsspecLayer):
+    """Reads each file from the node's cache directory when it holds it, else from the store."""
+
+    def __init__(self, local: Path, fs: Any, key: str) -> None:
+        super().__init__(fs)
+        self.local, self.key = local, key
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
+        rel = _name(path)
+        if (self.local / rel).is_file():
+            with open(self.local / rel, mode) as f:
+                yield cast(io.IOBase, f)
+            return
+        with super().create_stream(f"{self.key}/{rel}", mode) as stream:
+            yield stream
+
+
+def reader_for(tree: Tree) -> TreeReader:
+    """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.store.trees`)."""
+    if isinstance(tree, TieredTree):
+        return TreeReader("", _TieredLayer(tree.local.path, tree.remote.fs, tree.remote.key))
+    if isinstance(tree, ObjectTree):
+        return TreeReader(tree.key, fsspec_layer(tree.fs))
+    return TreeReader(tree.path)
 
 
 def write_meta(path: Path, meta: Mapping[str, Any]) -> dict[str, int]:

@@ -14,7 +14,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import BinaryIO, Callable, Dict, List, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .trees import Tree
 
 #: Called with the byte count of each chunk written or read (progress bars).
 OnBytes = Optional[Callable[[int], object]]
@@ -68,3 +71,6 @@ class Store(Protocol):
 
     def clean_temporaries(self) -> List[str]:
         """Remove what crashed writers left (only when no writer holds the lock); their names."""
+
+    def tree(self, name: str) -> Tree:
+        """The sharded checkpoint ``name``, a directory of files (:mod:`ckpt.store.trees`)."""

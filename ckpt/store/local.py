@@ -17,13 +17,16 @@ import stat
 import threading
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
 from ..errors import StorageError, storage_error
 from .base import OnBytes, Produce, Written
 from .checksum import ChecksumWriter, format_checksum
+
+if TYPE_CHECKING:
+    from .trees import LocalTree
 
 TMP_PREFIX = ".ckpt-tmp-"
 LOCK_NAME = ".ckpt.lock"
@@ -273,6 +276,11 @@ class LocalStore:
                         if entry.is_dir(follow_symlinks=False):
                             out[entry.name] = _tree_size(Path(entry.path))
         return out
+
+    def tree(self, name: str) -> LocalTree:
+        """The sharded checkpoint ``name``: a directory here."""
+        from .trees import LocalTree
+        return LocalTree(self.directory / name)
 
     def delete(self, name: str) -> None:
         """Remove a file, or a directory (a sharded checkpoint) with everything in it.

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 from zlib import crc32
 
+from .. import schema
 from ..errors import ConfigError, StorageError
 from ..progress import Progress
 from . import retry
@@ -48,6 +49,7 @@ from .base import OnBytes, Produce, Written
 from .checksum import ChecksumWriter, format_checksum
 from .claim import WRITER_NAME, WriterClaim
 from .local import TMP_PREFIX
+from .remote_trees import TreeObjects, mtime
 
 T = TypeVar("T")
 
@@ -99,7 +101,7 @@ def filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[
     return fs, str(root).rstrip("/")
 
 
-class FsspecStore(WriterClaim):
+class FsspecStore(WriterClaim, TreeObjects):
     """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None, *,
@@ -279,13 +281,15 @@ class FsspecStore(WriterClaim):
                 bar.update(len(chunk))
         out.flush()
 
-    def _entries(self) -> Dict[str, Dict[str, Any]]:
-        try:
-            listed = self._retry(lambda: self.fs.ls(self.root, detail=True, refresh=True), "", "listing")
-        except FileNotFoundError:
-            return {}
+    def _listing(self) -> List[Dict[str, Any]]:
+        """Every entry under the run (objects, and the directories of sharded checkpoints)."""
+        with suppress(FileNotFoundError):
+            return list(self._retry(lambda: self.fs.ls(self.root, detail=True, refresh=True), "", "listing"))
+        return []
+
+    def _entries(self, listed: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
-        for e in listed:
+        for e in self._listing() if listed is None else listed:
             if e.get("type", "file") == "file":
                 out[str(e["name"]).rstrip("/").rsplit("/", 1)[-1]] = e
         return out
@@ -297,6 +301,9 @@ class FsspecStore(WriterClaim):
                 and n != WRITER_NAME and n + COMMIT_SUFFIX in entries}
 
     def delete(self, name: str) -> None:
+        if schema.is_sharded(name):
+            self.delete_tree(name)
+            return
         for key in (self._key(name + COMMIT_SUFFIX), self._key(name)):  # uncommit first
             try:
                 self._retry(lambda key=key: self.fs.rm_file(key))  # type: ignore[misc]
@@ -306,6 +313,9 @@ class FsspecStore(WriterClaim):
     def move(self, src: str, dst: str) -> None:
         """Copy (server side), commit the copy, delete the original: a crash in between
         leaves both names, never neither."""
+        if schema.is_sharded(src):
+            self.move_tree(src, dst)
+            return
         rec = self._commit_record(src) or {}
         with suppress(FileNotFoundError):
             self._retry(lambda: self.fs.rm_file(self._key(dst + COMMIT_SUFFIX)))
@@ -331,17 +341,18 @@ class FsspecStore(WriterClaim):
     def clean_temporaries(self) -> List[str]:
         """Remove uncommitted objects older than ``stale_after`` (younger ones may be a
         live upload) and commit records whose object is gone."""
-        entries = self._entries()
-        now = time.time()
-        removed: List[str] = []
+        listed = self._listing()
+        entries = self._entries(listed)
+        dirs, now = set(self._dirs(listed)), time.time()
+        removed: List[str] = self.clean_trees(listed, entries)  # unfinished sharded saves
         for name, e in entries.items():
             if name == WRITER_NAME:
                 continue
             if name.endswith(COMMIT_SUFFIX):
-                orphan = name[:-len(COMMIT_SUFFIX)] not in entries
+                orphan = name[:-len(COMMIT_SUFFIX)] not in entries and name[:-len(COMMIT_SUFFIX)] not in dirs
             else:
                 orphan = name + COMMIT_SUFFIX not in entries or name.startswith(TMP_PREFIX)
-            if orphan and now - _mtime(e, now) >= self.stale_after:
+            if orphan and now - mtime(e, now) >= self.stale_after:
                 with contextlib.suppress(OSError):
                     self.delete(name[:-len(COMMIT_SUFFIX)] if name.endswith(COMMIT_SUFFIX) else name)
                     removed.append(name)
@@ -369,17 +380,6 @@ class FsspecStore(WriterClaim):
 
     def __repr__(self) -> str:
         return f"FsspecStore({self.url!r})"
-
-
-def _mtime(entry: Mapping[str, Any], default: float) -> float:
-    """When an object was last written, from whichever field the backend lists."""
-    for field in ("LastModified", "mtime", "last_modified", "created", "updated"):
-        value = entry.get(field)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-    return default
 
 
 _CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",

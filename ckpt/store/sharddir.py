@@ -9,80 +9,105 @@ record's size is the total of its files, its checksum the CRC-32 of its manifest
 
 from __future__ import annotations
 
+import io
 import os
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from .. import record, schema
-from ..errors import CorruptCheckpointError, StorageError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ..record import CheckpointRecord
-from . import index, torchfile
+from . import index, torchfile, torchio
 from .base import Store
 from .checksum import crc32, format_checksum
-from .local import LocalStore, temporary_name
+from .local import temporary_name
 from .shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
+from .trees import LocalTree
 
 META = "ckpt-meta.pt"
 
 
 def _local(store: Store, name: str) -> Path:
-    """Where a sharded checkpoint lives: only a local (or shared POSIX) directory holds one."""
-    if not isinstance(store, LocalStore):
-        raise StorageError("sharded checkpoints need a local or shared POSIX filesystem", path=store.where(name),
-                           hint="write sharded runs to a shared filesystem; object stores hold single files")
-    return Path(store.where(name))
+    """A sharded checkpoint's local directory (an overwrite keeps the old one aside there)."""
+    tree = store.tree(name)
+    if not isinstance(tree, LocalTree):
+        raise StorageError("replacing a sharded checkpoint works on a local or shared filesystem only",
+                           path=store.where(name), hint="save under a new (epoch, step) on object stores")
+    return tree.path
+
+
+def _manifest(store: Store, name: str) -> Tuple[bytes, Dict[str, Any]]:
+    """The manifest's bytes and contents (CheckpointNotFoundError without one)."""
+    tree = store.tree(name)
+    if isinstance(tree, LocalTree):
+        data = manifest_bytes(tree.path)
+    else:
+        try:
+            data = tree.read_bytes(MANIFEST)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("not a committed sharded checkpoint (no manifest)", path=tree.where(),
+                                          hint="a directory without ckpt-manifest.json is an unfinished save") from e
+    return data, parse_manifest(data, tree.where(MANIFEST))
 
 
 def manifest_checksum(store: Store, name: str) -> str:
     """The checksum a sharded checkpoint's record holds: CRC-32 of its manifest's bytes."""
-    return format_checksum(crc32(manifest_bytes(_local(store, name))))
+    return format_checksum(crc32(_manifest(store, name)[0]))
 
 
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     """Check the manifest against the record, then every file against the manifest."""
-    directory = _local(store, name)
-    data = manifest_bytes(directory)  # CheckpointNotFoundError without one
-    manifest = parse_manifest(data, directory / MANIFEST)
+    tree = store.tree(name)
+    data, manifest = _manifest(store, name)
     got = format_checksum(crc32(data))
     if expected is not None and got != expected:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
-                                     path=directory / MANIFEST,
+                                     path=tree.where(MANIFEST),
                                      hint="the manifest was changed after the save; resume from another checkpoint")
-    verify_files(directory, manifest)
+    verify_files(tree, manifest)
     return manifest
 
 
 def load_meta(store: Store, name: str) -> Dict[str, Any]:
     """The plain entries (epoch, step, metrics, extra, RNG, small states) of a sharded checkpoint."""
-    obj = torchfile.load(_local(store, name) / META, mmap=False)
+    tree = store.tree(name)
+    if isinstance(tree, LocalTree):
+        obj = torchfile.load(tree.path / META, mmap=False)
+    else:
+        try:
+            obj = torchio.load(io.BytesIO(tree.read_bytes(META)))
+        except (RuntimeError, EOFError) as e:
+            raise CorruptCheckpointError(f"cannot read the plain entries: {e}", path=tree.where(META)) from e
     if not isinstance(obj, dict):
-        raise CorruptCheckpointError("the plain entries are not a dict", path=_local(store, name) / META)
+        raise CorruptCheckpointError("the plain entries are not a dict", path=tree.where(META))
     return obj
 
 
 def committed(store: Store, name: str, manifest: Dict[str, Any], meta: Dict[str, Any]) -> CheckpointRecord:
-    """The record of a directory this process just committed (its files are not read again)."""
-    directory = _local(store, name)
-    head = schema.header(meta, str(directory))
-    size = sum(int(f["size"]) for f in manifest["files"].values()) + (directory / MANIFEST).stat().st_size
+    """The record of a checkpoint this process just committed (only its manifest is read again)."""
+    where = store.where(name)
+    head = schema.header(meta, str(where))
+    data, _ = _manifest(store, name)
+    size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
     extra = meta.get("extra")
-    return record.make(head, directory, size=size, checksum=manifest_checksum(store, name),
+    return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),
                        extra=dict(extra) if isinstance(extra, dict) else {})
 
 
 def describe(store: Store, name: str) -> CheckpointRecord:
     """A record for a sharded checkpoint the index does not list (verified first)."""
-    directory = _local(store, name)
-    verify(store, name, None)
+    where = store.where(name)
+    manifest = verify(store, name, None)
     obj = load_meta(store, name)
-    head = schema.header(obj, str(directory))
+    head = schema.header(obj, str(where))
     if head.key != schema.parse_name(name):
         raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, which does not match its name",
-                                     path=directory)
-    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+                                     path=where)
+    data, _ = _manifest(store, name)
+    size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
     extra = obj.get("extra")
-    return record.make(head, directory, size=size, checksum=manifest_checksum(store, name),
+    return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),
                        extra=dict(extra) if isinstance(extra, dict) else {})
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from contextlib import AbstractContextManager
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, BinaryIO, Protocol
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from .checksum import crc32
@@ -41,7 +42,7 @@ def manifest_bytes(final_dir: Path) -> bytes:
         raise _damaged(path, f"unreadable manifest ({e.strerror or e}); expected a regular JSON file") from e
 
 
-def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
+def parse_manifest(data: bytes, path: PurePath) -> dict[str, Any]:
     """The manifest ``data`` (read from ``path``), checked field by field: whatever ckpt
     did not write is :class:`CorruptCheckpointError`, never a raw ``TypeError``."""
     try:
@@ -82,7 +83,7 @@ def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _damaged(path: Path, message: str) -> CorruptCheckpointError:
+def _damaged(path: PurePath, message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message, path=path,
                                   hint="the manifest was damaged or edited after the save: resume skips this "
                                        "checkpoint (moved aside as *.corrupt); restore another one")
@@ -111,13 +112,34 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Raise :class:`CorruptCheckpointError` unless every listed file has its size and CRC-32."""
+class Files(Protocol):
+    """A directory of files, local or not (:mod:`ckpt.store.trees`)."""
+
+    def where(self, rel: str = "") -> PurePath: ...
+
+    def open(self, rel: str) -> AbstractContextManager[BinaryIO]: ...
+
+
+class _Directory:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def where(self, rel: str = "") -> PurePath:
+        return self.path / rel
+
+    def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
+        return open_regular(self.path / rel)  # a FIFO in a file's place must not block
+
+
+def verify_files(final_dir: Path | Files, manifest: Mapping[str, Any]) -> None:
+    """Raise :class:`CorruptCheckpointError` unless every listed file has its size and CRC-32
+    (``final_dir``: a local directory, or a store's tree of files)."""
+    files = _Directory(final_dir) if isinstance(final_dir, (str, os.PathLike)) else final_dir
     for name, want in manifest["files"].items():
-        path = Path(final_dir) / name
+        path = files.where(name)
         try:
-            with open_regular(path) as f:  # a FIFO in a file's place must not block
-                size, crc = os.fstat(f.fileno()).st_size, _crc32(f)
+            with files.open(name) as f:
+                size, crc = _size_crc(f)
         except OSError as e:
             raise CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=path) from e
         if (size, crc) != (want["size"], want["crc32"]):
@@ -128,13 +150,15 @@ def verify_files(final_dir: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
-           known: Mapping[str, Mapping[str, int]] | None = None, *, aside: Path | None = None) -> dict[str, Any]:
+           known: Mapping[str, Mapping[str, int]] | None = None, *, aside: Path | None = None,
+           elsewhere: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
     """Rank 0, once every rank's files are written: take each file's size and CRC-32 from
     ``known`` (checksummed as they were written, and fsynced, by the rank that wrote
     them; any other file is read, checksummed and fsynced here), write the manifest,
     fsync the directory, rename it to ``final_dir`` and fsync the parent, so the name
     appears only for a complete checkpoint, and survives a power cut once it has.
-    ``aside``: where an existing ``final_dir`` goes (an overwrite; see ``_swap``)."""
+    ``aside``: where an existing ``final_dir`` goes (an overwrite; see ``_swap``).
+    ``elsewhere``: the files of other machines' caches, listed as they are."""
     files: dict[str, Any] = {}
     known = known or {}
     for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
@@ -145,15 +169,22 @@ def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
         with open(path, "rb") as f:
             files[name] = {"size": os.fstat(f.fileno()).st_size, "crc32": _crc32(f)}
             os.fsync(f.fileno())
-    manifest = {**manifest, "files": files}
-    with open(tmp_dir / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    for name, entry in (elsewhere or {}).items():  # files that other machines hold (a per-node cache)
+        files.setdefault(name, dict(entry))
+    manifest = {**manifest, "files": dict(sorted(files.items()))}
+    with open(tmp_dir / MANIFEST, "wb") as f:
+        f.write(encode_manifest(manifest))
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp_dir)
     _swap(tmp_dir, final_dir, aside)
     fsync_dir(final_dir.parent)
     return manifest
+
+
+def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest's bytes as ckpt writes them (their CRC-32 is the checkpoint's checksum)."""
+    return json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
 
 
 def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
@@ -170,6 +201,13 @@ def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
     except BaseException:
         os.replace(aside, final_dir)
         raise
+
+
+def _size_crc(f: BinaryIO) -> tuple[int, int]:
+    size = crc = 0
+    while chunk := f.read(_CHUNK):
+        crc, size = crc32(chunk, crc), size + len(chunk)
+    return size, crc
 
 
 def _crc32(f: BinaryIO) -> int:

@@ -30,9 +30,9 @@ import os
 import shutil
 import threading
 import warnings
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import schema
 from ..errors import StorageError
@@ -42,6 +42,7 @@ from .checksum import file_checksum
 from .index import INDEX_NAME
 from .local import LocalStore
 from .remote import FsspecStore, ObjectPath
+from .trees import TieredTree
 
 
 class TieredStore:
@@ -64,6 +65,9 @@ class TieredStore:
         #: The remote tier's committed names and sizes, listed once, then kept by the upload thread.
         self._remote: Optional[Dict[str, int]] = None
         self._backlog: List[str] = []  # local checkpoints missing remotely when the run was opened
+        #: Uploads of sharded checkpoints: name -> (the job, run as the run's writer or not).
+        self._jobs: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}
+        self._remote_dirs: Optional[Dict[str, int]] = None  # the remote tier's sharded checkpoints, listed once
 
     def where(self, name: str) -> ObjectPath:
         return self.remote.where(name)
@@ -85,6 +89,36 @@ class TieredStore:
             self._start()
         return written
 
+    def tree(self, name: str) -> TieredTree:
+        """A sharded checkpoint: this node's cached files in front of the uploaded ones."""
+        return TieredTree(self.local.tree(name), self.remote.tree(name), self._later)
+
+    def _later(self, name: str, job: Callable[[FsspecStore], int], as_writer: bool) -> None:
+        """Queue ``job`` (a sharded checkpoint's upload, see ckpt.distributed.targets) in
+        commit order; ``as_writer``: under the run's writer check (rank 0 only)."""
+        with self._cond:
+            self._jobs[name] = (job, as_writer)
+            self._deletes.pop(name, None)
+            self._uploads.pop(name, None)
+            self._writes += 1
+            self._uploads[name] = self._writes
+            self._start()
+
+    def list_dirs(self, prefix: str = "") -> Dict[str, int]:
+        """Sharded checkpoints of either tier (the remote ones listed once, then kept)."""
+        with self._cond:
+            remote, down, deleting = self._remote_dirs, self._remote_down, set(self._deletes)
+        if remote is None and not down:
+            try:
+                remote = self.remote.list_dirs()
+            except StorageError:
+                remote = {}
+            with self._cond:
+                self._remote_dirs = dict(remote)
+        out = {n: s for n, s in (remote or {}).items() if n.startswith(prefix) and n not in deleting}
+        out.update(self.local.list_dirs(prefix))
+        return out
+
     def delete(self, name: str) -> None:
         self.local.delete(name)
         with self._cond:
@@ -97,6 +131,12 @@ class TieredStore:
         only the local one, the one reads were served from: the remote copy is then read
         next, and verified on its own."""
         self.flush(raise_error=False)  # the remote side must hold what the local one does
+        if schema.is_sharded(src):  # a directory: both tiers' copies go
+            if os.path.isdir(self.local.where(src)):
+                self.local.move(src, dst)
+            if src in self.remote.list_dirs(src):
+                self.remote.move(src, dst)
+            return
         local = src in self.local.list(src)
         remote = src in self.remote.list(src)
         if local:
@@ -239,9 +279,14 @@ class TieredStore:
             if op is None:
                 return
             kind, name, n = op
+            with self._cond:
+                job = self._jobs.get(name) if kind == "upload" else None
             try:
-                with self.remote.lock():  # one writer per run directory: stop if taken over
-                    if kind == "upload":
+                # one writer per run directory: stop if taken over (a rank's own shards: not the writer)
+                with self.remote.lock() if job is None or job[1] else nullcontext():
+                    if job is not None:
+                        self._uploaded = job[0](self.remote)
+                    elif kind == "upload":
                         self._upload(name)
                     else:
                         self.remote.delete(name)
@@ -265,6 +310,14 @@ class TieredStore:
                     self._deletes.pop(name, None)
                     if self._remote is not None:
                         self._remote.pop(name, None)
+                    if self._remote_dirs is not None:
+                        self._remote_dirs.pop(name, None)
+                elif job is not None:
+                    if self._remote_dirs is not None and job[1]:
+                        self._remote_dirs[name] = self._uploaded
+                    if self._uploads.get(name) == n:
+                        del self._uploads[name]
+                        self._jobs.pop(name, None)
                 else:
                     if self._remote is not None and self._uploaded >= 0:
                         self._remote[name] = self._uploaded

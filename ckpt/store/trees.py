@@ -1,0 +1,102 @@
+"""Sharded checkpoints as directories of files in any store: local, object store, tiered.
+
+A sharded checkpoint (``ckpt-e<epoch>-s<step>.dcp/``) is a directory of files. Each
+store hands out a :class:`Tree` for one: the reads the catalog needs (manifest, plain
+entries, verification) and what the distributed layer needs to write and load it.
+
+- :class:`LocalTree`: a directory on a local (or shared POSIX) disk.
+- :class:`ObjectTree`: objects ``<run>/<name>/<file>`` on an object store. There is no
+  rename: the files are written under their final keys, and the checkpoint exists
+  once its commit record ``<name>.ckpt-commit`` (size, checksum) is written, last, by
+  rank 0 -- the same commit-last rule as a single file (see docs/howto/remote.md).
+- :class:`TieredTree`: a node's local cache in front of an object tree; each file is
+  read from the cache when it holds it, else from the store (after the cache was
+  lost, or for files another node wrote).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, BinaryIO, Callable, Iterator, Optional
+
+from .local import open_regular, read_regular
+
+#: Queues a job for a tiered store's upload thread: (name, job, as_writer).
+Later = Callable[[str, Callable[[Any], int], bool], None]
+
+
+@dataclass
+class LocalTree:
+    """A sharded checkpoint directory on a local disk."""
+
+    path: Path
+
+    def where(self, rel: str = "") -> PurePath:
+        return self.path / rel if rel else self.path
+
+    def read_bytes(self, rel: str) -> bytes:
+        return read_regular(self.path / rel)  # a FIFO in a file's place must not block
+
+    def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
+        return open_regular(self.path / rel)
+
+
+@dataclass
+class ObjectTree:
+    """A sharded checkpoint as objects under ``key`` of the fsspec filesystem ``fs``;
+    ``url`` is ``key``'s URL (messages), ``commit(size, checksum)`` writes its commit record."""
+
+    fs: Any
+    key: str
+    url: str
+    commit: Callable[[int, str], None] = field(repr=False)
+    retry: Callable[[Callable[[], Any]], Any] = field(repr=False, default=lambda fn: fn())
+
+    def where(self, rel: str = "") -> PurePath:
+        from .remote import ObjectPath
+        return ObjectPath(f"{self.url}/{rel}" if rel else self.url)
+
+    def file_key(self, rel: str) -> str:
+        return f"{self.key}/{rel}"
+
+    def read_bytes(self, rel: str) -> bytes:
+        data: bytes = self.retry(lambda: self.fs.cat_file(self.file_key(rel)))
+        return data
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        with self.fs.open(self.file_key(rel), "rb", block_size=8 << 20) as f:
+            yield f
+
+
+@dataclass
+class TieredTree:
+    """A node's cached copy (``local``) in front of the uploaded one (``remote``);
+    ``later`` queues an upload job on the tiered store's upload thread."""
+
+    local: LocalTree
+    remote: ObjectTree
+    later: Later = field(repr=False)
+
+    def where(self, rel: str = "") -> PurePath:
+        return self.remote.where(rel)
+
+    def _here(self, rel: str) -> Optional[Path]:
+        path = self.local.path / rel
+        return path if path.is_file() else None
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.local.read_bytes(rel) if self._here(rel) else self.remote.read_bytes(rel)
+
+    def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
+        return self.local.open(rel) if self._here(rel) else self.remote.open(rel)
+
+
+Tree = LocalTree | ObjectTree | TieredTree
+
+
+def object_name(key: str) -> str:
+    """The last part of an object key."""
+    return PurePosixPath(key.rstrip("/")).name
