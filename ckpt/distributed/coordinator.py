@@ -334,7 +334,7 @@ class Coordinator:
             from .sharded import load_sharded
 
             dcp_states, trackables = _split(mgr.trackables)
-            obj = self._collective(load_sharded, ctx, mgr._catalog.store.tree(rec.name), dcp_states,
+            obj = self._collective(load_sharded, ctx, mgr.catalog.store.tree(rec.name), dcp_states,
                                    timeout=self.timeout,
                                    strict=mgr.options.strict, verify=False)
         try:

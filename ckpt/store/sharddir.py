@@ -122,9 +122,10 @@ class Overwrite:
 
     def __init__(self, store: Store, old: str, new: str, records: List[CheckpointRecord]) -> None:
         self.store, self.old, self.new, self.before = store, old, new, records
+        where = _local(store, new)  # a directory renamed aside: local stores only (raises on others)
         self.aside = temporary_name(new, "prev-") if old == new else None
         # nothing under the new name yet (we hold the lock): whatever is there later is this save's
-        self.fresh = old != new and not os.path.lexists(_local(store, new))
+        self.fresh = old != new and not os.path.lexists(where)
         self.committed = False
 
     def begin(self) -> List[CheckpointRecord]:
