@@ -60,7 +60,7 @@ def _state_of(obj: Any) -> Any:
     # A torch.Generator (e.g. a DataLoader's generator=) has get_state(), not state_dict().
     if isinstance(obj, torch.Generator):
         return {"generator_state": obj.get_state(), "device": str(obj.device)}
-    return unwrap(obj).state_dict()
+    return loaders.with_position(obj, unwrap(obj).state_dict())
 
 
 def direct_targets(trackables: Mapping[str, Any]) -> Callable[[Any], List[Tuple[Any, Any, torch.Tensor]]]:
@@ -90,7 +90,7 @@ def _load_state(target: Any, saved: Any) -> None:
     if isinstance(target, torch.Generator):
         target.set_state(saved["generator_state"].cpu())  # set_state takes a CPU ByteTensor
     else:
-        target.load_state_dict(saved)
+        loaders.load_into(target, saved)
 
 
 def strip_wrapper_prefix(state: Mapping[str, Any], own: Collection[str] = ()) -> Mapping[str, Any]:

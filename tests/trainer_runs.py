@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -182,17 +182,25 @@ def torchdata(directory: str, out: str, resume: bool, slow: bool) -> None:
 ACC_EPOCHS, ACC_SAVE_EVERY = 2, 4
 
 
-def accelerate(directory: str, out: str, resume: bool, slow: bool, stop: int = 0) -> None:
-    """Run under ``python`` (one process) or ``torchrun``/``accelerate launch`` (gloo);
-    ``stop``: save at that step and exit, as a preempted job does. Rank 0 writes ``out``."""
+def accelerate(directory: str, out: str, resume: bool, slow: bool, full: str = "") -> None:
+    """Run under ``python`` (one process) or ``torchrun`` (2 processes, gloo). ``full``:
+    first the uninterrupted fit (in ``DIRECTORY-full``), its weights to that path, then
+    the (slow) fit the test kills. Each rank writes its PID next to ``out``; rank 0 the weights."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True,
+                                                                          use_seedable_sampler=True))
+    Path(f"{out}.rank{acc.process_index}.pid").write_text(str(os.getpid()))
+    if full:
+        _accelerate_fit(acc, directory + "-full", full, resume=False, slow=False)
+    _accelerate_fit(acc, directory, out, resume, slow)
+
+
+def _accelerate_fit(acc: Any, directory: str, out: str, resume: bool, slow: bool) -> None:
     from ckpt import CheckpointManager
 
     torch.manual_seed(0)
-    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True,
-                                                                          use_seedable_sampler=True))
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, 4)
@@ -210,11 +218,10 @@ def accelerate(directory: str, out: str, resume: bool, slow: bool, stop: int = 0
                 step += 1
                 if step % ACC_SAVE_EVERY == 0:
                     mgr.save(epoch=epoch, step=step, mid_epoch=True)
-                    if step == stop:
-                        return
                     pause(slow)
     if acc.is_main_process:
-        torch.save(acc.unwrap_model(model).state_dict(), out)
+        torch.save(acc.unwrap_model(model).state_dict(), out + ".part")
+        os.replace(out + ".part", out)
 
 
 RUNS: Dict[str, Callable[..., None]] = {"lightning": lightning, "hf": hf, "ignite": ignite, "torchdata": torchdata,
@@ -230,7 +237,7 @@ def main(argv: List[str]) -> None:
     p.add_argument("--slow", action="store_true")
     p.add_argument("--async", dest="async_save", action="store_true")
     p.add_argument("--jit", action="store_true", help="hf: enable_jit_checkpoint (SIGTERM saves)")
-    p.add_argument("--stop", type=int, default=0, help="accelerate: save at this step and exit")
+    p.add_argument("--full", default="", help="accelerate: first the uninterrupted fit, its weights here")
     a = p.parse_args(argv)
     kwargs: Dict[str, Any] = {"resume": a.resume, "slow": a.slow}
     if a.trainer == "lightning":
@@ -238,16 +245,49 @@ def main(argv: List[str]) -> None:
     if a.trainer == "hf":
         kwargs["jit"] = a.jit
     if a.trainer == "accelerate":
-        kwargs["stop"] = a.stop
+        kwargs["full"] = a.full
     RUNS[a.trainer](a.directory, a.out, **kwargs)
 
 
 # -- the kill harness -------------------------------------------------------------------------
 
-def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 120) -> None:
-    """Run to the end in a subprocess."""
-    subprocess.run([sys.executable, str(HERE), trainer, str(directory), str(out), *flags],
-                   check=True, timeout=timeout, env=_env())
+#: ``torchrun`` with 2 processes on this machine (gloo: Accelerator(cpu=True) under it).
+TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 120,
+        launcher: Tuple[str, ...] = (sys.executable,)) -> None:
+    """Run to the end in a subprocess (``launcher``: ``TORCHRUN_2`` for 2 processes)."""
+    subprocess.run([*launcher, str(HERE), trainer, str(directory), str(out), *flags],
+                   check=True, timeout=timeout, env=_env(), stdout=subprocess.DEVNULL)
+
+
+def run_and_kill_ranks(trainer: str, directory: Path, out: Path, saved: Callable[[Path], bool], *flags: str,
+                       ranks: int = 1, launcher: Tuple[str, ...] = (sys.executable,), deadline: float = 120) -> None:
+    """Start a slow run (``ranks`` processes under ``launcher``); once ``saved(directory)``,
+    SIGKILL every rank by the PID it wrote next to ``out``; the launcher reaps them and is reaped."""
+    proc = subprocess.Popen([*launcher, str(HERE), trainer, str(directory), str(out), "--slow", *flags],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    pid_files = [Path(f"{out}.rank{r}.pid") for r in range(ranks)]
+    try:
+        end = time.monotonic() + deadline
+        while not (directory.exists() and saved(directory) and all(p.exists() for p in pid_files)):
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before it was killed: {proc.stderr.read()!r}")  # type: ignore
+            if time.monotonic() > end:
+                raise AssertionError("no checkpoint appeared before the deadline")
+            time.sleep(0.02)
+        for p in pid_files:
+            os.kill(int(p.read_text()), signal.SIGKILL)
+        proc.wait(timeout=deadline)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    expected = -signal.SIGKILL if launcher == (sys.executable,) else 1  # torchrun: its workers failed
+    assert proc.returncode == expected, proc.returncode
 
 
 def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *flags: str,
