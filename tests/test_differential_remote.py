@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from ckpt import CheckpointManager  # noqa: E402
-from ckpt.store import differential, torchfile  # noqa: E402
+from ckpt.store import chunks, differential, torchfile  # noqa: E402
 from ckpt.store.remote import FsspecStore  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 
@@ -84,3 +84,58 @@ def test_a_reader_never_deletes_the_pack_of_a_save_in_flight(server: MotoServer,
     assert live not in remote_blobs(server, url)  # still unreferenced a commit later: a crash's, collected
     assert remote_blobs(server, url) == {b for r in writer.checkpoints for b, _ in r.blobs}
     writer.close()
+
+
+def count_gets(mgr: CheckpointManager) -> List[str]:
+    """The keys of the GET requests the manager's S3 client sends from now on (botocore's
+    ``before-send`` event, on the real requests to the moto server)."""
+    gets: List[str] = []
+
+    def note(request: Any, **_: Any) -> None:
+        if request.method == "GET":
+            gets.append(request.url.split("?", 1)[0].rsplit("/", 1)[-1])
+    store = mgr._catalog.store
+    store.fs.s3.meta.events.register("before-send.s3", note)
+    return gets
+
+
+def test_plain_s3_compares_by_digest_and_downloads_no_pack(server: MotoServer, bucket: str) -> None:
+    url = f"s3://{bucket}/run"
+    torch.manual_seed(1)
+    table = torch.nn.Embedding(4096, 64)  # 1 MiB, 2048 chunks
+    mgr = CheckpointManager(url, embedding=table, differential=True, keep_last=2,
+                            storage_options=server.options(), progress=False)
+    mgr.save(epoch=0)
+    gets = count_gets(mgr)
+    saved: Dict[int, torch.Tensor] = {}
+    for epoch in range(1, 4):
+        touch(table, epoch)  # 100 rows: 50 chunks
+        before = remote_blobs(server, url)
+        mgr.save(epoch=epoch)
+        saved[epoch] = table.weight.detach().clone()
+        (new,) = remote_blobs(server, url) - before
+        size = FsspecStore(url, server.options()).list(new)[new]
+        assert size < table.weight.nbytes / 10, size  # only the changed chunks
+    downloaded = [k for k in gets if k.endswith(".pt")]
+    assert downloaded == [], downloaded  # neither a pack nor the previous checkpoint
+    mgr.close()
+    # a new writer process knows nothing of the last save: it reads the (small) checkpoint, no pack
+    writer = CheckpointManager(url, embedding=table, differential=True, keep_last=2,
+                               storage_options=server.options(), progress=False)
+    assert writer.resume() == 4
+    gets = count_gets(writer)
+    touch(table, 4)
+    writer.save(epoch=4)
+    saved[4] = table.weight.detach().clone()
+    assert not [k for k in gets if k.startswith(differential.BLOB_PREFIX) and k.endswith(".pt")], gets
+    with FsspecStore(url, server.options()).local_path(writer.latest.name) as copy:
+        ref = torch.load(copy, weights_only=True)["embedding"]["weight"][chunks.KEY]
+    assert ref["digests"].shape == (2048,)
+    writer.close()
+    for epoch in (3, 4):
+        fresh = torch.nn.Embedding(4096, 64)
+        reader = CheckpointManager(url, embedding=fresh, storage_options=server.options(), progress=False)
+        reader.restore(epoch)
+        assert torch.equal(fresh.weight.view(torch.int32), saved[epoch].view(torch.int32))
+        assert set(reader.verify().values()) == {"ok"}
+        reader.close()

@@ -44,6 +44,7 @@ class Catalog:
         self.store = store
         self._book = Book(store)  # the writer's copy of the index (flat bookkeeping)
         self._suspects: Set[str] = set()  # unreferenced tensor files seen after this writer's last commit
+        self._memo: Optional[differential.Previous] = None  # what this writer's last differential save holds
 
     # -- listing ---------------------------------------------------------------------
 
@@ -222,14 +223,16 @@ class Catalog:
             records = self._book.current()  # no other writer committed: nothing to read
             if records is None:
                 records = self.scan(locked=True).records
-            previous = self._unresolved(records[-1]) if differential_save and records else None
-            done = _commit.commit(self.store, records, self._book, checkpoint, retention=retention,
-                                  protected=protected, overwrite=overwrite, progress=progress,
-                                  differential_save=differential_save, previous=previous)
+            previous = differential.previous(self._memo, records[-1], self._unresolved) \
+                if differential_save and records else None
+            self._memo = None
+            rec, kept, self._memo = _commit.commit(
+                self.store, records, self._book, checkpoint, retention=retention, protected=protected,
+                overwrite=overwrite, progress=progress, differential_save=differential_save, previous=previous)
             self._book.seal()
             if differential_save and not getattr(self.store, "exclusive_lock", False):
-                self._collect(done[1])
-            return done
+                self._collect(kept)
+            return rec, kept
 
     def retain(self, candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
                protected: Collection[Tuple[int, int]] = (), *, new: Optional[CheckpointRecord] = None,

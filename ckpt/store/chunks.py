@@ -6,13 +6,13 @@ shorter). Its reference in the checkpoint file (format 2, see
 ``docs/explanation/differential.md``) is::
 
     {"ckpt_chunks": {"v": 2, "dtype": "float32", "shape": [n, ...], "rows": R,
-                     "packs": ["ckpt-blob-<hex>.pt", ...], "where": int32 tensor [chunks, 2]}}
+                     "packs": ["ckpt-blob-<hex>.pt", ...], "where": int32 tensor [chunks, 2],
+                     "digests": int64 tensor [chunks]}}   # digests: object stores only
 
 ``where[c] = (p, s)``: chunk ``c`` is stored in ``packs[p]`` from row ``s`` on. A pack
 is a plain ``torch.save`` of one tensor: the rows of the chunks one save found changed,
-one after the other. A save compares every chunk, byte for byte, with the previous
-checkpoint's (read back from its packs, each verified against its checksum first) and
-writes only the changed chunks, into one new pack.
+one after the other. Which chunks changed is decided in :mod:`ckpt.store.changes`; this
+module lays them out (and compares chunks with the packs holding them).
 
 At most :data:`MAX_PACKS` packs make up one tensor: beyond that the live chunks of the
 sparsest packs are written again into the new pack, so restoring reads a bounded number
@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 KEY = "ckpt_chunks"
@@ -36,6 +37,11 @@ MAX_PACKS = 16
 
 #: Loads a pack by name: its tensor, or None when it is missing or fails its checksum.
 LoadPack = Callable[[str], Optional[torch.Tensor]]
+#: Pack ``i`` of a reference, as rows (mapped, not checked), or None when it cannot be read.
+Packs = Callable[[int], Optional[torch.Tensor]]
+#: Per chunk flags and chunk numbers (numpy arrays: bool, int64).
+Mask = Any
+Index = Any
 
 
 @dataclass
@@ -47,7 +53,6 @@ class Plan:
     pack: Optional[torch.Tensor]
     ref: Dict[str, Any]
     reused: List[str]
-    trained: bool = False  #: every sampled chunk changed: better stored inline, whole
 
 
 def is_ref(value: Any) -> bool:
@@ -69,108 +74,168 @@ def chunk_count(n: int, rows: int) -> int:
     return (n + rows - 1) // rows
 
 
-def plan(data: torch.Tensor, old: Optional[Dict[str, Any]], peek: LoadPack, verified: Callable[[str], bool]) -> Plan:
-    """The chunks of ``data`` (a contiguous CPU tensor, dim >= 1) to write, given the
-    previous checkpoint's reference ``old`` for the same entry (or None). ``peek``
-    maps a pack without checking it; a chunk is reused only from a pack ``verified``
-    (its checksum) says is intact."""
-    rows = rows_per_chunk(data)
+def layout(data: torch.Tensor, rows: int, old: Optional[Dict[str, Any]], changed: Mask) -> Plan:
+    """The pack and reference for ``data`` (contiguous, CPU, dim >= 1) when the chunks
+    marked ``changed`` are written and every other chunk stays where ``old`` (the previous
+    reference's inner dict, :func:`compatible`, or None) says it is. The live chunks of the
+    sparsest packs are written again so that at most :data:`MAX_PACKS` make up the tensor."""
     n = data.shape[0]
     count = chunk_count(n, rows)
     packs: List[str] = []
-    where = torch.zeros((count, 2), dtype=torch.int32)
-    changed = torch.ones(count, dtype=torch.bool)
-    if old is not None and _compatible(old, data, rows) and old["where"].shape == (count, 2):
+    where = np.zeros((count, 2), dtype=np.int32)
+    if old is not None:
         packs = list(old["packs"])
-        where = old["where"].to("cpu", torch.int32).clone()
-        same = _same(as_rows(data), packs, where, rows, peek, verified)
-        if same is None:
-            return Plan(None, {}, [], trained=True)
-        changed = ~same
-        changed |= _sparse_packs(where, changed, len(packs))
-    if not bool(changed.any()):
+        where = old["where"].numpy().astype(np.int32)  # a copy
+        changed = changed | _sparse_packs(where, changed, len(packs))
+    if not changed.any():
         return Plan(None, _ref(data, rows, packs, where), packs)
-    picked = torch.nonzero(changed).flatten()
-    pack = _take(as_rows(data), picked, rows, n)
+    picked = np.flatnonzero(changed)
+    pack = _take(data, picked, rows)
     kept = _drop_unused(packs, where, changed)
-    starts = torch.arange(picked.numel(), dtype=torch.int32) * rows
     where[picked, 0] = len(kept)
-    where[picked, 1] = starts
-    return Plan(pack.reshape((pack.shape[0],) + tuple(data.shape[1:])), _ref(data, rows, kept + [""], where), kept)
+    where[picked, 1] = np.arange(picked.size, dtype=np.int32) * rows
+    return Plan(pack, _ref(data, rows, kept + [""], where), kept)
 
 
-#: Chunks compared first: when none of them is unchanged, the tensor is written whole
-#: without reading the rest of the previous packs (a trained tensor costs a full save).
-SAMPLE = 32
+def compatible(old: Dict[str, Any], data: torch.Tensor, rows: int, count: int) -> bool:
+    """Can ``data`` reuse the chunks of the reference ``old`` (inner dict)?"""
+    try:
+        where, packs = old["where"], old["packs"]
+        if not (old.get("v") == VERSION and str(old["dtype"]) == _dtype_name(data.dtype)
+                and [int(d) for d in old["shape"]] == list(data.shape) and int(old["rows"]) == rows
+                and isinstance(where, torch.Tensor) and tuple(where.shape) == (count, 2)
+                and isinstance(packs, list)):
+            return False
+        w = where.numpy()
+        return bool(count == 0 or (w[:, 0].min() >= 0 and w[:, 0].max() < len(packs) and w[:, 1].min() >= 0))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return False
 
 
-def changed_everywhere(data: torch.Tensor, old: torch.Tensor) -> bool:
-    """Does every sampled chunk of ``data`` differ from ``old`` (the previous checkpoint's
-    tensor, stored inline)? True also when they cannot be compared."""
-    rows = rows_per_chunk(data)
-    if old.dtype != data.dtype or old.shape != data.shape:
-        return True
-    count = chunk_count(data.shape[0], rows)
-    cs = torch.tensor(_distinct(torch.linspace(0, count - 1, min(SAMPLE, count)).long()), dtype=torch.long)
-    return not bool(_equal_chunks(as_rows(data), as_rows(old.contiguous()), cs, cs * rows, rows).any())
-
-
-def _same(new: torch.Tensor, packs: List[str], where: torch.Tensor, rows: int, peek: LoadPack,
-          verified: Callable[[str], bool]) -> Optional[torch.Tensor]:
-    """Per chunk: equal to the stored chunk, in a pack that passes its checksum (None
-    when every sampled chunk changed)."""
-    count = where.shape[0]
-    same = torch.zeros(count, dtype=torch.bool)
-    loaded: Dict[int, Optional[torch.Tensor]] = {}
-
-    def pack(p: int) -> Optional[torch.Tensor]:
-        if p not in loaded:
-            got = peek(packs[p]) if 0 <= p < len(packs) else None
-            loaded[p] = as_rows(got) if got is not None and got.dim() >= 1 else None
-        return loaded[p]
-
-    def compare(chunks: torch.Tensor) -> None:
-        owner = where[chunks, 0].long()
-        for p in _distinct(owner):
-            cs = chunks[owner == p]
-            src = pack(int(p))
-            if src is not None and src.dtype == new.dtype and src.shape[1:] == new.shape[1:]:
-                same[cs] = _equal_chunks(new, src, cs, where[cs, 1].long(), rows)
-
-    if count > SAMPLE:
-        compare(torch.tensor(_distinct(torch.linspace(0, count - 1, SAMPLE).long()), dtype=torch.long))
-        if not bool(same.any()):
-            return None  # every sampled chunk changed: a trained tensor
-    compare(torch.arange(count))
-    for p in _distinct(where[same, 0]):
-        if not verified(packs[int(p)]):  # damaged: its chunks are written again
-            same[where[:, 0] == p] = False
-    return same
-
-
-def _equal_chunks(new: torch.Tensor, src: torch.Tensor, cs: torch.Tensor, starts: torch.Tensor,
-                  rows: int) -> torch.Tensor:
-    """Per chunk of ``cs``: are its rows in ``new`` the rows of ``src`` from ``starts``?"""
+def differ_from_packs(new: torch.Tensor, ref: Dict[str, Any], picked: Index, rows: int, packs: Packs) -> Mask:
+    """Per chunk of ``picked`` (ascending): do its rows of ``new`` (2-D) differ from the
+    bytes stored for it (True also when its pack cannot be read)? A pack holding a large
+    share of the tensor in place (a first save's) is compared as a whole, not gathered."""
     n = new.shape[0]
     count = chunk_count(n, rows)
-    if 2 * cs.numel() > count and src.shape[0] == n and torch.equal(starts, cs * rows):  # as the tensor
-        a, b = _bits(new), _bits(src)
-        if a is not None and b is not None and torch.equal(a, b):
-            return torch.ones(cs.numel(), dtype=torch.bool)
-        return same_chunks(new, src, rows)[cs]
-    offsets = torch.arange(rows)
-    dest, source = (cs[:, None] * rows + offsets).flatten(), (starts[:, None] + offsets).flatten()
-    inside = dest < n
-    dest, source = dest[inside], source[inside]
-    if source.numel() == 0 or int(source.max()) >= src.shape[0]:
-        return torch.zeros(cs.numel(), dtype=torch.bool)
-    a, b = _bits(new.index_select(0, dest)), _bits(src.index_select(0, source))
-    if a is None or b is None:
-        return torch.zeros(cs.numel(), dtype=torch.bool)
-    differs = (a != b).reshape(dest.numel(), -1).any(dim=1)
-    bad = torch.zeros(count, dtype=torch.bool)
-    bad[torch.div(dest[differs], rows, rounding_mode="floor")] = True
-    return ~bad[cs]
+    where = ref["where"].numpy()
+    owner, starts = where[picked, 0].astype(np.int64), where[picked, 1].astype(np.int64)
+    order = np.argsort(owner, kind="stable")
+    sizes = np.bincount(owner, minlength=len(ref["packs"]))
+    changed = np.ones(picked.size, dtype=bool)
+    bits = raw_bits(new)
+    at = 0
+    for p in np.flatnonzero(sizes).tolist():
+        sel = order[at:at + sizes[p]]
+        at += int(sizes[p])
+        cs, st = picked[sel], starts[sel]
+        src = packs(p)
+        if src is None or src.dtype != new.dtype or src.shape[1:] != new.shape[1:]:
+            continue
+        src_bits = raw_bits(src)
+        if src.shape[0] == n and 4 * cs.size >= count and np.array_equal(st, cs * rows):
+            changed[sel] = ~_same_bits(bits, src_bits, rows)[cs]
+        else:
+            changed[sel] = ~_equal_gathered(bits, src_bits, cs, st, rows)
+    return changed
+
+
+def mark_untrusted(changed: Mask, ref: Dict[str, Any], trusted: Callable[[int], bool]) -> None:
+    """Mark changed every chunk of a pack that would be reused but fails its checksum."""
+    owner = ref["where"].numpy()[:, 0]
+    for p in np.unique(owner[~changed]).tolist():
+        if not trusted(p):
+            changed |= owner == p
+
+
+def same_chunks(new: torch.Tensor, old: torch.Tensor, rows: int) -> Mask:
+    """Per chunk: are the bytes of ``new`` and ``old`` (2-D, same shape) equal?"""
+    return _same_bits(raw_bits(new), raw_bits(old), rows)
+
+
+def raw_bits(rows2d: torch.Tensor) -> Any:
+    """The bytes of a 2-D tensor as a numpy array, one row per row, in the widest integers
+    that hold a row (bitwise: -0.0 differs from 0.0, NaN equals itself). Comparisons run
+    in numpy, on one thread: on a busy machine a parallel torch operation waits for its
+    slowest thread, and a save makes many small ones."""
+    bits = _bits(rows2d)
+    if bits is None:
+        bits = rows2d.contiguous().reshape(-1).view(torch.uint8)
+    return bits.numpy().reshape(rows2d.shape[0], -1)
+
+
+def _same_bits(a: Any, b: Any, rows: int) -> Mask:
+    """Per chunk: are the rows of ``a`` and ``b`` (bits) equal?"""
+    n = a.shape[0]
+    count = chunk_count(n, rows)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return np.zeros(count, dtype=bool)
+    differs = np.not_equal(a, b).any(axis=1)  # per row
+    pad = count * rows - n
+    if pad:
+        differs = np.concatenate([differs, np.zeros(pad, dtype=bool)])
+    return ~differs.reshape(count, rows).any(axis=1)
+
+
+def _equal_gathered(a: Any, b: Any, cs: Index, starts: Index, rows: int) -> Mask:
+    """Per chunk of ``cs``: are its rows of ``a`` the rows of ``b`` from ``starts``? (bits)"""
+    n, m = a.shape[0], b.shape[0]
+    if cs.size == 0 or m == 0:
+        return np.zeros(cs.size, dtype=bool)
+    if n % rows == 0 and m % rows == 0 and not (starts % rows).any() and int(starts.max()) < m:
+        whole, packed = a.reshape(n // rows, -1), b.reshape(m // rows, -1)  # one chunk a row
+        theirs = starts // rows
+        right = packed[:cs.size] if np.array_equal(theirs, np.arange(cs.size)) else packed[theirs]
+        result: Mask = (whole[cs] == right).all(axis=1)
+        return result
+    offsets = np.arange(rows)
+    dest, source = cs[:, None] * rows + offsets, starts[:, None] + offsets
+    inside = dest < n  # the last chunk may be short
+    short = ((source >= m) & inside).any(axis=1)  # reaches past the pack: malformed, not equal
+    left, right = a[np.minimum(dest, n - 1).ravel()], b[np.minimum(source, m - 1).ravel()]
+    equal = (left == right).all(axis=1).reshape(cs.size, rows) | ~inside
+    result = equal.all(axis=1) & ~short
+    return result
+
+
+def _sparse_packs(where: Any, changed: Mask, packs: int) -> Mask:
+    """Chunks to write again so that, with the new pack, at most MAX_PACKS remain:
+    those of the packs that hold the fewest live chunks."""
+    live = np.bincount(where[~changed, 0], minlength=packs)
+    used = np.flatnonzero(live)
+    if used.size < MAX_PACKS:
+        return np.zeros_like(changed)
+    drop = used[np.argsort(live[used], kind="stable")][:used.size - MAX_PACKS + 1]
+    extra: Mask = np.isin(where[:, 0], drop) & ~changed
+    return extra
+
+
+def _drop_unused(packs: List[str], where: Any, changed: Mask) -> List[str]:
+    """The packs still referenced by unchanged chunks, renumbered in ``where``."""
+    keep = ~changed
+    used = np.unique(where[keep, 0])
+    remap = np.full(max(len(packs), 1), -1, dtype=np.int32)
+    remap[used] = np.arange(used.size, dtype=np.int32)
+    where[keep, 0] = remap[where[keep, 0]]
+    return [packs[p] for p in used.tolist()]
+
+
+def _take(data: torch.Tensor, picked: Index, rows: int) -> torch.Tensor:
+    """The rows of chunks ``picked`` (ascending), one chunk after the other, as a tensor
+    of ``data``'s dtype (``data`` itself when every chunk is picked)."""
+    n = data.shape[0]
+    if picked.size == chunk_count(n, rows):
+        return data
+    bits = raw_bits(as_rows(data))
+    if n % rows == 0:
+        taken = bits.reshape(n // rows, -1)[picked]  # one chunk a row
+        length = picked.size * rows
+    else:
+        index = (picked[:, None] * rows + np.arange(rows)).ravel()
+        index = index[index < n]
+        taken, length = bits[index], index.size
+    out = torch.from_numpy(taken).reshape(-1).view(torch.uint8).view(data.dtype)
+    return out.reshape((length,) + tuple(data.shape[1:]))
 
 
 def gather(ref: Dict[str, Any], load: LoadPack, *,
@@ -205,20 +270,6 @@ def gather(ref: Dict[str, Any], load: LoadPack, *,
     return out.reshape(shape), valid
 
 
-def same_chunks(new: torch.Tensor, old: torch.Tensor, rows: int) -> torch.Tensor:
-    """Per chunk: are the bytes of ``new`` and ``old`` (2-D, same shape) equal?"""
-    n = new.shape[0]
-    count = chunk_count(n, rows)
-    a, b = _bits(new), _bits(old)
-    if a is None or b is None:
-        return torch.zeros(count, dtype=torch.bool)
-    differs = (a != b).reshape(n, -1).any(dim=1)  # per row
-    pad = count * rows - n
-    if pad:
-        differs = torch.cat([differs, torch.zeros(pad, dtype=torch.bool)])
-    return ~differs.reshape(count, rows).any(dim=1)
-
-
 def _bits(t: torch.Tensor) -> Optional[torch.Tensor]:
     """The bytes of a contiguous tensor as the widest integers that hold them (bitwise:
     -0.0 differs from 0.0, NaN equals itself), one row per row of ``t``."""
@@ -231,54 +282,6 @@ def _bits(t: torch.Tensor) -> Optional[torch.Tensor]:
             return raw.view(dtype)
     return raw
 
-
-def _distinct(values: torch.Tensor) -> List[int]:
-    """The distinct values of a tensor of small non-negative integers, ascending."""
-    if values.numel() == 0:
-        return []
-    return [int(v) for v in torch.nonzero(torch.bincount(values.long().flatten())).flatten().tolist()]
-
-
-def _compatible(old: Dict[str, Any], data: torch.Tensor, rows: int) -> bool:
-    try:
-        return (old.get("v") == VERSION and str(old["dtype"]) == _dtype_name(data.dtype)
-                and [int(d) for d in old["shape"]] == list(data.shape) and int(old["rows"]) == rows
-                and isinstance(old["where"], torch.Tensor) and isinstance(old["packs"], list))
-    except (KeyError, TypeError, ValueError):
-        return False
-
-
-def _sparse_packs(where: torch.Tensor, changed: torch.Tensor, packs: int) -> torch.Tensor:
-    """Chunks to write again so that, with the new pack, at most MAX_PACKS remain:
-    those of the packs that hold the fewest live chunks."""
-    live = torch.bincount(where[~changed, 0].long(), minlength=packs)
-    used = [p for p in range(packs) if live[p] > 0]
-    extra = torch.zeros_like(changed)
-    if len(used) < MAX_PACKS:
-        return extra
-    for p in sorted(used, key=lambda p: int(live[p]))[:len(used) - MAX_PACKS + 1]:
-        extra |= where[:, 0] == p
-    return extra & ~changed
-
-
-def _drop_unused(packs: List[str], where: torch.Tensor, changed: torch.Tensor) -> List[str]:
-    """The packs still referenced by unchanged chunks, renumbered in ``where``."""
-    keep = ~changed
-    used = _distinct(where[keep, 0])
-    remap = torch.full((max(len(packs), 1),), -1, dtype=torch.int32)
-    for i, p in enumerate(used):
-        remap[p] = i
-    if keep.any():
-        where[keep, 0] = remap[where[keep, 0].long()]
-    return [packs[p] for p in used]
-
-
-def _take(rows2d: torch.Tensor, picked: torch.Tensor, rows: int, n: int) -> torch.Tensor:
-    """The rows of chunks ``picked`` (sorted), one chunk after the other."""
-    if picked.numel() == chunk_count(n, rows):
-        return rows2d
-    index = (picked[:, None] * rows + torch.arange(rows)).flatten()
-    return rows2d.index_select(0, index[index < n])
 
 
 def _place(out: torch.Tensor, src: torch.Tensor, chunks: torch.Tensor, starts: torch.Tensor,
@@ -294,9 +297,10 @@ def _place(out: torch.Tensor, src: torch.Tensor, chunks: torch.Tensor, starts: t
     out.index_copy_(0, dest.to(out.device), src.index_select(0, source.to(src.device)))
 
 
-def _ref(data: torch.Tensor, rows: int, packs: List[str], where: torch.Tensor) -> Dict[str, Any]:
+
+def _ref(data: torch.Tensor, rows: int, packs: List[str], where: Any) -> Dict[str, Any]:
     return {KEY: {"v": VERSION, "dtype": _dtype_name(data.dtype), "shape": list(data.shape), "rows": rows,
-                  "packs": packs, "where": where}}
+                  "packs": packs, "where": torch.from_numpy(where)}}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ kept under a temporary name until the new index is committed, and put back on fa
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, List, Optional, Set, Tuple
+from typing import Collection, List, Optional, Set, Tuple
 
 from .. import policy, record, schema
 from ..errors import CheckpointExistsError, storage_error
@@ -23,6 +23,9 @@ from .base import Store, Written
 from .book import Book, Change
 
 Key = Tuple[int, int]
+#: What :func:`commit` returns: the new record, the records kept, and for a differential
+#: save what the next one compares with.
+Committed = Tuple[CheckpointRecord, List[CheckpointRecord], Optional[differential.Previous]]
 
 
 def check_new(key: Key, mid_epoch: bool, overwrite: bool,
@@ -51,12 +54,13 @@ def find(records: List[CheckpointRecord], key: Key) -> Optional[CheckpointRecord
 def commit(store: Store, records: List[CheckpointRecord], book: Book,
            checkpoint: schema.Checkpoint, *, retention: policy.RetentionPolicy, protected: Collection[Key],
            overwrite: bool, progress: Optional[bool], differential_save: bool = False,
-           previous: Optional[Dict[str, Any]] = None) -> Tuple[CheckpointRecord, List[CheckpointRecord]]:
+           previous: Optional[differential.Previous] = None) -> Committed:
     """Commit ``checkpoint`` over the committed ``records`` (the caller holds the lock;
-    ``book`` writes the index).
+    ``book`` writes the index); return its record, the records kept and, for a
+    differential save, what the next one compares with.
 
-    ``differential_save``: store the large tensors as blobs, reusing those of ``previous``
-    (the previous checkpoint's dict, references unresolved) whose bytes are equal
+    ``differential_save``: store the large tensors as chunks in packs, reusing the chunks
+    of ``previous`` (what the previous checkpoint holds) whose bytes are equal
     (:mod:`ckpt.store.differential`).
     """
     key, name = checkpoint.key, checkpoint.name
@@ -66,9 +70,10 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
     backup: Optional[str] = None
     written: Optional[Written] = None
     new_blobs: List[str] = []
+    following: Optional[differential.Previous] = None
     try:
         if differential_save:
-            checkpoint, new_blobs = differential.split(store, checkpoint, previous, progress)
+            checkpoint, new_blobs, following = differential.split(store, checkpoint, previous, progress)
         if replacing:
             _write_index(store, book, others, ([], [name]))
             backup = store.keep_aside(name)
@@ -88,7 +93,9 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
             store.delete(backup)
     finish(store, kept, evicted, new=rec, retention=retention, protected=protected,
            replaced=existing.blobs if existing is not None else ())
-    return rec, kept
+    if following is not None:
+        following.name, following.checksum = rec.name, rec.checksum
+    return rec, kept, following
 
 
 def partition(candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,

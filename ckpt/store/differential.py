@@ -22,14 +22,19 @@ Guarantees, as for full checkpoints:
 * retention deletes a pack only after the commit, and only when no kept checkpoint
   references it.
 
-The comparison is exact (bytes, not a hash): detecting an unchanged chunk costs one
-read of the previous packs (usually from the page cache), not a write and an ``fsync``.
+Which chunks changed is decided in :mod:`ckpt.store.changes`: a sample first (a tensor
+trained everywhere is written whole, inline, as in a full save, after comparing a few
+chunks), then every chunk, exactly, against the previous packs (usually from the page
+cache), or on an object store without a local cache against the chunk digests the
+previous checkpoint recorded (nothing is downloaded). The writer keeps what its last save
+produced (:class:`Previous`), so a save reads the previous checkpoint's file only after
+the process started.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -37,7 +42,8 @@ import torch
 
 from .. import schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
-from . import chunks, torchfile
+from ..record import CheckpointRecord
+from . import changes, chunks, torchfile
 from .base import Store
 from .local import LocalStore
 
@@ -63,52 +69,92 @@ def is_marker(value: Any) -> bool:
     return isinstance(names, list) and bool(names) and all(isinstance(n, str) for n in names)
 
 
-def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[str, Any]],
-          progress: Optional[bool] = None) -> Tuple[schema.Checkpoint, List[str]]:
-    """``checkpoint`` with its large tensors replaced by chunk references, and the names
-    of the packs written for it. ``previous``: the previous committed checkpoint's dict
-    (references unresolved), whose chunks are reused where the bytes are equal and the
-    pack holding them still matches its checksum."""
-    before = _references(previous) if previous is not None else {}
-    known: Dict[str, str] = dict(previous["ckpt"].get("blobs", {})) if previous is not None else {}
+@dataclass
+class Previous:
+    """What the previous committed checkpoint holds, for the next differential save: per
+    entry what :mod:`ckpt.store.changes` compares with, and the checksum of every pack it
+    references. The writer keeps the one its own save produced (``name`` and ``checksum``
+    say which checkpoint it describes), so that a save reads no file to decide."""
+
+    entries: Dict[Path_, changes.Before]
+    blobs: Dict[str, str]
+    name: str = ""
+    checksum: Optional[str] = None
+
+
+def from_file(obj: Dict[str, Any]) -> Previous:
+    """The :class:`Previous` of a checkpoint dict read from its file (references unresolved)."""
+    entries: Dict[Path_, changes.Before] = {}
+    for path, value in _references(obj).items():
+        if isinstance(value, torch.Tensor):
+            entries[path] = changes.Before(tensor=value)
+        elif chunks.is_ref(value):
+            entries[path] = changes.Before(ref=value[chunks.KEY])
+    blobs = obj["ckpt"].get("blobs", {}) if isinstance(obj.get("ckpt"), dict) else {}
+    return Previous(entries, dict(blobs) if isinstance(blobs, dict) else {})
+
+
+def previous(memo: Optional[Previous], rec: CheckpointRecord,
+             read: Callable[[CheckpointRecord], Optional[Dict[str, Any]]]) -> Optional[Previous]:
+    """What ``rec`` (the newest checkpoint) holds, for a differential save: ``memo`` (what
+    this writer's own last save produced) when it describes ``rec``, else read from its
+    file (None if unreadable: the save then writes every tensor)."""
+    if memo is not None and memo.name == rec.name and memo.checksum == rec.checksum is not None:
+        return memo
+    obj = read(rec)
+    return from_file(obj) if obj is not None else None
+
+
+def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Previous],
+          progress: Optional[bool] = None) -> Tuple[schema.Checkpoint, List[str], Previous]:
+    """``checkpoint`` with its large tensors replaced by chunk references, the names of the
+    packs written for it, and what the next save compares with. ``previous``: what the
+    previous committed checkpoint holds; its chunks are reused where the bytes are equal
+    and the pack holding them still matches its checksum."""
+    before = previous.entries if previous is not None else {}
+    known = previous.blobs if previous is not None else {}
+    by_digest = _remote_only(store)
     used: Dict[str, str] = {}
     written: List[str] = []
-
-    def peek(name: str) -> Optional[torch.Tensor]:
-        if name not in known:
-            return None
-        try:
-            with store.local_path(name) as local:
-                pack = torchfile.load(local, map_location="cpu", mmap=True)  # checked if reused
-        except (CkptError, OSError, RuntimeError, ValueError, EOFError):
-            return None  # gone or unreadable: its chunks are written again
-        return pack if isinstance(pack, torch.Tensor) else None
-
-    def verified(name: str) -> bool:
-        return _intact(store, name, known[name])
+    following: Dict[Path_, changes.Before] = {}
 
     def out_of_line(tensor: torch.Tensor, path: Path_) -> Any:
         if tensor.layout != torch.strided or tensor.dim() == 0 or \
                 tensor.nelement() * tensor.element_size() < MIN_BYTES:
             return tensor
+        data = tensor.detach().to("cpu").contiguous()
         old = before.get(path)
-        data = _plain(tensor)
-        if isinstance(old, torch.Tensor) and chunks.changed_everywhere(data, old):
-            return tensor  # trained since the last save too: inline, as in a full save
-        prior = old[chunks.KEY] if old is not None and chunks.is_ref(old) else None
-        done = chunks.plan(data, prior, peek, verified)
-        if done.trained:
-            return tensor  # every sampled chunk changed: inline (chunks would cost more)
+        names = list(old.ref["packs"]) if old is not None and old.ref is not None else []
+        opened: Dict[int, Optional[torch.Tensor]] = {}
+
+        def pack(i: int) -> Optional[torch.Tensor]:
+            if i not in opened:
+                opened[i] = _peek(store, names[i]) if 0 <= i < len(names) and names[i] in known else None
+            return opened[i]
+
+        def trusted(i: int) -> bool:
+            return 0 <= i < len(names) and names[i] in known and _intact(store, names[i], known[names[i]])
+
+        decision = changes.decide(data, old, pack, trusted, by_digest=by_digest)
+        following[path] = changes.Before(sample=decision.sample)
+        if decision.inline or decision.changed is None:
+            return tensor  # written whole, as in a full save
+        done = chunks.layout(data, chunks.rows_per_chunk(data), old.ref if old is not None else None,
+                             decision.changed)
         ref = done.ref[chunks.KEY]
         for name in done.reused:
             used[name] = known[name]
+        if decision.digests is not None:
+            ref["digests"] = decision.digests
         if done.pack is not None:
             name = new_name()
-            result = torchfile.write(store, name, done.pack, nbytes=done.pack.nbytes, progress=progress)
+            pack_data = _plain(done.pack)
+            result = torchfile.write(store, name, pack_data, nbytes=pack_data.nbytes, progress=progress)
             written.append(name)
             used[name] = result.checksum
             _remember(store, name, result.checksum)
             ref["packs"] = [name if n == "" else n for n in ref["packs"]]
+        following[path].ref = ref
         return done.ref
 
     try:
@@ -120,7 +166,25 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Dict[s
     obj["ckpt"] = meta
     header = replace(checkpoint.header, blobs=tuple(sorted(used.items())))
     small = schema.check_loadable({k: v for k, v in obj.items() if k not in _OWN}, "state")
-    return schema.Checkpoint(obj, header, small), written
+    return schema.Checkpoint(obj, header, small), written, Previous(following, dict(used))
+
+
+def _peek(store: Store, name: str) -> Optional[torch.Tensor]:
+    """Pack ``name`` as rows, memory-mapped and not checked (its checksum is checked
+    before any of its chunks is reused), or None when it is gone or unreadable."""
+    try:
+        with store.local_path(name) as local:
+            pack = torchfile.load(local, map_location="cpu", mmap=True)
+    except (CkptError, OSError, RuntimeError, ValueError, EOFError):
+        return None  # its chunks are written again
+    return chunks.as_rows(pack) if isinstance(pack, torch.Tensor) and pack.dim() >= 1 else None
+
+
+def _remote_only(store: Store) -> bool:
+    """An object store without a local copy of the packs: chunks are compared by digest
+    (reading the packs would download them)."""
+    local = getattr(store, "local", store)  # a tiered store: its local cache
+    return not isinstance(getattr(local, "directory", None), Path)
 
 
 #: Packs this process wrote or verified: (store, name) -> (checksum, file identity then).
@@ -149,10 +213,17 @@ def _remember(store: Store, name: str, checksum: str) -> None:
 
 def _intact(store: Store, name: str, checksum: str) -> bool:
     """Does pack ``name`` match ``checksum``? (Read and summed unless this process saw
-    the same file intact already.)"""
+    the same file intact already. On an object store without a local copy: does its
+    commit record say so? Reading it would download it.)"""
     seen = _INTACT.get((store.url, name))
     if seen is not None and seen[0] == checksum and seen[1] == _identity(store, name):
         return True
+    recorded = getattr(store, "recorded_checksum", None)
+    if _remote_only(store) and callable(recorded):
+        try:
+            return bool(recorded(name) == checksum)
+        except OSError:
+            return False
     try:
         with store.local_path(name) as local, torchfile.opened(local) as real:
             torchfile.verify(real, checksum)
