@@ -127,3 +127,20 @@ def test_the_bookkeeping_stays_flat_in_the_number_of_checkpoints(tmp_path: Path)
         sizes.append(mgr.latest.path.stat().st_size)
     assert max(sizes[1:]) - min(sizes[1:]) <= 2048, sizes  # a few pack names more or fewer
     assert max(len(r.blobs) for r in mgr.checkpoints) <= chunks.MAX_PACKS
+
+
+def test_a_tensor_stored_inline_then_frozen_restores_after_a_restart(tmp_path: Path) -> None:
+    # a new process compares with the inline tensor of the previous checkpoint: equal
+    # everywhere, yet no pack holds its chunks, so every chunk is written once
+    layer = torch.nn.Linear(256, 256, bias=False)
+    with CheckpointManager(tmp_path, layer=layer, differential=True, progress=False) as mgr:
+        mgr.save(epoch=0)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        mgr.save(epoch=1)
+        assert isinstance(torch.load(mgr.latest.path, weights_only=True)["layer"]["weight"], torch.Tensor)
+    with CheckpointManager(tmp_path, layer=layer, differential=True, progress=False) as again:
+        again.save(epoch=2)  # unchanged since epoch 1
+    fresh = torch.nn.Linear(256, 256, bias=False)
+    CheckpointManager(tmp_path, layer=fresh).restore(2)
+    assert torch.equal(fresh.weight, layer.weight)

@@ -84,8 +84,9 @@ def decide(data: torch.Tensor, before: Optional[Before], packs: chunks.Packs, tr
         return Decision(False, everything, sample, digests)  # nothing to compare with: all new
     if int(changed.sum()) > INLINE_ABOVE * count:
         return Decision(True, None, sample)
-    if before.ref is not None:
-        chunks.mark_untrusted(changed, before.ref, trusted)  # a damaged pack is never reused
+    if before.ref is None:  # stored inline before: no pack to reuse, every chunk is written once
+        return Decision(False, everything, sample, digests)
+    chunks.mark_untrusted(changed, before.ref, trusted)  # a damaged pack is never reused
     return Decision(False, changed, sample, digests)
 
 
