@@ -94,7 +94,7 @@ def count_gets(mgr: CheckpointManager) -> List[str]:
     def note(request: Any, **_: Any) -> None:
         if request.method == "GET":
             gets.append(request.url.split("?", 1)[0].rsplit("/", 1)[-1])
-    store = mgr._catalog.store
+    store = mgr.catalog.store
     store.fs.s3.meta.events.register("before-send.s3", note)
     return gets
 
