@@ -1,11 +1,10 @@
-"""CheckpointManager: orchestration only.
+"""CheckpointManager: the public object, over an engine.
 
-Policy lives in :mod:`ckpt.policy`, the run directory in :mod:`ckpt.store` (a
-:class:`~ckpt.store.Catalog` over a :class:`~ckpt.store.Store`), the checkpoint dict in
-:mod:`ckpt.schema`, object state in :mod:`ckpt.state`, options in :mod:`ckpt.options`,
-which checkpoint a restore means in :mod:`ckpt.resume`.
-This module decides *when* each runs: capture, commit, then retention; load, check,
-then apply.
+The manager holds the options (:mod:`ckpt.options`, :mod:`ckpt.policy`), the tracked
+objects and the counters, and the run directory's catalog (:mod:`ckpt.store`); it hands
+each ``save``, ``resume``, ``restore``, ``wait`` and ``close`` to its engine
+(:mod:`ckpt.engine`: the local one in one process, the collective one under a process
+group), which sees the manager as a :class:`~ckpt.engine.base.ManagerView`.
 """
 
 from __future__ import annotations
@@ -13,23 +12,18 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from . import engine as engines
+from . import engine, policy, resume, spec
 from . import options as opts
-from . import policy, resume, spec, state
 from . import preemption as preempt
-from .background import writer as background
 from .cadence import Cadence
-from .engine import restoring, saving
+from .engine import restoring
 from .errors import PathLike, StorageError
 from .record import CheckpointRecord
 from .resume import Which
 from .store import Catalog, is_url, open_store
 from .store.remote import ObjectPath
-
-if TYPE_CHECKING:
-    from .distributed.coordinator import Coordinator
 
 
 class CheckpointManager:
@@ -72,7 +66,7 @@ class CheckpointManager:
         filesystem's options, and a local directory committed first and uploaded in
         the background (see :mod:`ckpt.store.remote`, :mod:`ckpt.store.tiered`).
     collective_timeout
-        With a process group of 2+ ranks (see :mod:`ckpt.distributed.coordinator`):
+        With a process group of 2+ ranks (see :mod:`ckpt.engine.collective`):
         seconds a rank waits for the others at ``save``/``resume``/``restore``/``wait``/
         ``close`` before every rank raises :class:`CollectiveTimeoutError`; by default
         the process group's own timeout (``init_process_group(timeout=...)``) plus 5 s.
@@ -115,10 +109,8 @@ class CheckpointManager:
         self._closed = False
         self._stop_after_save = False  # should_save() said yes to a preemption: save() then ends the run
         self._lock = threading.RLock()
-        self._dist = engines.collective(self.options)  # None without a process group: nothing imported
-        self._writer = background.create(self.catalog.store.url, self.options.async_save and self._dist is None)
-        self.records: List[CheckpointRecord] = (self.catalog.open() if self._dist is None
-                                                else self._dist.open(self.catalog))
+        self._engine = engine.select(self.options, self.url)  # the collective one under a process group
+        self.records: List[CheckpointRecord] = self._engine.open(self.catalog)
         self._preempted_agreed = False  # with a process group: every rank learned of the signal
         self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
@@ -148,8 +140,7 @@ class CheckpointManager:
     def refresh(self) -> List[CheckpointRecord]:
         """Re-read the directory (another process may have committed) and return records."""
         with self._lock:
-            if self._writer is not None:
-                self._writer.join()  # our own save in flight first; its error waits for save()/wait()
+            self._engine.settle()  # our own save in flight first; its error waits for save()/wait()
             self.records = self.catalog.scan().records
             return self.checkpoints
 
@@ -197,36 +188,16 @@ class CheckpointManager:
         :meth:`should_save` said yes to a preemption signal, it commits, closes the
         manager and raises :class:`ckpt.Preempted`.
         """
-        record = self._save(epoch, step, metrics, extra, mid_epoch, overwrite)
+        started = time.perf_counter()
+        with self._lock:
+            self._check_open()
+            record = self._engine.save(self, epoch, step, metrics=metrics, extra=extra, mid_epoch=mid_epoch,
+                                       overwrite=overwrite)
+            self.cadence.saved(record.step, stall=time.perf_counter() - started)  # what the loop paid
         if self._stop_after_save and self._preemption is not None:
             self._stop_after_save = False
             raise preempt.stop(self, self._preemption, epoch=record.epoch, step=record.step)
         return record
-
-    def _save(self, epoch: Optional[int], step: Optional[int], metrics: Optional[Mapping[str, Any]],
-              extra: Optional[Mapping[str, Any]], mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
-        started = time.perf_counter()
-        with self._lock:
-            self._check_open()
-            if self._dist is not None:
-                record = self._dist.save(self, epoch, step, metrics=metrics, extra=extra, mid_epoch=mid_epoch,
-                                         overwrite=overwrite)
-                self.cadence.saved(record.step, stall=time.perf_counter() - started)
-                return record
-            if self._writer is not None:
-                self._writer.ready()  # the save in flight commits (or raises) before this one starts
-            epoch, step, mid_epoch, overwrite, metric_values, extra_ = saving.checked(
-                self, epoch, step, metrics, extra, mid_epoch, overwrite)
-            checkpoint = saving.build(self, state.capture(self.trackables), epoch, step, mid_epoch, metric_values,
-                                      extra_, [state.capture_rng()])
-            if self._writer is not None:
-                path = self.catalog.store.where(checkpoint.name)
-                record = self._writer.submit(checkpoint, path, lambda staged: saving.commit(self, staged, overwrite))
-            else:
-                record = saving.commit(self, checkpoint, overwrite)
-            self.epoch, self.step = epoch, step
-            self.cadence.saved(step, stall=time.perf_counter() - started)  # what the loop paid
-            return record
 
     # -- restoring -----------------------------------------------------------------
 
@@ -240,16 +211,7 @@ class CheckpointManager:
         """
         with self._lock:
             self._check_open()
-            multi = self._multi()
-            if multi is not None:
-                return multi.resume(self)
-            found = resume.newest_valid(self.refresh, lambda record: restoring.load(self, record, direct=True)[0],
-                                        lambda record, error: restoring.skip(self, record, error), self.directory)
-            if found is None:
-                return 0
-            record, obj = found
-            restoring.apply(self, obj, record)
-            return record.next_epoch
+            return self._engine.resume(self)
 
     def restore(self, which: Which = "latest", *, step: Optional[int] = None) -> CheckpointRecord:
         """Restore a chosen checkpoint (``"latest"``, ``"best"``, an epoch, a path or a
@@ -261,14 +223,7 @@ class CheckpointManager:
         """
         with self._lock:
             self._check_open()
-            multi = self._multi()
-            if multi is not None:
-                return multi.restore(self, which, step)
-            self.refresh()
-            record, obj = restoring.find(self, which, step)
-            if obj is None:
-                obj, _ = restoring.load(self, record, direct=True)
-            return restoring.apply(self, obj, record)
+            return self._engine.restore(self, which, step)
 
     def export_model(self, which: Which, path: PathLike, *, example_inputs: Any, **options: Any) -> Path:
         """Export the tracked model with the weights of checkpoint ``which`` (``"best"``,
@@ -290,8 +245,7 @@ class CheckpointManager:
         """Check every committed checkpoint against its checksum: file name -> "ok",
         "damaged" or "missing". Reads every file once; loads nothing into your objects."""
         with self._lock:
-            if self._writer is not None:
-                self._writer.join()
+            self._engine.settle()
             report = self.catalog.verify(progress=self.options.progress)
             return {name: status for name, (status, _) in report.items()}
 
@@ -301,17 +255,7 @@ class CheckpointManager:
         """Block until background writes are committed (a no-op for synchronous saves);
         raise the error of a background save that failed."""
         with self._lock:
-            self._drain()
-            if self._dist is not None:
-                self._dist.barrier("wait()")
-
-    def _drain(self) -> None:
-        """Finish this process's background work: the save in flight, a tiered store's uploads."""
-        if self._writer is not None:
-            self._writer.wait()
-        flush = getattr(self.catalog.store, "flush", None)
-        if flush is not None:
-            flush()
+            self._engine.wait(self)
 
     @property
     def preempted(self) -> bool:
@@ -332,9 +276,9 @@ class CheckpointManager:
         one small collective per call (every rank calls should_save/save_if_preempted at
         the same points), until a signal reached any rank -- then it is every rank's."""
         handler = self._preemption
-        if handler is None or self._dist is None or self._preempted_agreed:
+        if handler is None or self._preempted_agreed:
             return handler is not None and handler.triggered
-        signum = self._dist.agree_signal(handler.received)
+        signum = self._engine.agree_signal(handler.received)
         if signum is not None:
             handler.received, self._preempted_agreed = signum, True  # every rank exits 128 + this one
         return signum is not None
@@ -346,16 +290,9 @@ class CheckpointManager:
         with self._lock:
             if not self._closed:
                 try:
-                    self._drain()
-                    if self._dist is not None:
-                        self._dist.close()
-                    release = getattr(self.catalog.store, "release", None)
-                    if release is not None:  # a remote run directory: the next writer may take it now
-                        release()
+                    self._engine.close(self)
                 finally:
                     self._closed = True
-                    if self._writer is not None:
-                        self._writer.close()  # frees the staging buffers
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -367,10 +304,6 @@ class CheckpointManager:
         if self._closed:
             raise StorageError("this CheckpointManager is closed", path=self.directory,
                                hint="create a new CheckpointManager for the directory")
-
-    def _multi(self) -> Optional[Coordinator]:
-        """The engine for resume/restore (see :func:`ckpt.engines.for_restore`)."""
-        return engines.for_restore(self._dist, self.records, self.options)
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "

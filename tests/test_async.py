@@ -181,7 +181,7 @@ def test_close_raises_a_pending_error_and_still_closes(
     mgr.save(epoch=0)
     with pytest.raises(StorageError, match="No space left"):
         mgr.close()
-    assert mgr._writer.stager.nbytes == 0
+    assert mgr._engine.writer.stager.nbytes == 0
     with pytest.raises(StorageError, match="closed"):
         mgr.save(epoch=1)
     mgr.close()  # idempotent, and the error is not raised twice
@@ -191,11 +191,11 @@ def test_close_flushes_and_releases_the_staging_buffers(
         run_dir: Path, trainables: Callable, gate: threading.Event) -> None:
     mgr = CheckpointManager(run_dir, async_save=True, **trainables())
     record = mgr.save(epoch=0)
-    staged = mgr._writer.stager.nbytes
+    staged = mgr._engine.writer.stager.nbytes
     assert staged >= sum(v.nelement() * v.element_size() for v in mgr.trackables["model"].state_dict().values())
     set_when_blocked(gate)
     mgr.close()
-    assert mgr.latest.checksum is not None and mgr._writer.stager.nbytes == 0
+    assert mgr.latest.checksum is not None and mgr._engine.writer.stager.nbytes == 0
     assert CheckpointManager(run_dir).verify() == {record.path.name: "ok"}
 
 
@@ -204,10 +204,10 @@ def test_staging_buffers_are_reused_across_saves(run_dir: Path, trainables: Call
     t.step()
     with CheckpointManager(run_dir, async_save=True, **t) as mgr:
         mgr.save(epoch=0)
-        buffers = {k: b.data_ptr() for k, b in mgr._writer.stager._buffers.items()}
+        buffers = {k: b.data_ptr() for k, b in mgr._engine.writer.stager._buffers.items()}
         t.step()
         mgr.save(epoch=1)
-        assert {k: b.data_ptr() for k, b in mgr._writer.stager._buffers.items()} == buffers
+        assert {k: b.data_ptr() for k, b in mgr._engine.writer.stager._buffers.items()} == buffers
     restored = trainables(seed=1)
     assert CheckpointManager(run_dir, **restored).resume() == 2
     assert all(torch.equal(restored.weights()[k], v) for k, v in t.weights().items())

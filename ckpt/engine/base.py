@@ -93,3 +93,17 @@ class Engine(Protocol):
     def close(self, mgr: ManagerView) -> None:
         """Pending work flushed, the engine's resources freed (also when that raised)."""
 
+
+
+def flush(store: Any) -> None:
+    """A tiered store's uploads committed (other stores have nothing pending)."""
+    flush = getattr(store, "flush", None)
+    if flush is not None:
+        flush()
+
+
+def release(store: Any) -> None:
+    """A remote run directory's writer claim given up: the next writer may take it now."""
+    release = getattr(store, "release", None)
+    if release is not None:
+        release()

@@ -1,10 +1,11 @@
-"""The manager's collective operations under ``torch.distributed``
+"""The collective engine: a manager's work under ``torch.distributed``
 (see docs/howto/ddp.md and docs/howto/fsdp2.md).
 
 With a default process group, :class:`~ckpt.CheckpointManager` hands ``save``,
-``resume``, ``restore``, ``wait`` and ``close`` to a :class:`Coordinator`. Every rank
-calls them in the same order; each is a few bounded collectives over
-:mod:`.collective`, so a rank that never arrives makes the others raise
+``resume``, ``restore``, ``wait`` and ``close`` to a :class:`CollectiveEngine`, the peer
+of :class:`~ckpt.engine.local.LocalEngine`. Every rank calls them in the same order;
+each is a few bounded collectives over :mod:`ckpt.distributed.collective`, so a rank
+that never arrives makes the others raise
 :class:`~ckpt.errors.CollectiveTimeoutError` after ``collective_timeout`` seconds.
 
 What rank 0 does: it alone opens the run directory (cleans leftovers, rewrites a stale
@@ -20,7 +21,7 @@ Two kinds of checkpoint, chosen per save:
   the file restores in a single process, or with plain ``torch.load``), and
   ``ckpt["rng_per_rank"]`` is the list of every rank's, each rank restoring its own.
 - sharded (a ``DTensor`` anywhere: FSDP2, tensor parallel): the directory
-  ``ckpt-e<epoch>-s<step>.dcp/`` written by :mod:`.sharded`: modules and optimizers
+  ``ckpt-e<epoch>-s<step>.dcp/`` written by :mod:`ckpt.distributed.sharded`: modules and optimizers
   through DCP, every other tracked object and the plain entries in ``ckpt-meta.pt``
   (same layout as a single file, ``rng_per_rank`` included).
 
@@ -39,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import record, schema, state
-from ..engine import restoring, saving
-from ..engine.base import ManagerView
+from ..distributed import agreement
+from ..distributed import collective as cl
 from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
 from ..store import sharddir
 from ..store.commit import check_new
 from ..store.local import TMP_PREFIX
-from . import agreement
-from . import collective as cl
+from . import restoring, saving
+from .base import ManagerView, flush, release
 
 if TYPE_CHECKING:
     from ..store import Catalog
@@ -56,8 +57,9 @@ if TYPE_CHECKING:
 Outcome = tuple[str, Any, Any]
 
 
-class Coordinator:
-    """One manager's side of the collective protocol (see the module docstring)."""
+class CollectiveEngine:
+    """One rank's side of the collective protocol (see the module docstring); an
+    :class:`~ckpt.engine.base.Engine`."""
 
     def __init__(self, ctx: cl.Group, timeout: float) -> None:
         self.ctx = ctx
@@ -67,11 +69,16 @@ class Coordinator:
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
     @classmethod
-    def create(cls, timeout: float | None) -> Coordinator:
+    def create(cls, timeout: float | None) -> CollectiveEngine:
         """Collective: builds ckpt's gloo group (every rank, at manager construction).
         ``timeout=None``: the process group's own timeout plus a margin."""
         seconds = cl.default_timeout() if timeout is None else timeout
         return cls(cl.context(timeout=max(seconds, 1.0)), seconds)
+
+    @classmethod
+    def single(cls, timeout: float | None) -> CollectiveEngine:
+        """The engine of one process without a process group, to read a sharded checkpoint."""
+        return cls(cl.Group(), timeout or 600.0)
 
     # -- the collectives, failing every rank together --------------------------------
 
@@ -108,13 +115,24 @@ class Coordinator:
     def barrier(self, what: str) -> None:
         self._collective(cl.sync, self.ctx, what, timeout=self.timeout)
 
-    def close(self) -> None:
-        """Collective (unless broken); then frees the gloo group and heartbeat, even if it raised."""
+    def settle(self) -> None:
+        """Nothing in flight: a collective save returns once committed."""
+
+    def wait(self, mgr: ManagerView) -> None:
+        """Collective: this rank's uploads (a tiered store) flushed, then every rank's."""
+        flush(mgr.catalog.store)
+        self.barrier("wait()")
+
+    def close(self, mgr: ManagerView) -> None:
+        """Collective (unless broken): uploads flushed, every rank arrived; then frees the
+        gloo group and heartbeat, even if the barrier raised, and releases the directory."""
+        flush(mgr.catalog.store)
         try:
             if not self.broken:
                 self.barrier("close()")
         finally:
             self.ctx.close()
+        release(mgr.catalog.store)
 
     # -- opening ---------------------------------------------------------------------
 
@@ -184,7 +202,7 @@ class Coordinator:
     def _save_sharded(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
                       metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
                       overwrite: bool) -> CheckpointRecord:
-        from .sharded import save_into
+        from ..distributed.sharded import save_into
 
         ctx, store = self.ctx, mgr.catalog.store
         name = schema.dir_name(epoch, step)
@@ -331,7 +349,7 @@ class Coordinator:
         applied: CheckpointRecord | None = None
         trackables = mgr.trackables
         if schema.is_sharded(rec.name):  # collective, and agreed inside: raises on every rank together
-            from .sharded import load_sharded
+            from ..distributed.sharded import load_sharded
 
             dcp_states, trackables = _split(mgr.trackables)
             obj = self._collective(load_sharded, ctx, mgr.catalog.store.tree(rec.name), dcp_states,
