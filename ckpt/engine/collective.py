@@ -32,6 +32,7 @@ replying to ``save()`` only after rank 0's commit is what lets every rank see it
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -39,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import record, schema, state
+from .. import record, resume, schema, state
 from ..distributed import agreement
 from ..distributed import collective as cl
-from ..errors import CheckpointNotFoundError, CollectiveError, CorruptCheckpointError
+from ..errors import CollectiveError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
 from ..store import sharddir
@@ -282,10 +283,12 @@ class CollectiveEngine:
         error: BaseException | None = None
         if self.ctx.is_leader:
             try:
-                mgr.refresh()
-                if which is None:
-                    rec = self._pick_latest(mgr)
+                if which is None:  # the one resume loop: newest valid first, re-read on a concurrent replace
+                    found = resume.newest_valid(mgr.refresh, functools.partial(self._check, mgr),
+                                                functools.partial(restoring.skip, mgr), mgr.directory)
+                    rec = None if found is None else found[0]
                 else:
+                    mgr.refresh()
                     rec, obj = restoring.find(mgr, which, step)
                     if obj is not None:  # a file outside the index: every rank reads it by path
                         self._foreign = (rec, obj)
@@ -321,25 +324,13 @@ class CollectiveEngine:
         assert applied is not None
         return applied
 
-    def _pick_latest(self, mgr: ManagerView) -> CheckpointRecord | None:
-        damaged: list[str] = []
-        rec: CheckpointRecord
-        for rec in reversed(mgr.records):
-            try:
-                if schema.is_sharded(rec.name):
-                    sharddir.verify(mgr.catalog.store, rec.name, rec.checksum)
-                else:
-                    self._read = (rec.name, restoring.load(mgr, rec)[0])  # loaded once: _load takes it
-            except (CorruptCheckpointError, FileNotFoundError) as e:
-                damaged.append(str(rec.path))
-                restoring.skip(mgr, rec, e)
-                continue
-            return rec
-        if damaged:
-            raise CheckpointNotFoundError(
-                f"no valid checkpoint to resume from; damaged or gone: {', '.join(damaged)}",
-                path=mgr.directory, hint="the damaged ones were kept as *.corrupt; start a fresh run")
-        return None
+    def _check(self, mgr: ManagerView, rec: CheckpointRecord) -> None:
+        """Rank 0, resuming: raise unless ``rec`` verifies (a sharded directory) or loads (a
+        file, read once: :meth:`_load` takes the dict)."""
+        if schema.is_sharded(rec.name):
+            sharddir.verify(mgr.catalog.store, rec.name, rec.checksum)
+        else:
+            self._read = (rec.name, restoring.load(mgr, rec)[0])
 
     def _load(self, mgr: ManagerView, rec: CheckpointRecord) -> CheckpointRecord:
         """Every rank loads ``rec`` and applies it; all succeed or all raise."""
