@@ -68,6 +68,26 @@ def weights_of(path: Path, wanted: Optional[str] = None) -> Dict[str, Any]:
                      hint="pass --object NAME with the key that holds it")
 
 
+def refuse_richer(source: Path, out: Path) -> None:
+    """Refuse an ``out`` that is the ``source`` itself, or a file holding more than the
+    export would (a checkpoint or a model file, say a copy kept outside its run): the
+    export is weights only, so replacing either loses the rest. A previous export (plain
+    weights) is replaced as before."""
+    if not out.is_file():
+        return
+    hint = f"write the export to another path (e.g. {out.with_name('exported-' + out.stem + '.safetensors')})"
+    if source.exists() and source.samefile(out):
+        raise UsageError("is the file being exported; writing the export there would replace its source, so "
+                         "nothing was written", path=out, hint=hint)
+    try:
+        obj = torch.load(out, map_location="meta", weights_only=True)  # the pickle only: no tensor bytes read
+    except Exception:  # noqa: BLE001 - not a torch file ckpt wrote: an ordinary output to replace
+        return
+    if isinstance(obj, dict) and isinstance(obj.get("ckpt"), dict):
+        raise UsageError("holds a ckpt checkpoint or model file; the export (weights only) would replace it, "
+                         "so nothing was written", path=out, hint=hint)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.to)
     if not source.exists():
@@ -77,6 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown output format {out.suffix or '(no suffix)'!r}", path=out,
                          hint="name the output OUT.safetensors (weights) or OUT.pt (a plain state dict)")
     refuse_run_file(out, "the export")
+    refuse_richer(source, out)
     weights = weights_of(source, args.object)
     if suffix == ".safetensors":
         from ..interop.safetensors import save_safetensors

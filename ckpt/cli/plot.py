@@ -131,6 +131,11 @@ def png(pts: Sequence[Point], xlabel: str, metric: str, directory: Path, out: Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    kinds = fig.canvas.get_supported_filetypes()
+    if out.suffix and out.suffix.lower().lstrip(".") not in kinds:  # no suffix: matplotlib adds .png
+        plt.close(fig)
+        raise UsageError(f"matplotlib cannot write {out.suffix!r} images, so nothing was written", path=out,
+                         hint=f"name the image OUT.png (or .{', .'.join(sorted(k for k in kinds if k != 'png'))})")
     ax.plot([p.x for p in pts], [p.y for p in pts], "-", color="0.6", lw=1.2, zorder=1, label="every save")
     styles = (("evicted", dict(marker="o", color="0.7", s=14)),
               ("kept", dict(marker="o", color="tab:blue", s=36)),
