@@ -90,6 +90,7 @@ def _check(out: Dict[str, Any], n: int, rss_mib: int) -> None:
     assert len(checkpoints) == 3 and not [f for f in out["files"] if f.startswith(".ckpt-tmp")], out["files"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["async", "sync", "differential"])
 def test_a_hundred_saves_leak_no_file_thread_or_memory(tmp_path: Path, mode: str) -> None:
     out = _loop(tmp_path / "run", mode, 100, timeout=240)
