@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,8 +120,60 @@ def test_sharded_directory_exports_to_a_plain_file(tmp_path: Path) -> None:
     assert_params(model, formula(2))
 
 
-def test_differential_run() -> None:
-    # Slot: tests/golden/make_golden.py:make_differential writes this case once the
-    # differential format of this release cycle is final.
-    if not (V1 / "differential").exists():
-        pytest.skip("no differential golden case yet (see make_golden.make_differential)")
+def diff_formula(epoch: int) -> torch.nn.Module:
+    model = gold.diff_model()
+    gold.diff_weights(model, epoch)
+    return model
+
+
+def assert_bits(model: torch.nn.Module, expected: torch.nn.Module) -> None:
+    got, want = model.state_dict(), expected.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
+
+
+def test_differential_run_restores_every_kept_checkpoint_exactly(tmp_path: Path) -> None:
+    expected = EXPECTED["differential"]
+    run = copy_of("differential", tmp_path)
+    assert not (run / "ckpt-e000000-s000000000.pt").exists()  # the first writer of the table's chunks is gone
+    model = gold.diff_model()
+    with CheckpointManager(run, model=model, keep_last=2, differential=True, progress=False) as mgr:
+        assert [[r.epoch, r.step] for r in mgr.checkpoints] == expected["kept"]
+        assert all(expected["first_pack"] in {n for n, _ in r.blobs} for r in mgr.checkpoints)
+        assert set(mgr.verify().values()) == {"ok"}
+        for epoch, _ in expected["kept"]:
+            rec = mgr.restore(epoch)
+            assert rec.extra == {"note": f"epoch {epoch}"}
+            assert_bits(model, diff_formula(epoch))
+        assert mgr.resume() == 4
+        # the run goes on: a new differential save on top of the golden files
+        with torch.no_grad():
+            model[0].weight[7] += 1.0
+        mgr.save(epoch=4)
+    again = gold.diff_model()
+    CheckpointManager(run, model=again).restore(4)
+    want = diff_formula(3)
+    with torch.no_grad():
+        want[0].weight[7] += 1.0
+    assert_bits(again, want)
+
+
+def test_differential_run_exports_standalone_and_verify_checks_every_pack(tmp_path: Path) -> None:
+    run = copy_of("differential", tmp_path)
+    newest = run / "ckpt-e000003-s000000000.pt"
+    out = tmp_path / "plain.pt"
+    done = subprocess.run([sys.executable, "-m", "ckpt", "export", str(newest), "--to", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    plain = torch.load(out, weights_only=True)  # no ckpt needed, no reference left
+    model = gold.diff_model()
+    model.load_state_dict(plain)
+    assert_bits(model, diff_formula(3))
+    assert subprocess.run([sys.executable, "-m", "ckpt", "verify", str(run)], capture_output=True,
+                          timeout=300).returncode == 0
+    first = EXPECTED["differential"]["first_pack"]
+    (run / first).unlink()  # referenced by both kept checkpoints
+    done = subprocess.run([sys.executable, "-m", "ckpt", "verify", str(run)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and done.stdout.count(f"{first} is missing") == 2, done.stdout

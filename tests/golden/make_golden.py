@@ -12,8 +12,10 @@ Cases:
             newest checkpoint is a mid-epoch one with a tracked ResumableSampler
   model.pt  a model file (ckpt.save_model) of a torch-only architecture
   sharded/  an FSDP2 run on 2 CPU ranks (gloo): one sharded ``.dcp`` directory
-  differential/  SLOT: the differential format is being revised in this release cycle;
-            :func:`make_differential` is where its case goes once that format is final.
+  differential/  a differential run (chunks of rows, format 2) with retention: the kept
+            checkpoints reference a pack of chunks whose first writer was deleted
+
+    python tests/golden/make_golden.py differential   # writes that case only (the others stay)
 """
 
 from __future__ import annotations
@@ -116,11 +118,43 @@ def make_sharded(out: Path) -> Dict[str, Any]:
     return {"world": 2, "epoch_formula": 2}
 
 
+#: The rows of the differential case's table changed before each save after the first.
+DIFF_ROWS = {1: [1, 2, 3, 4], 2: [100, 101, 102, 103], 3: [200, 201]}
+DIFF_EPOCHS = 4
+
+
+def diff_model() -> nn.Module:
+    """A 64 KiB table (the smallest tensor stored out of line) and a small head (inline)."""
+    return nn.Sequential(nn.Embedding(256, 64), nn.Linear(64, 2))
+
+
+def diff_weights(model: nn.Module, epoch: int) -> None:
+    """The table and head after the save of ``epoch`` (exact in float32)."""
+    weights(model[1], 0)
+    table = (torch.arange(256 * 64, dtype=torch.float32) / 64 - 1).reshape(256, 64)
+    for e in range(1, epoch + 1):
+        table[DIFF_ROWS[e]] = e + torch.arange(64, dtype=torch.float32) / 8
+    with torch.no_grad():
+        model[0].weight.copy_(table)
+
+
 def make_differential(out: Path) -> Dict[str, Any]:
-    """SLOT for the differential case: a run with ``differential=True`` whose later
-    checkpoints reference blobs written by earlier ones. Left empty while the
-    differential format is revised; fill it (and its test) when that format is final."""
-    raise NotImplementedError("the differential golden case is not written yet")
+    """A differential run with retention: four saves, ``keep_last=2``; the kept two
+    reference the pack of chunks epoch 0 wrote (and epoch 2 the one epoch 1 wrote), whose
+    own checkpoints retention deleted."""
+    from ckpt import CheckpointManager
+
+    model = diff_model()
+    with CheckpointManager(out, model=model, keep_last=2, differential=True, progress=False) as mgr:
+        first: Any = None
+        for epoch in range(DIFF_EPOCHS):
+            diff_weights(model, epoch)
+            mgr.save(epoch=epoch, metrics={"val_loss": 1.0 / (epoch + 1)}, extra={"note": f"epoch {epoch}"})
+            if epoch == 0:
+                (first,) = [name for name, _ in mgr.latest.blobs]
+        kept = [[r.epoch, r.step] for r in mgr.checkpoints]
+        assert all(first in {n for n, _ in r.blobs} for r in mgr.checkpoints)
+    return {"kept": kept, "first_pack": first, "rows": {str(e): r for e, r in DIFF_ROWS.items()}}
 
 
 def main() -> None:
@@ -130,17 +164,32 @@ def main() -> None:
     expected = {"format": 1, "written_by": None,
                 "run": make_run(OUT / "run"),
                 "model": make_model_file(OUT / "model.pt"),
-                "sharded": make_sharded(OUT / "sharded")}
+                "sharded": make_sharded(OUT / "sharded"),
+                "differential": make_differential(OUT / "differential")}
     import ckpt
     expected["written_by"] = f"ckpt {ckpt.__version__}, torch {torch.__version__}"
+    _finish(expected)
+
+
+def _finish(expected: Dict[str, Any]) -> None:
     for lock in OUT.rglob(".ckpt.lock"):
         lock.unlink()
     (OUT / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print(f"wrote {OUT}: {sum(p.stat().st_size for p in OUT.rglob('*') if p.is_file())} bytes")
 
 
+def main_differential() -> None:
+    """Add the differential case to an existing ``v1/`` (the other cases are left as they are)."""
+    target = OUT / "differential"
+    if target.exists():
+        shutil.rmtree(target)
+    expected = json.loads((OUT / "expected.json").read_text())
+    expected["differential"] = make_differential(target)
+    _finish(expected)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     import make_golden as _me
 
-    _me.main()
+    _me.main_differential() if sys.argv[1:] == ["differential"] else _me.main()
