@@ -1,17 +1,19 @@
-"""Cold resume, raced fairly: ckpt's resume() against a raw read of the same file and torch.load.
+"""Cold resume, raced fairly: ckpt's resume() against a raw read of the same file and its peers.
 
     python -m benchmarks.resume                      # 0.5 GB state (params + Adam), 5 rounds
     python -m benchmarks.resume --size-gb 1 --rounds 7 --dir /data/scratch
 
 Every round runs each method once, the order rotating, the page cache dropped before
 each: a raw read of ckpt's file (64 MiB ``readinto``), ``torch.load`` +
-``load_state_dict`` of the same state saved with ``torch.save``, and ckpt's
-``resume()`` (verified). Each resume goes into the same model and a fresh optimizer
+``load_state_dict`` of the same state saved with ``torch.save``, safetensors'
+``load_file`` and ``dcp.load`` (module tensors loaded in place) of it saved flat, each
+followed by ``load_state_dict``, and ckpt's ``resume()`` (verified). Each resume goes
+into the same model and a fresh optimizer
 (no state yet, as in a restarted run), so the memory that stays is the optimizer's
 state; transient memory is the peak of anonymous memory minus what stays after,
 divided by the checkpoint's size. Reported per round: each time, the raw read's time
-divided by it (its speed against the read limit), and ckpt's speed against
-``torch.load``'s. Results go to ``benchmarks/results/resume.{json,md}``.
+divided by it (its speed against the read limit), and ckpt's speed against each
+peer's. Results go to ``benchmarks/results/resume.{json,md}``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import gc
 import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +32,7 @@ from ckpt.store import checksum
 
 from . import _harness as h
 from ._results import in_scratch, parse_args, parser, publish
-from ._variants import build_state
+from ._variants import build_state, has
 
 
 def _transient(fn: Callable[[], Any]) -> Dict[str, float]:
@@ -56,6 +59,30 @@ def measure(root: Path, size_gb: float, rounds: int) -> Dict[str, Any]:
         ckpt_file = mgr.latest.path  # type: ignore[union-attr]
     torch_file = root / "torch.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, torch_file)
+    flat, groups = _flat(model, opt)
+    st_file, dcp_dir = root / "state.safetensors", root / "dcp"
+    methods: Dict[str, Callable[[], Any]] = {}
+    if has("safetensors"):
+        from safetensors.torch import load_file, save_file
+        save_file(flat, str(st_file))
+
+        def st_resume() -> Any:
+            return _apply(model, groups, load_file(str(st_file)))
+        methods["safetensors_resume"] = st_resume
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.distributed.checkpoint as dcp
+        dcp.save(flat, checkpoint_id=str(dcp_dir))
+
+    def dcp_resume() -> Any:  # module tensors loaded in place, optimizer state into new tensors
+        live = model.state_dict()
+        target = {k: live[k[len("model."):]] if k.startswith("model.") else torch.empty_like(v)
+                  for k, v in flat.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(target, checkpoint_id=str(dcp_dir))
+        return _apply(model, groups, target)
+    methods["dcp_resume"] = dcp_resume
     buffer = bytearray(64 << 20)
 
     def raw() -> None:
@@ -76,38 +103,75 @@ def measure(root: Path, size_gb: float, rounds: int) -> Dict[str, Any]:
             m.resume()
         return fresh
 
-    methods = {"raw_read": raw, "torch_resume": torch_resume, "ckpt_resume": ckpt_resume}
+    methods = {"raw_read": raw, "torch_resume": torch_resume, "ckpt_resume": ckpt_resume, **methods}
     names = list(methods)
     runs: List[Dict[str, Dict[str, float]]] = []
+    cold = ""
     for r in range(rounds + 1):
         order = names[r % len(names):] + names[:r % len(names)]
         found = {}
         for name in order:
-            h.cold([ckpt_file, torch_file])
+            cold = h.cold([ckpt_file, torch_file, st_file, dcp_dir])
             found[name] = _transient(methods[name])
         if r:  # round 0 is untimed
             runs.append(found)
-    return {"bytes": nbytes, "file_bytes": os.stat(ckpt_file).st_size, "rounds": runs,
+    return {"bytes": nbytes, "file_bytes": os.stat(ckpt_file).st_size, "rounds": runs, "cold": cold,
             "crc": checksum.CRC_IMPL, "machine": h.describe_machine(root)}
 
 
+def _flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Any]:
+    """The state as one flat dict of tensors (what safetensors and DCP save), and the
+    optimizer's parameter groups (which are not tensors)."""
+    sd = opt.state_dict()
+    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for pid, entry in sd["state"].items():
+        flat.update({f"optimizer.{pid}.{k}": v for k, v in entry.items()})
+    return flat, sd["param_groups"]
+
+
+def _apply(model: torch.nn.Module, groups: Any, flat: Dict[str, torch.Tensor]) -> Any:
+    """Load a flat state into ``model`` and a fresh Adam, as a restarted run does."""
+    model.load_state_dict({k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")})
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        if k.startswith("optimizer."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    fresh = torch.optim.Adam(model.parameters())
+    fresh.load_state_dict({"state": state, "param_groups": groups})
+    return fresh
+
+
+LABELS = {"raw_read": "raw read", "torch_resume": "torch.load + load_state_dict",
+          "safetensors_resume": "safetensors load_file + load_state_dict",
+          "dcp_resume": "dcp.load (module tensors in place) + load_state_dict", "ckpt_resume": "**ckpt resume()**"}
+
+
 def render(report: Dict[str, Any]) -> str:
-    size = report["bytes"]
-    lines = [f"Cold resume: {size / 1e9:.2f} GB (Linear stack + Adam), {len(report['rounds'])} rounds "
-             f"after 1 untimed, order rotating, page cache dropped before each; CRC-32 {report['crc']}.",
-             f"Machine: {report['machine']}", "",
-             "| round | raw read s | torch.load+load_state_dict s | ckpt resume() s | ckpt speed ÷ raw read | "
-             "ckpt speed ÷ torch | ckpt transient ÷ size | torch transient ÷ size |",
-             "|---|---|---|---|---|---|---|---|"]
-    for i, run in enumerate(report["rounds"], 1):
-        raw, t, c = run["raw_read"], run["torch_resume"], run["ckpt_resume"]
-        lines.append(f"| {i} | {raw['time']:.3f} | {t['time']:.3f} | {c['time']:.3f} | "
-                     f"{raw['time'] / c['time']:.2f} | {t['time'] / c['time']:.2f} | "
-                     f"{(c['peak'] - c['stays']) / size:.2f} | {(t['peak'] - t['stays']) / size:.2f} |")
-    ratios = sorted(r["raw_read"]["time"] / r["ckpt_resume"]["time"] for r in report["rounds"])
-    lines.append("")
-    lines.append(f"Median over rounds of ckpt resume speed ÷ raw read: {ratios[len(ratios) // 2]:.2f} "
-                 f"(target ≥ 0.9); transient memory target ≤ 0.1 of the size.")
+    size, rounds = report["bytes"], report["rounds"]
+    names = [n for n in LABELS if n in rounds[0]]
+    peers = [n for n in names if n not in ("raw_read", "ckpt_resume")]
+    lines = [f"Cold resume: {size / 1e9:.2f} GB (Linear stack + Adam), {len(rounds)} rounds after 1 untimed, "
+             f"order rotating, page cache dropped before each ({report.get('cold', 'drop_caches or fadvise')}); "
+             f"CRC-32 {report['crc']}.", f"Machine: {report['machine']}", "",
+             "Seconds per round:", "",
+             h.markdown_table(["round"] + [LABELS[n] for n in names],
+                              [[str(i)] + [f"{run[n]['time']:.3f}" for n in names]
+                               for i, run in enumerate(rounds, 1)]), "",
+             "Ratios per round (above 1: ckpt is faster; speed ÷ raw read: the read limit's share reached):", "",
+             h.markdown_table(["round", "ckpt speed ÷ raw read"] + [f"ckpt speed ÷ {n.split('_')[0]}" for n in peers]
+                              + ["ckpt transient ÷ size", "torch transient ÷ size"],
+                              [[str(i), f"{run['raw_read']['time'] / run['ckpt_resume']['time']:.2f}"]
+                               + [f"{run[n]['time'] / run['ckpt_resume']['time']:.2f}" for n in peers]
+                               + [f"{(run[n]['peak'] - run[n]['stays']) / size:.2f}"
+                                  for n in ("ckpt_resume", "torch_resume")]
+                               for i, run in enumerate(rounds, 1)]), ""]
+    ratio = h.median([r["raw_read"]["time"] / r["ckpt_resume"]["time"] for r in rounds])
+    best = min(r["raw_read"]["time"] for r in rounds) / min(r["ckpt_resume"]["time"] for r in rounds)
+    versus = [f"÷ {n.split('_')[0]} median {h.median([r[n]['time'] / r['ckpt_resume']['time'] for r in rounds]):.2f}"
+              for n in peers]
+    lines.append(f"ckpt resume speed ÷ raw read: median of rounds {ratio:.2f}, best vs best {best:.2f} "
+                 f"(target ≥ 0.9); {'; '.join(versus)} (target > 1); transient memory target ≤ 0.1 of the size.")
     return "\n".join(lines)
 
 
