@@ -136,3 +136,23 @@ def test_import_ckpt_imports_no_integration() -> None:
            "'pytorch_lightning', 'transformers', 'ignite'))])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_ddp_killed_fit_resumes_every_rank_rng(tmp_path: Path) -> None:
+    """strategy="ddp" on 2 real processes (torchrun, gloo, CPU), each rank seeded apart:
+    one launch runs the uninterrupted fit, then the fit SIGKILLed (both ranks, by PID)
+    after 3 saves; resumed with RankRNG, every rank's RNG and the weights continue exactly."""
+    run, full, out = tmp_path / "run", tmp_path / "full.pt", tmp_path / "w.pt"
+    trainer_runs.run_and_kill_ranks("lightning", run, tmp_path / "killed.pt",
+                                    lambda d: full.exists() and _saved(3)(d), "--ddp", "--full", str(full),
+                                    ranks=2, launcher=trainer_runs.TORCHRUN_2)
+    assert not (tmp_path / "killed.pt").exists(), "the kill came too late to test a resume"
+    start = last_checkpoint(run)
+    assert start is not None and torch.load(start, weights_only=True)["epoch"] < trainer_runs.EPOCHS - 1
+    trainer_runs.run("lightning", run, out, "--ddp", "--resume", launcher=trainer_runs.TORCHRUN_2)
+    assert same_weights(torch.load(out), torch.load(full))
+    rng = {r: (torch.load(f"{full}.rank{r}.rng"), torch.load(f"{out}.rank{r}.rng")) for r in (0, 1)}
+    assert not torch.equal(rng[0][0], rng[1][0]), "the ranks' RNGs must differ for this test to mean anything"
+    for r, (uninterrupted, resumed) in rng.items():
+        assert torch.equal(uninterrupted, resumed), f"rank {r}'s RNG did not continue where it was"

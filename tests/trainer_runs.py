@@ -39,11 +39,25 @@ def pause(slow: bool) -> None:
 
 # -- Lightning -----------------------------------------------------------------------------
 
-def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bool) -> None:
+def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bool, ddp: bool = False,
+              full: str = "") -> None:
+    """``ddp``: under ``torchrun`` with 2 processes, ``strategy="ddp"`` (gloo), every rank
+    seeded differently and ``RankRNG`` among the callbacks; each rank writes its PID and,
+    at the end, its torch RNG state next to ``out``. ``full``: first the uninterrupted fit
+    (in ``DIRECTORY-full``), its weights to that path."""
+    if full:
+        _lightning_fit(directory + "-full", full, False, False, async_save, ddp)
+    _lightning_fit(directory, out, resume, slow, async_save, ddp)
+
+
+def _lightning_fit(directory: str, out: str, resume: bool, slow: bool, async_save: bool, ddp: bool) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from ckpt.integrations.lightning import CheckpointIO, last_checkpoint
+    from ckpt.integrations.lightning import CheckpointIO, RankRNG, last_checkpoint
+
+    rank = int(os.environ.get("RANK", 0))
+    Path(f"{out}.rank{rank}.pid").write_text(str(os.getpid()))
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -53,8 +67,12 @@ def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bo
         def training_step(self, batch: Any, _: int) -> torch.Tensor:
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
-            self.log("loss", loss, on_epoch=True, on_step=False)
+            self.log("loss", loss, on_epoch=True, on_step=False, sync_dist=ddp)
             return loss
+
+        def setup(self, stage: str) -> None:  # after DDP's own seeding, before a checkpoint is restored
+            if ddp:  # each rank its own dropout masks: only RankRNG brings every rank's RNG back
+                torch.manual_seed(100 + self.global_rank)
 
         def on_train_epoch_end(self) -> None:
             pause(slow)
@@ -63,16 +81,25 @@ def lightning(directory: str, out: str, resume: bool, slow: bool, async_save: bo
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
         def train_dataloader(self) -> Any:
-            return torch.utils.data.DataLoader(data(), batch_size=8, shuffle=True)
+            return torch.utils.data.DataLoader(data(), batch_size=4 if ddp else 8, shuffle=True)
 
     pl.seed_everything(0, verbose=False)
     model = Module()
+    callbacks: List[Any] = [ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=2, monitor="loss",
+                                            every_n_epochs=1)]
+    parallel: Dict[str, Any] = {}
+    if ddp:
+        callbacks.append(RankRNG())
+        parallel = {"strategy": "ddp", "devices": 2, "num_nodes": 1}
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, plugins=[CheckpointIO(async_save=async_save)],
-                         callbacks=[ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=2,
-                                                    monitor="loss", every_n_epochs=1)])
+                         callbacks=callbacks, **parallel)
     trainer.fit(model, ckpt_path=last_checkpoint(directory) if resume else None)
-    torch.save(model.net.state_dict(), out)
+    if ddp:
+        torch.save(torch.get_rng_state(), f"{out}.rank{rank}.rng")
+    if rank == 0:
+        torch.save(model.net.state_dict(), out + ".part")
+        os.replace(out + ".part", out)
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
@@ -237,11 +264,12 @@ def main(argv: List[str]) -> None:
     p.add_argument("--slow", action="store_true")
     p.add_argument("--async", dest="async_save", action="store_true")
     p.add_argument("--jit", action="store_true", help="hf: enable_jit_checkpoint (SIGTERM saves)")
-    p.add_argument("--full", default="", help="accelerate: first the uninterrupted fit, its weights here")
+    p.add_argument("--full", default="", help="lightning, accelerate: first the uninterrupted fit, its weights here")
+    p.add_argument("--ddp", action="store_true", help="lightning: strategy='ddp' on 2 processes (under torchrun)")
     a = p.parse_args(argv)
     kwargs: Dict[str, Any] = {"resume": a.resume, "slow": a.slow}
     if a.trainer == "lightning":
-        kwargs["async_save"] = a.async_save
+        kwargs.update(async_save=a.async_save, ddp=a.ddp, full=a.full)
     if a.trainer == "hf":
         kwargs["jit"] = a.jit
     if a.trainer == "accelerate":

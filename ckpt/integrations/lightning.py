@@ -19,9 +19,11 @@ What it does not cover:
 
 * Under DDP only rank 0 calls a ``CheckpointIO``: the RNG states saved are rank 0's.
   Add :class:`RankRNG` to the callbacks to save and restore every rank's states.
-* FSDP and model-parallel strategies (``FSDPStrategy`` with sharded state dicts,
-  ``ModelParallelStrategy``, DeepSpeed) write their shards through their own path and
-  never call this plug-in: those saves get none of ckpt's guarantees.
+* ``FSDPStrategy(state_dict_type="full")`` saves through this plug-in but loads the
+  file itself (not verified, ``"ckpt_rng"`` not restored: use ``last_checkpoint`` and
+  :class:`RankRNG`). Sharded FSDP, ``ModelParallelStrategy`` (distributed checkpoints)
+  and DeepSpeed write through their own path and never call it: those saves get none of
+  ckpt's guarantees (see docs/howto/lightning.md).
 """
 
 from __future__ import annotations
