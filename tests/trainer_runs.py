@@ -57,7 +57,8 @@ def _lightning_fit(directory: str, out: str, resume: bool, slow: bool, async_sav
     from ckpt.integrations.lightning import CheckpointIO, RankRNG, last_checkpoint
 
     rank = int(os.environ.get("RANK", 0))
-    Path(f"{out}.rank{rank}.pid").write_text(str(os.getpid()))
+    if ddp:
+        Path(f"{out}.rank{rank}.pid").write_text(str(os.getpid()))
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
