@@ -297,12 +297,8 @@ class Catalog:
                     return "; it is gone (a concurrent writer's retention)"
                 if now.checksum != rec.checksum:
                     return "; a writer has replaced it since: left as it is"
-                try:
-                    if schema.is_sharded(rec.name):
-                        sharddir.verify(self.store, rec.name, now.checksum)
-                    else:
-                        with self.store.local_path(rec.name) as local:
-                            torchfile.load(local, checksum=now.checksum)
+                try:  # the file and every tensor file it references (a differential checkpoint)
+                    self.verify_one(now, {})
                     return "; it reads now (a concurrent replace): left as it is"
                 except CorruptCheckpointError:
                     pass
