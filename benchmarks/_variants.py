@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.store import checksum as fastio
-from ckpt.store import torchfile as fileio
+from ckpt.format import torchfile as fileio
+from ckpt.io import checksum as fastio
 
 from ._harness import fsync_path, timed
 

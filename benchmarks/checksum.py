@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ckpt import storage  # noqa: E402
-from ckpt.store.checksum import ChecksumWriter
+from ckpt.io.checksum import ChecksumWriter
 
 
 def candidates() -> Dict[str, Callable[[memoryview], object]]:

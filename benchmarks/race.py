@@ -256,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def measure(root: Path, size: int, width: int, rounds: int) -> Dict[str, Any]:
-    from ckpt.store import checksum
+    from ckpt.io import checksum
     bench = Race(root, size, width)
     report: Dict[str, Any] = {"machine": h.describe_machine(root), "rounds": rounds,
                               "crc": checksum.CRC_IMPL,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.store import checksum
+from ckpt.io import checksum
 
 from . import _harness as h
 from ._results import in_scratch, parse_args, parser, publish

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ckpt.store import checksum as fastio
+from ckpt.io import checksum as fastio
 
 from . import _harness as h
 from ._results import in_scratch, parse_args, parser, publish

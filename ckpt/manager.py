@@ -1,7 +1,7 @@
 """CheckpointManager: the public object, over an engine.
 
 The manager holds the options (:mod:`ckpt.options`, :mod:`ckpt.policy`), the tracked
-objects and the counters, and the run directory's catalog (:mod:`ckpt.store`); it hands
+objects and the counters, and the run directory's catalog (:mod:`ckpt.catalog`); it hands
 each ``save``, ``resume``, ``restore``, ``wait`` and ``close`` to its engine
 (:mod:`ckpt.engine`: the local one in one process, the collective one under a process
 group), which sees the manager as a :class:`~ckpt.engine.base.ManagerView`.
@@ -18,12 +18,13 @@ from . import engine, policy, resume, spec
 from . import options as opts
 from . import preemption as preempt
 from .cadence import Cadence
+from .catalog import Catalog
 from .engine import restoring
 from .errors import PathLike, StorageError
 from .record import CheckpointRecord
 from .resume import Which
-from .store import Catalog, is_url, open_store
-from .store.remote import ObjectPath
+from .storage import is_url, open_store
+from .storage.remote import ObjectPath
 
 
 class CheckpointManager:
@@ -56,7 +57,7 @@ class CheckpointManager:
     differential
         ``True``: a tensor whose bytes equal those of the same entry in the previous
         checkpoint is stored once and referenced (a frozen backbone is written once;
-        see :mod:`ckpt.store.differential`). Every checkpoint still restores on its own.
+        see :mod:`ckpt.catalog.differential`). Every checkpoint still restores on its own.
     every_steps, every_seconds, max_overhead
         Save cadence for :meth:`should_save` (see :mod:`ckpt.cadence`): every N steps,
         every T seconds, or as often as keeps the loop's checkpoint stall at or under
@@ -64,7 +65,7 @@ class CheckpointManager:
     storage_options, cache_dir
         For a URL run directory (``s3://bucket/run``, any fsspec URL): the fsspec
         filesystem's options, and a local directory committed first and uploaded in
-        the background (see :mod:`ckpt.store.remote`, :mod:`ckpt.store.tiered`).
+        the background (see :mod:`ckpt.storage.remote`, :mod:`ckpt.storage.tiered`).
     collective_timeout
         With a process group of 2+ ranks (see :mod:`ckpt.engine.collective`):
         seconds a rank waits for the others at ``save``/``resume``/``restore``/``wait``/
@@ -98,7 +99,7 @@ class CheckpointManager:
         self.catalog = Catalog(open_store(directory, storage_options, cache_dir))
         #: The run directory as given: a local path, or the URL of a remote one.
         self.url = self.catalog.store.url
-        #: A local Path, or for a URL a pure path that prints as the URL (see ckpt.store.remote).
+        #: A local Path, or for a URL a pure path that prints as the URL (see ckpt.storage.remote).
         self.directory: PurePath = ObjectPath(self.url) if is_url(self.url) else Path(self.url)
         self.trackables: Dict[str, Any] = dict(trackables)
         self.epoch = 0

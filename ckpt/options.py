@@ -98,7 +98,7 @@ def check_map_location(value: Any) -> Any:
 def check_location(location: Any, storage_options: Any, cache_dir: Any) -> None:
     """The run directory is a path or a URL; ``storage_options`` and ``cache_dir`` belong
     to a URL run directory, and have their types."""
-    from .store import is_url  # the store package imports nothing of the manager's
+    from .storage import is_url  # the store package imports nothing of the manager's
     if not isinstance(location, (str, os.PathLike)) or not isinstance(os.fspath(location), str):
         raise ConfigError(f"the run directory must be a path, got {location!r} ({type(location).__name__})",
                           hint="pass a pathlib.Path or a str path such as 'runs/exp1' (created if missing), "

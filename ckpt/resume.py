@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from . import policy, schema
 from . import record as records
 from .cadence import Cadence
+from .catalog import Catalog, differential
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -33,8 +34,9 @@ from .errors import (
     StateMismatchError,
     StorageError,
 )
+from .format import torchfile
 from .record import CheckpointRecord
-from .store import Catalog, differential, is_url, torchfile
+from .storage import is_url
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 

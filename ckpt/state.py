@@ -65,7 +65,7 @@ def _state_of(obj: Any) -> Any:
 
 def direct_targets(trackables: Mapping[str, Any]) -> Callable[[Any], List[Tuple[Any, Any, torch.Tensor]]]:
     """For a loaded checkpoint dict: (state dict, key, live tensor) of every module entry
-    the file's bytes may be read straight into (see ckpt.store.directread); none for a
+    the file's bytes may be read straight into (see ckpt.format.directread); none for a
     differential checkpoint (its tensors come from other files)."""
     def targets(obj: Any) -> List[Tuple[Any, Any, torch.Tensor]]:
         meta = obj.get("ckpt") if isinstance(obj, Mapping) else None

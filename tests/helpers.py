@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from ckpt.store import local as storage
+from ckpt.storage import local as storage
 
 # -- a run directory's files -------------------------------------------------------------
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, ConfigError, StorageError
-from ckpt.store import local as storage
-from ckpt.store import torchfile as fileio
+from ckpt.format import torchfile as fileio
+from ckpt.storage import local as storage
 
 WRITER = "ckpt-writer"
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, schema
+from ckpt.catalog import Catalog, book, history, index
 from ckpt.policy import RetentionPolicy
-from ckpt.store import Catalog, LocalStore, book, history, index
-from ckpt.store import local as storage
+from ckpt.storage import LocalStore
+from ckpt.storage import local as storage
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt.store import checksum as fastio
-from ckpt.store import local as storage
-from ckpt.store.checksum import ChecksumWriter, format_checksum
+from ckpt.io import checksum as fastio
+from ckpt.io.checksum import ChecksumWriter, format_checksum
+from ckpt.storage import local as storage
 
 
 @pytest.mark.parametrize("size", [0, 1, fastio.OVERLAP_MIN - 1, fastio.OVERLAP_MIN, 3 * fastio.OVERLAP_MIN + 7])
@@ -137,7 +137,8 @@ def test_zlib_ng_is_a_default_dependency_and_is_what_runs() -> None:
     assert any(d.replace(" ", "").startswith("zlib-ng") for d in deps)
     import zlib_ng.zlib_ng
     assert fastio.CRC_IMPL == "zlib-ng" and fastio.crc32 is zlib_ng.zlib_ng.crc32
-    from ckpt.store import sharddir, shardfiles, torchzip
+    from ckpt.catalog import sharddir
+    from ckpt.format import shardfiles, torchzip
     assert torchzip.crc32 is shardfiles.crc32 is sharddir.crc32 is zlib_ng.zlib_ng.crc32
 
 
@@ -146,7 +147,7 @@ def test_without_zlib_ng_the_stdlib_is_the_fallback(tmp_path: Path) -> None:
     import subprocess
     import sys
     code = ("import sys; sys.modules['zlib_ng'] = None; sys.modules['zlib_ng.zlib_ng'] = None\n"
-            "import zlib\nfrom ckpt.store import checksum as c\n"
+            "import zlib\nfrom ckpt.io import checksum as c\n"
             "assert c.CRC_IMPL == 'zlib' and c.crc32 is zlib.crc32, c.CRC_IMPL\n"
             "print(c.crc32(b'ckpt'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager
+from ckpt.catalog import history
 from ckpt.cli import main, parser
 from ckpt.cli.listing import reasons
 from ckpt.policy import RetentionPolicy
-from ckpt.store import history
-from ckpt.store.local import LocalStore
+from ckpt.storage.local import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 VALS = [0.9, 0.5, 0.2, 0.6, 0.7, 0.4, 0.8, 0.75]  # best: epoch 2; milestones (keep_every=4): 3, 7

@@ -20,16 +20,16 @@ import torch
 
 from ckpt import CheckpointExistsError, CheckpointManager
 from ckpt import schema as format
-from ckpt.store import index
-from ckpt.store import local as storage
-from ckpt.store import torchfile as fileio
+from ckpt.catalog import index
+from ckpt.format import torchfile as fileio
+from ckpt.storage import local as storage
 
 PRELUDE = r"""
 import json, os, sys, time, warnings
 import torch
 from ckpt import CheckpointManager, CheckpointNotFoundError
-from ckpt.store import torchfile as fileio
-from ckpt.store import local as storage
+from ckpt.format import torchfile as fileio
+from ckpt.storage import local as storage
 
 directory, go = sys.argv[1], sys.argv[2]
 warnings.simplefilter("error")  # a warning (say, an unreadable file) is a failure here

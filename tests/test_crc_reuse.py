@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt.store import LocalStore, checksum, torchfile
+from ckpt.format import torchfile
+from ckpt.io import checksum
+from ckpt.storage import LocalStore
 
 
 def file_crc(path: Path) -> str:

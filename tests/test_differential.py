@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, CorruptCheckpointError
-from ckpt.store import Catalog, LocalStore, chunks, differential
+from ckpt.catalog import Catalog, differential
+from ckpt.format import chunks
+from ckpt.storage import LocalStore
 
 BACKBONE = 256  # 4 x 256 x 256 float32 = 1 MiB frozen, vs a 2 KiB head
 

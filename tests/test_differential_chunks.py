@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, CorruptCheckpointError, load_model
-from ckpt.store import Catalog, LocalStore, chunks, differential
+from ckpt.catalog import Catalog, differential
+from ckpt.format import chunks
+from ckpt.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
 V1 = ROOT / "tests" / "data" / "differential-v1"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.store import changes, chunks, differential, torchfile
+from ckpt.catalog import differential
+from ckpt.format import changes, chunks, torchfile
 
 ROWS = 8192  # Embedding(8192, 64) of float32: 2 MiB, 2 rows a chunk, 4096 chunks
 

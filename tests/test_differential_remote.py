@@ -18,8 +18,9 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from ckpt import CheckpointManager  # noqa: E402
-from ckpt.store import chunks, differential, torchfile  # noqa: E402
-from ckpt.store.remote import FsspecStore  # noqa: E402
+from ckpt.catalog import differential  # noqa: E402
+from ckpt.format import chunks, torchfile  # noqa: E402
+from ckpt.storage.remote import FsspecStore  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Resume reads the file's records straight into the tracked tensors (ckpt.store.directread)."""
+"""Resume reads the file's records straight into the tracked tensors (ckpt.format.directread)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager, CheckpointNotFoundError
-from ckpt.store import directread
+from ckpt.format import directread
 
 
 def _model(width: int = 64) -> torch.nn.Module:

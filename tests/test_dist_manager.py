@@ -297,7 +297,7 @@ _RESUME_PAST_BAD_MANIFESTS = """
 import json, os, shutil, sys, warnings, torch
 from pathlib import Path
 from ckpt import CheckpointManager
-from ckpt.store import index
+from ckpt.catalog import index
 
 source, scratch = Path(sys.argv[1]), Path(sys.argv[2])
 good = json.loads((source / "ckpt-e000002-s000000000.dcp" / "ckpt-manifest.json").read_text())

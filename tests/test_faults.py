@@ -21,8 +21,9 @@ from helpers import snapshot, temporaries
 
 from ckpt import CheckpointManager, StorageError
 from ckpt import schema as format
-from ckpt.store import history, index, torchzip
-from ckpt.store import local as storage
+from ckpt.catalog import history, index
+from ckpt.format import torchzip
+from ckpt.storage import local as storage
 
 KEEP_LAST = 2
 Event = Tuple[str, str]  # (operation, what it touched), e.g. ("fsync", "dir")

@@ -13,9 +13,9 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from ckpt.catalog import history
 from ckpt.cli import main
-from ckpt.store import history
-from ckpt.store.local import LocalStore
+from ckpt.storage.local import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.store import history
-from ckpt.store.catalog import Catalog
-from ckpt.store.local import LocalStore
+from ckpt.catalog import history
+from ckpt.catalog.catalog import Catalog
+from ckpt.storage.local import LocalStore
 
 
 def saves(directory: Path, n: int, **options: object) -> CheckpointManager:

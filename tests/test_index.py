@@ -17,11 +17,12 @@ from helpers import record_data_offset
 import ckpt
 from ckpt import CheckpointManager, record
 from ckpt import schema as format
+from ckpt.catalog import Catalog, history, index
+from ckpt.format import torchfile as fileio
+from ckpt.io.checksum import file_checksum
 from ckpt.record import CheckpointRecord
-from ckpt.store import Catalog, LocalStore, history, index
-from ckpt.store import local as storage
-from ckpt.store import torchfile as fileio
-from ckpt.store.checksum import file_checksum
+from ckpt.storage import LocalStore
+from ckpt.storage import local as storage
 
 FOREIGN = {"notes.txt": b"my notes", "model.pt": b"not ours", "ckpt-e1.pt.bak": b"backup",
            "ckpt-e000001-s000000000.pt.corrupt": b"kept damaged", "ckpt-e000002-s000000000.pth": b"x",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ckpt.integrations import _files
-from ckpt.store import LocalStore
+from ckpt.storage import LocalStore
 
 pytest.importorskip("pytorch_lightning")
 

@@ -30,9 +30,9 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.store import local as storage
-from ckpt.store import torchfile as fileio
-from ckpt.store.catalog import QUARANTINE_SUFFIX
+from ckpt.catalog.catalog import QUARANTINE_SUFFIX
+from ckpt.format import torchfile as fileio
+from ckpt.storage import local as storage
 
 STATE_MB = 24
 KEEP_LAST = 3

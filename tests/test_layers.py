@@ -14,18 +14,22 @@ import ckpt
 ROOT = Path(ckpt.__file__).parent
 
 #: Layer of each top-level module or package; a module may import only layers <= its own.
+#: The run directory's code is four packages, low to high: ``io`` (checksums, POSIX
+#: helpers), ``storage`` (back-ends), ``format`` (file formats), ``catalog`` (committed
+#: checkpoints); ``store`` is the deprecated re-export shim (nothing in ckpt imports it).
 LAYERS = {
     "errors": 0, "_version": 0, "progress": 0,
     "policy": 1, "cadence": 1,
     "schema": 2, "record": 2,
     "loaders": 3, "state": 3, "spec": 3, "specvalues": 3, "sampler": 3, "preemption": 3,
-    "store": 4, "background": 5, "distributed": 5, "models": 5, "interop": 5,
-    "options": 5, "resume": 5, "engine": 6,
-    "manager": 7, "cli": 8, "integrations": 8, "__main__": 8, "__init__": 8,
+    "io": 4, "storage": 5, "format": 6, "catalog": 7, "store": 7,
+    "background": 8, "distributed": 8, "models": 8, "interop": 8,
+    "options": 8, "resume": 8, "engine": 9,
+    "manager": 10, "cli": 11, "integrations": 11, "__main__": 11, "__init__": 11,
 }
 
 #: The format layer: the only modules that call ``torch.save`` / ``torch.load``.
-FORMAT = {"store/torchfile.py", "store/torchio.py"}
+FORMAT = {"format/torchfile.py", "format/torchio.py"}
 
 
 def top(module: str) -> str:
@@ -62,6 +66,37 @@ def test_every_import_points_down() -> None:
         if bad:
             upward[str(rel)] = bad
     assert upward == {}
+
+
+def test_the_run_directory_packages_import_down_only() -> None:
+    """io < storage < format < catalog, each package importing only its own layer or lower
+    (the format never calls back into a back-end: it reads files through ckpt.io)."""
+    order = ["io", "storage", "format", "catalog"]
+    seen: Dict[str, Set[str]] = {}
+    for package in order:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            above = {m for m in imports_of(path) if m in order[order.index(package) + 1:] or m == "store"}
+            if above:
+                seen[path.relative_to(ROOT).as_posix()] = above
+    assert seen == {}
+    assert {m for m in imports_of(ROOT / "io" / "checksum.py") | imports_of(ROOT / "io" / "posix.py")
+            if m in LAYERS} <= {"errors"}
+
+
+def test_nothing_in_ckpt_imports_the_deprecated_store_shim() -> None:
+    users = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.py")
+                   if path.parent.name != "store" and "store" in imports_of(path))
+    assert users == []
+
+
+def test_the_store_shim_is_the_new_modules() -> None:
+    from ckpt.store.local import LocalStore as old
+
+    import ckpt.store
+    from ckpt.catalog import Catalog, index
+    from ckpt.storage.local import LocalStore
+
+    assert old is LocalStore and ckpt.store.Catalog is Catalog and ckpt.store.index is index
 
 
 def test_save_and_resume_never_load_model_portability(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ import torch
 from helpers import temporaries
 
 from ckpt import CheckpointManager
+from ckpt.catalog import Catalog
 from ckpt.errors import CkptError, StorageError, storage_error
-from ckpt.store import Catalog, LocalStore
-from ckpt.store import local as storage
-from ckpt.store.checksum import file_checksum
+from ckpt.io.checksum import file_checksum
+from ckpt.storage import LocalStore
+from ckpt.storage import local as storage
 
 
 def payload(f) -> None:
@@ -295,7 +296,7 @@ def test_a_lock_symlink_to_an_existing_file_does_not_touch_it(tmp_path: Path) ->
 _SWAP_BEFORE_OPEN = """
 import os, sys
 from pathlib import Path
-from ckpt.store.local import LocalStore
+from ckpt.storage.local import LocalStore
 
 store = LocalStore(Path(sys.argv[1]))
 target = store.where("data.json")
@@ -382,7 +383,7 @@ KILLED_BEFORE_RECLAIM = r"""
 import os, signal, sys, threading, torch
 from pathlib import Path
 from ckpt import CheckpointManager
-from ckpt.store import local as storage
+from ckpt.storage import local as storage
 
 storage.RECLAIM_MIN = 1
 real_unlink = os.unlink

@@ -20,11 +20,11 @@ from ckpt import (
     StateMismatchError,
     StorageError,
 )
+from ckpt.catalog import index
+from ckpt.catalog.history import HISTORY_NAME
+from ckpt.io.checksum import file_checksum
 from ckpt.schema import file_name
-from ckpt.store import index
-from ckpt.store import local as storage
-from ckpt.store.checksum import file_checksum
-from ckpt.store.history import HISTORY_NAME
+from ckpt.storage import local as storage
 
 
 def names(directory: Path) -> list:

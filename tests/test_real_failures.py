@@ -22,10 +22,10 @@ from helpers import snapshot, temporaries
 
 from ckpt import CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StorageError
 from ckpt import schema as format
-from ckpt.store import index
-from ckpt.store import torchfile as fileio
-from ckpt.store.catalog import QUARANTINE_SUFFIX
-from ckpt.store.checksum import file_checksum
+from ckpt.catalog import index
+from ckpt.catalog.catalog import QUARANTINE_SUFFIX
+from ckpt.format import torchfile as fileio
+from ckpt.io.checksum import file_checksum
 
 PAGE = 4096
 

@@ -28,9 +28,9 @@ import fsspec  # noqa: E402
 
 from ckpt import CheckpointManager  # noqa: E402
 from ckpt.errors import ConfigError, StorageError  # noqa: E402
-from ckpt.store import open_store  # noqa: E402
-from ckpt.store.remote import COMMIT_SUFFIX, FsspecStore, ObjectPath  # noqa: E402
-from ckpt.store.tiered import TieredStore  # noqa: E402
+from ckpt.storage import open_store  # noqa: E402
+from ckpt.storage.remote import COMMIT_SUFFIX, FsspecStore, ObjectPath  # noqa: E402
+from ckpt.storage.tiered import TieredStore  # noqa: E402
 from tests.conftest import make_trainables  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 
@@ -377,7 +377,7 @@ def test_tiered_damaged_local_copy_falls_back_to_remote(server: MotoServer, buck
 def test_transient_errors_are_retried_until_the_deadline() -> None:
     import errno
 
-    from ckpt.store import retry
+    from ckpt.storage import retry
     assert retry.transient(ConnectionResetError()) and retry.transient(OSError(errno.EBUSY, "SlowDown"))
     assert not retry.transient(FileNotFoundError()) and not retry.transient(PermissionError())
     calls = []

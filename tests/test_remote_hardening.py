@@ -95,7 +95,7 @@ def test_two_writers_on_one_run_are_told_it_is_a_writer_conflict(server: MotoSer
 
 def test_an_upload_replaced_by_a_second_writer_is_reported_as_a_writer_conflict(server: MotoServer,
                                                                                 bucket: str) -> None:
-    from ckpt.store.remote import FsspecStore
+    from ckpt.storage.remote import FsspecStore
 
     url, opts = f"s3://{bucket}/run", server.options()
 

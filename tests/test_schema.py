@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 import ckpt
 from ckpt import CheckpointManager
 from ckpt import schema as format
+from ckpt.catalog import history, index
 from ckpt.errors import ConfigError, CorruptCheckpointError, FormatVersionError
-from ckpt.store import history, index
-from ckpt.store import local as storage
+from ckpt.storage import local as storage
 
 EPOCHS, STEPS = st.integers(0, 999_999), st.integers(0, 999_999_999)
 

@@ -25,9 +25,9 @@ import torch
 import ckpt
 from ckpt import CheckpointManager, UnsafeCheckpointError, cli
 from ckpt import schema as format
-from ckpt.store import index
-from ckpt.store import torchfile as fileio
-from ckpt.store.checksum import file_checksum
+from ckpt.catalog import index
+from ckpt.format import torchfile as fileio
+from ckpt.io.checksum import file_checksum
 
 
 class Payload:

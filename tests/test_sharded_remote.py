@@ -158,7 +158,7 @@ def test_a_replicated_run_on_2_ranks_with_per_node_caches_resumes_on_1(server: A
 def test_an_unfinished_sharded_save_on_the_store_is_never_listed_and_is_cleaned(server: Any, bucket: str) -> None:
     import s3fs
 
-    from ckpt.store.remote import FsspecStore
+    from ckpt.storage.remote import FsspecStore
 
     fs = s3fs.S3FileSystem(**server.options())
     fs.pipe_file(f"{bucket}/run/ckpt-e000001-s000000000.dcp/__0_0.distcp", b"partial")  # no commit record

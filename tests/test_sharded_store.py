@@ -14,11 +14,11 @@ from test_real_failures import tmpfs  # noqa: F401 - a fixture
 
 import ckpt
 from ckpt import CheckpointManager, schema
+from ckpt.catalog import index
+from ckpt.catalog.sharddir import Overwrite
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
-from ckpt.store import index
-from ckpt.store.local import TMP_PREFIX, LocalStore, temporary_name
-from ckpt.store.sharddir import Overwrite
-from ckpt.store.shardfiles import MANIFEST, commit, read_manifest
+from ckpt.format.shardfiles import MANIFEST, commit, read_manifest
+from ckpt.storage.local import TMP_PREFIX, LocalStore, temporary_name
 
 
 def test_directory_names_share_the_file_stem() -> None:
@@ -115,7 +115,7 @@ _READ_ODD_MANIFEST = """
 import os, sys
 from pathlib import Path
 from ckpt.errors import CorruptCheckpointError
-from ckpt.store.shardfiles import MANIFEST, read_manifest, verify_files
+from ckpt.format.shardfiles import MANIFEST, read_manifest, verify_files
 
 directory = Path(sys.argv[1])
 (directory / "shard").mkdir()

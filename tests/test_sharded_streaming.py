@@ -19,7 +19,8 @@ from ckpt.distributed import collective as cd
 
 def _save_counting(rank: int, world: int, root: Path) -> dict:
     from ckpt.distributed.sharded import save_sharded
-    from ckpt.store import checksum, shardfiles
+    from ckpt.format import shardfiles
+    from ckpt.io import checksum
 
     synced: list[str] = []
     real_fsync = os.fsync

@@ -17,8 +17,8 @@ import torch
 
 import ckpt
 from ckpt import CheckpointManager, CorruptCheckpointError
-from ckpt.store import directread
-from ckpt.store import torchfile as fileio
+from ckpt.format import directread
+from ckpt.format import torchfile as fileio
 
 
 def saved_run(directory: Path) -> CheckpointManager:

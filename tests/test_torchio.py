@@ -1,4 +1,4 @@
-"""ckpt.store.torchio: plain torch files, and a checkpoint's ``extra`` read from its pickle alone."""
+"""ckpt.format.torchio: plain torch files, and a checkpoint's ``extra`` read from its pickle alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ckpt import CheckpointManager
 from ckpt.errors import CorruptCheckpointError
-from ckpt.store import torchio
+from ckpt.format import torchio
 
 
 def _record_offset(path: Path, suffix: str) -> tuple[int, int]:

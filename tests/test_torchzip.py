@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt import CheckpointManager
-from ckpt.store import torchzip
-from ckpt.store.checksum import file_checksum, format_checksum
+from ckpt.format import torchzip
+from ckpt.io.checksum import file_checksum, format_checksum
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
           torch.int8, torch.uint8, torch.bool, torch.complex64]

@@ -11,8 +11,10 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 
 from .. import policy
+from ..catalog import Catalog, differential, history, index
 from ..errors import CkptError
-from ..store import Catalog, LocalStore, differential, history, index, is_url, open_existing, torchfile
+from ..format import torchfile
+from ..storage import LocalStore, is_url, open_existing
 
 Key = Tuple[int, int]
 

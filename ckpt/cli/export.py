@@ -10,11 +10,11 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import schema
+from ..catalog.namespace import refuse_run_file
 from ..errors import ConfigError
+from ..format import torchfile, torchio
 from ..spec import module_names, pick_module
-from ..store import torchfile, torchio
-from ..store.local import write_file
-from ..store.namespace import refuse_run_file
+from ..storage.local import write_file
 from . import common, table
 from .common import UsageError
 
@@ -80,7 +80,7 @@ def refuse_richer(source: Path, out: Path) -> None:
         raise UsageError("is the file being exported; writing the export there would replace its source, so "
                          "nothing was written", path=out, hint=hint)
     try:
-        obj = torch.load(out, map_location="meta", weights_only=True)  # the pickle only: no tensor bytes read
+        obj = torchio.load(out, map_location="meta")  # weights only, the pickle only: no tensor bytes read
     except Exception:  # noqa: BLE001 - not a torch file ckpt wrote: an ordinary output to replace
         return
     if isinstance(obj, dict) and isinstance(obj.get("ckpt"), dict):

@@ -14,10 +14,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from filelock import Timeout
 
 from .. import policy, schema
+from ..catalog import commit, differential, index
+from ..catalog.catalog import QUARANTINE_SUFFIX
 from ..errors import CkptError, UnsafeCheckpointError
+from ..format import torchfile
 from ..record import CheckpointRecord
-from ..store import commit, differential, index, is_url, torchfile
-from ..store.catalog import QUARANTINE_SUFFIX
+from ..storage import is_url
 from . import common, table
 from .common import Key, UsageError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import policy
-from ..store import history
+from ..catalog import history
 from . import common
 from .common import UsageError
 

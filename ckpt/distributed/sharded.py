@@ -74,9 +74,8 @@ from ..errors import (
     StateMismatchError,
     StorageError,
 )
-from ..store import torchio
-from ..store.base import Store
-from ..store.shardfiles import (
+from ..format import torchio
+from ..format.shardfiles import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -85,7 +84,8 @@ from ..store.shardfiles import (
     read_manifest,
     verify_files,
 )
-from ..store.trees import LocalTree, Tree
+from ..storage.base import Store
+from ..storage.trees import LocalTree, Tree
 from .collective import Group, agree, broadcast_object, sync
 from .shardio import reader_for
 from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, manifest_of, torch_load
@@ -166,7 +166,7 @@ def save_to(ctx: Group, target: Any, states: Mapping[str, Trackable], meta: Mapp
 def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Trackable], *, timeout: float,
                  strict: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` (a local directory, or a store's
-    tree: :mod:`ckpt.store.trees`) into ``states``, on any number of ranks (DCP reshards);
+    tree: :mod:`ckpt.storage.trees`) into ``states``, on any number of ranks (DCP reshards);
     collective. Returns the plain entries (``ckpt-meta.pt``).
 
     Rank 0 verifies every file's CRC-32 first (``verify``): one read of the directory,

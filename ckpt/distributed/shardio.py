@@ -2,7 +2,7 @@
 
 :class:`SummingWriter` is ``torch.distributed.checkpoint``'s ``FileSystemWriter`` over
 a file layer that wraps every stream it opens for writing in ckpt's checksum writer
-(:class:`ckpt.store.checksum.ChecksumWriter`: the CRC-32 runs beside the write, and
+(:class:`ckpt.io.checksum.ChecksumWriter`: the CRC-32 runs beside the write, and
 completed ranges go to the kernel's writeback early). When DCP closes a file, its size
 and CRC-32 are in :attr:`SummingWriter.sums`, keyed by the file's name in the
 checkpoint directory: nothing is read back to checksum it. The files, their names
@@ -28,9 +28,9 @@ from typing import Any, cast
 
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter
 
-from ..store import torchio
-from ..store.checksum import ChecksumWriter
-from ..store.trees import ObjectTree, TieredTree, Tree
+from ..format import torchio
+from ..io.checksum import ChecksumWriter
+from ..storage.trees import ObjectTree, TieredTree, Tree
 
 Sums = dict[str, dict[str, int]]
 
@@ -190,7 +190,7 @@ class _TieredLayer(_FsspecLayer):
 
 
 def reader_for(tree: Tree) -> TreeReader:
-    """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.store.trees`)."""
+    """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.storage.trees`)."""
     if isinstance(tree, TieredTree):
         return TreeReader("", _TieredLayer(tree.local.path, tree.remote.fs, tree.remote.key))
     if isinstance(tree, ObjectTree):

@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 from torch.distributed.checkpoint.planner import ReadItem
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from ..store import torchio
-from ..store.shardfiles import MANIFEST, manifest_bytes
-from ..store.trees import LocalTree, Tree
+from ..format import torchio
+from ..format.shardfiles import MANIFEST, manifest_bytes
+from ..storage.trees import LocalTree, Tree
 
 
 def torch_load(tree: Tree, rel: str) -> dict[str, Any]:

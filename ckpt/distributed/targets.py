@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import CheckpointExistsError, StorageError
-from ..store import shardfiles, torchio
-from ..store.checksum import ChecksumWriter, crc32, format_checksum
-from ..store.trees import LocalTree, ObjectTree, TieredTree, Tree
+from ..format import shardfiles, torchio
+from ..io.checksum import ChecksumWriter, crc32, format_checksum
+from ..storage.trees import LocalTree, ObjectTree, TieredTree, Tree
 from .collective import Group, sync
 from .shardio import SummingWriter, Sums, fsspec_layer, write_meta
 

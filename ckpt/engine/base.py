@@ -19,8 +19,8 @@ from ..policy import RetentionPolicy
 from ..record import CheckpointRecord
 
 if TYPE_CHECKING:
+    from ..catalog import Catalog
     from ..spec import SpecCache
-    from ..store import Catalog
 
 Key = Tuple[int, int]
 

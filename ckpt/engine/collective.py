@@ -41,19 +41,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import record, resume, schema, state
+from ..catalog import sharddir
+from ..catalog.commit import check_new
 from ..distributed import agreement
 from ..distributed import collective as cl
 from ..errors import CollectiveError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
-from ..store import sharddir
-from ..store.commit import check_new
-from ..store.local import TMP_PREFIX
+from ..storage.local import TMP_PREFIX
 from . import restoring, saving
 from .base import ManagerView, flush, release
 
 if TYPE_CHECKING:
-    from ..store import Catalog
+    from ..catalog import Catalog
 
 Outcome = tuple[str, Any, Any]
 

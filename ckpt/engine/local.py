@@ -14,10 +14,10 @@ from typing import Any, List, Mapping, Optional
 
 from .. import resume, schema, state
 from ..background import writer as background
+from ..catalog import Catalog
 from ..options import Options
 from ..record import CheckpointRecord
 from ..resume import Which
-from ..store import Catalog
 from . import restoring, saving
 from .base import Engine, ManagerView, flush, release
 

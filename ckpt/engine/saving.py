@@ -15,9 +15,9 @@ from .. import options as opts
 from .. import policy, resume, sampler, schema, spec
 from .._version import __version__
 from ..cadence import Cadence
+from ..catalog.commit import check_new
 from ..errors import CheckpointExistsError, ConfigError
 from ..record import CheckpointRecord
-from ..store.commit import check_new
 from .base import ManagerView
 
 Key = Tuple[int, int]

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from ..store import is_url
-from ..store.checksum import READ_CHUNK, crc32, file_checksum, format_checksum
+from ..io.checksum import READ_CHUNK, crc32, file_checksum, format_checksum
+from ..storage import is_url
 
 Location = Union[str, "os.PathLike[str]"]
 
@@ -53,7 +53,7 @@ class UrlTree:
     """A folder on an object store, through fsspec."""
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
-        from ..store.remote import filesystem  # fsspec is an extra: imported only for URLs
+        from ..storage.remote import filesystem  # fsspec is an extra: imported only for URLs
 
         self.url = url.rstrip("/")
         self.options = storage_options

@@ -32,8 +32,9 @@ from pathlib import PurePath
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ..errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
-from ..store import Store, is_url, open_existing, open_store, torchfile
-from ..store.checksum import file_checksum
+from ..format import torchfile
+from ..io.checksum import file_checksum
+from ..storage import Store, is_url, open_existing, open_store
 
 SIDECAR = ".ckpt-sum"
 #: The sidecar of a file not renamed in yet, and that file (steps 2 and 1 of the module doc).

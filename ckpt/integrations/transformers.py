@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..errors import CorruptCheckpointError
+from ..io.checksum import file_checksum
+from ..io.posix import fsync_dir
 from ..policy import RetentionPolicy, select_kept
-from ..store.checksum import file_checksum
-from ..store.local import atomic_write, fsync_dir
+from ..storage.local import atomic_write
 from . import _dirs
 
 try:

@@ -28,9 +28,9 @@ from torch import nn
 
 from .. import record, schema, state
 from ..errors import CorruptCheckpointError, StateMismatchError
+from ..format import torchfile
 from ..record import CheckpointRecord
 from ..spec import pick_module
-from ..store import torchfile
 
 ALIASES = {
     "module": ("model_state_dict", "model_state", "state_dict", "model", "net", "network", "module"),

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from .. import schema, state
+from ..catalog.namespace import refuse_run_file
 from ..errors import ConfigError, PathLike
+from ..format import torchfile
 from ..spec import module_names, pick_module
-from ..store import torchfile
-from ..store.local import write_file
-from ..store.namespace import refuse_run_file
+from ..storage.local import write_file
 from .foreign import ALIASES, is_state_dict
 
 

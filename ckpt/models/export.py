@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import spec, state
+from ..catalog.namespace import refuse_run_file
 from ..errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -34,9 +35,8 @@ from ..errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
-from ..store.local import write_file
-from ..store.namespace import refuse_run_file
-from ..store.torchfile import first_line
+from ..format.torchfile import first_line
+from ..storage.local import write_file
 
 METHODS = ("export", "torchscript", "trace")
 

@@ -21,11 +21,13 @@ from torch import nn
 
 from .. import schema, spec, state
 from .._version import __version__
+from ..catalog import differential, index
+from ..catalog.namespace import refuse_run_file
 from ..errors import ArchitectureError, CkptError, PathLike
+from ..format import torchfile, torchio
 from ..spec import pick_module
-from ..store import LocalStore, differential, index, torchfile, torchio
-from ..store.local import write_file
-from ..store.namespace import refuse_run_file
+from ..storage import LocalStore
+from ..storage.local import write_file
 from . import build
 
 

@@ -1,8 +1,8 @@
 """The committed checkpoints of a run directory: the index reconciled with the files.
 
 A :class:`Catalog` is everything the manager needs of a run directory, over any
-:class:`~ckpt.store.base.Store`: list what is committed, load one checkpoint, commit
-a new one (:mod:`ckpt.store.commit`), move a damaged one aside, verify them all. Locks
+:class:`~ckpt.storage.base.Store`: list what is committed, load one checkpoint, commit
+a new one (:mod:`ckpt.catalog.commit`), move a damaged one aside, verify them all. Locks
 and index transactions happen here, never in the manager.
 """
 
@@ -15,12 +15,13 @@ from filelock import Timeout
 
 from .. import policy, record, schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from ..format import torchfile, torchio
+from ..io.checksum import file_checksum
 from ..record import CheckpointRecord
+from ..storage.base import Store
 from . import commit as _commit
-from . import differential, index, sharddir, torchfile, torchio
-from .base import Store
+from . import differential, index, sharddir
 from .book import Book
-from .checksum import file_checksum
 
 #: How often verify() looks again at files a concurrent writer replaced or deleted meanwhile.
 VERIFY_PASSES = 5
@@ -217,7 +218,7 @@ class Catalog:
         """Commit ``checkpoint``, then apply retention; return its record and the records kept.
 
         ``differential_save``: tensors unchanged since the newest committed checkpoint are
-        referenced, not written again (:mod:`ckpt.store.differential`).
+        referenced, not written again (:mod:`ckpt.catalog.differential`).
         """
         with self.store.lock():
             records = self._book.current()  # no other writer committed: nothing to read

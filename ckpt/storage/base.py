@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Optional, Prot
 if TYPE_CHECKING:
     from .trees import Tree
 
+#: The catalog's index: the object that commits a run directory's checkpoints, so a store
+#: that mirrors objects (the tiered store) sends it after the checkpoints it lists.
+INDEX_NAME = "ckpt-index.json"
 #: Called with the byte count of each chunk written or read (progress bars).
 OnBytes = Optional[Callable[[int], object]]
 #: Writes a whole object into the file-like it is given.
@@ -73,4 +76,4 @@ class Store(Protocol):
         """Remove what crashed writers left (only when no writer holds the lock); their names."""
 
     def tree(self, name: str) -> Tree:
-        """The sharded checkpoint ``name``, a directory of files (:mod:`ckpt.store.trees`)."""
+        """The sharded checkpoint ``name``, a directory of files (:mod:`ckpt.storage.trees`)."""

@@ -1,4 +1,4 @@
-"""A local directory as a :class:`~ckpt.store.base.Store`.
+"""A local directory as a :class:`~ckpt.storage.base.Store`.
 
 The commit protocol (see docs/explanation/commit-protocol.md): write to a unique temporary name in the same
 directory, flush and ``fsync`` it, ``os.replace`` it onto its final name, ``fsync`` the
@@ -8,7 +8,6 @@ ever visible under a final name. Knows nothing of torch or of the checkpoint sch
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
@@ -17,13 +16,14 @@ import stat
 import threading
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
 from ..errors import StorageError, storage_error
+from ..io.checksum import ChecksumWriter, format_checksum
+from ..io.posix import fsync_dir, read_regular
 from .base import OnBytes, Produce, Written
-from .checksum import ChecksumWriter, format_checksum
 
 if TYPE_CHECKING:
     from .trees import LocalTree
@@ -33,18 +33,6 @@ LOCK_NAME = ".ckpt.lock"
 QUARANTINE_SUFFIX = ".corrupt"
 #: The temporary name of a checkpoint kept aside while it is overwritten; group 1: its own name.
 _ASIDE = re.compile(re.escape(TMP_PREFIX) + r"\d+-[0-9a-f]{8}-prev-(.+)")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except (PermissionError, IsADirectoryError):  # Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def temporary_name(name: str, tag: str = "") -> str:
@@ -87,33 +75,6 @@ def atomic_write(directory: Path, name: str, produce: Produce, on_write: OnBytes
                 os.unlink(final)
         raise
     return Written(name, writer.size, checksum)
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` open for reading if it is a regular file; :class:`IsADirectoryError` otherwise.
-
-    One open, then fstat on that descriptor: a FIFO, device or symlink put in the file's
-    place, even between a check and the read, is refused without blocking.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path)) from e
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    return open(fd, "rb")
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of the regular file ``path`` (see :func:`open_regular`)."""
-    with open_regular(path) as f:
-        return f.read()
 
 
 def write_file(path: Path, produce: Produce) -> Path:

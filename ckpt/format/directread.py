@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..io.checksum import READ_CHUNK, crc32, format_checksum
 from ..progress import Progress
-from .checksum import READ_CHUNK, crc32, format_checksum
 
 #: A place in a loaded checkpoint whose tensor may be read into ``dest`` instead:
 #: (container, key, dest) with ``container[key]`` the loaded tensor.

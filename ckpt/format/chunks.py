@@ -11,7 +11,7 @@ shorter). Its reference in the checkpoint file (format 2, see
 
 ``where[c] = (p, s)``: chunk ``c`` is stored in ``packs[p]`` from row ``s`` on. A pack
 is a plain ``torch.save`` of one tensor: the rows of the chunks one save found changed,
-one after the other. Which chunks changed is decided in :mod:`ckpt.store.changes`; this
+one after the other. Which chunks changed is decided in :mod:`ckpt.format.changes`; this
 module lays them out (and compares chunks with the packs holding them).
 
 At most :data:`MAX_PACKS` packs make up one tensor: beyond that the live chunks of the

@@ -15,8 +15,8 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
-from .checksum import crc32
-from .local import open_regular, read_regular
+from ..io.checksum import crc32
+from ..io.posix import open_regular, read_regular
 
 MANIFEST = "ckpt-manifest.json"
 FORMAT = "ckpt-sharded"
@@ -113,7 +113,7 @@ def _show(value: Any) -> str:
 
 
 class Files(Protocol):
-    """A directory of files, local or not (:mod:`ckpt.store.trees`)."""
+    """A directory of files, local or not (:mod:`ckpt.storage.trees`)."""
 
     def where(self, rel: str = "") -> PurePath: ...
 
@@ -191,7 +191,7 @@ def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
     """Rename ``tmp_dir`` to ``final_dir``. A directory cannot replace a non-empty one: an
     existing ``final_dir`` (an overwrite) moves to ``aside`` first, and back if the second
     rename fails. A crash between the two leaves it there, and the next open puts it back
-    (:meth:`ckpt.store.local.LocalStore.clean_temporaries`)."""
+    (:meth:`ckpt.storage.local.LocalStore.clean_temporaries`)."""
     if aside is None or not os.path.lexists(final_dir):
         os.replace(tmp_dir, final_dir)
         return

@@ -1,6 +1,6 @@
 """Sharded checkpoints on an object store: directories of objects, committed last.
 
-Mixin of :class:`ckpt.store.remote.FsspecStore`. A sharded checkpoint ``name`` is the
+Mixin of :class:`ckpt.storage.remote.FsspecStore`. A sharded checkpoint ``name`` is the
 objects ``<run>/<name>/<file>`` (written by every rank under their final keys: there
 is no rename) and, written last by rank 0 once every file is uploaded, the commit
 record ``<name>.ckpt-commit`` with the checkpoint's total size and checksum (the

@@ -19,7 +19,7 @@ Object stores have no rename, no fsync and no lock, so commit means *commit-last
    resumed; :meth:`clean_temporaries` removes such objects once they are old enough
    not to be a live upload.
 
-One writer per run directory: there is no lock. :meth:`~ckpt.store.base.Store.lock` detects a second writer
+One writer per run directory: there is no lock. :meth:`~ckpt.storage.base.Store.lock` detects a second writer
 instead: the first writer's lock claims the directory with a token
 (``.ckpt-writer``), and every later lock checks it, so a writer that another has
 taken over from (a zombie after a restart) stops at its next commit with a clear
@@ -43,10 +43,10 @@ from zlib import crc32
 
 from .. import schema
 from ..errors import ConfigError, StorageError
+from ..io.checksum import ChecksumWriter, format_checksum
 from ..progress import Progress
 from . import retry
 from .base import OnBytes, Produce, Written
-from .checksum import ChecksumWriter, format_checksum
 from .claim import WRITER_NAME, WriterClaim
 from .local import TMP_PREFIX
 from .remote_trees import TreeObjects, mtime
@@ -117,7 +117,7 @@ class FsspecStore(WriterClaim, TreeObjects):
         self.stale_after = stale_after
         self._token: Optional[str] = None
         #: False for a tool (``ckpt prune``): it never takes a run over from a writer
-        #: (see :meth:`~ckpt.store.base.Store.lock`).
+        #: (see :meth:`~ckpt.storage.base.Store.lock`).
         self.writer = writer
         self._check_reachable()
 

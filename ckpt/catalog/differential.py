@@ -5,7 +5,7 @@ With ``CheckpointManager(..., differential=True)`` every tensor of at least
 chunks of rows, of which a save writes only those whose bytes differ from the previous
 committed checkpoint's, into one new file ``ckpt-blob-<16 hex>.pt`` (a *pack*: a plain
 ``torch.save`` of a tensor). The checkpoint file holds a reference in the tensor's
-place (:mod:`ckpt.store.chunks`, format 2), and its header lists every pack it
+place (:mod:`ckpt.format.chunks`, format 2), and its header lists every pack it
 references with the pack's checksum (``ckpt["blobs"]``), and so does its index entry.
 Checkpoints of format 1 (a list of whole-tensor blobs, ``{"ckpt_blob": [...]}``) are
 still read. Why chunks of rows: ``docs/explanation/differential.md``.
@@ -22,7 +22,7 @@ Guarantees, as for full checkpoints:
 * retention deletes a pack only after the commit, and only when no kept checkpoint
   references it.
 
-Which chunks changed is decided in :mod:`ckpt.store.changes`: a sample first (a tensor
+Which chunks changed is decided in :mod:`ckpt.format.changes`: a sample first (a tensor
 trained everywhere is written whole, inline, as in a full save, after comparing a few
 chunks), then every chunk, exactly, against the previous packs (usually from the page
 cache), or on an object store without a local cache against the chunk digests the
@@ -42,10 +42,10 @@ import torch
 
 from .. import schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from ..format import changes, chunks, torchfile
 from ..record import CheckpointRecord
-from . import changes, chunks, torchfile
-from .base import Store
-from .local import LocalStore
+from ..storage.base import Store
+from ..storage.local import LocalStore
 
 MARKER = "ckpt_blob"
 BLOB_PREFIX = "ckpt-blob-"
@@ -72,7 +72,7 @@ def is_marker(value: Any) -> bool:
 @dataclass
 class Previous:
     """What the previous committed checkpoint holds, for the next differential save: per
-    entry what :mod:`ckpt.store.changes` compares with, and the checksum of every pack it
+    entry what :mod:`ckpt.format.changes` compares with, and the checksum of every pack it
     references. The writer keeps the one its own save produced (``name`` and ``checksum``
     say which checkpoint it describes), so that a save reads no file to decide."""
 

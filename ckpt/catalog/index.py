@@ -9,7 +9,7 @@ rebuilt from the files; it is never the only copy of anything.
 A large index is not rewritten on every save: the snapshot ``ckpt-index.json`` is
 followed by a journal ``ckpt-index.log`` (JSON lines, one per commit: the records it
 added, the files it dropped), folded back into the snapshot when it grows past it
-(see :mod:`ckpt.store.book`). Readers replay the journal over the snapshot; a torn
+(see :mod:`ckpt.catalog.book`). Readers replay the journal over the snapshot; a torn
 last line (a crash mid-append) is ignored, since its checkpoint file describes itself.
 """
 
@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 from .. import record, schema
 from ..errors import FormatVersionError
 from ..record import CheckpointRecord
-from .base import Store
+from ..storage.base import INDEX_NAME as INDEX_NAME  # the name is the storage layer's: see there
+from ..storage.base import Store
 
-INDEX_NAME = "ckpt-index.json"
 JOURNAL_NAME = "ckpt-index.log"
 INDEX_VERSION = 1
 #: An index larger than this is not one ckpt wrote (about 300 bytes per checkpoint).

@@ -29,11 +29,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
+from ..io.checksum import ChecksumWriter, file_checksum
+from ..io.posix import open_regular
 from ..progress import Progress
+from ..storage.base import Store, Written
 from . import directread, torchzip
-from .base import Store, Written
-from .checksum import ChecksumWriter, file_checksum
-from .local import open_regular
 
 MapLocation = Any
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
@@ -45,7 +45,7 @@ _MAX_RECORDS = 1 << 22
 def write(store: Store, name: str, obj: Any, *, nbytes: int, progress: Optional[bool]) -> Written:
     """``torch.save`` ``obj`` as ``name`` in ``store`` with the store's commit protocol.
 
-    The file is torch's format, written by :mod:`~ckpt.store.torchzip` (at offsets,
+    The file is torch's format, written by :mod:`~ckpt.format.torchzip` (at offsets,
     from the tensors' memory) where it can, by ``torch.save`` itself otherwise.
     """
     try:
@@ -135,7 +135,7 @@ def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = 
     ``check_records``: also check every zip record's own CRC-32 (for a file with no
     recorded checksum, so that damage in tensor data is not adopted as good).
     ``targets``: live tensors to read records straight into (see
-    :mod:`~ckpt.store.directread`): the result is then a :class:`directread.Loaded`
+    :mod:`~ckpt.format.directread`): the result is then a :class:`directread.Loaded`
     whose ``fill()`` must be called once every check passed, before it is applied.
     """
     path = Path(path)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .checksum import WRITEBACK_EVERY, crc32, crc32_combine, start_writeback
+from ..io.checksum import WRITEBACK_EVERY, crc32, crc32_combine, start_writeback
 
 #: Records at least this large take their place in the file's CRC by combining (one
 #: pass over their bytes); smaller ones are summed a second time (cheaper than combining).

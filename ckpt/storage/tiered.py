@@ -36,18 +36,17 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import schema
 from ..errors import StorageError
+from ..io.checksum import file_checksum
 from ..progress import Progress
-from .base import OnBytes, Produce, Written
-from .checksum import file_checksum
-from .index import INDEX_NAME
+from .base import INDEX_NAME, OnBytes, Produce, Written
 from .local import LocalStore
 from .remote import FsspecStore, ObjectPath
 from .trees import TieredTree
 
 
 class TieredStore:
-    """A :class:`~ckpt.store.local.LocalStore` cache committed first, mirrored to an
-    :class:`~ckpt.store.remote.FsspecStore`."""
+    """A :class:`~ckpt.storage.local.LocalStore` cache committed first, mirrored to an
+    :class:`~ckpt.storage.remote.FsspecStore`."""
 
     def __init__(self, local: LocalStore, remote: FsspecStore) -> None:
         self.local = local

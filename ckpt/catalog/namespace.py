@@ -11,8 +11,8 @@ from typing import Optional
 
 from .. import schema
 from ..errors import CheckpointExistsError, CkptError, ConfigError
+from ..storage.local import LOCK_NAME, TMP_PREFIX, LocalStore
 from . import index
-from .local import LOCK_NAME, TMP_PREFIX, LocalStore
 
 
 def reserved(name: str) -> bool:

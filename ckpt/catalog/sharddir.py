@@ -17,13 +17,14 @@ from typing import Any, Dict, List, Tuple
 
 from .. import record, schema
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ..format import torchfile, torchio
+from ..format.shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
+from ..io.checksum import crc32, format_checksum
 from ..record import CheckpointRecord
-from . import index, torchfile, torchio
-from .base import Store
-from .checksum import crc32, format_checksum
-from .local import temporary_name
-from .shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
-from .trees import LocalTree
+from ..storage.base import Store
+from ..storage.local import temporary_name
+from ..storage.trees import LocalTree
+from . import index
 
 META = "ckpt-meta.pt"
 
@@ -114,7 +115,7 @@ def describe(store: Store, name: str) -> CheckpointRecord:
 class Overwrite:
     """Rank 0 replacing the committed checkpoint ``old`` by the sharded one ``new`` (the same
     name, or a file's of the same epoch and step), holding the lock, as
-    :mod:`ckpt.store.commit` replaces a file: the old entry leaves the index first (a crash
+    :mod:`ckpt.catalog.commit` replaces a file: the old entry leaves the index first (a crash
     now leaves a valid, unindexed checkpoint that the next scan adopts); the old one stays
     under its name while the new one is written (a directory of the same name moves to
     ``aside`` only at the commit rename), and is deleted once the new index is

@@ -1,6 +1,6 @@
 """torch's file format for everything but the committed checkpoint itself.
 
-With :mod:`ckpt.store.torchfile` (which commits, verifies and loads a run directory's
+With :mod:`ckpt.format.torchfile` (which commits, verifies and loads a run directory's
 checkpoint files) this is the format layer: the only code in ckpt that calls
 ``torch.save`` and ``torch.load``. Here are the plain files around the checkpoints
 (a ``save_model`` file, an export, the plain entries of a sharded checkpoint, a tensor

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from .local import open_regular, read_regular
+from ..io.posix import open_regular, read_regular
 
 #: Queues a job for a tiered store's upload thread: (name, job, as_writer).
 Later = Callable[[str, Callable[[Any], int], bool], None]

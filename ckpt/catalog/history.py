@@ -23,8 +23,8 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 from .. import policy, schema
 from ..errors import ConfigError, CorruptCheckpointError
 from ..record import CheckpointRecord
-from .base import Store
-from .local import LocalStore
+from ..storage.base import Store
+from ..storage.local import LocalStore
 
 HISTORY_NAME = "ckpt-history.jsonl"
 #: A line longer than this is not one ckpt wrote.

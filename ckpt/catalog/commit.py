@@ -17,9 +17,10 @@ from typing import Collection, List, Optional, Set, Tuple
 
 from .. import policy, record, schema
 from ..errors import CheckpointExistsError, storage_error
+from ..format import torchfile
 from ..record import CheckpointRecord
-from . import differential, history, index, torchfile
-from .base import Store, Written
+from ..storage.base import Store, Written
+from . import differential, history, index
 from .book import Book, Change
 
 Key = Tuple[int, int]
@@ -61,7 +62,7 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
 
     ``differential_save``: store the large tensors as chunks in packs, reusing the chunks
     of ``previous`` (what the previous checkpoint holds) whose bytes are equal
-    (:mod:`ckpt.store.differential`).
+    (:mod:`ckpt.catalog.differential`).
     """
     key, name = checkpoint.key, checkpoint.name
     existing = check_new(key, checkpoint.header.mid_epoch, overwrite, records)

@@ -12,7 +12,7 @@ A differential save decides per large tensor (see ``docs/explanation/differentia
    object store without a local cache, with the chunk **digests** the previous checkpoint
    recorded (nothing is downloaded). When more than :data:`INLINE_ABOVE` of all chunks
    changed, the tensor is written whole too.
-3. Otherwise the changed chunks are written into a new pack (:mod:`ckpt.store.chunks`).
+3. Otherwise the changed chunks are written into a new pack (:mod:`ckpt.format.chunks`).
 
 Knows nothing of stores: packs come through callables.
 """

@@ -25,8 +25,8 @@ import threading
 from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 from ..record import CheckpointRecord
+from ..storage.base import Store
 from . import index
-from .base import Store
 
 #: Below this snapshot size (about 50 checkpoints) the index is rewritten whole.
 JOURNAL_MIN = 16 << 10

@@ -23,7 +23,7 @@ WRITER_NAME = ".ckpt-writer"
 
 
 class WriterClaim:
-    """Mixin of :class:`ckpt.store.remote.FsspecStore`: the writer claim of its run directory."""
+    """Mixin of :class:`ckpt.storage.remote.FsspecStore`: the writer claim of its run directory."""
 
     url: str
     fs: Any
