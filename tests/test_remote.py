@@ -124,7 +124,7 @@ def test_flipped_byte_in_remote_object_is_skipped(server: MotoServer, bucket: st
     with pytest.warns(UserWarning, match="ckpt-e000001"):
         assert again.resume() == 1
     assert torch.all(again.trackables["model"][0].weight == 1.0)
-    assert latest.name + ".corrupt" in again._catalog.store.list()
+    assert latest.name + ".corrupt" in again.catalog.store.list()
     assert [r.name for r in again.checkpoints] == [mgr.checkpoints[0].name]
 
 
