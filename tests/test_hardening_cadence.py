@@ -11,9 +11,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,4 +163,113 @@ def test_damaged_cadence_state_in_a_checkpoint_is_reset_with_a_warning(tmp_path:
         if mgr.should_save(step=step):
             mgr.save(epoch=0, step=step, mid_epoch=True)
     assert mgr.cadence.save_cost is not None
+    mgr.close()
+
+
+# -- second adversarial round (issue 28, item 5) --------------------------------------------
+
+NUMERIC_KINDS: List[Any] = [  # (option, value, what the cadence keeps; None: refused)
+    ("every_steps", np.int64(10), 10), ("every_steps", np.True_, None), ("every_steps", np.int64(0), None),
+    ("every_steps", torch.tensor(5), None), ("every_steps", -(10 ** 30), None),
+    ("every_seconds", Fraction(1, 2), 0.5), ("every_seconds", np.float64("nan"), None),
+    ("every_seconds", np.float32("inf"), None), ("every_seconds", 10 ** 400, None), ("every_seconds", -0.0, None),
+    ("every_seconds", Decimal("NaN"), None), ("every_seconds", np.True_, None), ("every_seconds", complex(1, 0), None),
+    ("max_overhead", Fraction(1, 50), 0.02), ("max_overhead", np.float64("nan"), None), ("max_overhead", -0.0, None),
+    ("max_overhead", np.True_, None), ("max_overhead", torch.tensor(0.02), None),
+    ("max_overhead", 1e-6 * (1 - 1e-15), None),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "kept"), NUMERIC_KINDS, ids=[f"{n}={v!r}" for n, v, _ in NUMERIC_KINDS])
+def test_numpy_fraction_decimal_and_tensor_values_are_taken_or_refused_by_name(name: str, value: Any,
+                                                                              kept: Any) -> None:
+    if kept is None:
+        with pytest.raises(ConfigError, match=name) as e:
+            Cadence(**{name: value})
+        assert "hint: pass" in str(e.value)
+        return
+    cad = Cadence(**{name: value})
+    assert getattr(cad, name) == kept and type(getattr(cad, name)) is type(kept)  # plain Python numbers
+
+
+BAD_STEPS: List[Any] = [np.int64(4), torch.tensor(4), 4.0, math.nan, math.inf, -1, True, None, "4", np.True_]
+
+
+def test_should_save_refuses_bad_steps_by_name_and_the_loop_goes_on(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), every_steps=2) as mgr:
+        for value in BAD_STEPS:
+            with pytest.raises(ConfigError, match=r"step must be a non-negative int, got") as e:
+                mgr.should_save(step=value)
+            assert "hint: pass step=" in str(e.value)
+        saved = [s for s in (1, 2, 3, 4, 10 ** 30) if mgr.should_save(step=s) and mgr.save(epoch=0, step=s,
+                                                                                         mid_epoch=True)]
+        assert saved == [2, 4, 10 ** 30]  # a huge step is a step: named, listed, resumed
+    fresh = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2))
+    assert fresh.resume() == 0 and fresh.step == 10 ** 30
+    fresh.close()
+
+
+def test_a_preemption_save_that_collides_leaves_the_manager_open_and_the_next_save_ends_the_run(
+        tmp_path: Path) -> None:
+    import ckpt
+
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), preemption=[signal.SIGUSR1])
+    try:
+        mgr.save(epoch=0, step=3, mid_epoch=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert mgr.should_save(step=4)
+        with pytest.raises(ckpt.CheckpointExistsError):
+            mgr.save(epoch=0, step=3, mid_epoch=True)  # the loop passed a stale step
+        with pytest.raises(ckpt.Preempted) as e:
+            mgr.save(epoch=0, step=4, mid_epoch=True)
+        assert e.value.code == 128 + signal.SIGUSR1
+    finally:
+        mgr.close()
+    assert [r.step for r in CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2)).checkpoints] == [3, 4]
+
+
+STORM = textwrap.dedent("""
+    import os, signal, sys, threading, time, torch
+    from ckpt import CheckpointManager
+    model = torch.nn.Linear(256, 256)
+    torch.nn.init.zeros_(model.weight)  # the weights are the step count
+    mgr = CheckpointManager(sys.argv[1], model=model, every_steps=3, preemption=True, keep_last=2,
+                            async_save=sys.argv[2] == "async", progress=False)
+
+    def storm():  # SIGTERM after SIGTERM, while the loop saves and after
+        for _ in range(60):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.002)
+
+    for step in range(1, 400):
+        if step == 4:
+            threading.Thread(target=storm, daemon=True).start()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        if mgr.should_save(step=step):
+            mgr.save(epoch=0, step=step, mid_epoch=True)
+    print("loop ended without exiting", flush=True)
+""")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_storm_of_sigterms_ends_the_process_and_leaves_a_consistent_run(tmp_path: Path, mode: str) -> None:
+    """The second SIGTERM is the escape hatch (ckpt/preemption.py: it ends the job at once,
+    whatever the first one's save is doing): the process dies by the signal, and the run
+    directory holds only complete checkpoints, which a restart resumes."""
+    script = tmp_path / "storm.py"
+    script.write_text(STORM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mode], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-3000:]
+    assert "loop ended" not in done.stdout
+    model = torch.nn.Linear(256, 256)
+    mgr = CheckpointManager(tmp_path / "run", model=model)  # a writer: cleans what the kill left
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".ckpt-tmp")]
+    assert set(mgr.verify().values()) <= {"ok"}
+    start = mgr.resume()
+    assert start == 0 and (mgr.step in [r.step for r in mgr.checkpoints] or not mgr.checkpoints)
+    if mgr.checkpoints:
+        assert torch.equal(model.weight, torch.full_like(model.weight, float(mgr.step)))  # one step's state, whole
     mgr.close()
