@@ -19,9 +19,9 @@ from ckpt.integrations.ignite import CkptSaver, last_checkpoint, load  # noqa: E
 
 @pytest.mark.slow
 def test_killed_run_resumes_bit_exact(tmp_path: Path) -> None:
-    trainer_runs.run("ignite", tmp_path / "full", tmp_path / "full.pt")
-    run = tmp_path / "run"
-    trainer_runs.run_and_kill("ignite", run, lambda d: any(d.glob("checkpoint_3.pt.ckpt-sum")))
+    run, full = tmp_path / "run", tmp_path / "full.pt"
+    trainer_runs.run_and_kill("ignite", run, lambda d: full.exists() and any(d.glob("checkpoint_3.pt.ckpt-sum")),
+                              "--full", str(full))  # one launch: the uninterrupted run, then the killed one
     start = last_checkpoint(str(run))
     assert start is not None and torch.load(start)["trainer"]["iteration"] < 6 * trainer_runs.EPOCHS
     trainer_runs.run("ignite", run, tmp_path / "resumed.pt", "--resume")
@@ -70,3 +70,18 @@ def test_damaged_newest_is_skipped_and_named(tmp_path: Path) -> None:
         assert last_checkpoint(str(tmp_path)) == str(tmp_path / "c_2.pt")
     with pytest.raises(CorruptCheckpointError, match=r"c_3\.pt(.|\n)*c_2\.pt"):
         load(str(tmp_path / "c_3.pt"))
+
+
+def test_works_on_urls() -> None:
+    pytest.importorskip("fsspec")
+    url = "memory://ignite-test/run"
+    saver = CkptSaver(url)
+    for it in (1, 2):
+        saver({"model": {"w": torch.full((3,), float(it))}, "trainer": {"iteration": it}}, f"c_{it}.pt")
+    saver.remove("c_1.pt")
+    saver({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 3}}, "c_3.pt")  # the deferred removal now
+    assert last_checkpoint(url) == url + "/c_3.pt"
+    assert load(url + "/c_3.pt")["trainer"]["iteration"] == 3
+    import fsspec
+    names = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/ignite-test/run", detail=False))
+    assert [n for n in names if n.startswith("c_") and n.endswith(".pt")] == ["c_2.pt", "c_3.pt"]

@@ -24,17 +24,17 @@ def _saved(n: int):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("full")
-    trainer_runs.run("lightning", d / "run", d / "w.pt")
-    return torch.load(d / "w.pt")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> trainer_runs.Baseline:
+    return trainer_runs.Baseline(tmp_path_factory.mktemp("full"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [(), ("--async",)], ids=["sync", "async"])
-def test_killed_fit_resumes_bit_exact(tmp_path: Path, uninterrupted: dict, flags: tuple) -> None:
+def test_killed_fit_resumes_bit_exact(tmp_path: Path, baseline: trainer_runs.Baseline, flags: tuple) -> None:
     run = tmp_path / "run"
-    trainer_runs.run_and_kill("lightning", run, _saved(3), *flags)
+    trainer_runs.run_and_kill("lightning", run, lambda d: baseline.ready(d) and _saved(3)(d), *flags,
+                              *baseline.flags())
+    uninterrupted = baseline.weights()
     start = last_checkpoint(run)
     assert start is not None
     done = torch.load(start, weights_only=True)["epoch"]
@@ -133,9 +133,69 @@ def test_works_on_urls() -> None:
 
 def test_import_ckpt_imports_no_integration() -> None:
     code = "import sys, ckpt; print([m for m in sys.modules if m.startswith(('ckpt.integrations', " \
-           "'pytorch_lightning', 'transformers', 'ignite'))])"
+           "'pytorch_lightning', 'transformers', 'ignite', 'lightning', 'accelerate', 'torchdata'))])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_missing_trainer_is_an_import_error_naming_the_extra() -> None:
+    """Each integration with its trainer not importable (blocked in sys.modules, as if not
+    installed): an ImportError whose message says which extra to install."""
+    code = """
+import sys
+for m in ("lightning", "lightning.pytorch", "pytorch_lightning", "transformers", "ignite",
+          "ignite.distributed", "ignite.handlers", "ignite.handlers.checkpoint"):
+    sys.modules[m] = None
+for name, extra in (("lightning", "lightning"), ("transformers", "transformers"), ("ignite", "ignite")):
+    try:
+        __import__("ckpt.integrations." + name)
+    except ImportError as e:
+        print(name, f"ckpt[{extra}]" in str(e))
+    else:
+        print(name, "imported")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["lightning", "True", "transformers", "True", "ignite", "True"], out.stderr
+
+
+def test_top_k_removal_goes_through_the_plugin(tmp_path: Path) -> None:
+    """ModelCheckpoint(save_top_k=1) removes the previous best through CheckpointIO.remove_checkpoint:
+    the file and its sidecar go together, nothing is left without the other."""
+    removed: list = []
+
+    class Recording(CheckpointIO):
+        def remove_checkpoint(self, path: object) -> None:
+            removed.append(Path(str(path)).name)
+            super().remove_checkpoint(path)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: object, _: int) -> torch.Tensor:
+            x, y = batch  # type: ignore[misc]
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def configure_optimizers(self) -> object:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def train_dataloader(self) -> object:
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[Recording()],
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=1, monitor="loss")])
+    trainer.fit(Module())
+    files = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert len(removed) == 2 and len(files) == 1 and files[0] not in removed  # loss falls: each epoch the new best
+    assert sorted(p.name[: -len(".ckpt-sum")] for p in tmp_path.glob("*.ckpt-sum")) == files
+    assert last_checkpoint(tmp_path) == str(tmp_path / files[0])
 
 
 @pytest.mark.slow

@@ -27,9 +27,9 @@ def _saves(d: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_mid_epoch_resumes_bit_exact_without_generator(tmp_path: Path) -> None:
-    trainer_runs.run("torchdata", tmp_path / "full", tmp_path / "full.pt")
-    run = tmp_path / "run"
-    trainer_runs.run_and_kill("torchdata", run, lambda d: _saves(d) >= 3)  # step 15: inside epoch 1 of 12 steps
+    run, full = tmp_path / "run", tmp_path / "full.pt"
+    # one launch: the uninterrupted run, then the one killed after step 15 (inside epoch 1 of 12 steps)
+    trainer_runs.run_and_kill("torchdata", run, lambda d: full.exists() and _saves(d) >= 3, "--full", str(full))
     trainer_runs.run("torchdata", run, tmp_path / "resumed.pt", "--resume")
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
 

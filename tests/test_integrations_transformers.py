@@ -25,11 +25,9 @@ SECOND = 2 * trainer_runs.HF_SAVE_EVERY
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> trainer_runs.Baseline:
     """The final weights of the uninterrupted run (shared by the kill tests)."""
-    d = tmp_path_factory.mktemp("full")
-    trainer_runs.run("hf", d / "run", d / "w.pt")
-    return torch.load(d / "w.pt")
+    return trainer_runs.Baseline(tmp_path_factory.mktemp("full"))
 
 
 def _writing_second(d: Path) -> bool:
@@ -39,9 +37,11 @@ def _writing_second(d: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(tmp_path: Path, uninterrupted: dict) -> None:
+def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(tmp_path: Path,
+                                                                        baseline: trainer_runs.Baseline) -> None:
     run = tmp_path / "run"
-    trainer_runs.run_and_kill("hf", run, _writing_second)
+    trainer_runs.run_and_kill("hf", run, lambda d: baseline.ready(d) and _writing_second(d), *baseline.flags())
+    uninterrupted = baseline.weights()
     # the Trainer's own choice is the half-written directory; ckpt's is the committed one
     assert get_last_checkpoint(str(run)) == str(run / f"checkpoint-{SECOND}")
     with pytest.warns(UserWarning, match=f"checkpoint-{SECOND}"):
@@ -82,12 +82,15 @@ def test_damaged_and_incomplete_directories_are_skipped(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_with_jit_checkpoint_is_committed_and_resumes_bit_exact(tmp_path: Path, uninterrupted: dict) -> None:
+def test_sigterm_with_jit_checkpoint_is_committed_and_resumes_bit_exact(tmp_path: Path,
+                                                                         baseline: trainer_runs.Baseline) -> None:
     """transformers' enable_jit_checkpoint saves on SIGTERM without calling on_save: ckpt
     commits that checkpoint at the end of training, and a resume from it is exact."""
     run = tmp_path / "run"
-    trainer_runs.run_and_kill("hf", run, lambda d: (d / f"checkpoint-{trainer_runs.HF_SAVE_EVERY}" / MANIFEST).exists(),
-                              "--jit", sig=signal.SIGTERM, status=0)  # the Trainer stops by itself
+    first = f"checkpoint-{trainer_runs.HF_SAVE_EVERY}"
+    trainer_runs.run_and_kill("hf", run, lambda d: baseline.ready(d) and (d / first / MANIFEST).exists(),
+                              "--jit", *baseline.flags(), sig=signal.SIGTERM, status=0)  # it stops by itself
+    uninterrupted = baseline.weights()
     start = last_checkpoint(run)
     assert start is not None
     step = int(Path(start).name.split("-")[1])

@@ -265,7 +265,8 @@ def main(argv: List[str]) -> None:
     p.add_argument("--slow", action="store_true")
     p.add_argument("--async", dest="async_save", action="store_true")
     p.add_argument("--jit", action="store_true", help="hf: enable_jit_checkpoint (SIGTERM saves)")
-    p.add_argument("--full", default="", help="lightning, accelerate: first the uninterrupted fit, its weights here")
+    p.add_argument("--full", default="", help="first the uninterrupted fit (in DIRECTORY-full), its weights "
+                                              "here, then the run asked for: one interpreter start less")
     p.add_argument("--ddp", action="store_true", help="lightning: strategy='ddp' on 2 processes (under torchrun)")
     a = p.parse_args(argv)
     kwargs: Dict[str, Any] = {"resume": a.resume, "slow": a.slow}
@@ -273,8 +274,10 @@ def main(argv: List[str]) -> None:
         kwargs.update(async_save=a.async_save, ddp=a.ddp, full=a.full)
     if a.trainer == "hf":
         kwargs["jit"] = a.jit
-    if a.trainer == "accelerate":
-        kwargs["full"] = a.full
+    if a.trainer in ("lightning", "accelerate"):
+        kwargs["full"] = a.full  # they share one Accelerator / need their rank's paths
+    elif a.full:
+        RUNS[a.trainer](a.directory + "-full", a.full, **{**kwargs, "resume": False, "slow": False})
     RUNS[a.trainer](a.directory, a.out, **kwargs)
 
 
@@ -343,6 +346,25 @@ def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode == status, (proc.returncode, err[-3000:])
+
+
+class Baseline:
+    """The uninterrupted run's final weights, computed once per test module by the first
+    kill test that needs them: its launch runs the uninterrupted fit first (``--full``),
+    so the module pays one interpreter start less."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "full.pt"
+
+    def flags(self) -> Tuple[str, ...]:
+        """What to add to the next killed run's command line (nothing once computed)."""
+        return () if self.path.exists() else ("--full", str(self.path))
+
+    def ready(self, directory: Path) -> bool:
+        return self.path.exists()
+
+    def weights(self) -> Any:
+        return torch.load(self.path)
 
 
 def _env() -> Dict[str, str]:
