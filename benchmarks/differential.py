@@ -14,8 +14,10 @@ run not counted:
 
 Full and differential runs of every workload alternate within each round, their order
 rotating from round to round (repetitions interleaved). The table reports medians of
-bytes added to the directory and seconds per ``save()`` (the time the loop waits), and
-their ratios to the full save of the same workload.
+bytes added to the directory, seconds per ``save()`` (the time the loop waits) and CPU
+seconds per ``save()`` (``time.process_time``, all threads: less sensitive than wall time
+to other processes on a shared machine), and their ratios to the full save of the same
+workload.
 """
 
 from __future__ import annotations
@@ -96,23 +98,24 @@ def snapshot(directory: Path) -> Dict[str, Tuple[int, int]]:
 
 
 def run(directory: Path, make: Callable[[int], Workload], mib: int, saves: int,
-        differential: bool) -> Tuple[List[int], List[float], int]:
+        differential: bool) -> Tuple[List[int], List[float], List[float], int]:
     shutil.rmtree(directory, ignore_errors=True)
     torch.manual_seed(0)
     tracked, step = make(mib)
     state = sum(t.nbytes for o in tracked.values() if isinstance(o, torch.nn.Module) for t in o.state_dict().values())
     mgr = CheckpointManager(directory, keep_last=2, differential=differential, progress=False, **tracked)
-    written, seconds = [], []
+    written, seconds, cpu = [], [], []
     for epoch in range(saves):
         step(epoch)
         before = snapshot(directory)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         mgr.save(epoch=epoch)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         written.append(added_bytes(directory, before))
     mgr.close()
     shutil.rmtree(directory, ignore_errors=True)
-    return written[1:], seconds[1:], state
+    return written[1:], seconds[1:], cpu[1:], state
 
 
 def measure(root: Path, mib: int, saves: int, rounds: int) -> Dict[str, Any]:
@@ -121,25 +124,29 @@ def measure(root: Path, mib: int, saves: int, rounds: int) -> Dict[str, Any]:
     for r in range(rounds):
         shift = r % len(order)
         for name, differential in order[shift:] + order[:shift]:
-            written, seconds, state = run(root / "run", WORKLOADS[name], mib, saves, differential)
+            written, seconds, cpu, state = run(root / "run", WORKLOADS[name], mib, saves, differential)
             entry = results.setdefault(f"{name} | {'differential' if differential else 'full'}",
-                                       {"bytes": [], "seconds": [], "state_bytes": state})
+                                       {"bytes": [], "seconds": [], "cpu_seconds": [], "state_bytes": state})
             entry["bytes"].extend(written)
             entry["seconds"].extend(seconds)
+            entry["cpu_seconds"].extend(cpu)
     return results
 
 
 def table(results: Dict[str, Dict[str, Any]], machine: Dict[str, Any], args: Any, note: Optional[str]) -> str:
-    header = ["workload", "mode", "state", "added per save", "bytes vs full", "s / save", "time vs full"]
+    header = ["workload", "mode", "state", "added per save", "bytes vs full", "s / save", "time vs full",
+              "CPU s / save", "CPU vs full"]
     rows: List[List[str]] = []
     for name in WORKLOADS:
         full = results[f"{name} | full"]
         fb, fs = statistics.median(full["bytes"]), statistics.median(full["seconds"])
+        fc = statistics.median(full["cpu_seconds"])
         for mode in ("full", "differential"):
             e = results[f"{name} | {mode}"]
             b, s = statistics.median(e["bytes"]), statistics.median(e["seconds"])
+            c = statistics.median(e["cpu_seconds"])
             rows.append([name, mode, f"{e['state_bytes'] / 1e6:.1f} MB", f"{b / 1e6:.2f} MB",
-                         f"{b / fb:.3f}", f"{s:.3f}", f"{s / fs:.2f}"])
+                         f"{b / fb:.3f}", f"{s:.3f}", f"{s / fs:.2f}", f"{c:.3f}", f"{c / fc:.2f}"])
     lines = [f"# Differential vs full saves ({args.rounds} rounds x {args.saves - 1} saves, medians)", "",
              f"`python -m benchmarks.differential --dir {args.dir} --mib {args.mib} --saves {args.saves} "
              f"--rounds {args.rounds}`", "",
