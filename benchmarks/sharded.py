@@ -1,7 +1,7 @@
-"""Sharded save at world size 2: ckpt's manager against plain ``dcp.save`` of the same state.
+"""Sharded save and resume at world size 2: ckpt's manager against ``dcp.save`` / ``dcp.load``.
 
-    python benchmarks/sharded.py                     # ~40 MB model (+ AdamW state), 5 rounds
-    python benchmarks/sharded.py --mb 200 --rounds 7 --dir /mnt/fast/bench
+    python -m benchmarks.sharded                     # ~40 MB model (+ AdamW state), 5 rounds
+    python -m benchmarks.sharded --mb 200 --rounds 7 --dir /mnt/fast/bench
 
 Two CPU ranks (gloo), an FSDP2-sharded MLP and its AdamW, both methods timed in the
 same processes, interleaved round by round (ckpt, dcp, ckpt, dcp, ...), so a noisy
@@ -9,7 +9,12 @@ neighbour hits both alike. A round is timed on rank 0 from a barrier before the 
 to a barrier after it. ckpt's save is DCP plus what makes it a checkpoint: every
 rank's RNG gathered, the plain entries file, a CRC-32 of every file, the manifest,
 fsyncs, the rename, the index and retention (keep_last=1). ``dcp.save`` writes (and
-fsyncs) the same model and optimizer state into a new directory.
+fsyncs) the same model and optimizer state into a new directory. Then the loads, also
+interleaved, the page cache dropped before each: ckpt's ``resume()`` of a fresh manager
+(verifying every file's CRC-32, then DCP's resharding load into the live sharded
+tensors) against ``dcp.load`` into ``get_state_dict`` plus ``set_state_dict``.
+Ratios are given best against best, median against median, and round by round (the
+machine may be shared: compare within a round).
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -56,12 +66,13 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
     opt.step()  # the optimizer holds its state: 3x the parameters in all
     root = Path(args.dir)
     mgr = CheckpointManager(root / "ckpt", model=model, optimizer=opt, keep_last=1, collective_timeout=600)
-    times: Dict[str, List[float]] = {"ckpt": [], "dcp.save": []}
+    times: Dict[str, List[float]] = {"ckpt save": [], "dcp.save": [], "ckpt resume": [], "dcp.load": []}
+    kept = root / "dcp" / "kept"
     for r in range(args.rounds):
-        for method in ("ckpt", "dcp.save"):
+        for method in ("ckpt save", "dcp.save"):
             dist.barrier()
             start = time.perf_counter()
-            if method == "ckpt":
+            if method == "ckpt save":
                 mgr.save(epoch=r)
             else:
                 target = root / "dcp" / f"round{r}"
@@ -70,12 +81,46 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
             dist.barrier()
             times[method].append(time.perf_counter() - start)
             if method == "dcp.save" and rank == 0:
-                shutil.rmtree(target)
+                if r == args.rounds - 1:
+                    target.rename(kept)
+                else:
+                    shutil.rmtree(target)
     size = mgr.latest.size if mgr.latest else 0
     mgr.close()
+    for _ in range(args.rounds):  # loads, interleaved; the page cache dropped before each
+        for method in ("ckpt resume", "dcp.load"):
+            again = CheckpointManager(root / "ckpt", model=model, optimizer=opt, collective_timeout=600) \
+                if method == "ckpt resume" else None
+            if rank == 0:
+                _drop_cache(root)
+            dist.barrier()
+            start = time.perf_counter()
+            if again is not None:
+                again.resume()
+            else:
+                state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+                dcp.load(state, checkpoint_id=kept)
+                set_model_state_dict(model, state["model"])
+                set_optimizer_state_dict(model, opt, state["optimizer"])
+            dist.barrier()
+            times[method].append(time.perf_counter() - start)
+            if again is not None:
+                again.close()
     if rank == 0:
         out.put({"times": times, "bytes": size, "layers": layers})
     dist.destroy_process_group()
+
+
+def _drop_cache(root: Path) -> None:
+    """posix_fadvise(DONTNEED) on every file under ``root``: the next read comes from the disk."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def main() -> None:
@@ -102,15 +147,23 @@ def main() -> None:
                 p.join()
         if own:
             shutil.rmtree(args.dir, ignore_errors=True)
+    report(result, args)
+
+
+def report(result: Dict[str, Any], args: argparse.Namespace) -> None:
+    times = result["times"]
     mib = result["bytes"] / 2**20
-    print(f"sharded save, world size 2 (gloo, CPU), {result['layers']} x Linear(1024, 1024) + AdamW: "
-          f"{mib:.1f} MiB per checkpoint, {args.rounds} interleaved rounds, load {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<10} {'median s':>9} {'min s':>7} {'max s':>7} {'MiB/s':>7}")
-    for method, ts in result["times"].items():
-        med = statistics.median(ts)
-        print(f"{method:<10} {med:>9.3f} {min(ts):>7.3f} {max(ts):>7.3f} {mib / med:>7.0f}")
-    ratio = statistics.median(result["times"]["ckpt"]) / statistics.median(result["times"]["dcp.save"])
-    print(f"ckpt / dcp.save (median): {ratio:.2f}x")
+    print(f"sharded save and resume, world size 2 (gloo, CPU), {result['layers']} x Linear(1024, 1024) + AdamW: "
+          f"{mib:.1f} MiB per checkpoint, {args.rounds} interleaved rounds, "
+          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"{'method':<12} {'best s':>7} {'median s':>9} {'max s':>7} {'MiB/s best':>11}")
+    for method, ts in times.items():
+        print(f"{method:<12} {min(ts):>7.3f} {statistics.median(ts):>9.3f} {max(ts):>7.3f} {mib / min(ts):>11.0f}")
+    for ours, theirs in (("ckpt save", "dcp.save"), ("ckpt resume", "dcp.load")):
+        per_round = [a / b for a, b in zip(times[ours], times[theirs])]
+        print(f"{ours} / {theirs}: best/best {min(times[ours]) / min(times[theirs]):.2f}x, "
+              f"median/median {statistics.median(times[ours]) / statistics.median(times[theirs]):.2f}x, "
+              f"per round {' '.join(f'{x:.2f}' for x in per_round)} (median {statistics.median(per_round):.2f}x)")
 
 
 class socket_port:
