@@ -61,3 +61,50 @@ def test_a_sharded_save_checksums_while_writing_and_fsyncs_each_file_once(tmp_pa
     expected = sorted([f"{tmp}/__0_0.distcp", f"{tmp}/.metadata.tmp", f"{tmp}/ckpt-meta.pt",
                        f"{tmp}/ckpt-manifest.json", tmp, str(tmp_path)])
     assert sorted(leader) == expected  # each file, the directory and its parent: once each
+
+
+def _load_counting(rank: int, world: int, root: Path) -> dict:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    from ckpt.distributed.sharded import load_sharded
+    from helpers import full_state
+
+    fallback: list[str] = []
+    dcp_read = FileSystemReader.read_data
+
+    def read_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        fallback.extend(i.storage_index.fqn for i in plan.items if i.type != LoadItemType.BYTE_IO)
+        return dcp_read(self, plan, planner)
+
+    FileSystemReader.read_data = read_data  # type: ignore[method-assign]
+    ctx = cd.context(timeout=30)
+    model, opt = fsdp_mlp(world, seed=1, hidden=64)
+    load_sharded(ctx, root / "e1", {"model": model, "optimizer": opt}, timeout=20)
+    full = full_state(model, opt)  # collective
+    return {"fallback": fallback, "full": full if rank == 0 else None}
+
+
+def test_a_sharded_load_reads_every_tensor_into_place_at_any_world_size(tmp_path: Path) -> None:
+    from helpers import equal
+
+    saved = run(_save_full, 2, tmp_path, timeout=120)[0]
+    for world in (2, 1, 3):  # the same layout, then resharded
+        outs = run(_load_counting, world, tmp_path, timeout=120)
+        assert [o["fallback"] for o in outs] == [[]] * world  # no tensor went through torch.load + copy
+        assert equal(outs[0]["full"], saved), world
+
+
+def _save_full(rank: int, world: int, root: Path) -> object:
+    import torch
+
+    from ckpt.distributed.sharded import save_sharded
+    from helpers import full_state
+
+    ctx = cd.context(timeout=30)
+    model, opt = fsdp_mlp(world, seed=0, hidden=64)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_sharded(ctx, root / ".tmp-e1", root / "e1", {"model": model, "optimizer": opt}, {"epoch": 1}, timeout=20)
+    full = full_state(model, opt)  # collective
+    return full if rank == 0 else None

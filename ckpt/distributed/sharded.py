@@ -87,7 +87,7 @@ from ..format.shardfiles import (
 from ..storage.base import Store
 from ..storage.trees import LocalTree, Tree
 from .collective import Group, agree, broadcast_object, sync
-from .shardio import reader_for
+from .shardread import reader_for
 from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, manifest_of, torch_load
 from .targets import LocalTarget, for_tree
 

@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, 
 
 from ..format import torchio
 from ..io.checksum import ChecksumWriter
-from ..storage.trees import ObjectTree, TieredTree, Tree
 
 Sums = dict[str, dict[str, int]]
 
@@ -189,13 +188,9 @@ class _TieredLayer(_FsspecLayer):
             yield stream
 
 
-def reader_for(tree: Tree) -> TreeReader:
-    """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.storage.trees`)."""
-    if isinstance(tree, TieredTree):
-        return TreeReader("", _TieredLayer(tree.local.path, tree.remote.fs, tree.remote.key))
-    if isinstance(tree, ObjectTree):
-        return TreeReader(tree.key, fsspec_layer(tree.fs))
-    return TreeReader(tree.path)
+def tiered_layer(local: Path, fs: Any, key: str) -> FileSystemBase:
+    """DCP's file layer reading a node's cached files, else the store's objects."""
+    return _TieredLayer(local, fs, key)
 
 
 def write_meta(path: Path, meta: Mapping[str, Any]) -> dict[str, int]:
