@@ -64,11 +64,11 @@ def test_a_sharded_save_checksums_while_writing_and_fsyncs_each_file_once(tmp_pa
 
 
 def _load_counting(rank: int, world: int, root: Path) -> dict:
+    from helpers import full_state
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.planner import LoadItemType
 
     from ckpt.distributed.sharded import load_sharded
-    from helpers import full_state
 
     fallback: list[str] = []
     dcp_read = FileSystemReader.read_data
@@ -97,9 +97,9 @@ def test_a_sharded_load_reads_every_tensor_into_place_at_any_world_size(tmp_path
 
 def _save_full(rank: int, world: int, root: Path) -> object:
     import torch
+    from helpers import full_state
 
     from ckpt.distributed.sharded import save_sharded
-    from helpers import full_state
 
     ctx = cd.context(timeout=30)
     model, opt = fsdp_mlp(world, seed=0, hidden=64)
