@@ -34,6 +34,7 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
     UntrustedModuleError,
+    WriterConflictError,
 )
 from .manager import CheckpointManager
 from .preemption import Preempted
@@ -55,6 +56,7 @@ __all__ = [
     "save_model", "load_model", "rebuildable", "export", "load_exported", "save_safetensors",
     "ArchitectureError", "ExportError", "UntrustedModuleError",
     "ResumableSampler", "Preempted", "CollectiveError", "CollectiveTimeoutError", "RankLostError", "export_sharded",
+    "WriterConflictError",
 ]
 
 

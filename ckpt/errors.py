@@ -65,6 +65,13 @@ class StorageError(CkptError, OSError):
     """The directory cannot be used (not a directory, not writable, disk full, ...)."""
 
 
+class WriterConflictError(StorageError):
+    """Another writer holds the remote run directory (its writer lease), or took it over
+    from this one: one writer per run (see docs/explanation/remote-runs.md)."""
+
+    writer_conflict = True
+
+
 class UntrustedModuleError(UnsafeCheckpointError):
     """A model spec names a module the caller has not trusted; nothing was imported."""
 

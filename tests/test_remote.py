@@ -180,6 +180,7 @@ def test_unreachable_server_fails_save_then_recovers(server: MotoServer, bucket:
         server.resume()
     after = keys(server, f"{bucket}/run")
     assert {n: s for n, s in after.items() if n in before} == before  # earlier checkpoints intact
+    mgr.close()  # frees the run (a second live writer is refused, see test_second_writer_is_refused)
     again = CheckpointManager(url, storage_options=opts, **make_trainables(1))
     assert [r.name for r in again.checkpoints] == ["ckpt-e000000-s000000000.pt"]
     assert again.resume() == 1
@@ -416,16 +417,24 @@ def test_failed_upload_leaves_nothing(server: MotoServer, bucket: str) -> None:
     assert "ckpt-e000000-s000000000.pt" not in keys(server, f"{bucket}/run")
 
 
-def test_second_writer_is_detected(server: MotoServer, bucket: str) -> None:
+def test_second_writer_is_refused(server: MotoServer, bucket: str) -> None:
+    # was test_second_writer_is_detected (the second writer took the run over and the
+    # first one failed): now the run's writer lease refuses the second writer instead
+    from ckpt.errors import WriterConflictError
     url = f"s3://{bucket}/run"
-    first = manager(url, server)
+    opts = server.options(ckpt_lease_seconds=4)  # renewed every second: a live holder is seen at once
+    first = CheckpointManager(url, storage_options=opts, **make_trainables(0))
     first.save(epoch=0, step=0)
-    second = manager(url, server, seed=1)
+    second = CheckpointManager(url, storage_options=opts, **make_trainables(1))
     second.resume()
-    second.save(epoch=1, step=1)  # a restarted job takes the run directory over
-    with pytest.raises(StorageError, match="another writer has taken over"):
-        first.save(epoch=2, step=2)
-    assert [r.epoch for r in manager(url, server).checkpoints] == [0, 1]
+    with pytest.warns(UserWarning, match="waiting up to"), pytest.raises(WriterConflictError) as info:
+        second.save(epoch=1, step=1)
+    text = str(info.value)
+    assert url in text and f"pid {os.getpid()}" in text and "a writer holds this run directory" in text
+    assert "close()" in text and "ckpt_lease_seconds" in text and "CKPT_WRITER_ID" in text
+    first.save(epoch=2, step=2)  # the writer goes on
+    assert [r.epoch for r in manager(url, server).checkpoints] == [0, 2]
+    first.close()
 
 
 def test_restore_by_url(server: MotoServer, bucket: str) -> None:

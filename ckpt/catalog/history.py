@@ -7,8 +7,15 @@ its index is committed: a save's bookkeeping stays constant however long the run
 append-only and not fsynced (its own fsync would cost each save as much as the
 index's): a torn or foreign line is ignored by the reader, and a crash between the index
 and the append, or a power cut, loses at most the newest lines (readers merge the
-index's records back in). Stores without a local directory (object stores) have
-no appendable file: there the history is not kept.
+index's records back in).
+
+Object stores (and a tiered run's two tiers) cannot append: there the history is a
+chain of segments. The writer keeps the current segment ``ckpt-history.jsonl`` (at
+most :data:`SEGMENT_MAX` bytes) in memory and rewrites it whole at each commit: one
+small object, whatever the run's length. A full segment is first written under a name
+of its own (``ckpt-history-<ns>.jsonl``), and the new current segment starts with a
+line naming it (``{"previous": ...}``), so a reader of the newest saves (``ckpt ls``)
+reads one object and ``ckpt plot`` walks the chain back.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
@@ -27,6 +36,12 @@ from ..storage.base import Store
 from ..storage.local import LocalStore
 
 HISTORY_NAME = "ckpt-history.jsonl"
+#: A segment of an object store's history is rewritten whole until it holds this much.
+SEGMENT_MAX = 64 << 10
+#: A chain of segments longer than this is not one ckpt wrote.
+MAX_SEGMENTS = 100_000
+#: The current segment's bytes, as this process last wrote or read them, per store.
+_TAILS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 #: A line longer than this is not one ckpt wrote.
 MAX_LINE = 1 << 16
 Key = Tuple[int, int]
@@ -64,9 +79,10 @@ def append(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolic
     Best effort: the checkpoint is already committed, so a failure warns and the save
     succeeds.
     """
-    if not isinstance(store, LocalStore):
-        return
     data = encode(rec, retention, protected)
+    if not isinstance(store, LocalStore):
+        _rewrite(store, data)
+        return
     try:
         fd = os.open(store.where(HISTORY_NAME), os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
                      0o644)
@@ -82,14 +98,66 @@ def append(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolic
                       "the checkpoint is committed", stacklevel=2)
 
 
-def read(store: Store) -> List[Entry]:
-    """Every recorded save in commit order; torn or foreign lines are skipped."""
+def _rewrite(store: Store, line: bytes) -> None:
+    """Append ``line`` to the current segment of a store that cannot append (best effort)."""
+    try:
+        tail = _TAILS.get(store)
+        if tail is None:
+            try:
+                tail = store.read_bytes(HISTORY_NAME)
+            except FileNotFoundError:
+                tail = b""
+            if tail and not tail.endswith(b"\n"):
+                tail += b"\n"
+        if tail and len(tail) + len(line) > SEGMENT_MAX:
+            archive = f"ckpt-history-{time.time_ns():020d}.jsonl"
+            full = tail
+            store.write(archive, lambda f: f.write(full))
+            tail = json.dumps({"previous": archive}, separators=(",", ":")).encode() + b"\n"
+        data = tail + line
+        _TAILS.pop(store, None)  # until the write succeeded
+        store.write(HISTORY_NAME, lambda f: f.write(data))
+        _TAILS[store] = data
+    except (OSError, TypeError) as e:
+        warnings.warn(f"{store.where(HISTORY_NAME)}: could not record the save in the metric history ({e}); "
+                      "the checkpoint is committed", stacklevel=3)
+
+
+def _previous(raw: bytes) -> Optional[str]:
+    """The segment before this one, named by its first line (None: the first segment)."""
+    first = raw.split(b"\n", 1)[0]
+    try:
+        data = json.loads(first.decode("utf-8")) if first.startswith(b'{"previous"') else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    name = data.get("previous") if isinstance(data, dict) else None
+    ok = isinstance(name, str) and name.startswith("ckpt-history-") and "/" not in name
+    return name if ok else None
+
+
+def _segments(store: Store) -> List[bytes]:
+    """The history's bytes, oldest segment first (a missing segment ends the chain)."""
     try:
         raw = store.read_bytes(HISTORY_NAME)
     except OSError:
         return []
+    out, seen = [raw], set()
+    name = _previous(raw)
+    while name is not None and name not in seen and len(out) < MAX_SEGMENTS:
+        seen.add(name)
+        try:
+            raw = store.read_bytes(name)
+        except OSError:
+            break
+        out.append(raw)
+        name = _previous(raw)
+    return out[::-1]
+
+
+def read(store: Store) -> List[Entry]:
+    """Every recorded save in commit order; torn or foreign lines are skipped."""
     entries: List[Entry] = []
-    for line in raw.split(b"\n"):
+    for line in b"\n".join(_segments(store)).split(b"\n"):
         if not line.strip() or len(line) > MAX_LINE:
             continue
         entry = parse(line)

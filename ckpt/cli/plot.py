@@ -41,7 +41,7 @@ class Point:
     tags: List[str]  #: the kinds of mark, from MARKS' names
 
 
-def points(directory: Path, metric: str, mode: Optional[str]) -> Tuple[List[Point], str]:
+def points(directory: Any, metric: str, mode: Optional[str]) -> Tuple[List[Point], str]:
     """The metric's points (x = step, or epoch when every step is the same) and the x label."""
     cat = common.catalog(directory)
     records = cat.scan().records
@@ -121,7 +121,7 @@ def terminal(pts: Sequence[Point], xlabel: str, metric: str, width: int = WIDTH,
     return lines
 
 
-def png(pts: Sequence[Point], xlabel: str, metric: str, directory: Path, out: Path) -> None:
+def png(pts: Sequence[Point], xlabel: str, metric: str, directory: Any, out: Path) -> None:
     try:
         import matplotlib
     except ImportError as e:
@@ -152,7 +152,7 @@ def png(pts: Sequence[Point], xlabel: str, metric: str, directory: Path, out: Pa
             ax.annotate(f"best {p.y:.4g}", (p.x, p.y), textcoords="offset points", xytext=(6, 8), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
-    ax.set_title(f"{directory.name}: {metric}")
+    ax.set_title(f"{str(directory).rstrip('/').rsplit('/', 1)[-1]}: {metric}")  # a path or a URL
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

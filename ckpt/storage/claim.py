@@ -1,104 +1,99 @@
-"""One writer per remote run directory: the writer claim (a small object, ``.ckpt-writer``).
+"""One writer per remote run directory: the store's side of the writer lease.
 
-A manager claims the run on its first commit and checks, at each later one, that the
-claim is still its own: a second writer that took the run over makes the first one's
-saves fail with a clear "another writer" error, never race it. A clean ``close()``
-frees the claim at once; a killed writer's claim is simply replaced by the restarted
-job (a writer always takes over), so nothing is locked out. A tool (``ckpt prune``)
-never takes over: it refuses while a writer holds the run.
+A manager takes the lease (:mod:`ckpt.storage.lease`) at its first commit and checks it at
+each later one: a second writer is refused with
+:class:`~ckpt.errors.WriterConflictError`, and a writer whose lease was taken over (it
+stopped renewing it for a whole time to live) stops at its next commit. While the
+lease is held, the store knows the run as only its writer can change it: what it
+listed, wrote and deleted (:meth:`WriterClaim.identity`), so a commit needs no listing
+of the run. A clean ``close()`` frees the lease at once. A tool (``ckpt prune``), or a
+writer's short repair when opening the run (``lock(timeout=0)``), borrows the lease for
+the duration of the lock only, and never takes it from a live writer.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import time
-from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Dict, Iterator, Optional, Set, Tuple, TypeVar
 
-from ..errors import StorageError
+from filelock import Timeout
+
+from ..errors import WriterConflictError
+from .lease import Lease
 
 T = TypeVar("T")
-WRITER_NAME = ".ckpt-writer"
 
 
 class WriterClaim:
-    """Mixin of :class:`ckpt.storage.remote.FsspecStore`: the writer claim of its run directory."""
+    """Mixin of :class:`ckpt.storage.remote.FsspecStore`: the writer lease of its run directory."""
 
     url: str
     fs: Any
     writer: bool
-    _token: Optional[str]
-
-    def _key(self, name: str) -> str:
-        raise NotImplementedError
-
-    def _retry(self, fn: Callable[[], T], name: str = "", action: str = "accessing the store") -> T:
-        raise NotImplementedError
-
-    def abort_uploads(self, before: float) -> int:
-        raise NotImplementedError
+    lease: Lease
+    _known: Optional[Dict[str, int]]  # names with a commit record -> generation, while the lease is held
+    _generation: int
 
     def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
-        return self._writer_check()
+        return self._writer_check(timeout)
 
     @contextmanager
-    def _writer_check(self) -> Iterator[object]:
-        """Claim the run directory on the first lock; on later ones check no one else has.
-        Not a writer (a tool): refuse while a writer holds the run, else claim it for the
-        duration of the lock only."""
-        if not self.writer:
-            with self._borrowed():
-                yield self
+    def _writer_check(self, timeout: float) -> Iterator[object]:
+        """A writer's commit: take the lease (the first time; waiting for a dead writer's
+        lease to expire) or check it. A tool, or ``timeout=0`` without the lease: borrow it."""
+        if self.writer and (timeout != 0 or self.lease.held):
+            if self.lease.held:
+                self.lease.check()
+            else:
+                self.lease.acquire(wait=True)
+            yield self
             return
-        if self._token is None:
-            token = f"{os.getpid()}-{secrets.token_hex(8)}"
-            self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), token.encode()), WRITER_NAME,
-                        "claiming the run directory")
-            self._token = token
-            self.abort_uploads(before=time.time())  # a previous writer's: it is dead or taken over
-        elif self._claimant() != self._token:
-            raise self._conflict()
-        yield self
-
-    @contextmanager
-    def _borrowed(self) -> Iterator[None]:
-        holder = self._claimant()
-        if holder is not None:
-            raise StorageError(f"a writer holds this run directory (claim {holder!r} in {WRITER_NAME}); "
-                               "changing it now would take the run over and fail that writer's saves",
-                               path=self.url, hint="run this once the writer closed its CheckpointManager (a "
-                                                   "clean close() frees the run); if the writer was killed, "
-                                                   f"delete {self.url}/{WRITER_NAME} first")
-        self._token = f"tool-{os.getpid()}-{secrets.token_hex(8)}"
-        self._retry(lambda: self.fs.pipe_file(self._key(WRITER_NAME), str(self._token).encode()), WRITER_NAME,
-                    "claiming the run directory")
         try:
-            yield
+            self.lease.acquire(wait=False)
+        except WriterConflictError:
+            if self.writer:
+                raise Timeout(self.url) from None  # a writer's repair when opening: skipped
+            raise
+        try:
+            yield self
         finally:
             self.release()
 
     def release(self) -> None:
         """Free the run directory if this process holds it (a clean close); best effort."""
-        token, self._token = self._token, None
-        if token is not None:
-            with suppress(Exception):
-                if self._claimant() == token:
-                    self.fs.rm_file(self._key(WRITER_NAME))
+        self.lease.release()
+        self._known = None
 
-    def _claimant(self) -> Optional[str]:
-        """The token of the writer that holds the run directory now (None: nobody)."""
-        try:
-            raw: bytes = self._retry(lambda: self.fs.cat_file(self._key(WRITER_NAME)), WRITER_NAME,
-                                     "checking the run directory's writer")
-            return raw.decode(errors="replace")
-        except FileNotFoundError:
+    def lost(self) -> bool:
+        """Taken over (known without a request: the heartbeat or a commit saw it)."""
+        return self.lease.lost is not None
+
+    # -- what the lease holder knows of its run ----------------------------------------
+
+    def identity(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """``name``'s identity as this writer last changed or listed it, None when the
+        lease is not held (then nothing is known: callers read and list) or the name
+        is absent. ``"."``: the run's, changed by every write and delete of this store."""
+        known = self._known
+        if known is None or not self.lease.held:
             return None
+        if name == ".":
+            return (self.lease.epoch, 0, self._generation)
+        gen = known.get(name)
+        return None if gen is None else (self.lease.epoch, 1, gen)
 
-    def _conflict(self, what: str = "") -> StorageError:
-        error = StorageError("another writer has taken over this run directory" + (f" ({what})" if what else ""),
-                             path=self.url, hint="one writer per run directory on object stores: stop "
-                                                 "the other process, or give each run its own prefix")
-        error.writer_conflict = True  # type: ignore[attr-defined]
-        return error
+    def _noted(self, name: str, present: bool) -> None:
+        """This store wrote (``present``) or deleted ``name``."""
+        self._generation += 1
+        if self._known is not None:
+            if present:
+                self._known[name] = self._generation
+            else:
+                self._known.pop(name, None)
 
+    def _listed(self, recorded: Set[str], held: bool, epoch: int) -> None:
+        """A listing found these names with a commit record (taken while the lease was
+        ``held`` under ``epoch``): remembered while the lease is still held."""
+        if held and self.lease.held and self.lease.epoch == epoch:
+            self._generation += 1
+            self._known = {n: self._generation for n in recorded}

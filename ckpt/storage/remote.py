@@ -19,12 +19,12 @@ Object stores have no rename, no fsync and no lock, so commit means *commit-last
    resumed; :meth:`clean_temporaries` removes such objects once they are old enough
    not to be a live upload.
 
-One writer per run directory: there is no lock. :meth:`~ckpt.storage.base.Store.lock` detects a second writer
-instead: the first writer's lock claims the directory with a token
-(``.ckpt-writer``), and every later lock checks it, so a writer that another has
-taken over from (a zombie after a restart) stops at its next commit with a clear
-error. Conditional writes (``If-None-Match``) could refuse a second claim outright,
-but a crashed writer's claim would then block every restart.
+One writer per run directory: the first commit takes the run's writer lease
+(:mod:`ckpt.storage.lease`, created with ``If-None-Match`` on S3), so a second writer is
+refused with :class:`~ckpt.errors.WriterConflictError` naming the holder, while a job
+killed and restarted is not locked out. Holding the lease, the writer knows what the run
+holds without listing it at every commit, and on S3 trusts the PUT's own checksum
+instead of a size check (requests per save: docs/explanation/remote-runs.md).
 """
 
 from __future__ import annotations
@@ -37,18 +37,24 @@ import tempfile
 import time
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, TypeVar
 from zlib import crc32
 
 from .. import schema
 from ..errors import ConfigError, StorageError
 from ..io.checksum import ChecksumWriter, format_checksum
 from ..progress import Progress
+from . import lease as _lease
 from . import retry
 from .base import OnBytes, Produce, Written
-from .claim import WRITER_NAME, WriterClaim
+from .claim import WriterClaim
+from .conditional import Objects, Precondition
+from .lease import WRITER_NAME, Lease
 from .local import TMP_PREFIX
+from .remote_fs import ObjectPath as ObjectPath
+from .remote_fs import filesystem as filesystem
+from .remote_fs import never_wait_for_continue
 from .remote_trees import TreeObjects, mtime
 
 T = TypeVar("T")
@@ -62,45 +68,6 @@ STALE_AFTER = 3600.0
 _CHUNK = 8 << 20
 
 
-class ObjectPath(PurePosixPath):
-    """The location of an object, shown as its URL (``s3://bucket/run/ckpt-...pt``).
-
-    A pure path (``.name``, ``.parent`` and ``/`` work; nothing touches a local disk):
-    ``CheckpointRecord.path`` of a remote checkpoint is one of these.
-    """
-
-    def __str__(self) -> str:
-        parts = self.parts
-        if parts and parts[0].endswith(":"):
-            return parts[0] + "//" + "/".join(parts[1:])
-        return super().__str__()
-
-    def __fspath__(self) -> str:
-        return str(self)
-
-    def __repr__(self) -> str:
-        return f"ObjectPath({str(self)!r})"
-
-
-def filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
-    """``(fsspec filesystem, root path)`` for ``url``; a missing backend is a ConfigError."""
-    try:
-        import fsspec
-    except ImportError as e:
-        raise ConfigError(f"{url}: remote run directories need fsspec",
-                          hint="pip install 'ckpt[s3]' (fsspec and s3fs; gcsfs/adlfs for gs:// and az://)") from e
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    except ImportError as e:
-        raise ConfigError(f"{url}: no fsspec backend for this URL ({e})",
-                          hint="pip install 'ckpt[s3]' for s3://, gcsfs for gs://, adlfs for az://") from e
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{url}: invalid storage_options ({e})",
-                          hint="pass the options of the fsspec filesystem, e.g. "
-                               "{'key': ..., 'secret': ..., 'client_kwargs': {'endpoint_url': ...}}") from e
-    return fs, str(root).rstrip("/")
-
-
 class FsspecStore(WriterClaim, TreeObjects):
     """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
 
@@ -112,14 +79,22 @@ class FsspecStore(WriterClaim, TreeObjects):
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0:
             raise ConfigError(f"storage_options[{RETRY_OPTION!r}] must be a number of seconds, got {deadline!r}",
                               hint=f"pass {RETRY_OPTION}=60 (the default) or 0 to never retry")
+        held = _lease.options(options)
         self.fs, self.root = filesystem(self.url, options)
         self.deadline = float(deadline)
         self.stale_after = stale_after
-        self._token: Optional[str] = None
         #: False for a tool (``ckpt prune``): it never takes a run over from a writer
         #: (see :meth:`~ckpt.storage.base.Store.lock`).
         self.writer = writer
+        self.objects = Objects(self.fs)
+        self.lease = Lease(self.objects, self._key(WRITER_NAME), self.url, ttl=held["ttl"],
+                           writer_id=held["writer_id"], tool=not writer,
+                           on_acquire=lambda: self.abort_uploads(before=time.time()),
+                           guard=lambda fn: self._retry(fn, WRITER_NAME, "taking or renewing the writer lease"))
+        self._known: Optional[Dict[str, int]] = None
+        self._generation = 0
         self._check_reachable()
+        never_wait_for_continue(self.fs)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -192,9 +167,20 @@ class FsspecStore(WriterClaim, TreeObjects):
         value = (self._commit_record(name) or {}).get("checksum")
         return value if isinstance(value, str) else None
 
-    def _write_commit_record(self, name: str, size: int, checksum: Optional[str]) -> None:
+    def _write_commit_record(self, name: str, size: int, checksum: Optional[str], *, fresh: bool = False) -> None:
+        """``fresh``: the record was deleted (or never was): created only if still absent, so
+        that a name committed by someone else meanwhile is a conflict, not overwritten."""
         data = json.dumps({"size": size, "checksum": checksum}).encode()
-        self._retry(lambda: self.fs.pipe_file(self._key(name + COMMIT_SUFFIX), data), name, "committing")
+        key = self._key(name + COMMIT_SUFFIX)
+        if fresh and self.objects.s3:
+            try:
+                self._retry(lambda: self.objects.create(key, data), name, "committing")
+            except Precondition:
+                raise self.lease.conflict(None, f"{name} was committed by someone else while this process "
+                                                "uploaded it") from None
+        else:
+            self._retry(lambda: self.fs.pipe_file(key, data), name, "committing")
+        self._noted(name, True)
 
     def _size(self, name: str) -> int:
         info = self._retry(lambda: self.fs.info(self._key(name), refresh=True))
@@ -206,25 +192,27 @@ class FsspecStore(WriterClaim, TreeObjects):
         return ObjectPath(f"{self.url}/{name}")
 
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
-        try:
-            self._retry(lambda: self.fs.rm_file(self._key(name + COMMIT_SUFFIX)))
-        except FileNotFoundError:
-            pass
+        if self._known is None or name in self._known or not self.lease.held:  # a stale record may exist
+            try:
+                self._retry(lambda: self.fs.rm_file(self._key(name + COMMIT_SUFFIX)))
+            except FileNotFoundError:
+                pass
         try:
             written = self._retry(lambda: self._upload(name, produce, on_write), name, "uploading")
         except BaseException:
             with suppress(Exception):  # best effort: uncommitted, it is never listed anyway
                 self.fs.rm_file(self._key(name))
             raise
-        size = self._size(name)
-        if size != written.size:
-            if self._token is not None and self._claimant() != self._token:
-                raise self._conflict(f"it replaced {name} while this process uploaded it")
-            raise StorageError(f"uploaded {written.size} bytes but the store holds {size}: another process wrote "
-                               f"{name} at the same time, or the upload was cut short", path=self.where(name),
-                               hint="one writer per run directory (a second writer is the likely cause); "
-                                    "nothing was committed, save again")
-        self._write_commit_record(name, written.size, written.checksum)
+        if not (self.objects.s3 and self.lease.held):  # S3 checks the PUT's checksum itself
+            size = self._size(name)
+            if size != written.size:
+                raise StorageError(f"uploaded {written.size} bytes but the store holds {size}: another process "
+                                   f"wrote {name} at the same time, or the upload was cut short",
+                                   path=self.where(name), hint="nothing was committed; save again (one writer "
+                                                               "per run directory)")
+        if self.lost():
+            raise self.lease.taken()
+        self._write_commit_record(name, written.size, written.checksum, fresh=True)
         return written
 
     def _upload(self, name: str, produce: Produce, on_write: OnBytes) -> Written:
@@ -295,20 +283,25 @@ class FsspecStore(WriterClaim, TreeObjects):
         return out
 
     def list(self, prefix: str = "") -> Dict[str, int]:
+        held, epoch = self.lease.held, self.lease.epoch
         entries = self._entries()
+        recorded = {n[:-len(COMMIT_SUFFIX)] for n in entries if n.endswith(COMMIT_SUFFIX)}
+        self._listed(recorded, held, epoch)  # what the lease holder knows: names with a record
         return {n: int(e.get("size") or 0) for n, e in entries.items()
                 if n.startswith(prefix) and not n.startswith(TMP_PREFIX) and not n.endswith(COMMIT_SUFFIX)
-                and n != WRITER_NAME and n + COMMIT_SUFFIX in entries}
+                and n != WRITER_NAME and n in recorded}
 
     def delete(self, name: str) -> None:
         if schema.is_sharded(name):
             self.delete_tree(name)
+            self._noted(name, False)
             return
         for key in (self._key(name + COMMIT_SUFFIX), self._key(name)):  # uncommit first
             try:
                 self._retry(lambda key=key: self.fs.rm_file(key))  # type: ignore[misc]
             except FileNotFoundError:
                 pass
+        self._noted(name, False)
 
     def move(self, src: str, dst: str) -> None:
         """Copy (server side), commit the copy, delete the original: a crash in between
