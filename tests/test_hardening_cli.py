@@ -169,7 +169,9 @@ WRITER = textwrap.dedent("""
     import sys, torch
     from ckpt import CheckpointManager
     model = torch.nn.Linear(64, 64)
-    with CheckpointManager(sys.argv[1], model=model, progress=False) as mgr:  # keeps everything itself
+    frozen = torch.nn.Linear(256, 256)  # 256 KiB: a pack every checkpoint shares when differential
+    with CheckpointManager(sys.argv[1], model=model, frozen=frozen, progress=False,
+                           differential=sys.argv[3] == "differential") as mgr:  # keeps everything itself
         start = mgr.resume()
         for epoch in range(start, start + int(sys.argv[2])):
             torch.nn.init.constant_(model.weight, float(epoch))
@@ -179,11 +181,12 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_prune_yes_while_a_writer_saves_never_breaks_the_writer_or_the_run(tmp_path: Path,
+@pytest.mark.parametrize("kind", ["full", "differential"])
+def test_prune_yes_while_a_writer_saves_never_breaks_the_writer_or_the_run(tmp_path: Path, kind: str,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), "150"], stdout=subprocess.PIPE,
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), "150", kind], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     prunes: List[int] = []
     try:
@@ -217,5 +220,5 @@ def test_prune_yes_while_a_writer_saves_never_breaks_the_writer_or_the_run(tmp_p
     assert main(["verify", str(directory)]) == 0
     assert not [p for p in directory.iterdir() if p.name.startswith(".ckpt-tmp")]
     fresh = torch.nn.Linear(64, 64)
-    assert CheckpointManager(directory, model=fresh).resume() == 150
+    assert CheckpointManager(directory, model=fresh, frozen=torch.nn.Linear(256, 256)).resume() == 150
     assert torch.equal(fresh.weight, torch.full_like(fresh.weight, 149.0))
