@@ -12,6 +12,7 @@ import torch
 
 from ckpt import CheckpointManager, CheckpointNotFoundError
 from ckpt.format import directread
+from ckpt.io import pipelined
 
 
 def _model(width: int = 64) -> torch.nn.Module:
@@ -84,6 +85,23 @@ def test_a_damaged_tensor_record_is_found_before_anything_is_applied(tmp_path: P
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k  # not one byte of the damaged file reached the model
     assert fresh_opt.state_dict()["state"] == {}
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file read as a large one is: on the reader thread, in pieces (here of
+    1,000 bytes), records of 1 KiB and more straight into their storage."""
+    monkeypatch.setattr(pipelined, "THREAD_MIN", 0)
+    monkeypatch.setattr(pipelined, "chunk_size", lambda total: 1000)
+    monkeypatch.setattr(directread, "DIRECT_MIN", 1024)
+
+
+def test_read_in_pieces_on_a_thread_bit_exact(tmp_path: Path, direct_calls: List[Any], small_pieces: None) -> None:
+    test_resume_reads_into_the_tracked_tensors_bit_exact(tmp_path, direct_calls)
+
+
+def test_read_in_pieces_on_a_thread_damage_is_found_first(tmp_path: Path, small_pieces: None) -> None:
+    test_a_damaged_tensor_record_is_found_before_anything_is_applied(tmp_path)
 
 
 def test_a_mismatched_shape_or_dtype_falls_back_to_load_state_dict(tmp_path: Path,

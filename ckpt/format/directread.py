@@ -19,6 +19,7 @@ docs/explanation/performance-internals.md.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import struct
@@ -27,11 +28,12 @@ import weakref
 import zipfile
 from bisect import bisect_right
 from pathlib import PurePath
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..io import pipelined
 from ..io.checksum import READ_CHUNK, crc32, format_checksum
 from ..progress import Progress
 
@@ -77,6 +79,7 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
     device = _device(map_location)
     if checksum is None or device is None or (device.type == "cuda" and not torch.cuda.is_available()):
         return None
+    pipelined.prefetch(fd, PREFETCH)  # the disk starts on the data while the pickle is read
     try:
         layout = _layout(fd)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, KeyError):
@@ -98,8 +101,9 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
         if records[key].dest is None and st.nbytes():
             records[key].view = _memory(st)
     ordered = sorted(records.values(), key=lambda r: r.offset)
+    fresh = [(storages[r.key][0].data_ptr(), r.size) for r in ordered if r.view is not None and r.size >= DIRECT_MIN]
     with Progress(f"verifying {path.name}", size, progress) as bar:
-        actual = format_checksum(_first_pass(fd, ordered, size, path, bar.update))
+        actual = format_checksum(_first_pass(fd, ordered, size, path, bar.update, fresh))
     if actual != checksum:
         raise CorruptCheckpointError(f"checksum mismatch (recorded {checksum}, file has {actual}): the file is "
                                      "damaged", path=path,
@@ -226,38 +230,52 @@ def _at(address: int, size: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
 
-def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath,
-                update: Callable[[int], None]) -> int:
+#: Bytes from the start of the file the kernel is asked to read ahead at once.
+PREFETCH = 32 << 20
+#: Records at least this large are read straight into their fresh storage; smaller
+#: ones arrive in runs through a bounce buffer (one read for many of them).
+DIRECT_MIN = 1 << 20
+
+
+def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath, update: Callable[[int], None],
+                fresh: List[Tuple[int, int]]) -> int:
     """Read the whole file once, in order; fresh records land in their storage, direct
-    ones are summed; the CRC-32 of every byte is returned."""
+    ones are summed; the CRC-32 of every byte is returned. The reads run on a helper
+    thread while this one sums, and ``fresh`` (address, size) memory is faulted in ahead
+    of them (see :mod:`ckpt.io.pipelined`)."""
+    chunk = pipelined.chunk_size(size)
+    segments = _segments(ordered, size, chunk, path)
     starts = [r.offset for r in ordered]
-    bounce = bytearray(min(READ_CHUNK, max(size, 1)))
-    crc, pos = 0, 0
-    while pos < size:
-        i = bisect_right(starts, pos) - 1
-        rec = ordered[i] if i >= 0 else None
-        if rec is not None and rec.view is not None and pos == rec.offset and rec.size >= (1 << 20):
-            _read_at(fd, rec.view, pos, path)  # a big record goes straight into its storage
-            crc, pos = crc32(rec.view, crc), pos + rec.size
-            update(rec.size)
-            continue
-        end = min(size, pos + len(bounce))
-        nxt = bisect_right(starts, pos)
-        while nxt < len(ordered) and ordered[nxt].offset < end:  # stop before the next big fresh record
-            r = ordered[nxt]
-            if r.view is not None and r.size >= (1 << 20):
-                end = r.offset
-                break
-            nxt += 1
-        if end <= pos:
-            raise CorruptCheckpointError("overlapping records", path=path, hint="the file is damaged")
-        view = memoryview(bounce)[: end - pos]
-        _read_at(fd, view, pos, path)
-        crc = crc32(view, crc)
-        _scatter(ordered, starts, view, pos)
-        update(end - pos)
-        pos = end
+    faulting = pipelined.prefault(fresh) if size >= pipelined.THREAD_MIN else None
+    crc = 0
+    try:
+        reader = pipelined.Reader(functools.partial(_read_at, path=path), fd, segments, chunk,
+                                  threaded=size >= pipelined.THREAD_MIN)
+        for offset, view, bounced in reader:
+            crc = crc32(view, crc)
+            if bounced:
+                _scatter(ordered, starts, view, offset)
+            update(len(view))
+    finally:
+        if faulting is not None:
+            faulting.join()
     return crc
+
+
+def _segments(ordered: List[_Record], size: int, chunk: int, path: PurePath) -> List[pipelined.Segment]:
+    """The file in pieces: big fresh records into their storage, the rest through a bounce buffer."""
+    segments: List[pipelined.Segment] = []
+    pos = 0
+    for r in ordered:
+        if r.offset < pos:
+            raise CorruptCheckpointError("overlapping records", path=path, hint="the file is damaged")
+        if r.view is None or r.size < DIRECT_MIN:
+            continue
+        segments += pipelined.split(pos, r.offset - pos, chunk)
+        segments += pipelined.split(r.offset, r.size, chunk, r.view)
+        pos = r.offset + r.size
+    segments += pipelined.split(pos, size - pos, chunk)
+    return segments
 
 
 def _scatter(ordered: List[_Record], starts: List[int], view: memoryview, pos: int) -> None:
@@ -325,29 +343,45 @@ class _Filler:
 
     def run(self) -> None:
         try:
+            on_cpu = [r for r in self.records if r.dest is not None and r.dest.device.type == "cpu"]
+            for r, got in self._cpu(on_cpu):
+                self._check(r, got)
             pinned: Optional[torch.Tensor] = None
             for r in self.records:
                 assert r.dest is not None
-                if r.dest.device.type == "cpu":
-                    got = self._cpu(r)
-                else:
+                if r.dest.device.type != "cpu":
                     if pinned is None:
                         pinned = torch.empty(min(READ_CHUNK, max(x.size for x in self.records)),
                                              dtype=torch.uint8, pin_memory=True)
-                    got = self._cuda(r, pinned)
-                if got != r.crc:
-                    raise CorruptCheckpointError(
-                        f"record {r.key} changed between its check and its load (CRC-32 {got:08x}, "
-                        f"was {r.crc:08x})", path=self.path,
-                        hint="something rewrote the file in place; restore an earlier checkpoint")
+                    self._check(r, self._cuda(r, pinned))
         finally:
             self._close()
 
-    def _cpu(self, r: _Record) -> int:
-        assert r.dest is not None
-        view = _at(r.dest.data_ptr(), r.size)
-        _read_at(self.fd, view, r.offset, self.path)
-        return crc32(view)
+    def _check(self, r: _Record, got: int) -> None:
+        if got != r.crc:
+            raise CorruptCheckpointError(
+                f"record {r.key} changed between its check and its load (CRC-32 {got:08x}, "
+                f"was {r.crc:08x})", path=self.path,
+                hint="something rewrote the file in place; restore an earlier checkpoint")
+
+    def _cpu(self, records: List[_Record]) -> Iterator[Tuple[_Record, int]]:
+        """Each record read from the page cache straight into its live tensor, with the
+        CRC-32 of what was read; the reads run on a helper thread while this one sums."""
+        total = sum(r.size for r in records)
+        chunk = pipelined.chunk_size(total)
+        segments: List[pipelined.Segment] = []
+        owners: List[_Record] = []
+        for r in records:
+            assert r.dest is not None
+            pieces = list(pipelined.split(r.offset, r.size, chunk, _at(r.dest.data_ptr(), r.size)))
+            segments += pieces
+            owners += [r] * len(pieces)
+        reader = pipelined.Reader(functools.partial(_read_at, path=self.path), self.fd, segments, chunk,
+                                  threaded=total >= pipelined.THREAD_MIN)
+        sums = {id(r): 0 for r in records}
+        for (_, view, _), owner in zip(reader, owners):
+            sums[id(owner)] = crc32(view, sums[id(owner)])
+        return ((r, sums[id(r)]) for r in records)
 
     def _cuda(self, r: _Record, pinned: torch.Tensor) -> int:
         """Through a pinned buffer: read a piece, copy it to the device, next piece."""
