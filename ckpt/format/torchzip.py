@@ -112,8 +112,8 @@ class _Pickler(pickle.Pickler):
         self._keys: Dict[int, Tuple[str, torch.dtype, str]] = {}
         self._tag: Optional[str] = None
 
-    def persistent_id(self, obj: Any) -> Any:
-        return obj.pid if type(obj) is _StorageRef else None
+    def _expect_ref(self) -> None:
+        """A storage reference is about to be pickled (see :class:`_TogglingPickler`)."""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is _Hooks:
@@ -122,7 +122,7 @@ class _Pickler(pickle.Pickler):
             if isinstance(obj, (torch.Tensor, torch.storage.TypedStorage, torch.UntypedStorage)):
                 raise Unsupported(type(obj).__qualname__)
             return NotImplemented
-        if (obj.device.type != "cpu" or obj.layout is not torch.strided or obj.is_quantized
+        if (not obj.is_cpu or obj.layout is not torch.strided or obj.is_quantized
                 or obj.__dict__ or obj._backward_hooks or any(getattr(obj, "names", ()))
                 or _METADATA(obj)):
             raise Unsupported("a tensor torch serialises specially")
@@ -136,10 +136,60 @@ class _Pickler(pickle.Pickler):
             self.storages.append(storage)
         elif known[1] != obj.dtype:  # torch refuses this: let it say so
             raise Unsupported("one storage viewed with two dtypes")
-        ref = _StorageRef(("storage", _storage_type(obj.dtype), known[0], known[2],
-                           storage.nbytes() // obj.element_size()))
+        kind = _STORAGE_TYPES.get(obj.dtype) or _storage_type(obj.dtype)
+        ref = _StorageRef(("storage", kind, known[0], known[2], storage.nbytes() // obj.element_size()))
+        self._expect_ref()
         return (_REBUILD,
                 (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), obj.requires_grad, _Hooks()))
+
+
+class _MethodPickler(_Pickler):
+    """Asks its ``persistent_id`` method about every object pickled (as torch.save does)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.pid if type(obj) is _StorageRef else None
+
+
+#: A C callable that returns None for any object: "not persistent", at C speed.
+_NOT_PERSISTENT: Callable[[Any], None] = collections.deque(maxlen=0).append
+
+
+class _TogglingPickler(_Pickler):
+    """The pickler calls ``persistent_id`` for every object it saves (tens of thousands
+    for a state of 1,600 tensors); here it is a C no-op except between a tensor's
+    reduction and its storage reference, the only place a persistent id can occur.
+    Used only where a self-test shows the bytes are identical (:func:`_pickler_class`)."""
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__(buffer)
+        self._ask = self._pid
+        self.persistent_id = _NOT_PERSISTENT  # type: ignore[method-assign]
+
+    def _expect_ref(self) -> None:
+        self.persistent_id = self._ask  # type: ignore[method-assign]
+
+    def _pid(self, obj: Any) -> Any:
+        if type(obj) is _StorageRef:
+            self.persistent_id = _NOT_PERSISTENT  # type: ignore[method-assign]
+            return obj.pid
+        return None
+
+
+_PICKLER: List[type] = []
+
+
+def _pickler_class() -> type:
+    """:class:`_TogglingPickler` where this interpreter honours the switch (CPython
+    3.10-3.12 do; on 3.13 the switch has no effect), else :class:`_MethodPickler`."""
+    if not _PICKLER:
+        sample = {"a": [torch.zeros(2), torch.ones(3, dtype=torch.float64)], "b": ({"c": torch.arange(4)}, 1.5)}
+        out = []
+        for cls in (_MethodPickler, _TogglingPickler):
+            buffer = io.BytesIO()
+            cls(buffer).dump(sample)
+            out.append(buffer.getvalue())
+        _PICKLER.append(_TogglingPickler if out[0] == out[1] else _MethodPickler)
+    return _PICKLER[0]
 
 
 class _Record:
@@ -213,7 +263,7 @@ class Plan:
         if not AVAILABLE:
             raise Unsupported("this torch lacks the serialisation internals the fast path uses")
         buffer = io.BytesIO()
-        pickler = _Pickler(buffer)
+        pickler = _pickler_class()(buffer)
         pickler.dump(obj)
         self._storages = pickler.storages  # the records point into their memory
         alignment = int(_ALIGNMENT())
