@@ -168,6 +168,20 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
         _check_optimizer(name, unwrap(trackables[name]), checkpoint[name], path)
         loaders.check(name, trackables[name], checkpoint[name], path)
     rng_states = _parse_rng(rng, path) if rng is not None else None
+    _load_others(trackables, checkpoint, others, path)
+    for name in others:
+        loaders.after_load(unwrap(trackables[name]), checkpoint[name])
+    for name in modules:
+        load_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
+    if rng_states is not None:
+        _apply_rng(rng_states)
+
+
+def _load_others(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], others: List[str],
+                 path: str) -> None:
+    """Load the objects that are not modules (checked already), each one's previous state
+    kept; if one fails, those already loaded are put back. Then the modules' tensors are
+    filled from the file (``checkpoint.fill``), when it reads them straight in."""
     owned = getattr(checkpoint, "owned", False)  # fresh tensors, not a file mapping
     done: List[Tuple[Any, Any]] = []
     # optimizers (checked above, and not kept aside: a copy of their state costs as much as
@@ -198,12 +212,6 @@ def restore(trackables: Mapping[str, Any], checkpoint: Mapping[str, Any], *,
             with suppress(Exception):
                 _load_state(target, before)
         raise
-    for name in others:
-        loaders.after_load(unwrap(trackables[name]), checkpoint[name])
-    for name in modules:
-        load_module(name, unwrap(trackables[name]), checkpoint[name], strict=strict, path=path)
-    if rng_states is not None:
-        _apply_rng(rng_states)
 
 
 def _load_error(name: str, target: Any, error: Exception, path: str) -> StateMismatchError:
