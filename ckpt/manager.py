@@ -248,7 +248,7 @@ class CheckpointManager:
         with self._lock:
             self._engine.settle()
             report = self.catalog.verify(progress=self.options.progress)
-            return {name: status for name, (status, _) in report.items()}
+            return {name: verdict.status.value for name, verdict in report.items()}
 
     # -- lifecycle -----------------------------------------------------------------
 

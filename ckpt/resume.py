@@ -37,6 +37,7 @@ from .errors import (
 from .format import torchfile
 from .record import CheckpointRecord
 from .storage import is_url
+from .verdicts import Quarantine, Quarantined
 
 Which = Union[str, int, PathLike, CheckpointRecord]
 
@@ -166,10 +167,24 @@ def skip(catalog: Catalog, record: CheckpointRecord, error: BaseException) -> bo
     if not isinstance(error, CorruptCheckpointError):
         warnings.warn(f"skipping checkpoint {record.path}: {error}", stacklevel=6)
         return False
-    where = catalog.quarantine(record, error)
+    done = catalog.quarantine(record, error)
     moved = record.name not in catalog.store.list(record.name)
-    warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{where}", stacklevel=6)
+    warnings.warn(f"skipping damaged checkpoint {record.path}: {error}{_quarantined(done)}", stacklevel=6)
     return moved
+
+
+_LEFT = {Quarantined.GONE: "; it is gone (a concurrent writer's retention)",
+         Quarantined.REPLACED: "; a writer has replaced it since: left as it is",
+         Quarantined.READS_NOW: "; it reads now (a concurrent replace): left as it is"}
+
+
+def _quarantined(done: Quarantine) -> str:
+    """What the quarantine did, for the warning."""
+    if done.outcome is Quarantined.MOVED:
+        return f"; kept as {done.where}"
+    if done.outcome is Quarantined.FAILED:
+        return f"; could not move it aside ({done.where}), so it will be skipped again"
+    return _LEFT[done.outcome]
 
 
 def applied(obj: Dict[str, Any], record: CheckpointRecord,

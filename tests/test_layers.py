@@ -18,7 +18,7 @@ ROOT = Path(ckpt.__file__).parent
 #: helpers), ``storage`` (back-ends), ``format`` (file formats), ``catalog`` (committed
 #: checkpoints); ``store`` is the deprecated re-export shim (nothing in ckpt imports it).
 LAYERS = {
-    "errors": 0, "_version": 0, "progress": 0,
+    "errors": 0, "_version": 0, "progress": 0, "verdicts": 0,
     "policy": 1, "cadence": 1,
     "schema": 2, "record": 2,
     "loaders": 3, "state": 3, "spec": 3, "specvalues": 3, "sampler": 3, "preemption": 3,
@@ -168,3 +168,15 @@ def test_nothing_outside_the_manager_touches_its_private_attributes() -> None:
                     and _is_manager(node.value)):
                 private.setdefault(path.relative_to(ROOT.parent).as_posix(), set()).add(ast.unparse(node))
     assert private == {}
+
+
+#: A function does one thing: 50 lines at most, from its ``def`` to its last line.
+MAX_FUNCTION_LINES = 50
+
+
+def test_every_function_is_at_most_50_lines() -> None:
+    long = {f"{path.relative_to(ROOT).as_posix()}:{node.name}": n
+            for path in sorted(ROOT.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := (node.end_lineno or node.lineno) - node.lineno + 1) > MAX_FUNCTION_LINES}
+    assert long == {}, "split these functions"

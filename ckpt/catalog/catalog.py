@@ -19,6 +19,7 @@ from ..format import torchfile, torchio
 from ..io.checksum import file_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store
+from ..verdicts import MissingFilesWarning, Quarantine, Quarantined, Status, UnindexedFileWarning, Verdict
 from . import commit as _commit
 from . import differential, index, sharddir
 from .book import Book
@@ -111,16 +112,17 @@ class Catalog:
                     except OSError:
                         pass
                 warnings.warn(f"{self.store.where(name)}: not listed in the index and damaged, ignored: "
-                              f"{e}{where}", stacklevel=2)
+                              f"{e}{where}", UnindexedFileWarning, stacklevel=2)
                 continue
             except (CkptError, OSError) as e:
                 warnings.warn(f"{self.store.where(name)}: not listed in the index and unreadable, ignored: {e}",
-                              stacklevel=2)
+                              UnindexedFileWarning, stacklevel=2)
                 continue
             changed = True
         missing = sorted(set(by_name) - set(on_disk))
         if missing:  # not `changed`: the index keeps them until the next save, so verify() reports them
-            warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", stacklevel=2)
+            warnings.warn(f"{self.store.url}: indexed checkpoints missing on disk: {missing}", MissingFilesWarning,
+                          stacklevel=2)
         records.sort(key=lambda r: r.key)
         if locked or (remember and not changed and not missing):
             self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied,
@@ -286,28 +288,28 @@ class Catalog:
         except (CkptError, OSError):
             return None
 
-    def quarantine(self, rec: CheckpointRecord, error: BaseException) -> str:
+    def quarantine(self, rec: CheckpointRecord, error: BaseException) -> Quarantine:
         """Move a checkpoint that failed to load out of the namespace, if it still fails
         under the lock (a concurrent writer may have replaced it meanwhile: then it is
-        left alone). Returns what happened, for the warning."""
+        left alone). Returns what happened."""
         try:
             with self.store.lock():
                 listing = self.scan(locked=True)
                 now = next((r for r in listing.records if r.name == rec.name), None)
                 if now is None:
-                    return "; it is gone (a concurrent writer's retention)"
+                    return Quarantine(Quarantined.GONE)
                 if now.checksum != rec.checksum:
-                    return "; a writer has replaced it since: left as it is"
+                    return Quarantine(Quarantined.REPLACED)
                 try:  # the file and every tensor file it references (a differential checkpoint)
                     self.verify_one(now, {})
-                    return "; it reads now (a concurrent replace): left as it is"
+                    return Quarantine(Quarantined.READS_NOW)
                 except CorruptCheckpointError:
                     pass
                 aside = self.move_aside(rec.name)
                 self._book.write([r for r in listing.records if r.name != rec.name])
-                return f"; kept as {self.store.where(aside)}"
+                return Quarantine(Quarantined.MOVED, str(self.store.where(aside)))
         except (OSError, CkptError) as e:
-            return f"; could not move it aside ({e}), so it will be skipped again"
+            return Quarantine(Quarantined.FAILED, str(e))
 
     def move_aside(self, name: str) -> str:
         taken = self.store.list(name + QUARANTINE_SUFFIX)
@@ -344,8 +346,9 @@ class Catalog:
             return f"is damaged ({e})"
         return ""
 
-    def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Tuple[str, str]]:
-        """File name -> ("ok" | "damaged" | "missing", detail) for every committed checkpoint.
+    def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Verdict]:
+        """File name -> :class:`~ckpt.verdicts.Verdict` (ok, damaged or missing, and the
+        detail) for every committed checkpoint.
 
         A verdict against a listing that a concurrent writer has changed since is not one:
         a file that is gone or fails its checksum is looked up again in a fresh listing.
@@ -353,7 +356,7 @@ class Catalog:
         checksum) or back under its name, it is checked again (a few times at most).
         """
         listing = self.scan()
-        report: Dict[str, Tuple[str, str]] = {}
+        report: Dict[str, Verdict] = {}
         pending, unlisted = list(listing.records), list(listing.missing)
         checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
         for _ in range(VERIFY_PASSES):
@@ -362,11 +365,11 @@ class Catalog:
             for rec in pending:
                 try:
                     self.verify_one(rec, checked, progress)
-                    report[rec.name] = ("ok", "")
+                    report[rec.name] = Verdict(Status.OK)
                 except FileNotFoundError:
                     gone.append(rec.name)
                 except CkptError as e:
-                    report[rec.name] = ("damaged", str(e))
+                    report[rec.name] = Verdict(Status.DAMAGED, str(e))
                     suspect[rec.name] = rec.checksum
             if not (gone or unlisted or suspect):
                 break
@@ -377,7 +380,7 @@ class Catalog:
                 if name in fresh:
                     pending.append(fresh[name])  # back under its name (a replace): check it
                 elif name in again.missing:
-                    report[name] = ("missing", "listed in the index, gone from disk")
+                    report[name] = Verdict(Status.MISSING, "listed in the index, gone from disk")
                 else:
                     report.pop(name, None)  # evicted by a concurrent writer's retention
             for name, checksum in suspect.items():

@@ -111,19 +111,60 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Previo
     packs written for it, and what the next save compares with. ``previous``: what the
     previous committed checkpoint holds; its chunks are reused where the bytes are equal
     and the pack holding them still matches its checksum."""
-    before = previous.entries if previous is not None else {}
-    known = previous.blobs if previous is not None else {}
-    by_digest = _remote_only(store)
-    used: Dict[str, str] = {}
-    written: List[str] = []
-    following: Dict[Path_, changes.Before] = {}
+    cut = _Split(store, previous, progress)
+    try:
+        obj = {k: v if k in _OWN else _walk(v, (k,), cut.out_of_line) for k, v in checkpoint.obj.items()}
+    except BaseException:
+        remove(store, cut.written)
+        raise
+    used = cut.used
+    meta = {**checkpoint.obj["ckpt"], "blobs": dict(sorted(used.items())), "differential": chunks.VERSION}
+    obj["ckpt"] = meta
+    header = replace(checkpoint.header, blobs=tuple(sorted(used.items())))
+    small = schema.check_loadable({k: v for k, v in obj.items() if k not in _OWN}, "state")
+    return schema.Checkpoint(obj, header, small), cut.written, Previous(cut.following, dict(used))
 
-    def out_of_line(tensor: torch.Tensor, path: Path_) -> Any:
+
+class _Split:
+    """One differential save's walk over the checkpoint's tensors (see :func:`split`):
+    the packs it wrote, the blobs it uses, what the next save compares with."""
+
+    def __init__(self, store: Store, previous: Optional[Previous], progress: Optional[bool]) -> None:
+        self.store, self.progress = store, progress
+        self.before = previous.entries if previous is not None else {}
+        self.known = previous.blobs if previous is not None else {}
+        self.by_digest = _remote_only(store)
+        self.used: Dict[str, str] = {}
+        self.written: List[str] = []
+        self.following: Dict[Path_, changes.Before] = {}
+
+    def out_of_line(self, tensor: torch.Tensor, path: Path_) -> Any:
+        """``tensor`` itself (small, or written whole), or its chunk reference."""
         if tensor.layout != torch.strided or tensor.dim() == 0 or \
                 tensor.nelement() * tensor.element_size() < MIN_BYTES:
             return tensor
         data = tensor.detach().to("cpu").contiguous()
-        old = before.get(path)
+        old = self.before.get(path)
+        decision = self._decide(data, old)
+        self.following[path] = changes.Before(sample=decision.sample)
+        if decision.inline or decision.changed is None:
+            return tensor  # written whole, as in a full save
+        done = chunks.layout(data, chunks.rows_per_chunk(data), old.ref if old is not None else None,
+                             decision.changed)
+        ref = done.ref[chunks.KEY]
+        for name in done.reused:
+            self.used[name] = self.known[name]
+        if decision.digests is not None:
+            ref["digests"] = decision.digests
+        if done.pack is not None:
+            self._write_pack(done.pack, ref)
+        self.following[path].ref = ref
+        return done.ref
+
+    def _decide(self, data: torch.Tensor, old: Optional[changes.Before]) -> changes.Decision:
+        """Which chunks of ``data`` changed since ``old`` (the previous save's packs opened
+        only when needed, trusted only once their checksum matches)."""
+        store, known = self.store, self.known
         names = list(old.ref["packs"]) if old is not None and old.ref is not None else []
         opened: Dict[int, Optional[torch.Tensor]] = {}
 
@@ -135,38 +176,17 @@ def split(store: Store, checkpoint: schema.Checkpoint, previous: Optional[Previo
         def trusted(i: int) -> bool:
             return 0 <= i < len(names) and names[i] in known and _intact(store, names[i], known[names[i]])
 
-        decision = changes.decide(data, old, pack, trusted, by_digest=by_digest)
-        following[path] = changes.Before(sample=decision.sample)
-        if decision.inline or decision.changed is None:
-            return tensor  # written whole, as in a full save
-        done = chunks.layout(data, chunks.rows_per_chunk(data), old.ref if old is not None else None,
-                             decision.changed)
-        ref = done.ref[chunks.KEY]
-        for name in done.reused:
-            used[name] = known[name]
-        if decision.digests is not None:
-            ref["digests"] = decision.digests
-        if done.pack is not None:
-            name = new_name()
-            pack_data = _plain(done.pack)
-            result = torchfile.write(store, name, pack_data, nbytes=pack_data.nbytes, progress=progress)
-            written.append(name)
-            used[name] = result.checksum
-            _remember(store, name, result.checksum)
-            ref["packs"] = [name if n == "" else n for n in ref["packs"]]
-        following[path].ref = ref
-        return done.ref
+        return changes.decide(data, old, pack, trusted, by_digest=self.by_digest)
 
-    try:
-        obj = {k: v if k in _OWN else _walk(v, (k,), out_of_line) for k, v in checkpoint.obj.items()}
-    except BaseException:
-        remove(store, written)
-        raise
-    meta = {**checkpoint.obj["ckpt"], "blobs": dict(sorted(used.items())), "differential": chunks.VERSION}
-    obj["ckpt"] = meta
-    header = replace(checkpoint.header, blobs=tuple(sorted(used.items())))
-    small = schema.check_loadable({k: v for k, v in obj.items() if k not in _OWN}, "state")
-    return schema.Checkpoint(obj, header, small), written, Previous(following, dict(used))
+    def _write_pack(self, pack: torch.Tensor, ref: Dict[str, Any]) -> None:
+        """Write the changed chunks as a new pack; ``ref`` names it where it said ``""``."""
+        name = new_name()
+        pack_data = _plain(pack)
+        result = torchfile.write(self.store, name, pack_data, nbytes=pack_data.nbytes, progress=self.progress)
+        self.written.append(name)
+        self.used[name] = result.checksum
+        _remember(self.store, name, result.checksum)
+        ref["packs"] = [name if n == "" else n for n in ref["packs"]]
 
 
 def _peek(store: Store, name: str) -> Optional[torch.Tensor]:

@@ -15,6 +15,7 @@ from ..catalog import Catalog, differential, history, index
 from ..errors import CkptError
 from ..format import torchfile
 from ..storage import LocalStore, is_url, open_existing
+from ..verdicts import MissingFilesWarning, UnindexedFileWarning
 
 Key = Tuple[int, int]
 
@@ -62,18 +63,18 @@ def checkpoint_file(text: str) -> Path:
 
 
 #: Catalog warnings that ``ls`` and ``verify`` report in their own output.
-REPORTED = ("indexed checkpoints missing on disk", "not listed in the index and")
+REPORTED = (MissingFilesWarning, UnindexedFileWarning)
 
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Drop the catalog's warnings that the command reports itself; pass the others on
-    (an unreadable index, say), to be printed as notes."""
+    """Drop the catalog's warnings that the command reports itself (by their category);
+    pass the others on (an unreadable index, say), to be printed as notes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for w in caught:
-        if not any(text in str(w.message) for text in REPORTED):
+        if not issubclass(w.category, REPORTED):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 

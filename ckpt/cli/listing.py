@@ -20,6 +20,7 @@ from ..errors import CkptError, UnsafeCheckpointError
 from ..format import torchfile
 from ..record import CheckpointRecord
 from ..storage import is_url
+from ..verdicts import Status, Verdict
 from . import common, table
 from .common import Key, UsageError
 
@@ -118,17 +119,17 @@ class Look:
     """One look at a run directory: the listing, each file's status, the other findings."""
 
     listing: Any
-    status: Dict[str, Tuple[str, str]]
+    status: Dict[str, Verdict]
     problems: List[Dict[str, str]]
     on_disk: Dict[str, int]
 
     @property
     def bad(self) -> bool:
-        return any(s in ("damaged", "missing") for s, _ in self.status.values()) or any(
-            p["status"] in ("missing", "damaged") for p in self.problems)
+        return any(v.status.bad for v in self.status.values()) or any(
+            Status(p["status"]).bad for p in self.problems)
 
     def findings(self) -> Tuple[Tuple[str, str], ...]:
-        return tuple(sorted([(n, s) for n, (s, _) in self.status.items() if s in ("damaged", "missing")]
+        return tuple(sorted([(n, str(v.status)) for n, v in self.status.items() if v.status.bad]
                             + [(p["file"], p["status"]) for p in self.problems]))
 
 
@@ -178,21 +179,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _status(cat: Any, records: List[CheckpointRecord], on_disk: Dict[str, int], *,
-            verify: bool) -> Dict[str, Tuple[str, str]]:
-    """File name -> (status, detail) of the committed checkpoints that are not simply ok."""
-    status: Dict[str, Tuple[str, str]] = {}
+            verify: bool) -> Dict[str, Verdict]:
+    """File name -> verdict of the committed checkpoints that are not simply ok."""
+    status: Dict[str, Verdict] = {}
     checked: Dict[str, str] = {}
     for rec in records:
         if rec.name in on_disk and on_disk[rec.name] != rec.size:
-            status[rec.name] = ("damaged", f"{on_disk[rec.name]} bytes on disk, {rec.size} recorded")
+            status[rec.name] = Verdict(Status.DAMAGED, f"{on_disk[rec.name]} bytes on disk, {rec.size} recorded")
         elif verify:
             try:
                 cat.verify_one(rec, checked)  # the file and every tensor file it references
-                status[rec.name] = ("verified", "")
+                status[rec.name] = Verdict(Status.VERIFIED)
             except FileNotFoundError:
-                status[rec.name] = ("missing", "deleted while listing")
+                status[rec.name] = Verdict(Status.MISSING, "deleted while listing")
             except CkptError as e:
-                status[rec.name] = ("damaged", common.message(e, rec.path))
+                status[rec.name] = Verdict(Status.DAMAGED, common.message(e, rec.path))
     return status
 
 
@@ -200,15 +201,15 @@ def _problems(cat: Any, listing: Any, on_disk: Dict[str, int]) -> List[Dict[str,
     """Files that are not committed checkpoints but should be looked at: indexed and gone,
     moved aside as damaged, or checkpoint-named and unreadable."""
     indexed = {r.name for r in listing.records}
-    problems: List[Dict[str, str]] = [{"file": n, "status": "missing", "detail": "listed in the index, gone from disk"}
-                                      for n in listing.missing]
+    problems: List[Dict[str, str]] = [{"file": n, "status": Status.MISSING, "detail": "listed in the index, gone "
+                                       "from disk"} for n in listing.missing]
     for name in sorted(on_disk):
         if name in indexed or name == index.INDEX_NAME or name.startswith("ckpt-history"):
             continue
         if QUARANTINE_SUFFIX in name:
-            problems.append({"file": name, "status": "quarantined", "detail": "moved aside as damaged"})
+            problems.append({"file": name, "status": Status.QUARANTINED, "detail": "moved aside as damaged"})
         elif schema.parse_name(name) and _unreadable(cat, name):  # a writer's new file reads fine
-            problems.append({"file": name, "status": "damaged", "detail": "not in the index and unreadable"})
+            problems.append({"file": name, "status": Status.DAMAGED, "detail": "not in the index and unreadable"})
     return problems
 
 
@@ -224,27 +225,28 @@ def _unreadable(cat: Any, name: str) -> bool:
     return False
 
 
-def _print_json(directory: Any, records: List[CheckpointRecord], status: Dict[str, Tuple[str, str]],
+def _print_json(directory: Any, records: List[CheckpointRecord], status: Dict[str, Verdict],
                 why: Dict[Key, List[str]], pol: Optional[policy.RetentionPolicy], source: str,
                 problems: List[Dict[str, str]]) -> None:
     rows = []
     for rec in records:
-        st, detail = status.get(rec.name, ("ok", ""))
+        st, detail = status.get(rec.name, Verdict(Status.OK))
         rows.append({**rec.to_json(), "kept_because": why[rec.key], "status": st, "detail": detail})
     pol_json = None if pol is None else pol.to_json()
     print(json.dumps({"directory": str(directory), "policy": pol_json, "policy_source": source,
                       "checkpoints": rows, "problems": problems}, indent=1))
 
 
-def _print_table(records: List[CheckpointRecord], status: Dict[str, Tuple[str, str]], why: Dict[Key, List[str]],
+def _print_table(records: List[CheckpointRecord], status: Dict[str, Verdict], why: Dict[Key, List[str]],
                  problems: List[Dict[str, str]], on_disk: Dict[str, int]) -> None:
     now = time.time()
     rows_text: List[List[str]] = []
     for rec in records:
-        st, detail = status.get(rec.name, ("", ""))
+        st, detail = status.get(rec.name, ("", ""))  # "": ok, not verified (no flag)
         step = f"{rec.step}*" if rec.mid_epoch else str(rec.step)
         kept = ", ".join(why[rec.key]) or "- (prune would delete)"
-        flag = st.upper() + (f": {detail.split(' (')[0][:60]}" if detail else "") if st and st != "verified" else st
+        shown = st and st != Status.VERIFIED
+        flag = st.upper() + (f": {detail.split(' (')[0][:60]}" if detail else "") if shown else st
         rows_text.append([rec.name, str(rec.epoch), step, _metrics(rec), table.size(rec.size),
                           table.age(now - rec.time), kept, flag])
     for p in problems:
@@ -270,7 +272,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = dict(sorted(report.items()))
     else:
         report = {target.name: verify_file(target)}
-    bad = sum(status != "ok" for status, _ in report.values())
+    bad = sum(v.status is not Status.OK for v in report.values())
     if args.json:
         print(json.dumps({name: {"status": s, "detail": d} for name, (s, d) in report.items()}, indent=1))
         return 1 if bad else 0
@@ -283,10 +285,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def unindexed_damage(cat: Any, report: Dict[str, Tuple[str, str]]) -> Dict[str, Tuple[str, str]]:
+def unindexed_damage(cat: Any, report: Dict[str, Verdict]) -> Dict[str, Verdict]:
     """Checkpoint-named files the index does not list and that cannot be read (a
     concurrent writer's new file reads fine, and one it deleted meanwhile is skipped)."""
-    found: Dict[str, Tuple[str, str]] = {}
+    found: Dict[str, Verdict] = {}
     for name in cat.store.list("ckpt-"):
         if name in report or not schema.parse_name(name):
             continue
@@ -295,11 +297,11 @@ def unindexed_damage(cat: Any, report: Dict[str, Tuple[str, str]]) -> Dict[str, 
         except FileNotFoundError:
             continue
         except CkptError as e:
-            found[name] = ("damaged", "not in the index: " + common.message(e, cat.store.where(name)))
+            found[name] = Verdict(Status.DAMAGED, "not in the index: " + common.message(e, cat.store.where(name)))
     return found
 
 
-def verify_file(path: Path) -> Tuple[str, str]:
+def verify_file(path: Path) -> Verdict:
     """One file: against its directory's index when listed, else its own zip CRCs and a
     safe load (nothing is run)."""
     try:
@@ -310,13 +312,13 @@ def verify_file(path: Path) -> Tuple[str, str]:
             obj = torchfile.load_open(real, path, check_records=checksum is None)
         if schema.is_checkpoint(obj):  # a differential checkpoint: every tensor file it references
             differential.verify_beside(path, schema.header(obj, str(path)).blobs)
-        return ("ok", "")
+        return Verdict(Status.OK)
     except FileNotFoundError:
-        return ("missing", "gone from disk")
+        return Verdict(Status.MISSING, "gone from disk")
     except UnsafeCheckpointError as e:
-        return ("unsafe", common.message(e, path))
+        return Verdict(Status.UNSAFE, common.message(e, path))
     except CkptError as e:
-        return ("damaged", common.message(e, path))
+        return Verdict(Status.DAMAGED, common.message(e, path))
 
 
 # -- prune ---------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""What ckpt finds wrong with a checkpoint, as values: callers branch on these, never on
+message text.
+
+:class:`Status` is a checkpoint's state in a report (``verify()``, ``ckpt ls``,
+``ckpt verify``), :class:`Verdict` a status with its detail; :class:`Quarantine` says
+what moving a damaged checkpoint aside did. The catalog's listing warns with the
+categories below, so a caller that reports those problems itself (the command line)
+filters them by type. The text for people is made where a value is shown.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+
+class Status(str, enum.Enum):
+    """A checkpoint's state; equal to (and printed as) its lowercase word."""
+
+    OK = "ok"
+    VERIFIED = "verified"  #: ``ckpt ls --verify``: its checksum was read and matches
+    DAMAGED = "damaged"
+    MISSING = "missing"
+    UNSAFE = "unsafe"  #: its pickle names a type outside the ``weights_only`` allow-list
+    QUARANTINED = "quarantined"  #: moved aside as damaged (``*.corrupt``)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def bad(self) -> bool:
+        """Damaged or missing: a check that finds it fails (exit status 1)."""
+        return self in (Status.DAMAGED, Status.MISSING)
+
+
+class Verdict(NamedTuple):
+    """A checkpoint's :class:`Status` and what was found (``""`` when it is ok)."""
+
+    status: Status
+    detail: str = ""
+
+
+class Quarantined(enum.Enum):
+    """What moving a checkpoint that failed to load aside did."""
+
+    MOVED = "moved"  #: renamed ``*.corrupt`` and dropped from the index
+    GONE = "gone"  #: not there any more (a concurrent writer's retention)
+    REPLACED = "replaced"  #: a writer replaced it since (another checksum): left as it is
+    READS_NOW = "reads now"  #: it loads under the lock (a concurrent replace): left as it is
+    FAILED = "failed"  #: it could not be moved (it will be skipped again)
+
+
+class Quarantine(NamedTuple):
+    """A :class:`Quarantined` outcome; ``where`` is the new path (``MOVED``) or the error
+    that kept it in place (``FAILED``)."""
+
+    outcome: Quarantined
+    where: str = ""
+
+
+class CatalogWarning(UserWarning):
+    """A problem the catalog's listing found, left out of the listing and warned about."""
+
+
+class MissingFilesWarning(CatalogWarning):
+    """Indexed checkpoints whose files are gone from disk."""
+
+
+class UnindexedFileWarning(CatalogWarning):
+    """A checkpoint-named file the index does not list that is damaged or unreadable."""
