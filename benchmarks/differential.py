@@ -2,7 +2,7 @@
 
     python -m benchmarks.differential --dir /work/benchtmp [--mib 64] [--saves 4] [--rounds 3]
 
-Workloads, each saved ``--saves`` times per run into a fresh directory with ``keep_last=2``
+Workloads, each saved ``--saves`` times per run into fresh directories with ``keep_last=2``
 (durable: fsync, rename, directory fsync, evicted files deleted), the first save of each
 run not counted:
 
@@ -12,12 +12,13 @@ run not counted:
   with that fraction of its rows, drawn at random, updated between saves;
 * ``fully trained``: a ``--mib`` MiB model whose every weight changes between saves.
 
-Full and differential runs of every workload alternate within each round, their order
-rotating from round to round (repetitions interleaved). The table reports medians of
-bytes added to the directory, seconds per ``save()`` (the time the loop waits) and CPU
-seconds per ``save()`` (``time.process_time``, all threads: less sensitive than wall time
-to other processes on a shared machine), and their ratios to the full save of the same
-workload.
+A full and a differential manager track the same objects and save after every step, one
+after the other (which one first alternates), so each differential save is paired with a
+full save of the same state under the same load; the workloads rotate from round to
+round. The table reports medians of bytes added to the directory, seconds per ``save()``
+(the time the loop waits) and CPU seconds per ``save()`` (``time.process_time``, all
+threads: less sensitive than wall time to other processes on a shared machine), and the
+medians of the paired ratios to the full save.
 """
 
 from __future__ import annotations
@@ -97,39 +98,58 @@ def snapshot(directory: Path) -> Dict[str, Tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_size) for p in directory.iterdir() if p.is_file()}
 
 
-def run(directory: Path, make: Callable[[int], Workload], mib: int, saves: int,
-        differential: bool) -> Tuple[List[int], List[float], List[float], int]:
-    shutil.rmtree(directory, ignore_errors=True)
+def one_save(mgr: CheckpointManager, directory: Path, epoch: int) -> Tuple[int, float, float]:
+    before = snapshot(directory)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    mgr.save(epoch=epoch)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return added_bytes(directory, before), seconds, cpu
+
+
+def run(root: Path, make: Callable[[int], Workload], mib: int, saves: int,
+        first: bool) -> Tuple[Dict[bool, List[Tuple[int, float, float]]], int]:
+    """One workload saved by a full and a differential manager side by side: after each
+    training step both save, in turn (``first`` saves first on even epochs), so that the
+    two saves of a pair see the same load. Returns per mode the (bytes, s, CPU s) of each
+    save but the first."""
     torch.manual_seed(0)
     tracked, step = make(mib)
     state = sum(t.nbytes for o in tracked.values() if isinstance(o, torch.nn.Module) for t in o.state_dict().values())
-    mgr = CheckpointManager(directory, keep_last=2, differential=differential, progress=False, **tracked)
-    written, seconds, cpu = [], [], []
+    dirs = {mode: root / ("differential" if mode else "full") for mode in (False, True)}
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+    mgrs = {mode: CheckpointManager(d, keep_last=2, differential=mode, progress=False, **tracked)
+            for mode, d in dirs.items()}
+    out: Dict[bool, List[Tuple[int, float, float]]] = {False: [], True: []}
     for epoch in range(saves):
         step(epoch)
-        before = snapshot(directory)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        mgr.save(epoch=epoch)
-        seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-        written.append(added_bytes(directory, before))
-    mgr.close()
-    shutil.rmtree(directory, ignore_errors=True)
-    return written[1:], seconds[1:], cpu[1:], state
+        order = (first, not first) if epoch % 2 == 0 else (not first, first)
+        for mode in order:
+            got = one_save(mgrs[mode], dirs[mode], epoch)
+            if epoch:
+                out[mode].append(got)
+    for mode, mgr in mgrs.items():
+        mgr.close()
+        shutil.rmtree(dirs[mode], ignore_errors=True)
+    return out, state
 
 
 def measure(root: Path, mib: int, saves: int, rounds: int) -> Dict[str, Any]:
     results: Dict[str, Dict[str, Any]] = {}
-    order = [(w, d) for w in WORKLOADS for d in (False, True)]
+    names = list(WORKLOADS)
     for r in range(rounds):
-        shift = r % len(order)
-        for name, differential in order[shift:] + order[:shift]:
-            written, seconds, cpu, state = run(root / "run", WORKLOADS[name], mib, saves, differential)
-            entry = results.setdefault(f"{name} | {'differential' if differential else 'full'}",
-                                       {"bytes": [], "seconds": [], "cpu_seconds": [], "state_bytes": state})
-            entry["bytes"].extend(written)
-            entry["seconds"].extend(seconds)
-            entry["cpu_seconds"].extend(cpu)
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            got, state = run(root, WORKLOADS[name], mib, saves, first=bool(r % 2))
+            for mode in (False, True):
+                entry = results.setdefault(f"{name} | {'differential' if mode else 'full'}",
+                                           {"bytes": [], "seconds": [], "cpu_seconds": [], "state_bytes": state,
+                                            "time_ratio": [], "cpu_ratio": []})
+                entry["bytes"].extend(b for b, _, _ in got[mode])
+                entry["seconds"].extend(t for _, t, _ in got[mode])
+                entry["cpu_seconds"].extend(c for _, _, c in got[mode])
+                entry["time_ratio"].extend(t / f[1] for (_, t, _), f in zip(got[mode], got[False]))
+                entry["cpu_ratio"].extend(c / f[2] for (_, _, c), f in zip(got[mode], got[False]))
     return results
 
 
@@ -139,14 +159,14 @@ def table(results: Dict[str, Dict[str, Any]], machine: Dict[str, Any], args: Any
     rows: List[List[str]] = []
     for name in WORKLOADS:
         full = results[f"{name} | full"]
-        fb, fs = statistics.median(full["bytes"]), statistics.median(full["seconds"])
-        fc = statistics.median(full["cpu_seconds"])
+        fb = statistics.median(full["bytes"])
         for mode in ("full", "differential"):
             e = results[f"{name} | {mode}"]
             b, s = statistics.median(e["bytes"]), statistics.median(e["seconds"])
             c = statistics.median(e["cpu_seconds"])
             rows.append([name, mode, f"{e['state_bytes'] / 1e6:.1f} MB", f"{b / 1e6:.2f} MB",
-                         f"{b / fb:.3f}", f"{s:.3f}", f"{s / fs:.2f}", f"{c:.3f}", f"{c / fc:.2f}"])
+                         f"{b / fb:.3f}", f"{s:.3f}", f"{statistics.median(e['time_ratio']):.2f}", f"{c:.3f}",
+                         f"{statistics.median(e['cpu_ratio']):.2f}"])
     lines = [f"# Differential vs full saves ({args.rounds} rounds x {args.saves - 1} saves, medians)", "",
              f"`python -m benchmarks.differential --dir {args.dir} --mib {args.mib} --saves {args.saves} "
              f"--rounds {args.rounds}`", "",

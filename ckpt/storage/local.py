@@ -96,6 +96,11 @@ def write_file(path: Path, produce: Produce) -> Path:
 
 #: Files at least this large are deleted on a background thread (see LocalStore.delete).
 RECLAIM_MIN = 64 << 20
+#: The same for the packs of a differential checkpoint (``ckpt-blob-*``): one save's
+#: retention frees many of them at once (a pack per large tensor), adding up to the
+#: size of a full checkpoint (docs/explanation/differential.md).
+PACK_RECLAIM_MIN = 1 << 20
+PACK_PREFIX = "ckpt-blob-"
 
 
 class _Reclaimer:
@@ -256,7 +261,8 @@ class LocalStore:
             st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(path)
-            elif st.st_size >= RECLAIM_MIN and not name.startswith(TMP_PREFIX):
+            elif (st.st_size >= RECLAIM_MIN or (st.st_size >= PACK_RECLAIM_MIN and name.startswith(PACK_PREFIX))) \
+                    and not name.startswith(TMP_PREFIX):
                 aside = self.directory / temporary_name(name, "del-")
                 os.replace(path, aside)
                 self._reclaimer.add(aside)
