@@ -15,7 +15,12 @@ the handlers above skip past it (and restore past it when they close).
 
 A second delivery of the same signal before the save is done gives up on the graceful
 path: the previous handler (or the default action) is put back and the signal raised
-again, so a second Ctrl+C or SIGTERM always ends the job.
+again, so a second Ctrl+C or SIGTERM always ends the job. A repeat within
+:data:`REPEAT_WINDOW_S` of the first is the same notice delivered twice, not a second
+request, and is ignored: Slurm signals every process of a job step and ``torchrun``
+forwards the signal it got to its workers, so a worker under both sees SIGTERM twice
+within milliseconds. Ctrl+C (SIGINT) is a person at a terminal: its second press always
+ends the job at once.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
-from typing import Any, Dict, Iterable, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from .errors import ConfigError
 
@@ -35,6 +41,11 @@ DEFAULT_SIGNALS: Tuple[int, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 Option = Union[bool, None, Iterable[int]]
+
+#: Seconds after a signal during which the same signal again is taken as a duplicate
+#: delivery (launcher and scheduler both signalling a worker), not as the escape hatch
+#: (SIGINT excepted: a second Ctrl+C always ends the job).
+REPEAT_WINDOW_S = 1.0
 
 
 class Preempted(SystemExit):
@@ -67,7 +78,7 @@ class PreemptionHandler:
         self.signals = tuple(_signal(s) for s in signals)
         self.received: Optional[int] = None
         self.closed = False
-        self._seen: Set[int] = set()
+        self._seen: Dict[int, float] = {}  # signal -> when it first arrived (monotonic)
         self._previous: Dict[int, Any] = {}  # kept after close: handlers above skip past it
         for sig in self.signals:
             try:
@@ -83,13 +94,16 @@ class PreemptionHandler:
         return self.received is not None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.closed or signum in self._seen:  # closed, or a second signal: the escape hatch
+        first = self._seen.get(signum)
+        repeat = first is not None and (signum == signal.SIGINT or time.monotonic() - first >= REPEAT_WINDOW_S)
+        if self.closed or repeat:  # closed, or a second request: the escape hatch
             self._pass_on(signum, frame)
             return
-        # Only a flag: no I/O here, the loop saves at its next step boundary.
-        self._seen.add(signum)
-        if self.received is None:
-            self.received = signum
+        if first is None:  # else the same notice delivered twice (scheduler and launcher)
+            # Only a flag: no I/O here, the loop saves at its next step boundary.
+            self._seen[signum] = time.monotonic()
+            if self.received is None:
+                self.received = signum
         previous = _live(self._previous.get(signum), signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # chained; SIG_DFL/SIG_IGN and Ctrl+C's KeyboardInterrupt are not

@@ -254,22 +254,26 @@ STORM = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_storm_of_sigterms_ends_the_process_and_leaves_a_consistent_run(tmp_path: Path, mode: str) -> None:
-    """The second SIGTERM is the escape hatch (ckpt/preemption.py: it ends the job at once,
-    whatever the first one's save is doing): the process dies by the signal, and the run
-    directory holds only complete checkpoints, which a restart resumes."""
+    """A burst of SIGTERMs within ckpt.preemption.REPEAT_WINDOW_S is one notice delivered
+    many times (Slurm and torchrun both signal a worker): the loop saves at its next step
+    and exits, and the run directory holds only complete checkpoints, which a
+    restart resumes. (A repeat after the window is the escape hatch: test_preemption.py.)"""
     script = tmp_path / "storm.py"
     script.write_text(STORM)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mode], capture_output=True,
                           text=True, timeout=120, env=env)
-    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-3000:]
+    # The graceful save happened; the storm's later signals may still end the exiting
+    # process by the default action once the manager closed and put SIG_DFL back.
+    assert done.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), done.stdout + done.stderr[-3000:]
+    assert "received SIGTERM: saved" in done.stderr, done.stderr[-3000:]
     assert "loop ended" not in done.stdout
     model = torch.nn.Linear(256, 256)
     mgr = CheckpointManager(tmp_path / "run", model=model)  # a writer: cleans what the kill left
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".ckpt-tmp")]
     assert set(mgr.verify().values()) <= {"ok"}
     start = mgr.resume()
-    assert start == 0 and (mgr.step in [r.step for r in mgr.checkpoints] or not mgr.checkpoints)
+    assert start == 0 and mgr.checkpoints and mgr.step == mgr.checkpoints[-1].step >= 4
     if mgr.checkpoints:
         assert torch.equal(model.weight, torch.full_like(model.weight, float(mgr.step)))  # one step's state, whole
     mgr.close()
