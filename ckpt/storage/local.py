@@ -143,7 +143,10 @@ class _Reclaimer:
         try:
             for path in batch:
                 with suppress(OSError):
-                    os.unlink(path)
+                    if os.path.isdir(path) and not os.path.islink(path):  # a sharded checkpoint
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
         finally:
             self._cond.acquire()
 
@@ -251,17 +254,18 @@ class LocalStore:
     def delete(self, name: str) -> None:
         """Remove a file, or a directory (a sharded checkpoint) with everything in it.
 
-        A large file leaves its name now (renamed to a temporary name, which listings
-        skip) and its blocks are freed on a background thread: freeing a multi-GB file
+        A large file or a directory leaves its name now (renamed to a temporary name,
+        which listings skip) and its blocks are freed on a background thread: freeing a multi-GB file
         takes the filesystem tens to hundreds of milliseconds the training loop need not
         wait for. A crash before that leaves a temporary file the next open removes.
         """
         path = self.directory / name
         with suppress(FileNotFoundError):
             st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) and name.startswith(TMP_PREFIX):
                 shutil.rmtree(path)
-            elif (st.st_size >= RECLAIM_MIN or (st.st_size >= PACK_RECLAIM_MIN and name.startswith(PACK_PREFIX))) \
+            elif (stat.S_ISDIR(st.st_mode) or st.st_size >= RECLAIM_MIN
+                  or (st.st_size >= PACK_RECLAIM_MIN and name.startswith(PACK_PREFIX))) \
                     and not name.startswith(TMP_PREFIX):
                 aside = self.directory / temporary_name(name, "del-")
                 os.replace(path, aside)
