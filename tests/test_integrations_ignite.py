@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +86,19 @@ def test_works_on_urls() -> None:
     import fsspec
     names = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/ignite-test/run", detail=False))
     assert [n for n in names if n.startswith("c_") and n.endswith(".pt")] == ["c_2.pt", "c_3.pt"]
+
+
+def test_works_on_s3_across_runs(server: Any, bucket: str) -> None:
+    """A real S3 server (moto): a saver writes and rotates, is closed; a new one (the resumed run) writes on."""
+    pytest.importorskip("s3fs")
+    url, options = f"s3://{bucket}/run", server.options()
+    saver = CkptSaver(url, storage_options=options)
+    for it in (1, 2):
+        saver({"model": {"w": torch.full((3,), float(it))}, "trainer": {"iteration": it}}, f"c_{it}.pt")
+    saver.close()
+    again = CkptSaver(url, storage_options=options)
+    again.remove("c_1.pt")
+    again({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 3}}, "c_3.pt")
+    assert last_checkpoint(url, options) == url + "/c_3.pt"
+    assert load(url + "/c_2.pt", options)["trainer"]["iteration"] == 2
+    again.close()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -129,6 +130,30 @@ def test_works_on_urls() -> None:
     assert torch.equal(ckpt_io.load_checkpoint(url + "/a.ckpt")["w"], torch.ones(3))
     ckpt_io.remove_checkpoint(url + "/a.ckpt")
     assert last_checkpoint(url) is None
+
+
+def test_works_on_s3_across_runs(server: Any, bucket: str) -> None:
+    """A real S3 server (moto): one plug-in writes, rotates and is torn down (as Lightning
+    does at the end of fit); a new one (the resumed run) verifies, loads and writes on."""
+    pytest.importorskip("s3fs")
+    url, options = f"s3://{bucket}/run", server.options()
+    ckpt_io = CheckpointIO(storage_options=options)
+    for step in (1, 2, 3):
+        ckpt_io.save_checkpoint({"epoch": step, "global_step": step, "w": torch.full((3,), float(step))},
+                                f"{url}/e{step}.ckpt")
+    ckpt_io.remove_checkpoint(f"{url}/e1.ckpt")
+    assert last_checkpoint(url, options) == f"{url}/e3.ckpt"
+    ckpt_io.teardown()
+    resumed = CheckpointIO(storage_options=options)
+    assert torch.equal(resumed.load_checkpoint(f"{url}/e3.ckpt")["w"], torch.full((3,), 3.0))
+    resumed.save_checkpoint({"epoch": 4, "global_step": 4}, f"{url}/e4.ckpt")
+    assert last_checkpoint(url, options) == f"{url}/e4.ckpt"
+    resumed.teardown()
+    import s3fs
+    names = sorted(k.rsplit("/", 1)[-1] for k in s3fs.S3FileSystem(**options).ls(f"{bucket}/run"))
+    assert [n for n in names if n.endswith(".ckpt")] == ["e2.ckpt", "e3.ckpt", "e4.ckpt"]
+    assert [n for n in names if n.endswith(".ckpt-sum")] == ["e2.ckpt.ckpt-sum", "e3.ckpt.ckpt-sum",
+                                                              "e4.ckpt.ckpt-sum"]
 
 
 def test_import_ckpt_imports_no_integration() -> None:

@@ -82,6 +82,13 @@ class CkptSaver(BaseSaveHandler):
                 if name != filename:
                     _files.remove(self._store, name)
 
+    def close(self) -> None:
+        """Free the directory for another writer now (an object store's writer lease); a
+        saver that is not closed frees it when its process ends."""
+        release = getattr(self._store, "release", None)
+        if release is not None:
+            release()
+
     def remove(self, filename: str) -> None:
         """Called by ``Checkpoint`` before it saves the next file: deferred until that commits."""
         if idist.get_rank() == 0:

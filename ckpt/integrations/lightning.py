@@ -31,12 +31,13 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import PurePath
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import CorruptCheckpointError
 from ..state import capture_rng, restore_rng
+from ..storage import Store
 from . import _files
 
 try:
@@ -103,7 +104,7 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: List[Future[None]] = []
         self._lock = threading.Lock()
-        self._cleaned: Set[str] = set()
+        self._stores: Dict[str, Store] = {}  # one writer per directory (an object store's writer lease)
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         state = dict(checkpoint)
@@ -121,10 +122,16 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
 
     def _write(self, state: Dict[str, Any], path: Any, options: Optional[Any]) -> None:
         directory, name = _files.split(path)
-        store = _files.store_for(directory, options)
-        clean = directory not in self._cleaned  # a killed run's temporaries, once per directory
+        clean = directory not in self._stores  # a killed run's leftovers, once per directory
+        store = self._writer(directory, options)
         _files.save(store, name, state, dict(zip(_KEYS, _numbers(state))), clean=clean)
-        self._cleaned.add(directory)
+
+    def _writer(self, directory: str, options: Optional[Any]) -> Store:
+        with self._lock:
+            store = self._stores.get(directory)
+            if store is None:
+                store = self._stores[directory] = _files.store_for(directory, options)
+            return store
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable[..., Any]] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
@@ -151,7 +158,9 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
     def remove_checkpoint(self, path: Any) -> None:
         self.wait()  # never delete the previous file while its successor is being written
         directory, name = _files.split(path)
-        _files.remove(_files.store_for(directory, self.storage_options, create=False), name)
+        with self._lock:
+            store = self._stores.get(directory)
+        _files.remove(store or _files.store_for(directory, self.storage_options, create=False), name)
 
     def wait(self) -> None:
         """Block until every background save has committed; re-raise the first failure."""
@@ -176,8 +185,13 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
         finally:
             with self._lock:
                 executor, self._executor = self._executor, None
+                stores, self._stores = list(self._stores.values()), {}
             if executor is not None:
                 executor.shutdown(wait=True)
+            for store in stores:  # frees an object store's writer lease at once
+                release = getattr(store, "release", None)
+                if release is not None:
+                    release()
 
 
 class RankRNG(pl.Callback):  # type: ignore[misc]
