@@ -180,3 +180,35 @@ def test_every_function_is_at_most_50_lines() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and (n := (node.end_lineno or node.lineno) - node.lineno + 1) > MAX_FUNCTION_LINES}
     assert long == {}, "split these functions"
+
+
+def _storage_classes() -> Set[str]:
+    """The storage package's back-ends and capability Protocols (not its value types)."""
+    return {node.name for path in (ROOT / "storage").rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+            and (node.name.endswith(("Store", "Claim")) or any(ast.unparse(b) == "Protocol" for b in node.bases))}
+
+
+def test_no_caller_probes_a_store() -> None:
+    """Outside ckpt/storage/ a store is asked for its capabilities (storage.base.capabilities),
+    never probed: no ``getattr(<a store>, "name", ...)``, no ``hasattr`` on one, no
+    ``isinstance(x, <a storage class>)``."""
+    classes = _storage_classes()
+    probes: Dict[str, Set[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("storage", "store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) >= 2):
+                continue
+            first, second = node.args[0], node.args[1]
+            if (node.func.id in ("getattr", "hasattr") and isinstance(second, ast.Constant)
+                    and isinstance(second.value, str) and "store" in ast.unparse(first).lower()):
+                probes.setdefault(rel.as_posix(), set()).add(ast.unparse(node))
+            elif node.func.id == "isinstance":
+                named = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(second)
+                         if isinstance(n, (ast.Name, ast.Attribute))}
+                if named & classes:
+                    probes.setdefault(rel.as_posix(), set()).add(ast.unparse(node))
+    assert probes == {}, "use ckpt.storage.base.capabilities(store) instead"

@@ -22,25 +22,14 @@ and a scan on every commit, as before.
 from __future__ import annotations
 
 import threading
-from typing import List, Optional, Protocol, Tuple, runtime_checkable
+from typing import List, Optional, Tuple
 
 from ..record import CheckpointRecord
-from ..storage.base import Store
+from ..storage.base import Store, capabilities
 from . import index
 
 #: Below this snapshot size (about 50 checkpoints) the index is rewritten whole.
 JOURNAL_MIN = 16 << 10
-
-
-@runtime_checkable
-class Appendable(Protocol):
-    """The store capabilities the journal needs (a local directory has them)."""
-
-    def append(self, name: str, data: bytes) -> None:
-        """Append ``data`` to ``name`` durably (created if absent)."""
-
-    def identity(self, name: str) -> Optional[Tuple[int, int, int]]:
-        """(inode, size, mtime_ns) of ``name``, None when absent."""
 
 
 #: What a commit changed: the records it added, the file names it dropped.
@@ -52,7 +41,8 @@ class Book:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._journal = isinstance(store, Appendable)
+        self._caps = capabilities(store)
+        self._journal = self._caps.append is not None  # the journal needs appends
         self._lock = threading.Lock()
         self._records: Optional[List[CheckpointRecord]] = None  # sorted by key, as the index says
         self._seen: Optional[index.Identity] = None
@@ -65,7 +55,7 @@ class Book:
         """The committed records if no writer changed the index since this book saw it
         (the caller holds the writers' lock), else None: scan and :meth:`remember`."""
         with self._lock:
-            if (self._records is None or self._seen is None or index.identity(self.store) != self._seen
+            if (self._records is None or self._seen is None or index.identity(self.store, self._caps) != self._seen
                     or self._dir is None or self._directory() != self._dir):
                 self._records = None
                 return None
@@ -82,7 +72,7 @@ class Book:
         return self._directory()
 
     def _directory(self) -> Optional[Tuple[int, int, int]]:
-        ident = getattr(self.store, "identity", None)
+        ident = self._caps.identity
         return ident(".") if ident is not None else None
 
     def peek(self, seen: Optional[index.Identity]) -> Optional[Tuple[List[CheckpointRecord], int]]:
@@ -117,14 +107,15 @@ class Book:
                     and self._snapshot >= JOURNAL_MIN):
                 line = index.encode_line(*change)
             self._records = None  # until the write has succeeded
-            if line and self._tail + len(line) <= self._snapshot:
-                self.store.append(index.JOURNAL_NAME, line)  # type: ignore[attr-defined]
+            append = self._caps.append
+            if line and append is not None and self._tail + len(line) <= self._snapshot:
+                append(index.JOURNAL_NAME, line)
                 self._tail += len(line)
             else:
                 self._snapshot, self._tail = index.write(self.store, records), 0
             self._appendable = True
             self._records = list(records)
-            self._seen = index.identity(self.store)
+            self._seen = index.identity(self.store, self._caps)
 
     def restore(self, before: List[CheckpointRecord]) -> None:
         """Put the index back to ``before``, the records when the commit started (the

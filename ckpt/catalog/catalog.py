@@ -18,7 +18,7 @@ from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
 from ..format import torchfile, torchio
 from ..io.checksum import file_checksum
 from ..record import CheckpointRecord
-from ..storage.base import Store
+from ..storage.base import Store, capabilities
 from ..verdicts import MissingFilesWarning, Quarantine, Quarantined, Status, UnindexedFileWarning, Verdict
 from . import commit as _commit
 from . import differential, index, sharddir
@@ -44,6 +44,8 @@ class Catalog:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        #: What the store can do beyond the Store protocol (asked once).
+        self.caps = capabilities(store)
         self._book = Book(store)  # the writer's copy of the index (flat bookkeeping)
         self._suspects: Set[str] = set()  # unreferenced tensor files seen after this writer's last commit
         self._memo: Optional[differential.Previous] = None  # what this writer's last differential save holds
@@ -58,7 +60,7 @@ class Catalog:
         # Tensor files no checkpoint references: a crashed save's, or a live save's that
         # has not committed yet. Only a lock that excludes every writer tells them apart;
         # elsewhere (object stores) the writer collects them after its commits (_collect).
-        exclusive = getattr(self.store, "exclusive_lock", False)
+        exclusive = self.caps.exclusive_lock
         orphans = differential.unreferenced(
             self.store, {b for r in listing.records for b, _ in r.blobs}) if exclusive else []
         if not listing.changed and not orphans:
@@ -138,19 +140,19 @@ class Catalog:
         matches it, so a reader racing a writer does not report evicted files as
         missing. A caller holding the lock sees no commits and reads the index once.
         """
-        seen = index.identity(self.store)
+        seen = index.identity(self.store, self.caps)
         raw = index.read_raw(self.store)
         on_disk: Dict[str, int] = {}
         for _ in range(_OBSERVE_TRIES):
             on_disk = {n: s for n, s in self.store.list("ckpt-").items() if schema.parse_name(n)}
-            list_dirs = getattr(self.store, "list_dirs", None)  # sharded checkpoints: local stores only
+            list_dirs = self.caps.list_dirs  # sharded checkpoints: local stores only
             if list_dirs is not None:
                 on_disk.update((n, s) for n, s in list_dirs("ckpt-").items()
                                if schema.parse_name(n) and schema.is_sharded(n))
             if locked:
                 break
             if seen is not None:
-                again_seen = index.identity(self.store)
+                again_seen = index.identity(self.store, self.caps)
                 if again_seen == seen:
                     break
                 seen, raw = again_seen, index.read_raw(self.store)
@@ -233,7 +235,7 @@ class Catalog:
                 self.store, records, self._book, checkpoint, retention=retention, protected=protected,
                 overwrite=overwrite, progress=progress, differential_save=differential_save, previous=previous)
             self._book.seal()
-            if differential_save and not getattr(self.store, "exclusive_lock", False):
+            if differential_save and not self.caps.exclusive_lock:
                 self._collect(kept)
             return rec, kept
 

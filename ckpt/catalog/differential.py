@@ -44,7 +44,7 @@ from .. import schema
 from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
 from ..format import changes, chunks, torchfile
 from ..record import CheckpointRecord
-from ..storage.base import Store
+from ..storage.base import Store, capabilities
 from ..storage.local import LocalStore
 
 MARKER = "ckpt_blob"
@@ -203,8 +203,7 @@ def _peek(store: Store, name: str) -> Optional[torch.Tensor]:
 def _remote_only(store: Store) -> bool:
     """An object store without a local copy of the packs: chunks are compared by digest
     (reading the packs would download them)."""
-    local = getattr(store, "local", store)  # a tiered store: its local cache
-    return not isinstance(getattr(local, "directory", None), Path)
+    return capabilities(store).local_copies is None
 
 
 #: Packs this process wrote or verified: (store, name) -> (checksum, file identity then).
@@ -214,9 +213,8 @@ _INTACT: Dict[Tuple[str, str], Tuple[str, Tuple[int, ...]]] = {}
 
 
 def _identity(store: Store, name: str) -> Optional[Tuple[int, ...]]:
-    local = getattr(store, "local", store)  # a tiered store: its local cache
-    directory = getattr(local, "directory", None)  # local files only: a download is new each time
-    if not isinstance(directory, Path):
+    directory = capabilities(store).local_copies  # local files only: a download is new each time
+    if directory is None:
         return None
     try:
         st = (directory / name).stat()
@@ -238,8 +236,8 @@ def _intact(store: Store, name: str, checksum: str) -> bool:
     seen = _INTACT.get((store.url, name))
     if seen is not None and seen[0] == checksum and seen[1] == _identity(store, name):
         return True
-    recorded = getattr(store, "recorded_checksum", None)
-    if _remote_only(store) and callable(recorded):
+    recorded = capabilities(store).recorded_checksum
+    if _remote_only(store) and recorded is not None:
         try:
             return bool(recorded(name) == checksum)
         except OSError:

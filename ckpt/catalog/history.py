@@ -32,8 +32,7 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 from .. import policy, schema
 from ..errors import ConfigError, CorruptCheckpointError
 from ..record import CheckpointRecord
-from ..storage.base import Store
-from ..storage.local import LocalStore
+from ..storage.base import Store, capabilities
 
 HISTORY_NAME = "ckpt-history.jsonl"
 #: A segment of an object store's history is rewritten whole until it holds this much.
@@ -80,7 +79,7 @@ def append(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolic
     succeeds.
     """
     data = encode(rec, retention, protected)
-    if not isinstance(store, LocalStore):
+    if capabilities(store).local_root is None:  # no real file to append to
         _rewrite(store, data)
         return
     try:
@@ -170,7 +169,7 @@ def last(store: Store) -> Optional[Entry]:
     """The newest entry that records a policy, reading only the file's tail (``ckpt ls``
     stays fast however long the run)."""
     try:
-        if isinstance(store, LocalStore):
+        if capabilities(store).local_root is not None:
             with open(store.where(HISTORY_NAME), "rb") as f:
                 size = f.seek(0, os.SEEK_END)
                 f.seek(max(0, size - 4 * MAX_LINE))

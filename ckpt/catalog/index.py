@@ -23,7 +23,7 @@ from .. import record, schema
 from ..errors import FormatVersionError
 from ..record import CheckpointRecord
 from ..storage.base import INDEX_NAME as INDEX_NAME  # the name is the storage layer's: see there
-from ..storage.base import Store
+from ..storage.base import Capabilities, Store, capabilities
 
 JOURNAL_NAME = "ckpt-index.log"
 INDEX_VERSION = 1
@@ -150,9 +150,10 @@ def _read_one(store: Store, name: str) -> Optional[bytes]:
         return b""
 
 
-def identity(store: Store) -> Optional[Identity]:
-    """The index's ``Identity``, None where the store cannot tell (then it is re-read)."""
-    ident = getattr(store, "identity", None)
+def identity(store: Store, caps: Optional[Capabilities] = None) -> Optional[Identity]:
+    """The index's ``Identity``, None where the store cannot tell (then it is re-read);
+    ``caps``: the store's capabilities, if the caller keeps them."""
+    ident = (caps or capabilities(store)).identity
     if ident is None:
         return None
     return ident(INDEX_NAME), ident(JOURNAL_NAME)

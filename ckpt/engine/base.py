@@ -17,6 +17,7 @@ from ..cadence import Cadence
 from ..options import Options
 from ..policy import RetentionPolicy
 from ..record import CheckpointRecord
+from ..storage.base import capabilities
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -97,13 +98,13 @@ class Engine(Protocol):
 
 def flush(store: Any) -> None:
     """A tiered store's uploads committed (other stores have nothing pending)."""
-    flush = getattr(store, "flush", None)
+    flush = capabilities(store).flush
     if flush is not None:
         flush()
 
 
 def release(store: Any) -> None:
     """A remote run directory's writer claim given up: the next writer may take it now."""
-    release = getattr(store, "release", None)
+    release = capabilities(store).release
     if release is not None:
         release()

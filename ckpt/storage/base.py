@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 if TYPE_CHECKING:
     from .trees import Tree
@@ -77,3 +77,112 @@ class Store(Protocol):
 
     def tree(self, name: str) -> Tree:
         """The sharded checkpoint ``name``, a directory of files (:mod:`ckpt.storage.trees`)."""
+
+
+# -- capabilities: what some stores can do beyond the Store protocol -------------------
+#
+# A caller never probes a store (``getattr``, ``isinstance`` against a back-end); it asks
+# :func:`capabilities` once and uses what it gets (None: the store cannot).
+
+
+@runtime_checkable
+class Identifies(Protocol):
+    """Tells whether a file changed without reading it (a local directory)."""
+
+    def identity(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """(inode, size, mtime_ns) of ``name`` (``"."``: the directory itself), None when absent."""
+
+
+@runtime_checkable
+class Appends(Identifies, Protocol):
+    """Appends durably to a file, and tells when it changed: what the index's journal needs."""
+
+    def append(self, name: str, data: bytes) -> None:
+        """Append ``data`` to ``name`` durably (created if absent)."""
+
+
+@runtime_checkable
+class ListsDirectories(Protocol):
+    """Lists directories (sharded checkpoints) beside the files."""
+
+    def list_dirs(self, prefix: str = "") -> Dict[str, int]:
+        """Committed directories starting with ``prefix`` and their total sizes."""
+
+
+@runtime_checkable
+class Flushes(Protocol):
+    """Has work of its own in the background (a tiered store's uploads)."""
+
+    def flush(self) -> None:
+        """Wait until that work is done; raise its error."""
+
+
+@runtime_checkable
+class Releases(Protocol):
+    """Holds a claim on the run directory beyond its lock (a remote writer's)."""
+
+    def release(self) -> None:
+        """Give the run directory up: the next writer may take it at once."""
+
+
+@runtime_checkable
+class RecordsChecksums(Protocol):
+    """Keeps each object's checksum beside it (an object store's commit record)."""
+
+    def recorded_checksum(self, name: str) -> Optional[str]:
+        """The checksum recorded when ``name`` was committed, None when there is none."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one store can do beyond :class:`Store`, each None (or False) where it cannot."""
+
+    #: See :class:`Identifies`.
+    identity: Optional[Callable[[str], Optional[Tuple[int, int, int]]]] = None
+    #: See :class:`Appends` (only with ``identity``).
+    append: Optional[Callable[[str, bytes], None]] = None
+    #: See :class:`ListsDirectories`.
+    list_dirs: Optional[Callable[[str], Dict[str, int]]] = None
+    #: See :class:`Flushes`.
+    flush: Optional[Callable[[], None]] = None
+    #: See :class:`Releases`.
+    release: Optional[Callable[[], None]] = None
+    #: See :class:`RecordsChecksums`.
+    recorded_checksum: Optional[Callable[[str], Optional[str]]] = None
+    #: The run directory is this real (local or shared POSIX) directory: files can be
+    #: opened, appended to and hold directories (the metrics history, sharded checkpoints).
+    local_root: Optional[Path] = None
+    #: A directory holding a local copy of each file the store has (a local directory;
+    #: a tiered store's cache): a file there unchanged since it was checked is not read again.
+    local_copies: Optional[Path] = None
+    #: The writers' lock excludes every other writer (not only a second manager of this
+    #: process), so files no commit references yet are a crashed writer's.
+    exclusive_lock: bool = False
+
+
+@runtime_checkable
+class DescribesItself(Protocol):
+    """A store that says its capabilities itself (a local directory, a wrapper forwarding
+    those of what it wraps)."""
+
+    def capabilities(self) -> Capabilities:
+        """This store's :class:`Capabilities`."""
+
+
+def capabilities(store: object) -> Capabilities:
+    """What ``store`` can do beyond :class:`Store` (compute it once and keep it)."""
+    if isinstance(store, DescribesItself):
+        return store.capabilities()
+    return probed(store)
+
+
+def probed(store: object) -> Capabilities:
+    """The capabilities ``store``'s methods give (each Protocol above); no local files, no
+    exclusive lock. A store that has more says so in its own ``capabilities()``."""
+    return Capabilities(
+        identity=store.identity if isinstance(store, Identifies) else None,
+        append=store.append if isinstance(store, Appends) else None,
+        list_dirs=store.list_dirs if isinstance(store, ListsDirectories) else None,
+        flush=store.flush if isinstance(store, Flushes) else None,
+        release=store.release if isinstance(store, Releases) else None,
+        recorded_checksum=store.recorded_checksum if isinstance(store, RecordsChecksums) else None)

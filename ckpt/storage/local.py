@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from ..errors import StorageError, storage_error
 from ..io.checksum import ChecksumWriter, format_checksum
 from ..io.posix import fsync_dir, read_regular
-from .base import OnBytes, Produce, Written
+from .base import Capabilities, OnBytes, Produce, Written
 
 if TYPE_CHECKING:
     from .trees import LocalTree
@@ -188,6 +188,13 @@ class LocalStore:
         self.directory = prepare_directory(Path(directory)) if create else Path(directory)
         self.url = str(self.directory)
         self._reclaimer = _Reclaimer()
+
+    def capabilities(self) -> Capabilities:
+        """Everything but recorded checksums: a real directory, appends, identities, a lock
+        that excludes every other writer."""
+        return Capabilities(identity=self.identity, append=self.append, list_dirs=self.list_dirs,
+                            flush=self.flush, local_root=self.directory, local_copies=self.directory,
+                            exclusive_lock=self.exclusive_lock)
 
     def where(self, name: str) -> Path:
         return self.directory / name

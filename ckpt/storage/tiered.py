@@ -26,6 +26,7 @@ commit (:meth:`lock`) too: saving on would race that writer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -38,7 +39,7 @@ from .. import schema
 from ..errors import StorageError
 from ..io.checksum import file_checksum
 from ..progress import Progress
-from .base import INDEX_NAME, OnBytes, Produce, Written
+from .base import INDEX_NAME, Capabilities, OnBytes, Produce, Written, capabilities, probed
 from .local import LocalStore
 from .remote import FsspecStore, ObjectPath
 from .trees import TieredTree
@@ -67,6 +68,12 @@ class TieredStore:
         #: Uploads of sharded checkpoints: name -> (the job, run as the run's writer or not).
         self._jobs: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}
         self._remote_dirs: Optional[Dict[str, int]] = None  # the remote tier's sharded checkpoints, listed once
+
+    def capabilities(self) -> Capabilities:
+        """Its own methods' (uploads to flush, the remote claim to release, directories
+        listed on both tiers) and the local copies of its cache; not the cache's directory
+        as the run's root: the run lives remotely."""
+        return dataclasses.replace(probed(self), local_copies=capabilities(self.local).local_copies)
 
     def where(self, name: str) -> ObjectPath:
         return self.remote.where(name)
