@@ -189,14 +189,6 @@ def test_clean_temporaries_leaves_a_busy_writers_temporaries(tmp_path):
     assert LocalStore(tmp_path).clean_temporaries() == [live.name]
 
 
-def test_remove_tolerates_a_missing_file(tmp_path):
-    path = tmp_path / "x"
-    path.write_bytes(b"1")
-    LocalStore(path.parent).delete(path.name)
-    LocalStore(path.parent).delete(path.name)
-    assert not path.exists()
-
-
 def test_quarantine_keeps_the_bytes_under_a_corrupt_name(tmp_path):
     path = tmp_path / "ckpt-e000001-s000000000.pt"
     path.write_bytes(b"damaged")
