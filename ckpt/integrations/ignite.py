@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CorruptCheckpointError
 from ..state import capture_rng, restore_rng
+from ..storage.base import capabilities
 from . import _files
 
 try:
@@ -85,7 +86,7 @@ class CkptSaver(BaseSaveHandler):
     def close(self) -> None:
         """Free the directory for another writer now (an object store's writer lease); a
         saver that is not closed frees it when its process ends."""
-        release = getattr(self._store, "release", None)
+        release = capabilities(self._store).release
         if release is not None:
             release()
 

@@ -38,6 +38,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..state import capture_rng, restore_rng
 from ..storage import Store
+from ..storage.base import capabilities
 from . import _files
 
 try:
@@ -189,7 +190,7 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
             if executor is not None:
                 executor.shutdown(wait=True)
             for store in stores:  # frees an object store's writer lease at once
-                release = getattr(store, "release", None)
+                release = capabilities(store).release
                 if release is not None:
                     release()
 
