@@ -27,8 +27,8 @@ def free_port() -> int:
 class MotoServer:
     """``python -m moto.server`` on 127.0.0.1, polled until it answers."""
 
-    def __init__(self, env: Optional[Dict[str, str]] = None) -> None:
-        self.port = free_port()
+    def __init__(self, env: Optional[Dict[str, str]] = None, port: Optional[int] = None) -> None:
+        self.port = port or free_port()  # a port of a stopped server: its restart (moto keeps nothing)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      env=dict(os.environ, **(env or {})),

@@ -54,7 +54,7 @@ from .lease import WRITER_NAME, Lease
 from .local import TMP_PREFIX
 from .remote_fs import ObjectPath as ObjectPath
 from .remote_fs import filesystem as filesystem
-from .remote_fs import never_wait_for_continue
+from .remote_fs import never_wait_for_continue, request_limit
 from .remote_trees import TreeObjects, mtime
 
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class FsspecStore(WriterClaim, TreeObjects):
             raise ConfigError(f"storage_options[{RETRY_OPTION!r}] must be a number of seconds, got {deadline!r}",
                               hint=f"pass {RETRY_OPTION}=60 (the default) or 0 to never retry")
         held = _lease.options(options)
+        per_request = request_limit(options)
         self.fs, self.root = filesystem(self.url, options)
         self.deadline = float(deadline)
         self.stale_after = stale_after
@@ -94,7 +95,7 @@ class FsspecStore(WriterClaim, TreeObjects):
         self._known: Optional[Dict[str, int]] = None
         self._generation = 0
         self._check_reachable()
-        never_wait_for_continue(self.fs)
+        never_wait_for_continue(self.fs, per_request)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ locations shown as URLs, and one fix to the S3 client (uploads never wait foreve
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -48,13 +48,41 @@ def filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[
     return fs, str(root).rstrip("/")
 
 
-def never_wait_for_continue(fs: Any) -> None:
-    """Drop ``Expect: 100-continue`` from S3 uploads: aiohttp waits for the server's
-    "100 Continue" with no timeout at all, so an upload to an endpoint that stopped
-    answering (SIGSTOPped, a dead load balancer) hung forever, past every client timeout."""
+#: ckpt's key in ``storage_options``: the longest one S3 request may take, in seconds.
+REQUEST_OPTION = "ckpt_request_seconds"
+DEFAULT_REQUEST_LIMIT = 300.0
+
+
+def request_limit(options: Dict[str, Any]) -> float:
+    """The per-request limit popped from ``storage_options`` (fsspec never sees it)."""
+    value = options.pop(REQUEST_OPTION, DEFAULT_REQUEST_LIMIT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"storage_options[{REQUEST_OPTION!r}] must be a positive number of seconds, got {value!r}",
+                          hint=f"pass {REQUEST_OPTION}={DEFAULT_REQUEST_LIMIT:.0f} (the default: a 5 MiB part "
+                               "at 17 kB/s)")
+    return float(value)
+
+
+def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> None:
+    """Make every S3 request end in bounded time. Two ways an upload to an endpoint that
+    stopped answering (SIGSTOPped, a dead load balancer) hung forever, past every
+    client timeout: botocore's ``Expect: 100-continue``, which aiohttp waits for with no
+    timeout (the header is dropped), and a part's body that no longer drains into the
+    socket (aiohttp has no write timeout: each request through ``call_s3``, which the
+    upload of a file uses, is given ``limit`` seconds, then cancelled, a transient error
+    that the store's retries and deadline handle)."""
     events = getattr(getattr(getattr(fs, "s3", None), "meta", None), "events", None)
-    if events is not None:
-        events.register("before-send.s3", _drop_expect, unique_id="ckpt-drop-expect")
+    if events is None:
+        return
+    events.register("before-send.s3", _drop_expect, unique_id="ckpt-drop-expect")
+    inner = getattr(fs, "_call_s3", None)
+    if inner is not None:
+        from fsspec.asyn import sync
+
+        def call_s3(method: Any, *args: Any, **kwargs: Any) -> Any:
+            return sync(fs.loop, inner, method, *args, timeout=limit, **kwargs)
+
+        fs.call_s3 = call_s3
 
 
 def _drop_expect(request: Any, **_: Any) -> None:
