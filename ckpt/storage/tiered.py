@@ -40,7 +40,7 @@ from ..errors import StorageError
 from ..io.checksum import file_checksum
 from ..progress import Progress
 from .base import INDEX_NAME, Capabilities, OnBytes, Produce, Written, capabilities, probed
-from .local import LocalStore
+from .local import TMP_PREFIX, LocalStore
 from .remote import FsspecStore, ObjectPath
 from .trees import TieredTree
 
@@ -137,6 +137,15 @@ class TieredStore:
         only the local one, the one reads were served from: the remote copy is then read
         next, and verified on its own."""
         self.flush(raise_error=False)  # the remote side must hold what the local one does
+        if src.startswith(TMP_PREFIX):  # a copy kept aside (keep_aside) is in the cache only
+            self.local.move(src, dst)
+            with self._cond:  # its bytes go up again under dst
+                self._deletes.pop(dst, None)
+                self._uploads.pop(dst, None)
+                self._writes += 1
+                self._uploads[dst] = self._writes
+                self._start()
+            return
         if schema.is_sharded(src):  # a directory: both tiers' copies go
             if os.path.isdir(self.local.where(src)):
                 self.local.move(src, dst)
