@@ -1,6 +1,6 @@
 """Where a sharded save writes, and how it commits: a directory, an object store, a cache.
 
-:func:`ckpt.distributed.sharded.save_to` drives a target through these steps:
+``ckpt.distributed.sharded.save_to`` drives a target through these steps:
 
 - ``begin()``: the ranks that own the scratch space (``owner``) clear a crashed save's
   leftovers; rank 0 refuses an existing checkpoint of that name;

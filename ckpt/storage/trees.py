@@ -1,7 +1,7 @@
 """Sharded checkpoints as directories of files in any store: local, object store, tiered.
 
 A sharded checkpoint (``ckpt-e<epoch>-s<step>.dcp/``) is a directory of files. Each
-store hands out a :class:`Tree` for one: the reads the catalog needs (manifest, plain
+store hands out a ``Tree`` for one: the reads the catalog needs (manifest, plain
 entries, verification) and what the distributed layer needs to write and load it.
 
 - :class:`LocalTree`: a directory on a local (or shared POSIX) disk.
