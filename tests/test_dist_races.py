@@ -14,17 +14,14 @@ rank (a known gap: ranks do not choose again; a run directory has one writer).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 import torch
 from dist_harness import run
-from test_races import DEADLINE, SIZE, WRITER, _quarantined, _wait_for
+from test_races import DEADLINE, SIZE, _quarantined, writer_process
 
-import ckpt
 from ckpt import CheckpointManager
 
 pytestmark = pytest.mark.slow
@@ -35,26 +32,8 @@ READS = 25  # resumes per rank (the bound; no timing is asserted)
 @pytest.fixture
 def evicting(tmp_path: Path) -> Iterator[Path]:
     """A writer process saving a new epoch in a loop with keep_last=2; stopped and reaped."""
-    directory, stop = tmp_path / "run", tmp_path / "stop"
-    with CheckpointManager(directory, model=torch.nn.Linear(SIZE, SIZE), progress=False) as first:
-        first.save(epoch=0)
-    source = str(Path(ckpt.__file__).resolve().parent.parent)
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), "evict", str(stop), str(SIZE)],
-                            cwd=source, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: (tmp_path / "saves").exists() or proc.poll() is not None)
-        assert proc.poll() is None, f"writer failed to start: {proc.stderr.read() if proc.stderr else ''}"
+    with writer_process(tmp_path, "evict") as directory:
         yield directory
-        assert proc.poll() is None, f"writer died: {proc.stderr.read() if proc.stderr else ''}"
-    finally:
-        stop.touch()
-        try:
-            proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def _resume_loop(rank: int, world: int, directory: str, reads: int) -> List[int]:

@@ -4,7 +4,6 @@ real fit SIGKILLed from outside, on one process and on two (torchrun, gloo), res
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -62,13 +61,6 @@ def test_prepared_objects_resume_mid_epoch_exactly(tmp_path: Path, stop: int) ->
     assert same_weights(resumed, full)
 
 
-def _saves(d: Path) -> int:
-    try:
-        return len(json.loads((d / "ckpt-index.json").read_text())["checkpoints"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2], ids=["1-process", "2-processes"])
 def test_killed_fit_resumes_bit_exact(tmp_path: Path, ranks: int) -> None:
@@ -77,7 +69,7 @@ def test_killed_fit_resumes_bit_exact(tmp_path: Path, ranks: int) -> None:
     launcher = trainer_runs.TORCHRUN_2 if ranks == 2 else (sys.executable,)
     run, full = tmp_path / "run", tmp_path / "full.pt"
     trainer_runs.run_and_kill_ranks("accelerate", run, tmp_path / "killed.pt",
-                                    lambda d: full.exists() and _saves(d) >= 2, "--full", str(full),
+                                    lambda d: full.exists() and trainer_runs.saves(d) >= 2, "--full", str(full),
                                     ranks=ranks, launcher=launcher)
     assert not (tmp_path / "killed.pt").exists(), "the kill came too late to test a resume"
     trainer_runs.run("accelerate", run, tmp_path / "resumed.pt", "--resume", launcher=launcher)

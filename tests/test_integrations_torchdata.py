@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,12 @@ from ckpt import CheckpointManager  # noqa: E402
 from ckpt.errors import StateMismatchError  # noqa: E402
 
 
-def _saves(d: Path) -> int:
-    try:
-        return len(json.loads((d / "ckpt-index.json").read_text())["checkpoints"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
-
-
 @pytest.mark.slow
 def test_killed_mid_epoch_resumes_bit_exact_without_generator(tmp_path: Path) -> None:
     run, full = tmp_path / "run", tmp_path / "full.pt"
     # one launch: the uninterrupted run, then the one killed after step 15 (inside epoch 1 of 12 steps)
-    trainer_runs.run_and_kill("torchdata", run, lambda d: full.exists() and _saves(d) >= 3, "--full", str(full))
+    trainer_runs.run_and_kill("torchdata", run, lambda d: full.exists() and trainer_runs.saves(d) >= 3,
+                              "--full", str(full))
     trainer_runs.run("torchdata", run, tmp_path / "resumed.pt", "--resume")
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
 

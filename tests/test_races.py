@@ -49,14 +49,15 @@ READS = 60          # reader iterations per test (the bound; no timing is assert
 DEADLINE = 120.0    # generous: a loaded machine only makes the loops slower
 
 
-@pytest.fixture
-def writer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """Start the writer process in ``request.param`` mode; always stopped and reaped."""
+@contextmanager
+def writer_process(tmp_path: Path, mode: str) -> Iterator[Path]:
+    """A writer process saving in ``mode`` (see WRITER) into ``tmp_path/run``; always
+    stopped and reaped. Also used by test_dist_races.py."""
     directory, stop = tmp_path / "run", tmp_path / "stop"
     with CheckpointManager(directory, model=torch.nn.Linear(SIZE, SIZE), progress=False) as first:
         first.save(epoch=0)  # something to read from the start
     source = str(Path(ckpt.__file__).resolve().parent.parent)
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), request.param, str(stop), str(SIZE)],
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), mode, str(stop), str(SIZE)],
                             cwd=source, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (tmp_path / "saves").exists() or proc.poll() is not None)
@@ -72,6 +73,13 @@ def writer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.fixture
+def writer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Start the writer process in ``request.param`` mode; always stopped and reaped."""
+    with writer_process(tmp_path, request.param) as directory:
+        yield directory
 
 
 def _wait_for(condition: Callable[[], bool]) -> None:

@@ -8,6 +8,7 @@ Imported as ``trainer_runs`` (the tests folder is on ``sys.path``) for the kill 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -285,6 +286,14 @@ def main(argv: List[str]) -> None:
 
 #: ``torchrun`` with 2 processes on this machine (gloo: Accelerator(cpu=True) under it).
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def saves(directory: Path) -> int:
+    """How many checkpoints a run directory's index lists (0 before its first commit)."""
+    try:
+        return len(json.loads((directory / "ckpt-index.json").read_text())["checkpoints"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
 
 
 def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 120,
