@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from .. import record, schema
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ..errors import CorruptCheckpointError, StorageError
 from ..format import torchfile, torchio
-from ..format.shardfiles import MANIFEST, manifest_bytes, parse_manifest, verify_files
+from ..format.shardfiles import MANIFEST, manifest_of, parse_manifest, verify_files
 from ..io.checksum import crc32, format_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store
@@ -41,14 +41,7 @@ def _local(store: Store, name: str) -> Path:
 def _manifest(store: Store, name: str) -> Tuple[bytes, Dict[str, Any]]:
     """The manifest's bytes and contents (CheckpointNotFoundError without one)."""
     tree = store.tree(name)
-    if isinstance(tree, LocalTree):
-        data = manifest_bytes(tree.path)
-    else:
-        try:
-            data = tree.read_bytes(MANIFEST)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError("not a committed sharded checkpoint (no manifest)", path=tree.where(),
-                                          hint="a directory without ckpt-manifest.json is an unfinished save") from e
+    data = manifest_of(tree)
     return data, parse_manifest(data, tree.where(MANIFEST))
 
 

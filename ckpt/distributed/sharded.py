@@ -80,6 +80,7 @@ from ..format.shardfiles import (
     MANIFEST,
     VERSION,
     fsync_dir,
+    manifest_of,
     parse_manifest,
     read_manifest,
     verify_files,
@@ -88,7 +89,7 @@ from ..storage.base import Store
 from ..storage.trees import LocalTree, Tree
 from .collective import Group, agree, broadcast_object, sync
 from .shardread import reader_for
-from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, manifest_of, torch_load
+from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, torch_load
 from .targets import LocalTarget, for_tree
 
 META = "ckpt-meta.pt"

@@ -17,10 +17,9 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..format import torchio
-from ..format.shardfiles import MANIFEST, manifest_bytes
-from ..storage.trees import LocalTree, Tree
+from ..storage.trees import Tree
 
 
 def torch_load(tree: Tree, rel: str) -> dict[str, Any]:
@@ -34,16 +33,6 @@ def torch_load(tree: Tree, rel: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise CorruptCheckpointError("the plain entries are not a dict", path=path)
     return loaded
-
-
-def manifest_of(tree: Tree) -> bytes:
-    if isinstance(tree, LocalTree):
-        return manifest_bytes(tree.path)  # typed errors for a missing or unreadable one
-    try:
-        return tree.read_bytes(MANIFEST)
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError("not a committed sharded checkpoint (no manifest)", path=tree.where(),
-                                      hint="a directory without ckpt-manifest.json is an unfinished save") from e
 
 
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Protocol
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from ..io.checksum import crc32
 from ..io.posix import open_regular, read_regular
+from ..storage.trees import LocalTree, Tree
 
 MANIFEST = "ckpt-manifest.json"
 FORMAT = "ckpt-sharded"
@@ -40,6 +41,17 @@ def manifest_bytes(final_dir: Path) -> bytes:
                                       hint="a directory without ckpt-manifest.json is an unfinished save") from e
     except OSError as e:
         raise _damaged(path, f"unreadable manifest ({e.strerror or e}); expected a regular JSON file") from e
+
+
+def manifest_of(tree: Tree) -> bytes:
+    """A sharded checkpoint's manifest bytes, from any store's tree (typed errors without one)."""
+    if isinstance(tree, LocalTree):
+        return manifest_bytes(tree.path)  # typed errors for a missing or unreadable one
+    try:
+        return tree.read_bytes(MANIFEST)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError("not a committed sharded checkpoint (no manifest)", path=tree.where(),
+                                      hint="a directory without ckpt-manifest.json is an unfinished save") from e
 
 
 def parse_manifest(data: bytes, path: PurePath) -> dict[str, Any]:
