@@ -232,25 +232,25 @@ class LocalStore:
         return nullcontext(self.directory / name)
 
     def list(self, prefix: str = "") -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        with os.scandir(self.directory) as it:
-            for entry in it:
-                if entry.name.startswith(prefix) and not entry.name.startswith(TMP_PREFIX):
-                    with suppress(FileNotFoundError):
-                        if entry.is_file(follow_symlinks=False):
-                            out[entry.name] = entry.stat(follow_symlinks=False).st_size
-        return out
+        return self._scan(prefix, dirs=False)
 
     def list_dirs(self, prefix: str = "") -> Dict[str, int]:
         """Committed directories (sharded checkpoints) starting with ``prefix``, and the
         total bytes of the files in each."""
+        return self._scan(prefix, dirs=True)
+
+    def _scan(self, prefix: str, *, dirs: bool) -> Dict[str, int]:
+        """The regular files (or directories) named ``prefix...``, temporaries left out, and
+        their sizes; an entry deleted while listed is left out too."""
         out: Dict[str, int] = {}
         with os.scandir(self.directory) as it:
             for entry in it:
                 if entry.name.startswith(prefix) and not entry.name.startswith(TMP_PREFIX):
                     with suppress(FileNotFoundError):
-                        if entry.is_dir(follow_symlinks=False):
+                        if dirs and entry.is_dir(follow_symlinks=False):
                             out[entry.name] = _tree_size(Path(entry.path))
+                        elif not dirs and entry.is_file(follow_symlinks=False):
+                            out[entry.name] = entry.stat(follow_symlinks=False).st_size
         return out
 
     def tree(self, name: str) -> LocalTree:
