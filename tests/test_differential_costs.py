@@ -145,3 +145,22 @@ def test_a_tensor_stored_inline_then_frozen_restores_after_a_restart(tmp_path: P
     fresh = torch.nn.Linear(256, 256, bias=False)
     CheckpointManager(tmp_path, layer=fresh).restore(2)
     assert torch.equal(fresh.weight, layer.weight)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_tensor_that_changed_shape_or_dtype_is_written_anew(tmp_path: Path, change: str) -> None:
+    """A restarted run whose large tensor has another shape or dtype than the previous
+    checkpoint's cannot reuse its chunks: every chunk is written, the save succeeds and the
+    checkpoint restores (was: a raw IndexError from the old reference's chunk table)."""
+    first = torch.nn.Embedding(ROWS, 64)
+    with CheckpointManager(tmp_path, embedding=first, differential=True) as mgr:
+        mgr.save(epoch=0)
+    torch.manual_seed(1)
+    second = torch.nn.Embedding(2 * ROWS, 64) if change == "shape" else torch.nn.Embedding(ROWS, 64).double()
+    with CheckpointManager(tmp_path, embedding=second, differential=True) as mgr:
+        mgr.save(epoch=1)
+        mgr.save(epoch=2)  # and the save after it reuses the new chunks
+    fresh = torch.nn.Embedding(2 * ROWS, 64) if change == "shape" else torch.nn.Embedding(ROWS, 64).double()
+    with CheckpointManager(tmp_path, embedding=fresh, differential=True) as mgr:
+        assert mgr.resume() == 3
+    assert torch.equal(fresh.weight, second.weight)

@@ -149,8 +149,7 @@ class _Split:
         self.following[path] = changes.Before(sample=decision.sample)
         if decision.inline or decision.changed is None:
             return tensor  # written whole, as in a full save
-        done = chunks.layout(data, chunks.rows_per_chunk(data), old.ref if old is not None else None,
-                             decision.changed)
+        done = chunks.layout(data, chunks.rows_per_chunk(data), decision.reuse, decision.changed)
         ref = done.ref[chunks.KEY]
         for name in done.reused:
             self.used[name] = self.known[name]

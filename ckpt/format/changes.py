@@ -55,12 +55,14 @@ class Before:
 class Decision:
     """For one tensor: write it whole (``inline``), or the chunks marked ``changed``.
     ``sample``: its sampled chunks' bytes (a copy, kept for the next save); ``digests``:
-    one per chunk, when the store compares by digest."""
+    one per chunk, when the store compares by digest; ``reuse``: the previous reference
+    whose chunks the unchanged ones stay in (None when every chunk is written)."""
 
     inline: bool
     changed: Optional[chunks.Mask]
     sample: Any
     digests: Optional[torch.Tensor] = None
+    reuse: Optional[Dict[str, Any]] = None
 
 
 def decide(data: torch.Tensor, before: Optional[Before], packs: chunks.Packs, trusted: Callable[[int], bool], *,
@@ -93,7 +95,7 @@ def decide(data: torch.Tensor, before: Optional[Before], packs: chunks.Packs, tr
     if before.ref is None:  # stored inline before: no pack to reuse, every chunk is written once
         return Decision(False, everything, sample, digests)
     chunks.mark_untrusted(changed, before.ref, trusted)  # a damaged pack is never reused
-    return Decision(False, changed, sample, digests)
+    return Decision(False, changed, sample, digests, reuse=before.ref)
 
 
 def sample_index(n: int, rows: int) -> chunks.Index:
