@@ -231,3 +231,33 @@ def test_sigkill_at_each_step_of_a_differential_save(tmp_path: Path, point: str)
     mgr.save(epoch=start)  # and the run goes on
     assert packs(directory) == referenced(mgr) and set(mgr.verify().values()) == {"ok"}
     mgr.close()
+
+
+def test_a_checkpoint_unreadable_for_a_moment_keeps_its_packs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a run whose unindexed differential checkpoint cannot be read right now (an
+    I/O error, injected) must not take its packs for orphans: once the file reads again,
+    it restores (was: the packs were deleted for good while the file stayed)."""
+    from ckpt.catalog import catalog, differential
+
+    table = torch.nn.Embedding(4096, 64)
+    with CheckpointManager(tmp_path, model=table, differential=True) as mgr:
+        mgr.save(epoch=0)
+    packs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(differential.BLOB_PREFIX))
+    assert packs
+    for p in tmp_path.iterdir():  # the index lost: the checkpoint file is read to be adopted
+        if p.name.startswith("ckpt-index"):
+            p.unlink()
+
+    def unreadable(self: catalog.Catalog, name: str) -> None:
+        raise OSError(5, "Input/output error (injected)", name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(catalog.Catalog, "describe", unreadable)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            CheckpointManager(tmp_path, model=torch.nn.Embedding(4096, 64), differential=True).close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(differential.BLOB_PREFIX)) == packs
+    fresh = torch.nn.Embedding(4096, 64)
+    with CheckpointManager(tmp_path, model=fresh, differential=True) as mgr:
+        assert mgr.resume() == 1
+    assert torch.equal(fresh.weight, table.weight)

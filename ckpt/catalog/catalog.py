@@ -37,6 +37,7 @@ class Listing(NamedTuple):
     changed: bool  #: the records differ from the index on disk (a writer should rewrite it)
     missing: List[str]  #: names the index lists whose file is gone
     raw: index.Raw  #: the index bytes the records were built from
+    unread: bool = False  #: a checkpoint file could not be read now: what it references is unknown
 
 
 class Catalog:
@@ -60,7 +61,7 @@ class Catalog:
         # Tensor files no checkpoint references: a crashed save's, or a live save's that
         # has not committed yet. Only a lock that excludes every writer tells them apart;
         # elsewhere (object stores) the writer collects them after its commits (_collect).
-        exclusive = self.caps.exclusive_lock
+        exclusive = self.caps.exclusive_lock and not listing.unread  # an unread file may reference packs
         orphans = differential.unreferenced(
             self.store, {b for r in listing.records for b, _ in r.blobs}) if exclusive else []
         if not listing.changed and not orphans:
@@ -70,7 +71,7 @@ class Catalog:
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
                     self._book.write(listing.records)
-                if exclusive:  # tensor files of a differential save that crashed before its commit
+                if exclusive and not listing.unread:  # packs of a differential save that crashed before its commit
                     differential.remove(self.store, differential.unreferenced(
                         self.store, {b for r in listing.records for b, _ in r.blobs}))
         except Timeout:
@@ -81,14 +82,11 @@ class Catalog:
         return listing.records
 
     def scan(self, *, locked: bool = False, remember: bool = False) -> Listing:
-        """The committed checkpoints: the index reconciled with the files.
-
-        Unindexed files are read and adopted when they verify and their contents match
-        their name; a damaged one is moved aside when ``locked`` (a writer), else skipped
-        with a warning. A file in a newer format raises :class:`FormatVersionError`
-        (skipping it would resume from older state). A locked scan (or ``remember``,
-        when no commit of this catalog can be in flight) primes the writer's book.
-        """
+        """The committed checkpoints: the index reconciled with the files. Unindexed files
+        are adopted when they verify and their contents match their name; a damaged one is
+        moved aside when ``locked`` (a writer), else skipped with a warning. A file in a newer
+        format raises :class:`FormatVersionError` (skipping it would resume from older state).
+        A locked scan (or ``remember``: no commit of ours in flight) primes the writer's book."""
         before = self._book.directory()  # before the listing: a change after it is noticed
         raw, on_disk, seen = self._observe(locked)
         known = self._book.peek(seen)  # the index this process wrote or read last: not decoded again
@@ -96,6 +94,7 @@ class Catalog:
         by_name: Dict[str, CheckpointRecord] = {r.name: r for r in indexed or []}
         records: List[CheckpointRecord] = []
         changed = indexed is None and (raw != index.Raw(None, None) or bool(on_disk))
+        unread = False
         for name in on_disk:
             if name in by_name:
                 records.append(by_name[name])
@@ -119,6 +118,7 @@ class Catalog:
             except (CkptError, OSError) as e:
                 warnings.warn(f"{self.store.where(name)}: not listed in the index and unreadable, ignored: {e}",
                               UnindexedFileWarning, stacklevel=2)
+                unread = True
                 continue
             changed = True
         missing = sorted(set(by_name) - set(on_disk))
@@ -129,7 +129,7 @@ class Catalog:
         if locked or (remember and not changed and not missing):
             self._book.remember(records, raw, seen, stale=changed or bool(missing), applied=applied,
                                 directory=before)
-        return Listing(records, changed, missing, raw)
+        return Listing(records, changed, missing, raw, unread)
 
     def _observe(self, locked: bool) -> Tuple[index.Raw, Dict[str, int], Optional[index.Identity]]:
         """The index's bytes and the checkpoint files, seen with no commit in between,
