@@ -34,11 +34,11 @@ from typing import Any, cast
 from ..errors import CheckpointExistsError, StorageError
 from ..format import shardfiles, torchio
 from ..io.checksum import ChecksumWriter, crc32, format_checksum
+from ..storage.remote_trees import COMMIT_SUFFIX
 from ..storage.trees import LocalTree, ObjectTree, TieredTree, Tree
 from .collective import Group, sync
 from .shardio import SummingWriter, Sums, fsspec_layer, write_meta
 
-META = "ckpt-meta.pt"
 _COPY = 8 << 20
 
 
@@ -60,7 +60,7 @@ class LocalTarget:
             self.tmp.mkdir(parents=True)
 
     def meta(self, meta: dict[str, Any]) -> dict[str, int]:
-        return write_meta(self.tmp / META, meta)
+        return write_meta(self.tmp / shardfiles.META, meta)
 
     def writer(self) -> SummingWriter:
         return SummingWriter(self.tmp)
@@ -83,13 +83,19 @@ class ObjectTarget:
         self.ctx, self.tree = ctx, tree
         self.owner = ctx.is_leader
         self.shown = tree.where()
+        self.mine = False  # objects this save wrote and has not committed: discard removes them
 
     def begin(self) -> None:
-        if self.owner:  # an unfinished save's objects (uncommitted: nobody reads them)
-            _remove(self.tree)
+        if not self.owner:
+            return
+        if self.tree.retry(lambda: self.tree.fs.exists(self.tree.key + COMMIT_SUFFIX)):
+            raise CheckpointExistsError("a checkpoint of that name is already committed", path=self.shown,
+                                        hint="save under a new (epoch, step)")
+        _remove(self.tree)  # an unfinished save's objects (uncommitted: nobody reads them)
+        self.mine = True
 
     def meta(self, meta: dict[str, Any]) -> dict[str, int]:
-        with self.tree.fs.open(self.tree.file_key(META), "wb") as f:
+        with self.tree.fs.open(self.tree.file_key(shardfiles.META), "wb") as f:
             summed = ChecksumWriter(f)
             torchio.save(dict(meta), cast(Any, summed))
         return {"size": summed.size, "crc32": summed.crc}
@@ -102,13 +108,14 @@ class ObjectTarget:
         data = shardfiles.encode_manifest(manifest)
         self.tree.retry(lambda: self.tree.fs.pipe_file(self.tree.file_key(shardfiles.MANIFEST), data))
         self.tree.commit(_total(manifest, data), format_checksum(crc32(data)))
+        self.mine = False  # committed: a later failure must leave it whole
         return manifest
 
     def after(self, manifest: dict[str, Any], mine: Sums) -> None:
         return None
 
     def discard(self) -> None:
-        if self.owner:
+        if self.owner and self.mine:
             _remove(self.tree)
 
 
@@ -170,6 +177,7 @@ class _Upload:
         return size
 
     def _source(self, rel: str) -> Path:
+        # final, scratch, final again: the save may rename the scratch directory in between
         for path in (self.tree.local.path / rel, self.tmp / rel, self.tree.local.path / rel):
             if path.is_file():
                 return path

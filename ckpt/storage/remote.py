@@ -55,14 +55,13 @@ from .local import TMP_PREFIX
 from .remote_fs import ObjectPath as ObjectPath
 from .remote_fs import filesystem as filesystem
 from .remote_fs import never_wait_for_continue, request_limit
-from .remote_trees import TreeObjects, mtime
+from .remote_trees import COMMIT_SUFFIX, TreeObjects, mtime
 
 T = TypeVar("T")
 
 #: ckpt's own key in ``storage_options`` (removed before fsspec sees them): how long one
 #: operation may keep retrying transient errors, in seconds.
 RETRY_OPTION = "ckpt_retry_seconds"
-COMMIT_SUFFIX = ".ckpt-commit"
 #: An uncommitted object younger than this may be a live upload: cleaning leaves it.
 STALE_AFTER = 3600.0
 _CHUNK = 8 << 20
@@ -162,6 +161,14 @@ class FsspecStore(WriterClaim, TreeObjects):
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
+
+    def _committed_record(self, name: str) -> Dict[str, Any]:
+        """``name``'s commit record; FileNotFoundError without one (an uncommitted object
+        is not there: moving it must never commit it under another name)."""
+        rec = self._commit_record(name)
+        if rec is None:
+            raise FileNotFoundError(f"{self._key(name)}: no commit record")
+        return rec
 
     def recorded_checksum(self, name: str) -> Optional[str]:
         """The checksum in ``name``'s commit record (None if it has none)."""
@@ -310,12 +317,7 @@ class FsspecStore(WriterClaim, TreeObjects):
         if schema.is_sharded(src):
             self.move_tree(src, dst)
             return
-        rec = self._commit_record(src) or {}
-        with suppress(FileNotFoundError):
-            self._retry(lambda: self.fs.rm_file(self._key(dst + COMMIT_SUFFIX)))
-        self._retry(lambda: self.fs.copy(self._key(src), self._key(dst)))
-        size = self._size(dst)
-        self._write_commit_record(dst, size, rec.get("checksum") if rec.get("size") == size else None)
+        self.move_copy(src, dst)
         self.delete(src)
 
     def keep_aside(self, name: str) -> Optional[str]:
@@ -327,10 +329,14 @@ class FsspecStore(WriterClaim, TreeObjects):
         return aside
 
     def move_copy(self, src: str, dst: str) -> None:
-        """A committed server-side copy of ``src`` as ``dst``."""
-        rec = self._commit_record(src) or {}
+        """A committed server-side copy of ``src`` as ``dst`` (its checksum carried over
+        when the copy has the recorded size)."""
+        rec = self._committed_record(src)
+        with suppress(FileNotFoundError):
+            self._retry(lambda: self.fs.rm_file(self._key(dst + COMMIT_SUFFIX)))
         self._retry(lambda: self.fs.copy(self._key(src), self._key(dst)))
-        self._write_commit_record(dst, self._size(dst), rec.get("checksum"))
+        size = self._size(dst)
+        self._write_commit_record(dst, size, rec.get("checksum") if rec.get("size") == size else None)
 
     def clean_temporaries(self) -> List[str]:
         """Remove uncommitted objects older than ``stale_after`` (younger ones may be a

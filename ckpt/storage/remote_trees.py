@@ -40,6 +40,9 @@ class TreeObjects:
     def _commit_record(self, name: str) -> Optional[Dict[str, Any]]:
         raise NotImplementedError
 
+    def _committed_record(self, name: str) -> Dict[str, Any]:
+        raise NotImplementedError
+
     def _listing(self) -> List[Dict[str, Any]]:
         raise NotImplementedError
 
@@ -62,9 +65,6 @@ class TreeObjects:
                 out[name] = 0  # the recorded size is read on demand (one request per checkpoint)
         return out
 
-    def is_tree(self, name: str) -> bool:
-        return bool(self._retry(lambda: self.fs.isdir(self._key(name))))
-
     def delete_tree(self, name: str) -> None:
         """Uncommit ``name`` (its record first), then remove its objects."""
         with suppress(FileNotFoundError):
@@ -74,7 +74,7 @@ class TreeObjects:
 
     def move_tree(self, src: str, dst: str) -> None:
         """Copy ``src``'s objects to ``dst`` (server side), commit the copy, delete ``src``."""
-        rec = self._commit_record(src) or {}
+        rec = self._committed_record(src)
         with suppress(FileNotFoundError):
             self._retry(lambda: self.fs.rm_file(self._key(dst + COMMIT_SUFFIX)))
         for key in self._retry(lambda: self.fs.find(self._key(src))):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath, PurePosixPath
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 from ..io.posix import open_regular, read_regular
@@ -96,7 +96,3 @@ class TieredTree:
 
 Tree = LocalTree | ObjectTree | TieredTree
 
-
-def object_name(key: str) -> str:
-    """The last part of an object key."""
-    return PurePosixPath(key.rstrip("/")).name
