@@ -127,13 +127,13 @@ class CollectiveEngine:
     def close(self, mgr: ManagerView) -> None:
         """Collective (unless broken): uploads flushed, every rank arrived; then frees the
         gloo group and heartbeat, even if the barrier raised, and releases the directory."""
-        flush(mgr.catalog.store)
         try:
+            flush(mgr.catalog.store)
             if not self.broken:
                 self.barrier("close()")
         finally:
             self.ctx.close()
-        release(mgr.catalog.store)
+            release(mgr.catalog.store)  # even when a flush or the barrier failed
 
     # -- opening ---------------------------------------------------------------------
 

@@ -85,8 +85,8 @@ class LocalEngine:
     def close(self, mgr: ManagerView) -> None:
         try:
             self.wait(mgr)
-            release(mgr.catalog.store)
         finally:
+            release(mgr.catalog.store)  # even when the last save failed: nobody else could write
             if self.writer is not None:
                 self.writer.close()  # frees the staging buffers
 

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Callable, Dict, Optional
 
-from ..errors import StorageError, WriterConflictError
+from ..errors import WriterConflictError
 from .conditional import Objects, Precondition, Version
 
 WRITER_NAME = ".ckpt-writer"
@@ -262,9 +262,7 @@ class Lease:
             if tag is not None and self.lost is None:
                 try:
                     self._do(lambda: self.objects.delete(self.key, tag))
-                except (Precondition, OSError, StorageError):
-                    pass
-                except Exception:  # noqa: BLE001 - a client error at close: the lease expires anyway
+                except Exception:  # noqa: BLE001 - taken over, gone or a client error: it expires anyway
                     pass
 
     def _start_heartbeat(self) -> None:
