@@ -6,12 +6,30 @@ Imported as ``helpers``, like ``dist_harness``: the tests folder is on ``sys.pat
 from __future__ import annotations
 
 import copy
+import selectors
+import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
 from ckpt.storage import local as storage
+
+# -- child processes -----------------------------------------------------------------------
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
+    """The next line ``proc`` prints (stripped), or kill it and fail after ``timeout``
+    seconds: a child that hangs before printing must not hang the test."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the child printed nothing within {timeout:.0f} s")
+    return proc.stdout.readline().strip()
+
 
 # -- a run directory's files -------------------------------------------------------------
 

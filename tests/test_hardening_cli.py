@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from helpers import read_line
 
 import ckpt
 from ckpt import CheckpointManager
@@ -190,8 +191,7 @@ def test_prune_yes_while_a_writer_saves_never_breaks_the_writer_or_the_run(tmp_p
                               stderr=subprocess.PIPE, text=True, env=env)
     prunes: List[int] = []
     try:
-        assert writer.stdout is not None
-        assert writer.stdout.readline().strip() == "0", writer.stderr.read() if writer.stderr else ""
+        assert read_line(writer) == "0"
         deadline = time.monotonic() + 90
         while writer.poll() is None and time.monotonic() < deadline:
             before = tree(directory)

@@ -58,13 +58,17 @@ def _in_killed_child(work: Callable[[], None]) -> int:
     if pid == 0:  # pragma: no cover - the child
         try:
             work()
-        finally:
-            os._exit(0)
+        except BaseException:
+            os._exit(1)  # an error is not a clean finish: the caller sees status 1
+        os._exit(0)
     end = time.monotonic() + 60
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+            if os.WIFSIGNALED(status):
+                return os.WTERMSIG(status)
+            assert os.WEXITSTATUS(status) == 0, "the child's work raised instead of finishing or being killed"
+            return 0
         if time.monotonic() > end:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

@@ -22,6 +22,7 @@ from typing import Any, List
 
 import pytest
 import torch
+from helpers import read_line
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -82,7 +83,7 @@ def test_client_sigkilled_mid_upload_restarts_at_once_and_aborts_the_upload(serv
     opts = server.options(default_block_size=5 << 20)
     child = _spawn(BIG, url, json.dumps(opts))
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "saved"
+        assert read_line(child) == "saved"
         _wait_for_upload(server, bucket, child)
         child.send_signal(signal.SIGKILL)
     finally:
@@ -107,7 +108,7 @@ def test_server_frozen_mid_upload_fails_the_save_in_bounded_time(server: MotoSer
                 ckpt_request_seconds=5)
     child = _spawn(BIG, url, json.dumps(opts))
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "saved"
+        assert read_line(child) == "saved"
         _wait_for_upload(server, bucket, child)
         server.pause()
         try:
@@ -210,7 +211,7 @@ def test_a_reader_listing_while_a_writer_commits_never_reports_damage(server: Mo
     _env(monkeypatch, server)
     codes: List[int] = []
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "0"
+        assert read_line(child) == "0"
         while child.poll() is None and len(codes) < 40:
             codes.append(cli.main(["ls", url, "--json"]))
             listed = json.loads(capsys.readouterr().out)

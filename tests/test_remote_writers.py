@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from helpers import read_line
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -129,7 +130,7 @@ def test_a_job_sigkilled_and_restarted_at_once_on_the_same_machine_is_not_locked
     url = f"s3://{bucket}/run"
     child = _spawn(HOLD, url, json.dumps(server.options()))  # the default 60 s lease
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "saved"
+        assert read_line(child) == "saved"
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:

@@ -18,15 +18,13 @@ from typing import Any, Dict, List, Tuple
 from .. import record, schema
 from ..errors import CorruptCheckpointError, StorageError
 from ..format import torchfile, torchio
-from ..format.shardfiles import MANIFEST, manifest_of, parse_manifest, verify_files
+from ..format.shardfiles import MANIFEST, META, manifest_of, parse_manifest, verify_files
 from ..io.checksum import crc32, format_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store
 from ..storage.local import temporary_name
 from ..storage.trees import LocalTree
 from . import index
-
-META = "ckpt-meta.pt"
 
 
 def _local(store: Store, name: str) -> Path:

@@ -78,6 +78,7 @@ from ..format import torchio
 from ..format.shardfiles import (
     FORMAT,
     MANIFEST,
+    META,
     VERSION,
     fsync_dir,
     manifest_of,
@@ -92,7 +93,6 @@ from .shardread import reader_for
 from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, torch_load
 from .targets import LocalTarget, for_tree
 
-META = "ckpt-meta.pt"
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
 _T = TypeVar("_T")
 Trackable = torch.nn.Module | torch.optim.Optimizer

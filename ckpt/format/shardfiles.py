@@ -20,6 +20,8 @@ from ..io.posix import open_regular, read_regular
 from ..storage.trees import LocalTree, Tree
 
 MANIFEST = "ckpt-manifest.json"
+#: The plain entries (epoch, step, metrics, RNG, small states) of a sharded checkpoint.
+META = "ckpt-meta.pt"
 FORMAT = "ckpt-sharded"
 VERSION = 1
 _CHUNK = 1 << 20
