@@ -139,7 +139,8 @@ def test_zlib_ng_is_a_default_dependency_and_is_what_runs() -> None:
     assert fastio.CRC_IMPL == "zlib-ng" and fastio.crc32 is zlib_ng.zlib_ng.crc32
     from ckpt.catalog import sharddir
     from ckpt.format import shardfiles, torchzip
-    assert torchzip.crc32 is shardfiles.crc32 is sharddir.crc32 is zlib_ng.zlib_ng.crc32
+    assert torchzip.crc32 is sharddir.crc32 is zlib_ng.zlib_ng.crc32
+    assert shardfiles.stream_crc is fastio.stream_crc  # sums with fastio.crc32, checked above
 
 
 def test_without_zlib_ng_the_stdlib_is_the_fallback(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
-from ..io.checksum import crc32
+from ..io.checksum import stream_crc
 from ..io.posix import open_regular, read_regular
 from ..storage.trees import LocalTree, Tree
 
@@ -153,7 +153,7 @@ def verify_files(final_dir: Path | Files, manifest: Mapping[str, Any]) -> None:
         path = files.where(name)
         try:
             with files.open(name) as f:
-                size, crc = _size_crc(f)
+                size, crc = stream_crc(f, _CHUNK)
         except OSError as e:
             raise CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=path) from e
         if (size, crc) != (want["size"], want["crc32"]):
@@ -181,7 +181,7 @@ def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],
             files[name] = dict(known[name])
             continue
         with open(path, "rb") as f:
-            files[name] = {"size": os.fstat(f.fileno()).st_size, "crc32": _crc32(f)}
+            files[name] = {"size": os.fstat(f.fileno()).st_size, "crc32": stream_crc(f, _CHUNK)[1]}
             os.fsync(f.fileno())
     for name, entry in (elsewhere or {}).items():  # files that other machines hold (a per-node cache)
         files.setdefault(name, dict(entry))
@@ -215,20 +215,6 @@ def _swap(tmp_dir: Path, final_dir: Path, aside: Path | None) -> None:
     except BaseException:
         os.replace(aside, final_dir)
         raise
-
-
-def _size_crc(f: BinaryIO) -> tuple[int, int]:
-    size = crc = 0
-    while chunk := f.read(_CHUNK):
-        crc, size = crc32(chunk, crc), size + len(chunk)
-    return size, crc
-
-
-def _crc32(f: BinaryIO) -> int:
-    crc = 0
-    while chunk := f.read(_CHUNK):
-        crc = crc32(chunk, crc)
-    return crc
 
 
 def fsync_dir(path: Path) -> None:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from ..io.checksum import READ_CHUNK, crc32, file_checksum, format_checksum
+from ..io.checksum import READ_CHUNK, file_checksum, format_checksum, stream_crc
 from ..storage import is_url
 
 Location = Union[str, "os.PathLike[str]"]
@@ -93,11 +93,8 @@ class UrlTree:
         return int(info["size"]) if info is not None and info.get("type", "file") == "file" else None
 
     def checksum(self, rel: str) -> str:
-        crc = 0
         with self.fs.open(f"{self.root}/{rel}", "rb", block_size=READ_CHUNK) as f:
-            while chunk := f.read(READ_CHUNK):
-                crc = crc32(chunk, crc)
-        return format_checksum(crc)
+            return format_checksum(stream_crc(f)[1])
 
 
 Tree = Union[LocalTree, UrlTree]

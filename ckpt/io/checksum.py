@@ -138,6 +138,15 @@ def _read_crc(fd: int, offset: int, length: int) -> int:
     return crc
 
 
+def stream_crc(f: BinaryIO, chunk: int = READ_CHUNK) -> Tuple[int, int]:
+    """(size, CRC-32) of what is left to read from ``f``, one chunk in memory at a time
+    (for streams without a file descriptor: object-store files, archives)."""
+    size = crc = 0
+    while data := f.read(chunk):
+        crc, size = crc32(data, crc), size + len(data)
+    return size, crc
+
+
 def format_checksum(crc: int) -> str:
     return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
