@@ -111,7 +111,7 @@ class CheckpointManager:
         self._stop_after_save = False  # should_save() said yes to a preemption: save() then ends the run
         self._lock = threading.RLock()
         self._engine = engine.select(self.options, self.url)  # the collective one under a process group
-        self.records: List[CheckpointRecord] = self._engine.open(self.catalog)
+        self._engine.open(self.catalog)
         self._preempted_agreed = False  # with a process group: every rank learned of the signal
         self._preemption = preempt.install(preemption)  # last: nothing after it can fail
 
@@ -124,26 +124,32 @@ class CheckpointManager:
     # -- records -------------------------------------------------------------------
 
     @property
+    def records(self) -> List[CheckpointRecord]:
+        """The committed checkpoints, oldest first: the catalog's list (a copy; the
+        manager keeps none of its own, see :attr:`ckpt.catalog.Catalog.records`)."""
+        return self.catalog.records
+
+    @property
     def checkpoints(self) -> List[CheckpointRecord]:
         """Committed checkpoints, oldest first (by epoch, then step)."""
-        return list(self.records)
+        return self.catalog.records
 
     @property
     def latest(self) -> Optional[CheckpointRecord]:
         """The newest committed checkpoint (None before the first)."""
-        return self.records[-1] if self.records else None
+        records = self.catalog.records
+        return records[-1] if records else None
 
     @property
     def best(self) -> Optional[CheckpointRecord]:
         """The best checkpoint by ``monitor``/``mode`` (None without a monitor or metric)."""
-        return resume.best(self.records, self.policy)
+        return resume.best(self.catalog.records, self.policy)
 
     def refresh(self) -> List[CheckpointRecord]:
         """Re-read the directory (another process may have committed) and return records."""
         with self._lock:
             self._engine.settle()  # our own save in flight first; its error waits for save()/wait()
-            self.records = self.catalog.scan().records
-            return self.checkpoints
+            return self.catalog.refresh()
 
     # -- saving --------------------------------------------------------------------
 
@@ -308,5 +314,5 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({str(self.directory)!r}, tracking={list(self.trackables)}, "
-                f"checkpoints={len(self.records)})")
+                f"checkpoints={len(self.catalog.records)})")
 

@@ -212,3 +212,42 @@ def test_no_caller_probes_a_store() -> None:
                 if named & classes:
                     probes.setdefault(rel.as_posix(), set()).add(ast.unparse(node))
     assert probes == {}, "use ckpt.storage.base.capabilities(store) instead"
+
+
+def test_the_record_list_has_one_owner() -> None:
+    """The committed records are kept once, by the catalog's book (ckpt/catalog/book.py):
+    the manager shows them, the engines and the other ranks of a process group change
+    them only through the catalog (commit, scan, adopt). No ``x.records = ...`` anywhere
+    else in ckpt/, so no second copy can disagree with it."""
+    owners = {"catalog/book.py"}
+    assigned: Dict[str, Set[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in owners:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for sub in (n for t in targets for n in ast.walk(t)):
+                if not (isinstance(sub, ast.Attribute) and sub.attr == "records"):
+                    continue
+                if ast.unparse(sub.value) != "self" or rel == "manager.py" or rel.startswith("engine/"):
+                    assigned.setdefault(rel, set()).add(ast.unparse(sub))  # (self.records elsewhere: zip records)
+    assert assigned == {}
+
+
+def test_the_manager_shows_the_catalogs_records(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from ckpt import CheckpointManager
+
+    mgr = CheckpointManager(tmp_path, model=torch.nn.Linear(2, 2), keep_last=2)
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+    assert mgr.checkpoints == mgr.catalog.records == mgr.records
+    assert [r.epoch for r in mgr.checkpoints] == [1, 2]
+    with pytest.raises(AttributeError):
+        mgr.records = []  # type: ignore[misc]
+    mgr.checkpoints.clear()  # a copy: the catalog's list is not changed through it
+    assert [r.epoch for r in mgr.catalog.records] == [1, 2]

@@ -37,27 +37,45 @@ Change = Tuple[List[CheckpointRecord], List[str]]
 
 
 class Book:
-    """The records this process last saw committed, valid while the index is unchanged."""
+    """The records this process last saw committed -- the one list a manager shows (its
+    ``checkpoints``) -- and whether they are what the index holds now: they are, while
+    the index is unchanged since this book wrote or read it."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._caps = capabilities(store)
         self._journal = self._caps.append is not None  # the journal needs appends
         self._lock = threading.Lock()
-        self._records: Optional[List[CheckpointRecord]] = None  # sorted by key, as the index says
+        self._records: List[CheckpointRecord] = []  # sorted by key: the committed records, as last seen
+        self._known = False  # _records are what the index of identity _seen holds
         self._seen: Optional[index.Identity] = None
         self._dir: Optional[Tuple[int, int, int]] = None  # the directory's identity after our last change
         self._snapshot = 0  # snapshot size
         self._tail = 0  # journal bytes in whole lines
         self._appendable = False  # the files on disk hold exactly _records, with no torn line
 
+    @property
+    def records(self) -> List[CheckpointRecord]:
+        """The committed records this process last saw (wrote, scanned or was told of),
+        oldest first; possibly stale: :meth:`current` says whether they still are."""
+        with self._lock:
+            return list(self._records)
+
+    def show(self, records: List[CheckpointRecord]) -> None:
+        """``records`` (sorted) are the committed records now, as a scan that did not
+        :meth:`remember` them found, or as another process (rank 0) says: unless they are
+        the ones this book holds, it no longer knows the index."""
+        with self._lock:
+            if records != self._records:
+                self._records, self._known = list(records), False
+
     def current(self) -> Optional[List[CheckpointRecord]]:
         """The committed records if no writer changed the index since this book saw it
         (the caller holds the writers' lock), else None: scan and :meth:`remember`."""
         with self._lock:
-            if (self._records is None or self._seen is None or index.identity(self.store, self._caps) != self._seen
+            if (not self._known or self._seen is None or index.identity(self.store, self._caps) != self._seen
                     or self._dir is None or self._directory() != self._dir):
-                self._records = None
+                self._known = False
                 return None
             return list(self._records)
 
@@ -79,7 +97,7 @@ class Book:
         """What the index of identity ``seen`` holds, if this book knows it exactly (a
         reader then skips decoding it), and the journal bytes applied."""
         with self._lock:
-            if seen is None or seen != self._seen or self._records is None or not self._appendable:
+            if seen is None or seen != self._seen or not self._known or not self._appendable:
                 return None
             return list(self._records), self._tail
 
@@ -90,7 +108,7 @@ class Book:
         ``applied``: the journal bytes that were whole lines; ``directory``: the
         directory's identity taken before the listing (a change after it is seen)."""
         with self._lock:
-            self._records = list(records) if seen is not None else None
+            self._records, self._known = list(records), seen is not None
             self._seen = seen
             self._dir = directory
             self._snapshot = len(raw.snapshot or b"")
@@ -103,10 +121,10 @@ class Book:
         would outgrow the snapshot; without, the whole snapshot."""
         with self._lock:
             line = b""
-            if (change is not None and self._records is not None and self._journal and self._appendable
+            if (change is not None and self._known and self._journal and self._appendable
                     and self._snapshot >= JOURNAL_MIN):
                 line = index.encode_line(*change)
-            self._records = None  # until the write has succeeded
+            self._known = False  # until the write has succeeded
             append = self._caps.append
             if line and append is not None and self._tail + len(line) <= self._snapshot:
                 append(index.JOURNAL_NAME, line)
@@ -114,7 +132,7 @@ class Book:
             else:
                 self._snapshot, self._tail = index.write(self.store, records), 0
             self._appendable = True
-            self._records = list(records)
+            self._records, self._known = list(records), True
             self._seen = index.identity(self.store, self._caps)
 
     def restore(self, before: List[CheckpointRecord]) -> None:
@@ -122,7 +140,7 @@ class Book:
         caller is raising the original error; if this fails too, the next scan repairs
         what it finds)."""
         with self._lock:
-            self._records = None
+            self._records, self._known = list(before), False
             try:
                 if before:
                     index.write(self.store, before)

@@ -19,13 +19,11 @@ from ..format import torchfile, torchio
 from ..io.checksum import file_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store, capabilities
-from ..verdicts import MissingFilesWarning, Quarantine, Quarantined, Status, UnindexedFileWarning, Verdict
+from ..verdicts import MissingFilesWarning, Quarantine, Quarantined, UnindexedFileWarning, Verdict
 from . import commit as _commit
-from . import differential, index, sharddir
+from . import differential, index, sharddir, verifying
 from .book import Book
 
-#: How often verify() looks again at files a concurrent writer replaced or deleted meanwhile.
-VERIFY_PASSES = 5
 QUARANTINE_SUFFIX = ".corrupt"
 _OBSERVE_TRIES = 5
 
@@ -53,6 +51,28 @@ class Catalog:
 
     # -- listing ---------------------------------------------------------------------
 
+    @property
+    def records(self) -> List[CheckpointRecord]:
+        """The committed checkpoints as this process last saw them, oldest first: what
+        it opened, scanned (:meth:`refresh`), committed or was told (:meth:`adopt`). The
+        one list a manager shows: it has no copy of its own."""
+        return self._book.records
+
+    def refresh(self) -> List[CheckpointRecord]:
+        """Read the directory again (another process may have committed); the records."""
+        records = self.scan().records
+        self._book.show(records)
+        return records
+
+    def adopt(self, records: List[CheckpointRecord]) -> None:
+        """The committed records are ``records`` (sorted), as the process that wrote them
+        says (rank 0 of a process group, to the other ranks)."""
+        self._book.show(records)
+
+    def forget(self, rec: CheckpointRecord) -> None:
+        """Leave ``rec`` out of :attr:`records` (it failed to load) until the next scan."""
+        self._book.show([r for r in self._book.records if r.key != rec.key])
+
     def open(self) -> List[CheckpointRecord]:
         """Clean what crashed writers left and list the checkpoints, rewriting a stale
         index when no writer is active."""
@@ -65,6 +85,7 @@ class Catalog:
         orphans = differential.unreferenced(
             self.store, {b for r in listing.records for b, _ in r.blobs}) if exclusive else []
         if not listing.changed and not orphans:
+            self._book.show(listing.records)
             return listing.records
         try:
             with self.store.lock(timeout=0):
@@ -79,6 +100,7 @@ class Catalog:
         except OSError as e:
             warnings.warn(f"{self.store.url}: could not rewrite the index ({e}); the checkpoint "
                           "files still describe themselves", stacklevel=2)
+        self._book.show(listing.records)
         return listing.records
 
     def scan(self, *, locked: bool = False, remember: bool = False) -> Listing:
@@ -350,48 +372,5 @@ class Catalog:
 
     def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Verdict]:
         """File name -> :class:`~ckpt.verdicts.Verdict` (ok, damaged or missing, and the
-        detail) for every committed checkpoint.
-
-        A verdict against a listing that a concurrent writer has changed since is not one:
-        a file that is gone or fails its checksum is looked up again in a fresh listing.
-        Gone from the index too, it was evicted (left out of the report); replaced (a new
-        checksum) or back under its name, it is checked again (a few times at most).
-        """
-        listing = self.scan()
-        report: Dict[str, Verdict] = {}
-        pending, unlisted = list(listing.records), list(listing.missing)
-        checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
-        for _ in range(VERIFY_PASSES):
-            gone: List[str] = []
-            suspect: Dict[str, Optional[str]] = {}
-            for rec in pending:
-                try:
-                    self.verify_one(rec, checked, progress)
-                    report[rec.name] = Verdict(Status.OK)
-                except FileNotFoundError:
-                    gone.append(rec.name)
-                except CkptError as e:
-                    report[rec.name] = Verdict(Status.DAMAGED, str(e))
-                    suspect[rec.name] = rec.checksum
-            if not (gone or unlisted or suspect):
-                break
-            again = self.scan()
-            fresh = {r.name: r for r in again.records}
-            pending = []
-            for name in gone + unlisted:
-                if name in fresh:
-                    pending.append(fresh[name])  # back under its name (a replace): check it
-                elif name in again.missing:
-                    report[name] = Verdict(Status.MISSING, "listed in the index, gone from disk")
-                else:
-                    report.pop(name, None)  # evicted by a concurrent writer's retention
-            for name, checksum in suspect.items():
-                if name not in fresh:
-                    report.pop(name, None)
-                elif fresh[name].checksum != checksum:
-                    pending.append(fresh[name])  # replaced since: check the new bytes
-            unlisted = []
-            if not pending:
-                break
-        return dict(sorted(report.items()))
-
+        detail) for every committed checkpoint (see :func:`ckpt.catalog.verifying.verify`)."""
+        return verifying.verify(self, progress=progress)

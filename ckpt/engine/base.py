@@ -30,14 +30,15 @@ class ManagerView(Protocol):
     """What an engine reads and updates of its manager (the manager implements it).
 
     The public attributes are the manager's own (see :class:`~ckpt.CheckpointManager`);
-    ``catalog``, ``specs``, ``records`` and ``protected`` are for the engines only.
+    ``catalog``, ``specs``, ``records`` and ``protected`` are for the engines only; the
+    records are the catalog's (read-only here: the catalog changes them as it commits,
+    scans, or is told what rank 0 committed).
     """
 
     epoch: int  #: the counters a save without numbers uses; a save or restore sets them
     step: int
     resumed: Optional[CheckpointRecord]  #: the checkpoint restored last
     cadence: Cadence  #: the save cadence; a restore loads its saved state
-    records: List[CheckpointRecord]  #: the committed checkpoints, oldest first
     protected: Optional[Key]  #: the checkpoint resumed from: retention keeps it until a newer one
 
     @property
@@ -56,6 +57,10 @@ class ManagerView(Protocol):
     def url(self) -> str: ...
 
     @property
+    def records(self) -> List[CheckpointRecord]:
+        """The committed checkpoints, oldest first (:attr:`ckpt.catalog.Catalog.records`)."""
+
+    @property
     def catalog(self) -> Catalog: ...
 
     @property
@@ -68,8 +73,9 @@ class Engine(Protocol):
     """What the manager hands its work to; every method but :meth:`settle` is collective
     under a process group (every rank calls it, in the same order)."""
 
-    def open(self, catalog: Catalog) -> List[CheckpointRecord]:
-        """The committed records at construction (leftovers of crashed writers cleaned)."""
+    def open(self, catalog: Catalog) -> None:
+        """The catalog opened at construction (leftovers of crashed writers cleaned), its
+        records the committed ones (every rank's rank 0's)."""
 
     def save(self, mgr: ManagerView, epoch: Optional[int], step: Optional[int], *,
              metrics: Optional[Mapping[str, Any]], extra: Optional[Mapping[str, Any]],

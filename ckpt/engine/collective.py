@@ -137,19 +137,18 @@ class CollectiveEngine:
 
     # -- opening ---------------------------------------------------------------------
 
-    def open(self, catalog: Catalog) -> list[CheckpointRecord]:
-        """Rank 0 opens the directory (cleaning leftovers); every rank gets its records."""
+    def open(self, catalog: Catalog) -> None:
+        """Rank 0 opens the directory (cleaning leftovers); every rank's catalog gets its records."""
         outcome: Outcome | None = None
         error: BaseException | None = None
-        records: list[CheckpointRecord] = []
         if self.ctx.is_leader:
             try:
-                records = catalog.open()
-                outcome = ("ok", [r.to_json() for r in records], None)
+                outcome = ("ok", [r.to_json() for r in catalog.open()], None)
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast("CheckpointManager()", outcome, error)
-        return records if self.ctx.is_leader else _records(catalog, got[1])
+        if not self.ctx.is_leader:
+            catalog.adopt(_records(catalog, got[1]))
 
     # -- saving ----------------------------------------------------------------------
 
@@ -251,12 +250,12 @@ class CollectiveEngine:
         return self._adopt(mgr, got)
 
     def _adopt(self, mgr: ManagerView, got: Outcome) -> CheckpointRecord:
-        """Every rank's records become rank 0's; the committed record is returned."""
+        """Every rank's catalog holds rank 0's records; the committed record is returned."""
         catalog = mgr.catalog
         if self.ctx.is_leader:
             found: CheckpointRecord = next(r for r in mgr.records if r.name == got[1]["file"])
             return found
-        mgr.records = _records(catalog, got[2])
+        catalog.adopt(_records(catalog, got[2]))
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
 
     # -- restoring -------------------------------------------------------------------
@@ -299,7 +298,7 @@ class CollectiveEngine:
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
         if not self.ctx.is_leader:
-            mgr.records = _records(mgr.catalog, got[2])
+            mgr.catalog.adopt(_records(mgr.catalog, got[2]))
         if got[0] == "foreign":
             return None, got[1]
         if got[1] is None:

@@ -10,7 +10,7 @@ is read through ``torch.distributed.checkpoint``, by a collective engine of one 
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .. import resume, schema, state
 from ..background import writer as background
@@ -29,8 +29,8 @@ class LocalEngine:
         self.options = options
         self.writer = background.create(url, options.async_save)  # None for synchronous saves
 
-    def open(self, catalog: Catalog) -> List[CheckpointRecord]:
-        return catalog.open()
+    def open(self, catalog: Catalog) -> None:
+        catalog.open()
 
     def save(self, mgr: ManagerView, epoch: Optional[int], step: Optional[int], *,
              metrics: Optional[Mapping[str, Any]], extra: Optional[Mapping[str, Any]],

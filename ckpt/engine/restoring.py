@@ -57,5 +57,5 @@ def skip(mgr: ManagerView, record: CheckpointRecord, error: BaseException) -> bo
     """Leave out a checkpoint that failed to load; a damaged one (not a missing one)
     is renamed ``*.corrupt`` and dropped from the index so that no save collides with it.
     True if it was moved aside; False if it is gone, or was replaced meanwhile."""
-    mgr.records = [r for r in mgr.records if r.key != record.key]
+    mgr.catalog.forget(record)
     return resume.skip(mgr.catalog, record, error)

@@ -101,9 +101,9 @@ def build_dict(states: Dict[str, Any], args: SaveArgs, rngs: List[Dict[str, Any]
 
 def commit(mgr: ManagerView, checkpoint: schema.Checkpoint, overwrite: bool) -> CheckpointRecord:
     """Commit ``checkpoint`` and apply retention, in the catalog's transaction; the
-    manager's records become those kept (runs on the writer thread with ``async_save``)."""
+    catalog's records become those kept (runs on the writer thread with ``async_save``)."""
     protected, newer = protection(mgr.protected, checkpoint.key)
-    record, mgr.records = mgr.catalog.commit(checkpoint, retention=mgr.policy, overwrite=overwrite,
+    record, _ = mgr.catalog.commit(checkpoint, retention=mgr.policy, overwrite=overwrite,
                                              protected=protected, progress=mgr.options.progress,
                                              differential_save=mgr.options.differential)
     if newer:
@@ -115,11 +115,10 @@ def retain(mgr: ManagerView, records: List[CheckpointRecord], new: CheckpointRec
            indexed: Optional[Callable[[], None]] = None) -> List[CheckpointRecord]:
     """The catalog's commit-and-retention transaction over ``new``, already in place (a
     sharded save; the caller holds the lock): ``records`` and ``new`` are indexed as
-    retention keeps them, then ``indexed()`` runs; the manager's records become those kept."""
+    retention keeps them, then ``indexed()`` runs; the catalog's records become those kept."""
     protected, newer = protection(mgr.protected, new.key)
     candidates = sorted([r for r in records if r.key != new.key] + [new], key=lambda r: r.key)
     kept, _ = mgr.catalog.retain(candidates, mgr.policy, protected, new=new, indexed=indexed)
     if newer:
         mgr.protected = None
-    mgr.records = kept
     return kept
