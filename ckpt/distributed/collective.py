@@ -284,7 +284,14 @@ def agree(ctx: Group, what: str, error: BaseException | None, *, timeout: float)
     others raise :class:`CollectiveError` naming the failing ranks and their messages,
     so no rank reports success, or hangs, when another could not finish.
     """
-    report = None if error is None else f"{type(error).__name__}: {error}"
+    agree_or_retry(ctx, what, error, retry=False, timeout=timeout)
+
+
+def agree_or_retry(ctx: Group, what: str, error: BaseException | None, *, retry: bool, timeout: float) -> bool:
+    """:func:`agree`, except that a failure every failing rank marks ``retry`` is not
+    raised: True on every rank then (do ``what`` again, all together); False when every
+    rank succeeded. Any other failure raises on every rank, as :func:`agree` does."""
+    report = None if error is None else (retry, f"{type(error).__name__}: {error}")
     try:
         reports = sync(ctx, what, timeout=timeout, payload=report)
     except RankLostError as lost:  # names the rank that is gone; this rank's own error is the cause
@@ -293,12 +300,15 @@ def agree(ctx: Group, what: str, error: BaseException | None, *, timeout: float)
         if error is not None:
             raise error
         raise
+    failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+    if failed and all(again for _, (again, _) in failed):
+        return True
     if error is not None:
         raise error
-    failed = [f"rank {r}: {msg}" for r, msg in enumerate(reports) if msg is not None]
     if failed:
-        raise CollectiveError(f"{what} failed on {'; '.join(failed)}",
+        raise CollectiveError(f"{what} failed on {'; '.join(f'rank {r}: {msg}' for r, (_, msg) in failed)}",
                               hint="the failing rank's own error (and traceback) is in its log")
+    return False
 
 
 def broadcast_object(ctx: Group, obj: Any, src: int = 0, *, timeout: float, what: str = "broadcast") -> Any:

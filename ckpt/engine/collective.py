@@ -12,7 +12,8 @@ What rank 0 does: it alone opens the run directory (cleans leftovers, rewrites a
 index), holds the lock, writes the index and applies retention; it broadcasts the
 outcome (the committed records, or its error), so no rank returns from ``save()``
 before the commit and every rank's ``checkpoints`` match. On resume it picks the
-checkpoint (skipping damaged ones) and every rank loads that one.
+checkpoint (skipping damaged ones) and every rank loads that one; if a concurrent writer
+replaced or deleted it before a rank read it, all choose again (:mod:`.collective_restore`).
 
 Two kinds of checkpoint, chosen per save:
 
@@ -32,33 +33,29 @@ replying to ``save()`` only after rank 0's commit is what lets every rank see it
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .. import record, resume, schema, state
+from .. import record, schema, state
 from ..catalog import sharddir
 from ..catalog.commit import check_new
 from ..distributed import agreement
 from ..distributed import collective as cl
 from ..errors import CollectiveError
 from ..record import CheckpointRecord
-from ..sampler import ResumableSampler
 from ..storage.local import TMP_PREFIX
-from . import restoring, saving
+from . import saving
 from .base import ManagerView, flush, release
+from .collective_restore import Outcome, Restoring, records_of, split
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
 
-Outcome = tuple[str, Any, Any]
 
 
-class CollectiveEngine:
+class CollectiveEngine(Restoring):
     """One rank's side of the collective protocol (see the module docstring); an
     :class:`~ckpt.engine.base.Engine`."""
 
@@ -66,7 +63,7 @@ class CollectiveEngine:
         self.ctx = ctx
         self.timeout = timeout
         self.broken = False  # a collective step raised (so on every rank): close() skips its barrier
-        self._read: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
+        self._read_by_leader: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
     @classmethod
@@ -148,7 +145,7 @@ class CollectiveEngine:
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast("CheckpointManager()", outcome, error)
         if not self.ctx.is_leader:
-            catalog.adopt(_records(catalog, got[1]))
+            catalog.adopt(records_of(catalog, got[1]))
 
     # -- saving ----------------------------------------------------------------------
 
@@ -207,7 +204,7 @@ class CollectiveEngine:
         ctx, store = self.ctx, mgr.catalog.store
         name = schema.dir_name(epoch, step)
         tmp = f"{TMP_PREFIX}shard-{name}"  # the same on every rank: each writes its shards there
-        dcp_states, plain = _split(mgr.trackables)
+        dcp_states, plain = split(mgr.trackables)
         with ExitStack() as held:
             error: BaseException | None = None
             meta: dict[str, Any] = {}
@@ -255,132 +252,8 @@ class CollectiveEngine:
         if self.ctx.is_leader:
             found: CheckpointRecord = next(r for r in mgr.records if r.name == got[1]["file"])
             return found
-        catalog.adopt(_records(catalog, got[2]))
+        catalog.adopt(records_of(catalog, got[2]))
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
-
-    # -- restoring -------------------------------------------------------------------
-
-    def resume(self, mgr: ManagerView) -> int:
-        rec, _ = self._choose(mgr, None, None)
-        if rec is None:
-            return 0
-        self._load(mgr, rec)
-        return rec.next_epoch
-
-    def restore(self, mgr: ManagerView, which: Any, step: int | None) -> CheckpointRecord:
-        rec, foreign = self._choose(mgr, which, step)
-        if foreign is not None:
-            return self._load_foreign(mgr, foreign)
-        assert rec is not None  # restore raises instead of choosing nothing
-        return self._load(mgr, rec)
-
-    def _choose(self, mgr: ManagerView, which: Any,
-                step: int | None) -> tuple[CheckpointRecord | None, str | None]:
-        """Rank 0 picks the checkpoint (resume: the newest that verifies); every rank learns
-        it: (a committed record, None), or (None, the path of a file outside the index)."""
-        outcome: Outcome | None = None
-        error: BaseException | None = None
-        if self.ctx.is_leader:
-            try:
-                if which is None:  # the one resume loop: newest valid first, re-read on a concurrent replace
-                    found = resume.newest_valid(mgr.refresh, functools.partial(self._check, mgr),
-                                                functools.partial(restoring.skip, mgr), mgr.directory)
-                    rec = None if found is None else found[0]
-                else:
-                    mgr.refresh()
-                    rec, obj = restoring.find(mgr, which, step)
-                    if obj is not None:  # a file outside the index: every rank reads it by path
-                        self._foreign = (rec, obj)
-                        outcome = ("foreign", str(rec.path), [r.to_json() for r in mgr.records])
-                if outcome is None:
-                    outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr.records])
-            except Exception as e:  # noqa: BLE001
-                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
-        got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
-        if not self.ctx.is_leader:
-            mgr.catalog.adopt(_records(mgr.catalog, got[2]))
-        if got[0] == "foreign":
-            return None, got[1]
-        if got[1] is None:
-            return None, None
-        name = got[1]["file"]
-        known = next((r for r in mgr.records if r.name == name), None)
-        return known or record.from_json(got[1], mgr.catalog.store.where(name)), None
-
-    def _load_foreign(self, mgr: ManagerView, path: str) -> CheckpointRecord:
-        """restore(path) of a file outside the index: every rank reads it (a shared filesystem)."""
-        from pathlib import Path
-
-        error: BaseException | None = None
-        applied: CheckpointRecord | None = None
-        try:
-            read, self._foreign = self._foreign, None
-            rec, obj = restoring.foreign(mgr, Path(path)) if read is None else read
-            applied = restoring.apply(mgr, obj, rec)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the others
-            error = e
-        self._collective(cl.agree, self.ctx, f"restore({path!r})", error, timeout=self.timeout)
-        assert applied is not None
-        return applied
-
-    def _check(self, mgr: ManagerView, rec: CheckpointRecord) -> None:
-        """Rank 0, resuming: raise unless ``rec`` verifies (a sharded directory) or loads (a
-        file, read once: :meth:`_load` takes the dict)."""
-        if schema.is_sharded(rec.name):
-            sharddir.verify(mgr.catalog.store, rec.name, rec.checksum)
-        else:
-            self._read = (rec.name, restoring.load(mgr, rec)[0])
-
-    def _load(self, mgr: ManagerView, rec: CheckpointRecord) -> CheckpointRecord:
-        """Every rank loads ``rec`` and applies it; all succeed or all raise."""
-        ctx, path = self.ctx, str(rec.path)
-        error: BaseException | None = None
-        obj: dict[str, Any] = {}
-        applied: CheckpointRecord | None = None
-        trackables = mgr.trackables
-        if schema.is_sharded(rec.name):  # collective, and agreed inside: raises on every rank together
-            from ..distributed.sharded import load_sharded
-
-            dcp_states, trackables = _split(mgr.trackables)
-            obj = self._collective(load_sharded, ctx, mgr.catalog.store.tree(rec.name), dcp_states,
-                                   timeout=self.timeout,
-                                   strict=mgr.options.strict, verify=False)
-        try:
-            read, self._read = self._read, None
-            if not schema.is_sharded(rec.name):
-                obj = read[1] if read is not None and read[0] == rec.name else restoring.load(mgr, rec)[0]
-            schema.header(obj, path)
-            meta = obj.get("ckpt")
-            saved = (meta.get("rng_per_rank") if isinstance(meta, dict) else None) or obj.get("rng") or {}
-            mine = cl.rng_for_rank(ctx, saved) if saved else None
-            state.restore(trackables, obj, strict=mgr.options.strict, path=path, rng=mine)
-            for tracked in mgr.trackables.values():
-                if isinstance(tracked, ResumableSampler):
-                    tracked._use_rng(mine)  # its saved RNG is rank 0's: take this rank's
-            applied = restoring.applied(mgr, obj, rec)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the others
-            error = e
-        self._collective(cl.agree, ctx, f"load of {rec.name}", error, timeout=self.timeout)
-        assert applied is not None
-        return applied
-
-
-def _split(trackables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(modules and optimizers, for DCP; everything else, saved in the plain entries)."""
-    dcp: dict[str, Any] = {}
-    plain: dict[str, Any] = {}
-    for name, obj in trackables.items():
-        inner = state.unwrap(obj)
-        if isinstance(inner, (torch.nn.Module, torch.optim.Optimizer)):
-            dcp[name] = inner
-        else:
-            plain[name] = obj
-    return dcp, plain
-
-
-def _records(catalog: Catalog, entries: list[dict[str, Any]]) -> list[CheckpointRecord]:
-    store = catalog.store
-    return [record.from_json(e, store.where(e["file"]), catalog.extra_loader(e["file"])) for e in entries]
 
 
 def warn_async() -> None:
