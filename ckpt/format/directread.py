@@ -18,24 +18,24 @@ docs/explanation/performance-internals.md.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import os
 import struct
 import sys
-import weakref
+import threading
 import zipfile
 from bisect import bisect_right
 from pathlib import PurePath
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import CorruptCheckpointError
 from ..io import pipelined
-from ..io.checksum import READ_CHUNK, crc32, format_checksum
+from ..io.checksum import crc32, crc32_combine, format_checksum
 from ..progress import Progress
+from .directfill import Filler, Record, memory, read_at, to_device
 
 #: A place in a loaded checkpoint whose tensor may be read into ``dest`` instead:
 #: (container, key, dest) with ``container[key]`` the loaded tensor.
@@ -52,7 +52,7 @@ class Loaded(dict):  # type: ignore[type-arg]
 
     owned = True
 
-    def __init__(self, obj: Dict[str, Any], filler: Optional[_Filler]) -> None:
+    def __init__(self, obj: Dict[str, Any], filler: Optional[Filler]) -> None:
         super().__init__(obj)
         self._filler = filler
 
@@ -62,16 +62,6 @@ class Loaded(dict):  # type: ignore[type-arg]
             filler.run()
 
 
-class _Record:
-    __slots__ = ("key", "offset", "size", "view", "dest", "crc")
-
-    def __init__(self, key: str, offset: int, size: int) -> None:
-        self.key, self.offset, self.size = key, offset, size
-        self.view: Optional[memoryview] = None  # fresh storage to read into
-        self.dest: Optional[torch.Tensor] = None  # live tensor, filled after the checks
-        self.crc = 0  # of the record, summed in the first pass when it has a dest
-
-
 def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
          targets: Targets, progress: Optional[bool] = None) -> Optional[Loaded]:
     """The checkpoint in ``fd``, verified against ``checksum``, with ``targets``'s tensors
@@ -79,6 +69,7 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
     device = _device(map_location)
     if checksum is None or device is None or (device.type == "cuda" and not torch.cuda.is_available()):
         return None
+    pipelined.sequential(fd)
     pipelined.prefetch(fd, PREFETCH)  # the disk starts on the data while the pickle is read
     try:
         layout = _layout(fd)
@@ -88,7 +79,7 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
         return None
     prefix, infos, size = layout
     pkl = _read_record(fd, infos[prefix + "data.pkl"])
-    records: Dict[str, _Record] = {}
+    records: Dict[str, Record] = {}
     storages: Dict[str, Tuple[torch.UntypedStorage, torch.dtype]] = {}
     try:
         obj = _unpickle(pkl, prefix, infos, records, storages)
@@ -99,9 +90,10 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
     direct = _direct(obj, targets, records, storages)
     for key, (st, _) in storages.items():
         if records[key].dest is None and st.nbytes():
-            records[key].view = _memory(st)
+            records[key].view = memory(st)
     ordered = sorted(records.values(), key=lambda r: r.offset)
-    fresh = [(storages[r.key][0].data_ptr(), r.size) for r in ordered if r.view is not None and r.size >= DIRECT_MIN]
+    fresh = [(storages[r.key][0].data_ptr(), r.size, r.offset) for r in ordered
+             if r.view is not None and r.size >= DIRECT_MIN]
     with Progress(f"verifying {path.name}", size, progress) as bar:
         actual = format_checksum(_first_pass(fd, ordered, size, path, bar.update, fresh))
     if actual != checksum:
@@ -109,8 +101,8 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
                                      "damaged", path=path,
                                      hint="ckpt skips it on resume; restore an earlier checkpoint")
     if device.type != "cpu":
-        obj = _to_device(obj, device)
-    filler = _Filler(os.dup(fd), [r for r in ordered if r.dest is not None], path) if direct else None
+        obj = to_device(obj, device)
+    filler = Filler(os.dup(fd), [r for r in ordered if r.dest is not None], path) if direct else None
     return Loaded(obj, filler)
 
 
@@ -133,7 +125,10 @@ def _layout(fd: int) -> Optional[Tuple[str, Dict[str, Tuple[int, int, int]], int
     size = os.fstat(fd).st_size
     with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as archive:
         infos: Dict[str, Tuple[int, int, int]] = {}
-        for info in archive.infolist():
+        listed = archive.infolist()
+        for info in listed:  # the disk fetches every local header at once, not one after another
+            pipelined.prefetch(fd, 30, info.header_offset)
+        for info in listed:
             if info.compress_type != zipfile.ZIP_STORED or info.file_size > size \
                     or info.compress_size != info.file_size:
                 return None  # check_layout refuses it with its message
@@ -162,7 +157,7 @@ def _read_record(fd: int, info: Tuple[int, int, int]) -> bytes:
     return data
 
 
-def _unpickle(pkl: bytes, prefix: str, infos: Dict[str, Tuple[int, int, int]], records: Dict[str, _Record],
+def _unpickle(pkl: bytes, prefix: str, infos: Dict[str, Tuple[int, int, int]], records: Dict[str, Record],
               storages: Dict[str, Tuple[torch.UntypedStorage, torch.dtype]]) -> Any:
     """The pickle, through torch's weights_only unpickler, storages allocated unfilled."""
     from torch import _weights_only_unpickler
@@ -175,7 +170,7 @@ def _unpickle(pkl: bytes, prefix: str, infos: Dict[str, Tuple[int, int, int]], r
         key = key.decode() if isinstance(key, bytes) else str(key)
         if key not in storages:
             offset, size, _ = infos[f"{prefix}data/{key}"]
-            records[key] = _Record(key, offset, size)
+            records[key] = Record(key, offset, size)
             # allocated, not touched: pages that are never written are never resident
             nbytes = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
             storages[key] = (torch.UntypedStorage(nbytes), dtype)  # type: ignore[no-untyped-call]
@@ -187,7 +182,7 @@ def _unpickle(pkl: bytes, prefix: str, infos: Dict[str, Tuple[int, int, int]], r
     return unpickler.load()  # type: ignore[no-untyped-call]
 
 
-def _direct(obj: Any, targets: Targets, records: Dict[str, _Record],
+def _direct(obj: Any, targets: Targets, records: Dict[str, Record],
             storages: Dict[str, Tuple[torch.UntypedStorage, torch.dtype]]) -> bool:
     """Swap each target whose record can be read straight into its dest; True if any."""
     by_ptr = {st.data_ptr(): key for key, (st, _) in storages.items() if st.nbytes()}
@@ -221,15 +216,6 @@ def _count_users(obj: Any, users: Dict[int, int], seen: set) -> None:  # type: i
             _count_users(v, users, seen)
 
 
-def _memory(st: torch.UntypedStorage) -> memoryview:
-    """The bytes of a CPU storage, writable (the storage must outlive the view)."""
-    return _at(st.data_ptr(), st.nbytes())
-
-
-def _at(address: int, size: int) -> memoryview:
-    return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
-
-
 #: Bytes from the start of the file the kernel is asked to read ahead at once.
 PREFETCH = 32 << 20
 #: Records at least this large are read straight into their fresh storage; smaller
@@ -237,35 +223,57 @@ PREFETCH = 32 << 20
 DIRECT_MIN = 1 << 20
 
 
-def _first_pass(fd: int, ordered: List[_Record], size: int, path: PurePath, update: Callable[[int], None],
-                fresh: List[Tuple[int, int]]) -> int:
-    """Read the whole file once, in order; fresh records land in their storage, direct
-    ones are summed; the CRC-32 of every byte is returned. The reads run on a helper
-    thread while this one sums, and ``fresh`` (address, size) memory is faulted in ahead
-    of them (see :mod:`ckpt.io.pipelined`)."""
+def _first_pass(fd: int, ordered: List[Record], size: int, path: PurePath, update: Callable[[int], None],
+                fresh: List[Tuple[int, int, int]]) -> int:
+    """Read the whole file once; fresh records land in their storage, direct ones are
+    summed; the CRC-32 of every byte is returned. A large file is read as two streams
+    (its halves, split where a record starts) on two threads, each half summed as it
+    is read and the two sums combined, while ``fresh`` (address, size, offset) memory is
+    faulted in ahead of the reads (see :mod:`ckpt.io.pipelined`)."""
     chunk = pipelined.chunk_size(size)
-    segments = _segments(ordered, size, chunk, path)
+    large = size >= pipelined.THREAD_MIN
+    middle = next((r.offset for r in ordered if r.offset >= size // 2), size) if large else size
+    spans = [(0, middle), (middle, size)] if 0 < middle < size else [(0, size)]
     starts = [r.offset for r in ordered]
-    faulting = pipelined.prefault(fresh) if size >= pipelined.THREAD_MIN else None
-    crc = 0
-    try:
-        reader = pipelined.Reader(functools.partial(_read_at, path=path), fd, segments, chunk,
-                                  threaded=size >= pipelined.THREAD_MIN)
+    lock = threading.Lock()
+
+    def stream(lo: int, hi: int) -> int:
+        crc = 0
+        reader = pipelined.Reader(functools.partial(read_at, path=path), fd,
+                                  _segments([r for r in ordered if lo <= r.offset < hi], lo, hi, chunk, path),
+                                  chunk, threaded=large and len(spans) == 1)
         for offset, view, bounced in reader:
             crc = crc32(view, crc)
             if bounced:
                 _scatter(ordered, starts, view, offset)
-            update(len(view))
+            with lock:
+                update(len(view))
+        return crc
+    faulting = pipelined.prefault(_alternating(fresh, middle)) if large else None
+    try:
+        crcs = pipelined.in_parallel([functools.partial(stream, lo, hi) for lo, hi in spans])
     finally:
         if faulting is not None:
             faulting.join()
-    return crc
+    return crcs[0] if len(spans) == 1 else crc32_combine(crcs[0], crcs[1], size - middle)
 
 
-def _segments(ordered: List[_Record], size: int, chunk: int, path: PurePath) -> List[pipelined.Segment]:
-    """The file in pieces: big fresh records into their storage, the rest through a bounce buffer."""
+def _alternating(fresh: List[Tuple[int, int, int]], middle: int) -> List[Tuple[int, int]]:
+    """``fresh`` (address, size, file offset) regions in the order the two streams
+    reach them: one of the first half, one of the second, and so on."""
+    first = [(a, n) for a, n, off in fresh if off < middle]
+    second = [(a, n) for a, n, off in fresh if off >= middle]
+    out: List[Tuple[int, int]] = []
+    for i in range(max(len(first), len(second))):
+        out += first[i:i + 1] + second[i:i + 1]
+    return out
+
+
+def _segments(ordered: List[Record], lo: int, hi: int, chunk: int, path: PurePath) -> List[pipelined.Segment]:
+    """File bytes ``[lo, hi)`` in pieces: big fresh records into their storage, the rest
+    through a bounce buffer."""
     segments: List[pipelined.Segment] = []
-    pos = 0
+    pos = lo
     for r in ordered:
         if r.offset < pos:
             raise CorruptCheckpointError("overlapping records", path=path, hint="the file is damaged")
@@ -274,11 +282,11 @@ def _segments(ordered: List[_Record], size: int, chunk: int, path: PurePath) -> 
         segments += pipelined.split(pos, r.offset - pos, chunk)
         segments += pipelined.split(r.offset, r.size, chunk, r.view)
         pos = r.offset + r.size
-    segments += pipelined.split(pos, size - pos, chunk)
+    segments += pipelined.split(pos, hi - pos, chunk)
     return segments
 
 
-def _scatter(ordered: List[_Record], starts: List[int], view: memoryview, pos: int) -> None:
+def _scatter(ordered: List[Record], starts: List[int], view: memoryview, pos: int) -> None:
     """Copy the parts of records in ``view`` (file bytes from ``pos``) to their storages."""
     end = pos + len(view)
     i = max(0, bisect_right(starts, pos) - 1)
@@ -292,107 +300,3 @@ def _scatter(ordered: List[_Record], starts: List[int], view: memoryview, pos: i
             elif r.dest is not None:
                 r.crc = crc32(part, r.crc)
         i += 1
-
-
-def _read_at(fd: int, view: memoryview, offset: int, path: Optional[PurePath] = None) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done: done + READ_CHUNK]], offset + done)
-        if n <= 0:
-            raise CorruptCheckpointError(f"the file ends at byte {offset + done}, inside a record", path=path,
-                                         hint="the file is truncated; restore an earlier checkpoint")
-        done += n
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Every fresh tensor of ``obj`` moved to ``device`` (storage sharing kept); live ones stay."""
-    moved: Dict[int, torch.UntypedStorage] = {}
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if t.device == device:
-            return t
-        st = t.untyped_storage()
-        if st.data_ptr() not in moved:
-            moved[st.data_ptr()] = st.to(device=device)
-        out = torch.empty(0, dtype=t.dtype, device=device)
-        return out.set_(moved[st.data_ptr()], t.storage_offset(), t.size(), t.stride())
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, torch.Tensor):
-            return move(o)
-        if isinstance(o, dict):
-            for k in list(o):
-                o[k] = walk(o[k])
-            return o
-        if isinstance(o, list):
-            o[:] = [walk(v) for v in o]
-            return o
-        if isinstance(o, tuple):
-            return type(o)(*map(walk, o)) if hasattr(o, "_fields") else tuple(walk(v) for v in o)
-        return o
-    return walk(obj)
-
-
-class _Filler:
-    """The second pass: verified records from the page cache into the live tensors."""
-
-    def __init__(self, fd: int, records: List[_Record], path: PurePath) -> None:
-        self.records, self.path = records, path
-        self.fd = fd
-        self._close = weakref.finalize(self, os.close, fd)  # never filled (skipped): still closed
-
-    def run(self) -> None:
-        try:
-            on_cpu = [r for r in self.records if r.dest is not None and r.dest.device.type == "cpu"]
-            for r, got in self._cpu(on_cpu):
-                self._check(r, got)
-            pinned: Optional[torch.Tensor] = None
-            for r in self.records:
-                assert r.dest is not None
-                if r.dest.device.type != "cpu":
-                    if pinned is None:
-                        pinned = torch.empty(min(READ_CHUNK, max(x.size for x in self.records)),
-                                             dtype=torch.uint8, pin_memory=True)
-                    self._check(r, self._cuda(r, pinned))
-        finally:
-            self._close()
-
-    def _check(self, r: _Record, got: int) -> None:
-        if got != r.crc:
-            raise CorruptCheckpointError(
-                f"record {r.key} changed between its check and its load (CRC-32 {got:08x}, "
-                f"was {r.crc:08x})", path=self.path,
-                hint="something rewrote the file in place; restore an earlier checkpoint")
-
-    def _cpu(self, records: List[_Record]) -> Iterator[Tuple[_Record, int]]:
-        """Each record read from the page cache straight into its live tensor, with the
-        CRC-32 of what was read; the reads run on a helper thread while this one sums."""
-        total = sum(r.size for r in records)
-        chunk = pipelined.chunk_size(total)
-        segments: List[pipelined.Segment] = []
-        owners: List[_Record] = []
-        for r in records:
-            assert r.dest is not None
-            pieces = list(pipelined.split(r.offset, r.size, chunk, _at(r.dest.data_ptr(), r.size)))
-            segments += pieces
-            owners += [r] * len(pieces)
-        reader = pipelined.Reader(functools.partial(_read_at, path=self.path), self.fd, segments, chunk,
-                                  threaded=total >= pipelined.THREAD_MIN)
-        sums = {id(r): 0 for r in records}
-        for (_, view, _), owner in zip(reader, owners):
-            sums[id(owner)] = crc32(view, sums[id(owner)])
-        return ((r, sums[id(r)]) for r in records)
-
-    def _cuda(self, r: _Record, pinned: torch.Tensor) -> int:
-        """Through a pinned buffer: read a piece, copy it to the device, next piece."""
-        assert r.dest is not None
-        flat = r.dest.view(-1).view(torch.uint8)
-        buffer = _memory(pinned.untyped_storage())
-        crc, done = 0, 0
-        while done < r.size:
-            n = min(len(buffer), r.size - done)
-            _read_at(self.fd, buffer[:n], r.offset + done, self.path)
-            crc = crc32(buffer[:n], crc)
-            flat[done: done + n].copy_(pinned[:n])  # synchronous: the buffer is free after it
-            done += n
-        return crc

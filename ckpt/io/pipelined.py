@@ -18,7 +18,9 @@ import os
 import queue
 import sys
 import threading
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar, Union
+
+T = TypeVar("T")
 
 #: Files smaller than this are read inline (a thread costs more than it hides).
 THREAD_MIN = 8 << 20
@@ -30,7 +32,10 @@ Segment = Tuple[int, int, Optional[memoryview]]
 ReadAt = Callable[[int, memoryview, int], None]
 _Item = Union[Tuple[int, memoryview, Optional[bytearray]], BaseException]
 
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23
+#: Transparent huge pages: 2 MiB, where the kernel has them (faulting 512x fewer pages).
+_HUGE = 2 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _madvise: Optional[Callable[..., int]] = None
 if sys.platform.startswith("linux"):
@@ -130,11 +135,20 @@ class Reader:
             self._thread = None
 
 
-def prefetch(fd: int, nbytes: int) -> None:
-    """Ask the kernel to start reading the first ``nbytes`` of ``fd`` now (a hint only)."""
+def prefetch(fd: int, nbytes: int, offset: int = 0) -> None:
+    """Ask the kernel to start reading ``nbytes`` of ``fd`` from ``offset`` now (a hint only)."""
     if nbytes > 0 and hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # not a regular file: nothing to hint
+            pass
+
+
+def sequential(fd: int) -> None:
+    """Tell the kernel ``fd`` is read from start to end (a larger readahead window)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:  # not a regular file: nothing to hint
             pass
 
@@ -150,9 +164,40 @@ def prefault(regions: List[Tuple[int, int]]) -> Optional[threading.Thread]:
 
 
 def _populate(regions: List[Tuple[int, int]]) -> None:
+    """Each region's whole pages faulted in; those of 2 MiB and more asked for huge
+    pages first (``MADV_HUGEPAGE``: where transparent huge pages are enabled for
+    madvised memory, one fault and one clear per 2 MiB instead of 512)."""
     assert _madvise is not None
     for address, size in regions:
         start = -(-address // _PAGE) * _PAGE
         end = (address + size) // _PAGE * _PAGE
+        if end - start >= _HUGE:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: EINVAL where THP is off
         if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
             return  # EINVAL before Linux 5.14: the reads fault the pages in as before
+
+
+def in_parallel(work: List[Callable[[], T]]) -> List[T]:
+    """Each of ``work`` called, all but the first on its own ``ckpt-read`` thread, their
+    results in order; the first failure is raised once every call has ended. Used to
+    read a file as two streams (a virtual disk serves two positions at once faster
+    than one; ``preadv`` and the CRC-32 release the GIL)."""
+    if len(work) == 1:
+        return [work[0]()]
+    results: List[Optional[T]] = [None] * len(work)
+    errors: List[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            results[i] = work[i]()
+        except BaseException as e:  # noqa: BLE001 - raised below, on the caller's thread
+            errors.append(e)
+    threads = [threading.Thread(target=call, args=(i,), name="ckpt-read", daemon=True) for i in range(1, len(work))]
+    for t in threads:
+        t.start()
+    call(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
