@@ -183,16 +183,20 @@ def test_every_function_is_at_most_50_lines() -> None:
 
 
 def _storage_classes() -> Set[str]:
-    """The storage package's back-ends and capability Protocols (not its value types)."""
+    """The storage package's back-ends, sharded checkpoint trees and capability Protocols
+    (not its value types)."""
     return {node.name for path in (ROOT / "storage").rglob("*.py")
             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
-            and (node.name.endswith(("Store", "Claim")) or any(ast.unparse(b) == "Protocol" for b in node.bases))}
+            and (node.name.endswith(("Store", "Claim", "Tree"))
+                 or any(ast.unparse(b) == "Protocol" for b in node.bases))}
 
 
 def test_no_caller_probes_a_store() -> None:
     """Outside ckpt/storage/ a store is asked for its capabilities (storage.base.capabilities),
-    never probed: no ``getattr(<a store>, "name", ...)``, no ``hasattr`` on one, no
-    ``isinstance(x, <a storage class>)``."""
+    and a sharded checkpoint's tree for its own (``tree.capabilities()``), never probed: no
+    ``getattr(<a store>, "name", ...)``, no ``hasattr`` on one, no ``isinstance(x, <a
+    storage class>)`` -- back-ends, trees (``LocalTree``/``ObjectTree``/``TieredTree``) and
+    Protocols alike."""
     classes = _storage_classes()
     probes: Dict[str, Set[str]] = {}
     for path in sorted(ROOT.rglob("*.py")):

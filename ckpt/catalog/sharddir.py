@@ -23,17 +23,16 @@ from ..io.checksum import crc32, format_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store
 from ..storage.local import temporary_name
-from ..storage.trees import LocalTree
 from . import index
 
 
 def _local(store: Store, name: str) -> Path:
     """A sharded checkpoint's local directory (an overwrite keeps the old one aside there)."""
-    tree = store.tree(name)
-    if not isinstance(tree, LocalTree):
+    local = store.tree(name).capabilities().local_only
+    if local is None:
         raise StorageError("replacing a sharded checkpoint works on a local or shared filesystem only",
                            path=store.where(name), hint="save under a new (epoch, step) on object stores")
-    return tree.path
+    return local
 
 
 def _manifest(store: Store, name: str) -> Tuple[bytes, Dict[str, Any]]:
@@ -64,8 +63,9 @@ def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
 def load_meta(store: Store, name: str) -> Dict[str, Any]:
     """The plain entries (epoch, step, metrics, extra, RNG, small states) of a sharded checkpoint."""
     tree = store.tree(name)
-    if isinstance(tree, LocalTree):
-        obj = torchfile.load(tree.path / META, mmap=False)
+    local = tree.capabilities().local_only
+    if local is not None:
+        obj = torchfile.load(local / META, mmap=False)
     else:
         try:
             obj = torchio.load(io.BytesIO(tree.read_bytes(META)))

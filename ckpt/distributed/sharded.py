@@ -87,7 +87,7 @@ from ..format.shardfiles import (
     verify_files,
 )
 from ..storage.base import Store
-from ..storage.trees import LocalTree, Tree
+from ..storage.trees import LocalTree, Tree, as_tree
 from .collective import Group, agree, broadcast_object, sync
 from .shardread import reader_for
 from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, torch_load
@@ -173,7 +173,7 @@ def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Tracka
     Rank 0 verifies every file's CRC-32 first (``verify``): one read of the directory,
     not one per rank. ``strict=False`` skips tracked states the checkpoint lacks.
     """
-    tree = LocalTree(Path(final_dir)) if isinstance(final_dir, (str, os.PathLike)) else final_dir
+    tree = as_tree(final_dir)
     shown = tree.where()
     what = f"load of {PurePath(shown).name}"
 

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from ..storage.trees import ObjectTree, TieredTree, Tree
+from ..storage.trees import Tree
 from .shardio import TreeReader, fsspec_layer, tiered_layer
 
 
@@ -115,11 +115,13 @@ class DirectReader(TreeReader):
 def reader_for(tree: Tree) -> TreeReader:
     """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.storage.trees`),
     reading in place."""
-    if isinstance(tree, TieredTree):
-        return DirectReader("", tiered_layer(tree.local.path, tree.remote.fs, tree.remote.key))
-    if isinstance(tree, ObjectTree):
-        return DirectReader(tree.key, fsspec_layer(tree.fs))
-    return DirectReader(tree.path)
+    caps = tree.capabilities()
+    if caps.objects is None:
+        assert caps.directory is not None  # a tree is local files, objects, or both
+        return DirectReader(caps.directory)
+    if caps.directory is not None:  # a node's cache in front of the objects
+        return DirectReader("", tiered_layer(caps.directory, caps.objects.fs, caps.objects.key))
+    return DirectReader(caps.objects.key, fsspec_layer(caps.objects.fs))
 
 
 def _locate(stream: Any, offset: int, length: int) -> tuple[int, int, _Stored]:

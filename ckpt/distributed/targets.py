@@ -35,7 +35,7 @@ from ..errors import CheckpointExistsError, StorageError
 from ..format import shardfiles, torchio
 from ..io.checksum import ChecksumWriter, crc32, format_checksum
 from ..storage.remote_trees import COMMIT_SUFFIX
-from ..storage.trees import LocalTree, ObjectTree, TieredTree, Tree
+from ..storage.trees import LocalTree, ObjectTree, Tree, TreeCapabilities
 from .collective import Group, sync
 from .shardio import SummingWriter, Sums, fsspec_layer, write_meta
 
@@ -123,10 +123,11 @@ class TieredTarget(LocalTarget):
     """Committed on each node's cache directory, uploaded in the background (module doc).
     ``owner``: the lowest rank on each node (the ranks that share a cache directory)."""
 
-    def __init__(self, ctx: Group, tree: TieredTree, tmp: Path, *, timeout: float) -> None:
-        super().__init__(ctx, tmp, tree.local.path)
-        self.tree, self.timeout = tree, timeout
-        self.shown = tree.where()
+    def __init__(self, ctx: Group, caps: TreeCapabilities, tmp: Path, *, timeout: float) -> None:
+        assert caps.directory is not None and caps.objects is not None and caps.upload is not None
+        super().__init__(ctx, tmp, caps.directory)
+        self.remote, self.later, self.timeout = caps.objects, caps.upload, timeout
+        self.shown = caps.objects.where()
         cache = self.final.parent
         st = os.stat(cache)
         places = sync(ctx, f"save of {self.final.name} (nodes)", timeout=timeout,
@@ -143,16 +144,17 @@ class TieredTarget(LocalTarget):
             os.replace(self.tmp, self.final)
         tag = f"{zlib.crc32(json.dumps(manifest['files'], sort_keys=True).encode()):08x}"
         files = sorted(mine)  # rank 0's include .metadata and ckpt-meta.pt
-        upload = _Upload(self.ctx, self.tree, self.tmp, tag, files, self.timeout)
-        self.tree.later(self.final.name, upload.run, self.ctx.is_leader)
+        upload = _Upload(self.ctx, LocalTree(self.final), self.remote, self.tmp, tag, files, self.timeout)
+        self.later(self.final.name, upload.run, self.ctx.is_leader)
 
 
 class _Upload:
     """One rank's background upload of its files of a tiered sharded checkpoint."""
 
-    def __init__(self, ctx: Group, tree: TieredTree, tmp: Path, tag: str, files: list[str], timeout: float) -> None:
-        self.ctx, self.tree, self.tmp, self.files, self.timeout = ctx, tree, tmp, files, timeout
-        self.prefix = f"ckpt-up/{tree.local.path.name}/{tag}/"
+    def __init__(self, ctx: Group, cache: LocalTree, remote: ObjectTree, tmp: Path, tag: str, files: list[str],
+                 timeout: float) -> None:
+        self.ctx, self.cache, self.remote, self.tmp, self.files, self.timeout = ctx, cache, remote, tmp, files, timeout
+        self.prefix = f"ckpt-up/{cache.path.name}/{tag}/"
 
     def run(self, remote: Any) -> int:
         store = self.ctx.store
@@ -168,9 +170,9 @@ class _Upload:
                 store.set(f"{self.prefix}{self.ctx.rank}", "ok")
             return 0
         self._others_done()
-        data = self.tree.local.read_bytes(shardfiles.MANIFEST)
-        manifest = shardfiles.parse_manifest(data, self.tree.local.path / shardfiles.MANIFEST)
-        obj = self.tree.remote
+        data = self.cache.read_bytes(shardfiles.MANIFEST)
+        manifest = shardfiles.parse_manifest(data, self.cache.path / shardfiles.MANIFEST)
+        obj = self.remote
         obj.retry(lambda: obj.fs.pipe_file(obj.file_key(shardfiles.MANIFEST), data))
         size = _total(manifest, data)
         obj.commit(size, format_checksum(crc32(data)))  # last: the checkpoint exists on the store now
@@ -178,14 +180,14 @@ class _Upload:
 
     def _source(self, rel: str) -> Path:
         # final, scratch, final again: the save may rename the scratch directory in between
-        for path in (self.tree.local.path / rel, self.tmp / rel, self.tree.local.path / rel):
+        for path in (self.cache.path / rel, self.tmp / rel, self.cache.path / rel):
             if path.is_file():
                 return path
         raise FileNotFoundError(2, "a file of the checkpoint is gone from the cache before its upload",
-                                str(self.tree.local.path / rel))
+                                str(self.cache.path / rel))
 
     def _put(self, rel: str) -> None:
-        obj = self.tree.remote
+        obj = self.remote
 
         def put() -> None:
             with open(self._source(rel), "rb") as src, obj.fs.open(obj.file_key(rel), "wb") as dst:
@@ -202,24 +204,25 @@ class _Upload:
             store.wait(keys, timedelta(seconds=self.timeout))
         except Exception as e:  # noqa: BLE001 - a rank died or hangs: the upload stays uncommitted
             raise StorageError(f"not every rank uploaded its files within {self.timeout:g} s ({e})",
-                               path=self.tree.where(), hint="the checkpoint stays committed in the "
+                               path=self.remote.where(), hint="the checkpoint stays committed in the "
                                "caches; the next save uploads a newer one") from e
         failed = [(k, v) for k in keys if (v := store.get(k).decode()) != "ok"]
         for k in keys:
             store.delete_key(k)
         if failed:
-            raise StorageError(f"ranks failed to upload their files: {failed}", path=self.tree.where(),
+            raise StorageError(f"ranks failed to upload their files: {failed}", path=self.remote.where(),
                                hint="see those ranks' warnings; the next save uploads a newer checkpoint")
 
 
 def for_tree(ctx: Group, tree: Tree, tmp_name: str, *, aside: Path | None, timeout: float) -> Any:
     """The target that writes ``tree`` (``tmp_name``: the scratch name beside a local one)."""
-    if isinstance(tree, TieredTree):
-        return TieredTarget(ctx, tree, tree.local.path.parent / tmp_name, timeout=timeout)
-    if isinstance(tree, ObjectTree):
-        return ObjectTarget(ctx, tree)
-    assert isinstance(tree, LocalTree)
-    return LocalTarget(ctx, tree.path.parent / tmp_name, tree.path, aside)
+    caps = tree.capabilities()
+    if caps.objects is None:
+        assert caps.directory is not None  # a tree is local files, objects, or both
+        return LocalTarget(ctx, caps.directory.parent / tmp_name, caps.directory, aside)
+    if caps.directory is not None:  # a node's cache, uploaded in the background
+        return TieredTarget(ctx, caps, caps.directory.parent / tmp_name, timeout=timeout)
+    return ObjectTarget(ctx, caps.objects)
 
 
 def _total(manifest: dict[str, Any], data: bytes) -> int:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Protocol
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from ..io.checksum import stream_crc
 from ..io.posix import open_regular, read_regular
-from ..storage.trees import LocalTree, Tree
+from ..storage.trees import Tree
 
 MANIFEST = "ckpt-manifest.json"
 #: The plain entries (epoch, step, metrics, RNG, small states) of a sharded checkpoint.
@@ -47,8 +47,9 @@ def manifest_bytes(final_dir: Path) -> bytes:
 
 def manifest_of(tree: Tree) -> bytes:
     """A sharded checkpoint's manifest bytes, from any store's tree (typed errors without one)."""
-    if isinstance(tree, LocalTree):
-        return manifest_bytes(tree.path)  # typed errors for a missing or unreadable one
+    local = tree.capabilities().local_only
+    if local is not None:
+        return manifest_bytes(local)  # typed errors for a missing or unreadable one
     try:
         return tree.read_bytes(MANIFEST)
     except FileNotFoundError as e:

@@ -12,14 +12,19 @@ entries, verification) and what the distributed layer needs to write and load it
 - :class:`TieredTree`: a node's local cache in front of an object tree; each file is
   read from the cache when it holds it, else from the store (after the cache was
   lost, or for files another node wrote).
+
+Callers never tell them apart by class: each says what it is made of,
+:meth:`capabilities` (:class:`TreeCapabilities`: a local directory, objects of a
+filesystem, background uploads), as a store does (:func:`ckpt.storage.base.capabilities`).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Protocol, Union
 
 from ..io.posix import open_regular, read_regular
 
@@ -27,11 +32,54 @@ from ..io.posix import open_regular, read_regular
 Later = Callable[[str, Callable[[Any], int], bool], None]
 
 
+@dataclass(frozen=True)
+class TreeCapabilities:
+    """What a sharded checkpoint's tree is made of, each None where it is not."""
+
+    #: Its files are (or, for a cache, may be) in this local directory: written there and
+    #: renamed into place by the commit.
+    directory: Optional[Path] = None
+    #: Its files are objects of an fsspec filesystem, under their final keys, committed by
+    #: a record written last (a tiered tree: the copy uploaded from the cache).
+    objects: Optional[ObjectTree] = None
+    #: Uploads the cache's files to ``objects`` in the background (a tiered store's queue).
+    upload: Optional[Later] = None
+
+    @property
+    def local_only(self) -> Optional[Path]:
+        """The local directory when that is all the tree is (a directory may be renamed)."""
+        return self.directory if self.objects is None else None
+
+
+class Tree(Protocol):
+    """A sharded checkpoint in some store: its files, read by name, and what it is made of."""
+
+    def where(self, rel: str = "") -> PurePath:
+        """The checkpoint (or its file ``rel``) as shown to users."""
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole file ``rel``; :class:`FileNotFoundError` when absent."""
+
+    def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
+        """The file ``rel``, open for reading."""
+
+    def capabilities(self) -> TreeCapabilities:
+        """What this tree is made of (see :class:`TreeCapabilities`)."""
+
+
+def as_tree(where: Union[str, os.PathLike[str], Tree]) -> Tree:
+    """A tree as given, or a local directory's for a path."""
+    return LocalTree(Path(where)) if isinstance(where, (str, os.PathLike)) else where
+
+
 @dataclass
 class LocalTree:
     """A sharded checkpoint directory on a local disk."""
 
     path: Path
+
+    def capabilities(self) -> TreeCapabilities:
+        return TreeCapabilities(directory=self.path)
 
     def where(self, rel: str = "") -> PurePath:
         return self.path / rel if rel else self.path
@@ -53,6 +101,9 @@ class ObjectTree:
     url: str
     commit: Callable[[int, str], None] = field(repr=False)
     retry: Callable[[Callable[[], Any]], Any] = field(repr=False, default=lambda fn: fn())
+
+    def capabilities(self) -> TreeCapabilities:
+        return TreeCapabilities(objects=self)
 
     def where(self, rel: str = "") -> PurePath:
         from .remote import ObjectPath
@@ -80,6 +131,9 @@ class TieredTree:
     remote: ObjectTree
     later: Later = field(repr=False)
 
+    def capabilities(self) -> TreeCapabilities:
+        return TreeCapabilities(directory=self.local.path, objects=self.remote, upload=self.later)
+
     def where(self, rel: str = "") -> PurePath:
         return self.remote.where(rel)
 
@@ -93,6 +147,4 @@ class TieredTree:
     def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
         return self.local.open(rel) if self._here(rel) else self.remote.open(rel)
 
-
-Tree = LocalTree | ObjectTree | TieredTree
 
