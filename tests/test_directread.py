@@ -104,6 +104,28 @@ def test_read_in_pieces_on_a_thread_damage_is_found_first(tmp_path: Path, small_
     test_a_damaged_tensor_record_is_found_before_anything_is_applied(tmp_path)
 
 
+def test_damage_in_the_second_stream_is_found_before_anything_is_applied(tmp_path: Path,
+                                                                         small_pieces: None) -> None:
+    """A file read as two streams (its halves): a flipped byte in the last record is in the
+    second one, and the combined CRC-32 still finds it before the model is touched."""
+    _trained(tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    with zipfile.ZipFile(path) as archive:
+        last = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.header_offset)
+        at = last.header_offset + 30 + len(last.filename.encode()) + len(last.extra)
+    assert at > path.stat().st_size // 2
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    fresh = _model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with CheckpointManager(tmp_path, model=fresh, optimizer=torch.optim.Adam(fresh.parameters())) as mgr:
+        with pytest.raises(CheckpointNotFoundError):
+            mgr.resume()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_a_mismatched_shape_or_dtype_falls_back_to_load_state_dict(tmp_path: Path,
                                                                   direct_calls: List[Any]) -> None:
     model, _ = _trained(tmp_path)

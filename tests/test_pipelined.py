@@ -96,3 +96,29 @@ def test_prefault_keeps_what_the_memory_holds() -> None:
         thread.join()
     assert int(t[: 1 << 20].sum()) == 7 << 20 and int(t[-1]) in range(256)
     assert pipelined.prefault([]) is None
+
+
+def test_in_parallel_returns_each_result_in_order_and_reaps_its_threads() -> None:
+    seen: List[str] = []
+
+    def job(i: int) -> int:
+        seen.append(threading.current_thread().name)
+        return i * i
+    assert pipelined.in_parallel([lambda i=i: job(i) for i in range(3)]) == [0, 1, 4]  # type: ignore[misc]
+    assert seen.count("ckpt-read") == 2 and not _readers()  # the first ran here, the others were joined
+    assert pipelined.in_parallel([lambda: 5]) == [5]
+
+
+def test_in_parallel_raises_a_failure_once_every_call_ended() -> None:
+    finished = threading.Event()
+
+    def slow() -> int:
+        finished.wait(0.2)
+        finished.set()
+        return 1
+
+    def failing() -> int:
+        raise EOFError("short file")
+    with pytest.raises(EOFError, match="short file"):
+        pipelined.in_parallel([failing, slow])
+    assert finished.is_set() and not _readers()
