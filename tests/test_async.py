@@ -142,6 +142,38 @@ def test_training_after_save_does_not_leak_into_the_checkpoint(
     assert record.extra["history"] == [1.0] and torch.equal(record.extra["t"], torch.zeros(2))
 
 
+def test_training_right_after_a_steady_state_save_does_not_leak_into_it(
+        run_dir: Path, trainables: Callable, gate: threading.Event) -> None:
+    """The second save of the same state takes the staging's steady path (buffers reused)."""
+    t = trainables()
+    t.step()
+    mgr = CheckpointManager(run_dir, async_save=True, **t)
+    mgr.save(epoch=0)
+    gate.set()
+    mgr.wait()
+    gate.clear()
+    t.step()
+    record = mgr.save(epoch=1)
+    saved, saved_avg = weights(t["model"]), t["optimizer"].state_dict()["state"][0]["exp_avg"].clone()
+    t.step()  # in place, at once, while the commit is held
+    assert not all(torch.equal(v, saved[k]) for k, v in weights(t["model"]).items())
+    gate.set()
+    mgr.close()
+    obj = torch.load(record.path, weights_only=True)
+    assert all(torch.equal(obj["model"][k], v) for k, v in saved.items())
+    assert torch.equal(obj["optimizer"]["state"][0]["exp_avg"], saved_avg)
+
+
+def test_the_writer_thread_serves_every_save_and_ends_at_close(run_dir: Path, trainables: Callable) -> None:
+    mgr = CheckpointManager(run_dir, async_save=True, keep_last=3, **trainables())
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+        assert writer_threads() == 1
+    mgr.close()
+    assert writer_threads() == 0
+    assert [r.epoch for r in CheckpointManager(run_dir).checkpoints] == [0, 1, 2]
+
+
 def test_a_background_error_is_raised_by_wait_once_and_changes_nothing(
         run_dir: Path, trainables: Callable, monkeypatch: pytest.MonkeyPatch, snapshot: Callable) -> None:
     mgr = CheckpointManager(run_dir, async_save=True, keep_last=1, **trainables())

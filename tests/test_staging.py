@@ -89,3 +89,104 @@ def test_cuda_tensors_stage_into_pinned_host_memory() -> None:
     live["w"].mul_(2)
     again = stager.stage(live)
     assert again["w"].data_ptr() == pointer and torch.equal(again["w"], live["w"].cpu())
+
+
+# -- the steady state: one lean walk, checks in batch, one batched copy -------------------
+
+def mixed(scale: float) -> dict:
+    base = torch.arange(12.0).reshape(3, 4) * scale
+    return {"f32": base, "f64": base.double() + 1, "i64": (base * 10).long(), "half": base.half(),
+            "flag": torch.tensor([True, False]), "t": (base + 5).t(), "strided": (base + 7)[:, ::2],
+            "nested": [{"step": torch.tensor(scale)}, ((base + 9)[1],)], "lr": 0.1, "none": None}
+
+
+def assert_same(staged: dict, live: dict) -> None:
+    for key in ("f32", "f64", "i64", "half", "flag", "t", "strided"):
+        assert staged[key].dtype == live[key].dtype and torch.equal(staged[key], live[key]), key
+    assert torch.equal(staged["nested"][0]["step"], live["nested"][0]["step"])
+    assert torch.equal(staged["nested"][1][0], live["nested"][1][0])
+    assert (staged["lr"], staged["none"]) == (0.1, None)
+
+
+def test_the_steady_state_reuses_every_buffer_with_mixed_dtypes_and_non_contiguous_tensors() -> None:
+    stager = Stager()
+    first = stager.stage(mixed(1.0))
+    buffers = {k: b.data_ptr() for k, b in stager._buffers.items()}
+    live = mixed(2.0)
+    assert stager._steady(live) is not None  # the lean path takes it (and copies)
+    second = stager.stage(live)
+    assert {k: b.data_ptr() for k, b in stager._buffers.items()} == buffers
+    assert second["f32"].data_ptr() == first["f32"].data_ptr()
+    assert_same(second, live)
+    assert second["t"].is_contiguous() and second["strided"].shape == (3, 2)
+
+
+def test_a_tensor_changed_right_after_a_steady_stage_does_not_reach_the_snapshot() -> None:
+    stager = Stager()
+    stager.stage(mixed(1.0))
+    live = mixed(2.0)
+    staged = stager.stage(live)
+    expected = mixed(2.0)
+    for t in (live["f32"], live["f64"], live["i64"], live["half"], live["nested"][0]["step"]):
+        t.add_(100)  # training goes on
+    assert_same(staged, expected)
+
+
+def test_aliases_leave_the_steady_state_to_the_general_walk() -> None:
+    shared = torch.randn(5, 5)
+    stager = Stager()
+    stager.stage({"a": shared, "b": shared})
+    assert stager._steady({"a": shared, "b": shared}) is None  # one address twice
+    staged = stager.stage({"a": shared, "b": shared})
+    assert staged["a"] is staged["b"] and torch.equal(staged["a"], shared)
+    stager.stage({"a": shared, "b": shared * 2})  # no longer tied: two buffers
+    staged = stager.stage({"a": shared, "b": shared * 2})
+    assert staged["a"] is not staged["b"] and torch.equal(staged["b"], shared * 2)
+
+
+def test_views_of_one_storage_at_different_offsets_stage_apart() -> None:
+    storage = torch.arange(10.0)
+    live = {"all": storage, "tail": storage[4:], "head": storage[:3]}
+    stager = Stager()
+    stager.stage(live)
+    staged = stager.stage(live)
+    assert all(torch.equal(staged[k], v) for k, v in live.items())
+    storage.mul_(-1)
+    assert torch.equal(staged["tail"], torch.arange(4.0, 10.0))
+
+
+def test_zero_size_tensors_stage_with_their_shapes() -> None:
+    live = {"a": torch.empty(0), "b": torch.empty(0, 3), "c": torch.ones(2), "d": torch.empty(0, dtype=torch.int64)}
+    stager = Stager()
+    for _ in range(3):
+        staged = stager.stage(live)
+        assert [(staged[k].shape, staged[k].dtype) for k in live] == [(v.shape, v.dtype) for v in live.values()]
+        assert torch.equal(staged["c"], torch.ones(2))
+
+
+def test_a_change_of_shape_dtype_count_or_kind_after_the_steady_state_is_staged_right() -> None:
+    stager = Stager()
+    stager.stage(mixed(1.0))
+    stager.stage(mixed(1.0))
+    changes = [lambda s: s.update(f32=torch.ones(4, 3)), lambda s: s.update(i64=s["i64"].int()),
+               lambda s: s.update(extra=torch.zeros(2)), lambda s: s.pop("half"),
+               lambda s: s.update(f32=torch.nn.Parameter(s["f32"])),
+               lambda s: s.update(sub=torch.ones(2).as_subclass(Sub)),
+               lambda s: s.update(sparse=torch.ones(2).to_sparse()),
+               lambda s: s.update(meta=torch.empty(2, device="meta"))]
+    for change in changes:
+        live = mixed(3.0)
+        change(live)
+        for _ in range(2):  # the change, then the same state again (the steady state once more)
+            staged = stager.stage(live)
+            assert set(staged) == set(live)
+            for key, value in live.items():
+                if isinstance(value, torch.Tensor) and value.is_meta:
+                    assert staged[key].is_meta and staged[key].shape == value.shape
+                elif isinstance(value, torch.Tensor):
+                    value = value.detach().to_dense()
+                    assert staged[key].dtype == value.dtype and torch.equal(staged[key].to_dense(), value), key
+
+
+class Sub(torch.Tensor):
+    pass

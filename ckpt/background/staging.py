@@ -7,7 +7,11 @@ by their order in the dict (the n-th tensor staged takes the n-th buffer of the 
 save) and reused when shape and dtype match, so steady-state saves allocate nothing
 and stall the loop for one memory copy of the state; pairing by order rather than by
 key path spares building and hashing a path per tensor, which is most of the cost on
-thousands of small tensors. Host-to-host copies go out in one batched call. Tensors
+thousands of small tensors. Host-to-host copies go out in one batched call. In the
+steady state of a CPU run (the same tensors as last time, by shape and dtype, each at
+its own address) one lean walk rebuilds the containers and collects the tensors, and
+the checks are made once for all of them afterwards, in C-level passes over the list
+(:func:`_same_layout`); anything else takes the general walk. Tensors
 on CUDA are copied into pinned host memory with non-blocking copies and one
 synchronisation per device. The buffers are the only extra memory an async save
 needs (one copy of the state); :meth:`Stager.release` frees them.
@@ -16,6 +20,7 @@ needs (one copy of the state); :meth:`Stager.release` frees them.
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -28,6 +33,7 @@ class Stager:
 
     def __init__(self) -> None:
         self._buffers: Dict[int, torch.Tensor] = {}  # by order of staging
+        self._layout: Optional[_Layout] = None  # the buffers' shapes and dtypes, in order
 
     @property
     def nbytes(self) -> int:
@@ -39,18 +45,39 @@ class Stager:
 
         The snapshot stays valid until the next :meth:`stage` or :meth:`release`.
         """
-        run = _Run(self._buffers)
         with torch.no_grad():
+            staged = self._steady(obj)
+            if staged is not None:
+                return staged
+            run = _Run(self._buffers)
             staged = run.walk(obj)
             run.copy()
         for device in run.devices:
             torch.cuda.current_stream(device).synchronize()
         self._buffers = run.fresh  # buffers of entries that disappeared are freed here
+        self._layout = _layout(self._buffers) if run.fast else None
+        return staged
+
+    def _steady(self, obj: Any) -> Optional[Any]:
+        """The snapshot when ``obj``'s tensors are those of the last save (by order,
+        shape and dtype; plain, strided, on the CPU, each at its own address): one lean
+        walk, the checks in batch, one batched copy. None (nothing copied) otherwise."""
+        layout = self._layout
+        if layout is None:
+            return None
+        walk = _Collect(layout.buffers)
+        try:
+            staged = walk.walk(obj)
+        except (_Unusual, IndexError):  # IndexError: more tensors than buffers
+            return None
+        if not _same_layout(walk.src, layout):
+            return None
+        _copy_all(layout.buffers, walk.src)
         return staged
 
     def release(self) -> None:
         """Free every buffer (the next :meth:`stage` allocates again)."""
-        self._buffers = {}
+        self._buffers, self._layout = {}, None
 
 
 class _Run:
@@ -93,11 +120,13 @@ class _Run:
         return value  # immutable: numbers, strings, bytes, torch.Size, dtypes, devices
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout is not torch.strided or t.is_meta:  # rare kinds (no data pointer): not pooled
+            return t.detach() if t.is_meta else t.detach().to("cpu", copy=True)  # meta: no data to copy
         ptr = t.data_ptr()
         slot = len(self.fresh)
         buffer = self.previous.get(slot)
         if buffer is not None and self.fast and ptr not in self.ptrs and t.is_cpu \
-                and t.layout is torch.strided and buffer.dtype is t.dtype and buffer.shape == t.shape:
+                and buffer.dtype is t.dtype and buffer.shape == t.shape:
             # the steady state of a CPU-only run: a tensor like the one staged here last time
             self.dst.append(buffer)
             self.src.append(t)
@@ -107,8 +136,6 @@ class _Run:
         return self._tensor(t, ptr, slot)
 
     def _tensor(self, t: torch.Tensor, ptr: int, slot: int) -> torch.Tensor:
-        if t.layout != torch.strided or t.is_meta:
-            return t.detach().to("cpu", copy=True)  # rare kinds: a plain copy, not pooled
         first = self.ptrs.get(ptr)
         if first is not None and t.nelement():  # another tensor at this address: the same one twice?
             if first[0] is not None:  # the full key of the first one, built only now
@@ -144,6 +171,93 @@ class _Run:
             _FOREACH_COPY(self.dst, self.src)
 
 
+class _Layout:
+    """The buffers of the last save in slot order, with their shapes and dtypes."""
+
+    __slots__ = ("buffers", "shapes", "dtypes")
+
+    def __init__(self, buffers: List[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.shapes = list(map(_SHAPE, buffers))
+        self.dtypes = list(map(_DTYPE, buffers))
+
+
+def _layout(buffers: Dict[int, torch.Tensor]) -> Optional[_Layout]:
+    """The layout of ``buffers`` when their slots are 0..n-1 (always, after a pass)."""
+    if not buffers or list(buffers) != list(range(len(buffers))):
+        return None
+    return _Layout(list(buffers.values()))
+
+
+class _Unusual(Exception):
+    """Something :class:`_Collect` leaves to the general walk (a tensor subclass)."""
+
+
+class _Collect:
+    """The lean walk of the steady state: containers rebuilt as :meth:`_Run.walk`
+    rebuilds them, the n-th tensor replaced by the n-th buffer and collected in ``src``
+    (checked afterwards by :func:`_same_layout`, copied by :func:`_copy_all`)."""
+
+    __slots__ = ("buffers", "src")
+
+    def __init__(self, buffers: List[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.src: List[torch.Tensor] = []
+
+    def walk(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is dict or kind is collections.OrderedDict:
+            out = {} if kind is dict else kind()
+            buffers, src, walk = self.buffers, self.src, self.walk
+            for k, v in value.items():
+                kind = type(v)
+                if kind is torch.Tensor or kind is torch.nn.Parameter:
+                    out[k] = buffers[len(src)]
+                    src.append(v)
+                elif kind in _IMMUTABLE:
+                    out[k] = v
+                else:
+                    out[k] = walk(v)
+            return out
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            buffer = self.buffers[len(self.src)]
+            self.src.append(value)
+            return buffer
+        if isinstance(value, torch.Tensor):
+            raise _Unusual(kind.__qualname__)
+        walk = self.walk
+        if kind is list:
+            return [walk(v) for v in value]
+        if kind is tuple:
+            return tuple([walk(v) for v in value])
+        if kind is bytearray or kind is set:
+            return kind(value)
+        return value
+
+
+def _same_layout(src: List[torch.Tensor], layout: _Layout) -> bool:
+    """Would the general walk pair each of ``src`` with its buffer of ``layout``? The
+    same count, shapes and dtypes, every tensor strided on the CPU, no two at one address
+    (an alias is staged once, by the general walk)."""
+    n = len(src)
+    return (n == len(layout.buffers) and list(map(_SHAPE, src)) == layout.shapes
+            and list(map(_DTYPE, src)) == layout.dtypes and all(map(_IS_CPU, src))
+            and list(map(_LAYOUT, src)).count(torch.strided) == n and len(set(map(_PTR, src))) == n)
+
+
+def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    if _FOREACH_COPY is not None:
+        _FOREACH_COPY(dst, src)
+    else:  # pragma: no cover - a torch without _foreach_copy_
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_LAYOUT = operator.attrgetter("layout")
+_PTR = torch.Tensor.data_ptr
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 #: Values staged as they are (no copy): what a state dict holds besides tensors.
 _IMMUTABLE = frozenset((type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device))
