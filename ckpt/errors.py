@@ -22,15 +22,40 @@ class CkptError(Exception):
         self.path = os.fspath(path) if path is not None else None
         self.message = message  # without the path and the hint, for an error that quotes this one
         self.hint = hint
-        text = message
-        if self.path is not None and self.path not in message:
-            text = f"{self.path}: {message}"
+        #: The path the text starts with (None: no path, or the message names it already).
+        self.lead: Optional[str] = self.path if self.path is not None and self.path not in message else None
+        text = message if self.lead is None else f"{self.lead}: {message}"
         if hint:
             text = f"{text}\n  hint: {hint}"
         super().__init__(text)
 
     def __str__(self) -> str:  # builtins such as OSError format args differently
         return str(self.args[0]) if self.args else ""
+
+    @property
+    def what(self) -> str:
+        """What went wrong: the message, without the path and the hint."""
+        return self.message
+
+    def headline(self, shown: Optional[PathLike] = None) -> str:
+        """The path and what went wrong, for a reader already shown ``shown`` (its path then
+        left out); no hint. Made from the fields (see :func:`one_line`)."""
+        return headline(self.lead, self.message, shown)
+
+
+def headline(lead: Optional[str], what: str, shown: Optional[PathLike] = None) -> str:
+    """``lead: what``, or ``what`` alone without a lead path or when it is ``shown``."""
+    if lead is None or (shown is not None and lead == os.fspath(shown)):
+        return what
+    return f"{lead}: {what}"
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: its path and what went wrong, then ``(hint: ...)``; from a
+    ckpt error's fields, else the first line of another error's text (it has no fields)."""
+    if isinstance(e, CkptError):
+        return f"{e.headline()} (hint: {e.hint})" if e.hint else e.headline()
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class ConfigError(CkptError, ValueError):

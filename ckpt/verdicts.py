@@ -11,7 +11,12 @@ filters them by type. The text for people is made where a value is shown.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .errors import CkptError, PathLike
 
 
 class Status(str, enum.Enum):
@@ -34,6 +39,26 @@ class Status(str, enum.Enum):
     def bad(self) -> bool:
         """Damaged or missing: a check that finds it fails (exit status 1)."""
         return self in (Status.DAMAGED, Status.MISSING)
+
+
+class Detail(str):
+    """A verdict's detail taken from an error: the error's text (what ``str`` gives and
+    reports print as JSON) with its fields kept, so a display picks from them
+    (:meth:`headline`) instead of cutting the text apart."""
+
+    lead: Optional[str]  #: the path the text starts with (see :class:`ckpt.errors.CkptError`)
+    what: str  #: what went wrong
+    hint: str
+
+    @classmethod
+    def of(cls, error: CkptError) -> Detail:
+        detail = cls(str(error))
+        detail.lead, detail.what, detail.hint = error.lead, error.message, error.hint
+        return detail
+
+    def headline(self, shown: Optional[PathLike] = None) -> str:
+        """The path (unless it is ``shown``) and what went wrong, no hint."""
+        return errors.headline(self.lead, self.what, shown)
 
 
 class Verdict(NamedTuple):

@@ -86,3 +86,33 @@ def test_the_command_line_drops_the_categories_it_reports_not_their_text() -> No
             warnings.warn("indexed checkpoints missing on disk (another warning's words)", UserWarning, stacklevel=1)
     assert [(w.category, str(w.message)) for w in caught] == [
         (UserWarning, "indexed checkpoints missing on disk (another warning's words)")]
+
+
+# -- the command line formats errors from their fields, never from their text ----------
+
+
+def test_one_line_is_made_from_the_errors_fields_not_its_text(tmp_path: Path) -> None:
+    from ckpt.errors import CollectiveError, StorageError, one_line
+
+    inner = StorageError("disk full", path=tmp_path / "a", hint="free space")
+    outer = CollectiveError(f"save() failed on rank 1: {inner}")  # quotes a text with a hint line in it
+    assert one_line(outer).startswith(f"save() failed on rank 1: {tmp_path / 'a'}: disk full")
+    assert "(hint: free space)" not in one_line(outer)  # the quoted error's hint is not taken for its own
+    assert one_line(inner) == f"{tmp_path / 'a'}: disk full (hint: free space)"
+    named = StorageError(f"cannot open {tmp_path}", path=tmp_path)  # the message names the path: not twice
+    assert one_line(named) == f"cannot open {tmp_path}" and named.lead is None
+    assert one_line(ValueError("first\nsecond")) == "first"
+
+
+def test_a_verdicts_detail_keeps_the_errors_fields(tmp_path: Path) -> None:
+    from ckpt.verdicts import Detail
+
+    shown = tmp_path / "ckpt-e000001-s000000000.pt"
+    error = CorruptCheckpointError("checksum mismatch", path=shown, hint="resume from another checkpoint")
+    detail = Detail.of(error)
+    assert detail == str(error) and json.dumps(detail) == json.dumps(str(error))  # the text, for JSON
+    assert (detail.lead, detail.what, detail.hint) == (str(shown), "checksum mismatch", error.hint)
+    assert common.message(detail, shown) == "checksum mismatch"  # the path the caller shows: left out
+    elsewhere = tmp_path / "blob"
+    assert common.message(detail, elsewhere) == f"{shown}: checksum mismatch"
+    assert common.message("listed in the index, gone from disk", shown) == "listed in the index, gone from disk"

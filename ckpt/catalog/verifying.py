@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ..errors import CkptError
-from ..verdicts import Status, Verdict
+from ..verdicts import Detail, Status, Verdict
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -42,7 +42,7 @@ def verify(cat: Catalog, *, progress: Optional[bool] = None) -> Dict[str, Verdic
             except FileNotFoundError:
                 gone.append(rec.name)
             except CkptError as e:
-                report[rec.name] = Verdict(Status.DAMAGED, str(e))
+                report[rec.name] = Verdict(Status.DAMAGED, Detail.of(e))
                 suspect[rec.name] = rec.checksum
         if not (gone or unlisted or suspect):
             break

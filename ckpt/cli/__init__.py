@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
-from ..errors import CheckpointNotFoundError, CkptError, ConfigError
+from ..errors import CheckpointNotFoundError, CkptError, ConfigError, one_line
 from . import export, inspect, listing, plot
 from .common import UsageError
 
@@ -60,14 +60,6 @@ def parser() -> argparse.ArgumentParser:
     for module in (listing, inspect, export, plot):
         module.add(sub)
     return p
-
-
-def one_line(e: BaseException) -> str:
-    """An error as one line: its message, then its hint."""
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
-    head = lines[0]
-    hint = next((s for s in lines[1:] if s.startswith("hint:")), None)
-    return f"{head} ({hint})" if hint else head
 
 
 def exit_status(e: BaseException) -> int:

@@ -6,7 +6,7 @@ import argparse
 import warnings
 from contextlib import contextmanager
 from pathlib import Path, PurePath
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -15,7 +15,7 @@ from ..catalog import Catalog, differential, history, index
 from ..errors import CkptError
 from ..format import torchfile
 from ..storage import LocalStore, is_url, open_existing
-from ..verdicts import MissingFilesWarning, UnindexedFileWarning
+from ..verdicts import Detail, MissingFilesWarning, UnindexedFileWarning
 
 Key = Tuple[int, int]
 
@@ -78,10 +78,13 @@ def quiet() -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def message(e: object, path: PurePath) -> str:
-    """An error's first line without the path the caller already shows."""
-    text = (str(e).splitlines() or [type(e).__name__])[0]
-    return text.removeprefix(f"{path}: ")
+def message(e: Union[CkptError, str], path: PurePath) -> str:
+    """An error (or a verdict's detail) without the path the caller already shows and
+    without its hint, made from its fields (:meth:`ckpt.errors.CkptError.headline`); a
+    plain detail, written for this display, as it is."""
+    if isinstance(e, (CkptError, Detail)):
+        return e.headline(path)
+    return e
 
 
 def catalog(directory: Any) -> Catalog:
