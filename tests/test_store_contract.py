@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 import pytest
 
@@ -286,3 +286,65 @@ def test_local_copies_hold_the_bytes_and_flush_returns(store: Store) -> None:
     if caps.flush is not None:
         caps.flush()  # a tiered store's uploads are done after it
     assert store.read_bytes(NAME) == b"copied"
+
+
+# -- writers racing for a remote run ---------------------------------------------------
+
+
+def _expired_lease(store: Any) -> None:
+    """A lease whose holder stopped renewing it long ago, on another machine: free to take."""
+    import json as _json
+
+    from ckpt.storage.lease import WRITER_NAME
+    holder = {"token": "dead", "writer_id": None, "host": "elsewhere", "boot": None, "pid": 1, "pstart": None,
+              "started": 0.0, "renewed": 0.0, "ttl": 60.0, "tool": False}
+    store.fs.pipe_file(store._key(WRITER_NAME), _json.dumps(holder).encode())
+
+
+@pytest.mark.parametrize("start", ["free", "expired"])
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_writers_racing_for_the_run_exactly_one_gets_it(kind: str, start: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    """Of writers taking one run's lease at the same moment (threads: ``memory://`` is
+    shared by the threads of one process only), exactly one holds it, the others are
+    refused naming the holder; so too when they all take over a dead writer's lease."""
+    import sys
+    import threading
+
+    from ckpt.errors import WriterConflictError
+    from ckpt.storage.remote import FsspecStore
+    if kind == "s3" and start == "expired":
+        pytest.skip("S3 ages a lease by the server's clock: a lease written now is not expired")
+    first = _fsspec_store(kind, request)
+    options = request.getfixturevalue("server").options() if kind == "s3" else None
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two steps: a read-then-write race shows
+    try:
+        for _ in range(300 if kind == "memory" else 2):  # a lost race shows in about 1 round in 30
+            if start == "expired":
+                _expired_lease(first)
+            stores = [FsspecStore(first.url, options) for _ in range(6)]
+            gate = threading.Barrier(len(stores))
+            won: List[Any] = []
+            refused: List[str] = []
+
+            def take(s: Any, gate: threading.Barrier = gate, won: List[Any] = won,
+                     refused: List[str] = refused) -> None:
+                gate.wait(timeout=60)
+                try:
+                    s.lease.acquire(wait=False)
+                    won.append(s)
+                except WriterConflictError as e:
+                    refused.append(str(e))
+
+            threads = [threading.Thread(target=take, args=(s,)) for s in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert not any(t.is_alive() for t in threads)
+            assert len(won) == 1 and len(refused) == len(stores) - 1, (len(won), refused)
+            assert all("a writer holds this run directory" in r for r in refused)
+            won[0].release()
+    finally:
+        sys.setswitchinterval(switch)

@@ -4,9 +4,12 @@ only if it is still the version read (the writer lease of docs/explanation/remot
 On S3 (and S3-compatible servers that honour ``If-None-Match`` / ``If-Match``: AWS since
 2024, MinIO, moto) each operation is one request and atomic: of two processes creating
 the same object, exactly one succeeds; a replace fails with :class:`Precondition` if
-anyone wrote the object since it was read. Elsewhere (``memory://``, a backend without
-conditional requests) creation uses fsspec's ``mode="create"`` and a replace compares
-the content first: not atomic, so there the lease's timing is the only guard.
+anyone wrote the object since it was read. On ``memory://`` (a filesystem inside this
+process) each operation runs under one process-wide lock: read, compare and write are
+one step, as atomic as on S3 for every thread of the process (the only ones that share
+it). Elsewhere (a backend without conditional requests) creation uses fsspec's
+``mode="create"`` and a replace compares the content first: not atomic, so there the
+lease's timing is the only guard.
 
 A version (``Version.tag``) is the object's ETag on S3, a hash of its bytes elsewhere;
 ``Version.age`` is how long ago it was written, by the server's clock on S3 (its
@@ -17,10 +20,15 @@ holder's own ``renewed`` field elsewhere (the caller's job).
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Optional
+
+#: Makes a read-compare-write on an in-process filesystem (``memory://``) one step.
+_IN_PROCESS = threading.Lock()
 
 
 class Precondition(Exception):
@@ -64,6 +72,12 @@ class Objects:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         self.s3 = callable(getattr(fs, "call_s3", None))
+        protocol = getattr(fs, "protocol", ())
+        #: Every user of this filesystem is in this process: a lock makes each operation atomic.
+        self.in_process = "memory" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+
+    def _atomic(self) -> AbstractContextManager[object]:
+        return _IN_PROCESS if self.in_process else nullcontext()
 
     def _split(self, key: str) -> tuple[str, str]:
         bucket, _, path = key.strip("/").partition("/")
@@ -93,7 +107,10 @@ class Objects:
                 bucket, path = self._split(key)
                 resp = self.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfNoneMatch="*")
                 return str(resp.get("ETag", ""))
-            self.fs.pipe_file(key, data, mode="create")
+            with self._atomic():
+                if self.in_process and self.fs.exists(key):
+                    raise FileExistsError(key)
+                self.fs.pipe_file(key, data, mode="create")
             return _tag(data)
         except Exception as e:
             if _precondition(e):
@@ -114,10 +131,11 @@ class Objects:
             if _precondition(e):
                 raise Precondition(key) from e
             raise
-        now = self.read(key)  # not atomic (see the module docstring)
-        if now is None or now.tag != tag:
-            raise Precondition(key)
-        self.fs.pipe_file(key, data)
+        with self._atomic():  # elsewhere not atomic (see the module docstring)
+            now = self.read(key)
+            if now is None or now.tag != tag:
+                raise Precondition(key)
+            self.fs.pipe_file(key, data)
         return _tag(data)
 
     def delete(self, key: str, tag: str) -> None:
@@ -134,12 +152,13 @@ class Objects:
             if _precondition(e):
                 raise Precondition(key) from e
             raise
-        now = self.read(key)
-        if now is None:
-            return
-        if now.tag != tag:
-            raise Precondition(key)
-        self.fs.rm_file(key)
+        with self._atomic():
+            now = self.read(key)
+            if now is None:
+                return
+            if now.tag != tag:
+                raise Precondition(key)
+            self.fs.rm_file(key)
 
 
 def _read_body(fs: Any, body: Any) -> bytes:

@@ -121,7 +121,11 @@ class Lease:
         self.objects, self.key, self.url, self.ttl, self.tool = objects, key, url, ttl, tool
         self.writer_id = writer_id if writer_id is not None else (os.environ.get(WRITER_ID_ENV) or None)
         self.on_acquire = on_acquire
-        self._lock = threading.RLock()
+        #: Guards the fields below; never held across a request (a renewal stuck on a frozen
+        #: endpoint must not stall a commit's check, or ``held``): requests run outside it.
+        self._lock = threading.Condition(threading.Lock())
+        self._acquiring = threading.Lock()  # one acquisition at a time (its requests run under it)
+        self._renewing = False  # a renewal's request is in flight
         self._tag: Optional[str] = None  # our version of the object while we hold it
         self._me: Optional[Holder] = None
         self._renewed_at = 0.0  # monotonic time of the last successful renewal
@@ -144,52 +148,56 @@ class Lease:
     def acquire(self, wait: bool) -> None:
         """Hold the lease, or raise :class:`WriterConflictError` naming its holder. ``wait``:
         watch a live-looking lease until it would expire (a writer's first commit)."""
-        with self._lock:
-            if self.held:
-                return
-            if self.lost is not None:
-                raise self.taken()  # never taken back: this process stops writing
+        with self._acquiring:
+            with self._lock:
+                if self.held:
+                    return
+                if self.lost is not None:
+                    raise self.taken()  # never taken back: this process stops writing
             me = self._holder()
-            watched: Optional[Version] = None
-            deadline: Optional[float] = None
-            while True:
-                try:
-                    tag = self._do(lambda: self.objects.create(self.key, me.encode()))
-                    break
-                except Precondition:
-                    pass
-                now = self._do(lambda: self.objects.read(self.key))
-                if now is None:
-                    continue  # released meanwhile: try again
-                other = Holder.parse(now.data)
-                if self._may_take(other, now, me):
-                    try:
-                        tag = self._do(partial(self.objects.replace, self.key, me.encode(), now.tag))
-                        break
-                    except Precondition:
-                        continue  # someone else was quicker: look again
-                assert other is not None
-                if watched is not None and now.tag != watched.tag:
-                    raise self.conflict(other, "it renewed its lease while this process waited")
-                left = self.ttl - (self._age(other, now) or 0.0)
-                if not wait or self.tool:
-                    raise self.conflict(other, f"its lease expires in {max(left, 0):.0f} s unless renewed")
-                if watched is None:
-                    watched, deadline = now, time.monotonic() + min(left, self.ttl) + 2 * _POLL
-                    import warnings
-                    warnings.warn(f"{self.url}: the run is held by {other.describe()}; waiting up to "
-                                  f"{max(left, 0):.0f} s for its lease to expire (a writer that died) or to be "
-                                  "renewed (a live writer: then this one is refused)", stacklevel=4)
-                assert deadline is not None
-                if time.monotonic() > deadline:
-                    raise self.conflict(other, "its lease did not expire")  # a server clock gone wrong
-                time.sleep(_POLL)
-            self._tag, self._me, self.lost = tag, me, None
-            self._renewed_at = time.monotonic()
-            self.epoch += 1
-            self._start_heartbeat()
+            tag = self._take(me, wait)
+            with self._lock:
+                self._tag, self._me, self.lost = tag, me, None
+                self._renewed_at = time.monotonic()
+                self.epoch += 1
+                self._start_heartbeat()
         if self.on_acquire is not None and not self.tool:
             self.on_acquire()
+
+    def _take(self, me: Holder, wait: bool) -> str:
+        """Create the lease as ``me``, or take it over from a holder that is gone; its tag."""
+        watched: Optional[Version] = None
+        deadline: Optional[float] = None
+        while True:
+            try:
+                return str(self._do(lambda: self.objects.create(self.key, me.encode())))
+            except Precondition:
+                pass
+            now = self._do(lambda: self.objects.read(self.key))
+            if now is None:
+                continue  # released meanwhile: try again
+            other = Holder.parse(now.data)
+            if self._may_take(other, now, me):
+                try:
+                    return str(self._do(partial(self.objects.replace, self.key, me.encode(), now.tag)))
+                except Precondition:
+                    continue  # someone else was quicker: look again
+            assert other is not None
+            if watched is not None and now.tag != watched.tag:
+                raise self.conflict(other, "it renewed its lease while this process waited")
+            left = self.ttl - (self._age(other, now) or 0.0)
+            if not wait or self.tool:
+                raise self.conflict(other, f"its lease expires in {max(left, 0):.0f} s unless renewed")
+            if watched is None:
+                watched, deadline = now, time.monotonic() + min(left, self.ttl) + 2 * _POLL
+                import warnings
+                warnings.warn(f"{self.url}: the run is held by {other.describe()}; waiting up to "
+                              f"{max(left, 0):.0f} s for its lease to expire (a writer that died) or to be "
+                              "renewed (a live writer: then this one is refused)", stacklevel=5)
+            assert deadline is not None
+            if time.monotonic() > deadline:
+                raise self.conflict(other, "its lease did not expire")  # a server clock gone wrong
+            time.sleep(_POLL)
 
     def _age(self, other: Holder, version: Version) -> Optional[float]:
         if version.age is not None:
@@ -222,14 +230,16 @@ class Lease:
 
     def check(self) -> None:
         """At a commit: raise if the lease was taken over; renew it when a quarter of
-        its time to live has passed (one request; none for frequent saves)."""
+        its time to live has passed (one request; none for frequent saves, none while the
+        heartbeat's renewal is in flight)."""
         with self._lock:
             if self.lost is not None:
                 raise self.taken()
-            if time.monotonic() - self._renewed_at >= self.ttl / 4:
-                self.renew()
-                if self.lost is not None:
-                    raise self.taken()
+            due = time.monotonic() - self._renewed_at >= self.ttl / 4 and not self._renewing
+        if due:
+            self.renew()
+        if self.lost is not None:
+            raise self.taken()
 
     def taken(self) -> WriterConflictError:
         return WriterConflictError(
@@ -239,31 +249,47 @@ class Lease:
                                 f"{self.ttl:.0f} s, or by a job with the same {WRITER_ID_ENV})")
 
     def renew(self) -> None:
-        """Renew the lease (the heartbeat and :meth:`check`); a lost lease sets ``lost``."""
+        """Renew the lease (the heartbeat and :meth:`check`); a lost lease sets ``lost``.
+        The request runs outside the lock: meanwhile :attr:`held`, :meth:`check` and a
+        commit go on (one renewal at a time; a second caller returns at once)."""
         with self._lock:
-            if self._tag is None or self._me is None or self.lost is not None:
+            if self._tag is None or self._me is None or self.lost is not None or self._renewing:
                 return
-            me = Holder(**{**self._me.__dict__, "renewed": time.time()})
+            self._renewing = True
+            tag, me = self._tag, Holder(**{**self._me.__dict__, "renewed": time.time()})
+        try:
             try:
-                tag = self._tag
-                self._tag = self._do(lambda: self.objects.replace(self.key, me.encode(), tag))
-                self._renewed_at = time.monotonic()
+                new: Optional[str] = self._do(lambda: self.objects.replace(self.key, me.encode(), tag))
+                lost = None
             except Precondition:
                 now = self._do(lambda: self.objects.read(self.key))
                 other = Holder.parse(now.data) if now is not None else None
-                self.lost = other.describe() if other is not None else "its lease was deleted"
-                self._stop_heartbeat()
+                new, lost = None, other.describe() if other is not None else "its lease was deleted"
+            with self._lock:
+                if self._tag == tag and new is not None:
+                    self._tag, self._renewed_at = new, time.monotonic()
+                elif self._tag == tag:
+                    self.lost = lost
+                    self._stop_heartbeat()
+        finally:
+            with self._lock:
+                self._renewing = False
+                self._lock.notify_all()
 
     def release(self) -> None:
-        """Delete the lease if this process holds it (a clean close); best effort."""
+        """Delete the lease if this process holds it (a clean close); best effort. Waits
+        for a renewal in flight (its new version is the one to delete)."""
         with self._lock:
-            tag, self._tag = self._tag, None
             self._stop_heartbeat()
-            if tag is not None and self.lost is None:
-                try:
-                    self._do(lambda: self.objects.delete(self.key, tag))
-                except Exception:  # noqa: BLE001 - taken over, gone or a client error: it expires anyway
-                    pass
+            while self._renewing:
+                self._lock.wait()
+            tag, self._tag = self._tag, None
+            lost = self.lost
+        if tag is not None and lost is None:
+            try:
+                self._do(lambda: self.objects.delete(self.key, tag))
+            except Exception:  # noqa: BLE001 - taken over, gone or a client error: it expires anyway
+                pass
 
     def _start_heartbeat(self) -> None:
         self._stop = stop = threading.Event()

@@ -93,8 +93,8 @@ class FsspecStore(WriterClaim, TreeObjects):
                            guard=lambda fn: self._retry(fn, WRITER_NAME, "taking or renewing the writer lease"))
         self._known: Optional[Dict[str, int]] = None
         self._generation = 0
+        never_wait_for_continue(self.fs, per_request)  # first: opening the run is bounded too
         self._check_reachable()
-        never_wait_for_continue(self.fs, per_request)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -68,21 +68,36 @@ def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> No
     stopped answering (SIGSTOPped, a dead load balancer) hung forever, past every
     client timeout: botocore's ``Expect: 100-continue``, which aiohttp waits for with no
     timeout (the header is dropped), and a part's body that no longer drains into the
-    socket (aiohttp has no write timeout: each request through ``call_s3``, which the
-    upload of a file uses, is given ``limit`` seconds, then cancelled, a transient error
-    that the store's retries and deadline handle)."""
+    socket (aiohttp has no write timeout). So each request s3fs sends (``_call_s3``: an
+    upload's parts, a listing, a GET, a HEAD, a DELETE, the lease's conditional PUTs) is
+    given ``limit`` seconds, then cancelled: a :class:`TimeoutError`, transient, that the
+    store's retries and deadline handle. (Reading a GET's body after its headers came is
+    bounded by the client's own ``read_timeout``, per socket read.)"""
     events = getattr(getattr(getattr(fs, "s3", None), "meta", None), "events", None)
     if events is None:
         return
     events.register("before-send.s3", _drop_expect, unique_id="ckpt-drop-expect")
     inner = getattr(fs, "_call_s3", None)
-    if inner is not None:
-        from fsspec.asyn import sync
+    if inner is None or getattr(inner, "ckpt_bounded", False):
+        return
+    import asyncio
 
-        def call_s3(method: Any, *args: Any, **kwargs: Any) -> Any:
-            return sync(fs.loop, inner, method, *args, timeout=limit, **kwargs)
+    from fsspec.asyn import sync
 
-        fs.call_s3 = call_s3
+    async def bounded(method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.wait_for(inner(method, *args, **kwargs), limit)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer to {getattr(method, '__name__', method)} within {limit:g} s "
+                               f"(storage_options[{REQUEST_OPTION!r}])") from None
+
+    bounded.ckpt_bounded = True  # type: ignore[attr-defined]
+    fs._call_s3 = bounded  # every s3fs method awaits this one: listings, GETs, uploads
+
+    def call_s3(method: Any, *args: Any, **kwargs: Any) -> Any:
+        return sync(fs.loop, bounded, method, *args, **kwargs)
+
+    fs.call_s3 = call_s3
 
 
 def _drop_expect(request: Any, **_: Any) -> None:
