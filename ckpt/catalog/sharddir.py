@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 from .. import record, schema
 from ..errors import CorruptCheckpointError, StorageError
 from ..format import torchfile, torchio
-from ..format.shardfiles import MANIFEST, META, manifest_of, parse_manifest, verify_files
+from ..format.shardfiles import MANIFEST, META, encode_manifest, manifest_of, parse_manifest, verify_files
 from ..io.checksum import crc32, format_checksum
 from ..record import CheckpointRecord
 from ..storage.base import Store
@@ -49,6 +49,11 @@ def manifest_checksum(store: Store, name: str) -> str:
 
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     """Check the manifest against the record, then every file against the manifest."""
+    return _verified(store, name, expected)[1]
+
+
+def _verified(store: Store, name: str, expected: Any) -> Tuple[bytes, Dict[str, Any]]:
+    """:func:`verify`, returning the manifest's bytes too (read once)."""
     tree = store.tree(name)
     data, manifest = _manifest(store, name)
     got = format_checksum(crc32(data))
@@ -56,8 +61,8 @@ def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
                                      path=tree.where(MANIFEST),
                                      hint="the manifest was changed after the save; resume from another checkpoint")
-    verify_files(tree, manifest)
-    return manifest
+    verify_files(tree.capabilities().local_only or tree, manifest)  # a local directory: read in parallel
+    return data, manifest
 
 
 def load_meta(store: Store, name: str) -> Dict[str, Any]:
@@ -77,10 +82,11 @@ def load_meta(store: Store, name: str) -> Dict[str, Any]:
 
 
 def committed(store: Store, name: str, manifest: Dict[str, Any], meta: Dict[str, Any]) -> CheckpointRecord:
-    """The record of a checkpoint this process just committed (only its manifest is read again)."""
+    """The record of a checkpoint this process just committed, from the manifest it wrote
+    (its bytes are :func:`~ckpt.format.shardfiles.encode_manifest`'s: nothing is read back)."""
     where = store.where(name)
     head = schema.header(meta, str(where))
-    data, _ = _manifest(store, name)
+    data = encode_manifest(manifest)
     size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
     extra = meta.get("extra")
     return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),
@@ -90,13 +96,12 @@ def committed(store: Store, name: str, manifest: Dict[str, Any], meta: Dict[str,
 def describe(store: Store, name: str) -> CheckpointRecord:
     """A record for a sharded checkpoint the index does not list (verified first)."""
     where = store.where(name)
-    manifest = verify(store, name, None)
+    data, manifest = _verified(store, name, None)  # the manifest read once
     obj = load_meta(store, name)
     head = schema.header(obj, str(where))
     if head.key != schema.parse_name(name):
         raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, which does not match its name",
                                      path=where)
-    data, _ = _manifest(store, name)
     size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
     extra = obj.get("extra")
     return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),

@@ -81,8 +81,6 @@ from ..format.shardfiles import (
     META,
     VERSION,
     fsync_dir,
-    manifest_of,
-    parse_manifest,
     read_manifest,
     verify_files,
 )
@@ -90,7 +88,7 @@ from ..storage.base import Store
 from ..storage.trees import LocalTree, Tree, as_tree
 from .collective import Group, agree, broadcast_object, sync
 from .shardread import reader_for
-from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, torch_load
+from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, open_checkpoint, torch_load
 from .targets import LocalTarget, for_tree
 
 __all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
@@ -170,25 +168,22 @@ def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Tracka
     tree: :mod:`ckpt.storage.trees`) into ``states``, on any number of ranks (DCP reshards);
     collective. Returns the plain entries (``ckpt-meta.pt``).
 
-    Rank 0 verifies every file's CRC-32 first (``verify``): one read of the directory,
-    not one per rank. ``strict=False`` skips tracked states the checkpoint lacks.
+    Rank 0 alone reads the manifest, DCP's metadata and the plain entries, and verifies
+    every file's CRC-32 first (``verify``): one read of the directory, not one per rank;
+    the other ranks get them from it (:func:`~.shardsafe.open_checkpoint`) and read only
+    their shards. ``strict=False`` skips tracked states the checkpoint lacks.
     """
     tree = as_tree(final_dir)
     shown = tree.where()
     what = f"load of {PurePath(shown).name}"
+    opened = open_checkpoint(ctx, tree, verify=verify, timeout=timeout, what=what)
+    manifest = opened.manifest
 
-    def check() -> tuple[dict[str, Any], dict[str, Any]]:
-        manifest = parse_manifest(manifest_of(tree), tree.where(MANIFEST))
-        if verify and ctx.is_leader:
-            verify_files(tree, manifest)
-        check_metadata(tree)
+    def read() -> None:
         missing = [n for n in states if n not in manifest["states"]]
         if missing and strict:
             raise StateMismatchError(f"the checkpoint has no state for {missing}", path=shown,
                                      hint="pass strict=False to restore the other objects")
-        return manifest, torch_load(tree, META)
-
-    def read() -> None:
         present = {n: obj for n, obj in states.items() if n in manifest["states"]}
         kinds, state = _capture(present)
         wrong = [f"{n}: saved {manifest['states'][n]}, given {k}" for n, k in kinds.items()
@@ -197,7 +192,7 @@ def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Tracka
             raise StateMismatchError(f"tracked objects differ from the saved ones ({'; '.join(wrong)})",
                                      path=shown, hint="track the same kinds of objects under the same names")
         with _quiet_no_dist():
-            dcp_load(state, storage_reader=reader_for(tree),
+            dcp_load(state, storage_reader=reader_for(tree, opened.metadata),
                      planner=SafeLoadPlanner(allow_partial_load=not strict),
                      process_group=ctx.control, no_dist=not ctx.active)
         options = StateDictOptions(strict=strict)
@@ -208,9 +203,8 @@ def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Tracka
             else:
                 set_optimizer_state_dict(_owner(name, obj, modules), obj, state[name], options=options)
 
-    manifest, meta = _step(ctx, f"{what} (verify)", timeout, check, shown, CorruptCheckpointError)
     _step(ctx, f"{what} (load)", timeout, read, shown, StateMismatchError)
-    return meta
+    return opened.meta
 
 
 def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Path:

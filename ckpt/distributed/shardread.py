@@ -13,8 +13,10 @@ byte order) goes through DCP's own path; the result is the same either way.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
+import os
 import pickle
 import struct
 import sys
@@ -23,6 +25,8 @@ from collections import OrderedDict
 from typing import Any, BinaryIO, NamedTuple, cast
 
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
@@ -69,7 +73,21 @@ class _Pickle(pickle.Unpickler):
 
 
 class DirectReader(TreeReader):
-    """:class:`~.shardio.TreeReader` reading tensors in place where it can (module doc)."""
+    """:class:`~.shardio.TreeReader` reading tensors in place where it can (module doc);
+    ``metadata``: DCP's metadata of the checkpoint, read (and checked) by the caller."""
+
+    def __init__(self, path: str | os.PathLike[str], layer: FileSystemBase | None = None,
+                 metadata: Metadata | None = None) -> None:
+        super().__init__(path, layer)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None or kwargs.get("rank") is not None:
+            return super().read_metadata(*args, **kwargs)
+        metadata = copy.copy(self._metadata)  # DCP writes this load's id into it, as its own reader does
+        metadata.storage_meta = copy.copy(metadata.storage_meta) if metadata.storage_meta else StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         rest: list[ReadItem] = []
@@ -112,16 +130,16 @@ class DirectReader(TreeReader):
         return True
 
 
-def reader_for(tree: Tree) -> TreeReader:
+def reader_for(tree: Tree, metadata: Metadata | None = None) -> TreeReader:
     """DCP's storage reader of a store's sharded checkpoint (:mod:`ckpt.storage.trees`),
-    reading in place."""
+    reading in place; ``metadata``: DCP's metadata, read already (it opens no ``.metadata``)."""
     caps = tree.capabilities()
     if caps.objects is None:
         assert caps.directory is not None  # a tree is local files, objects, or both
-        return DirectReader(caps.directory)
+        return DirectReader(caps.directory, None, metadata)
     if caps.directory is not None:  # a node's cache in front of the objects
-        return DirectReader("", tiered_layer(caps.directory, caps.objects.fs, caps.objects.key))
-    return DirectReader(caps.objects.key, fsspec_layer(caps.objects.fs))
+        return DirectReader("", tiered_layer(caps.directory, caps.objects.fs, caps.objects.key), metadata)
+    return DirectReader(caps.objects.key, fsspec_layer(caps.objects.fs), metadata)
 
 
 def _locate(stream: Any, offset: int, length: int) -> tuple[int, int, _Stored]:

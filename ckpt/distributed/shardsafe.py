@@ -5,27 +5,44 @@ hyperparameters) with ``torch.load(weights_only=False)``: loading is only as saf
 directory. ckpt first unpickles ``.metadata`` with an allow-list of DCP's metadata
 classes and checks every non-tensor entry with ``weights_only=True``, so a sharded
 checkpoint is held to the same rule as a single file (see docs/howto/fsdp2.md).
+
+:func:`open_checkpoint`: rank 0 alone reads those three files, checks each against the
+manifest's CRC-32, and broadcasts their bytes; every rank parses them with the same
+checks, and DCP's reader takes the parsed metadata instead of opening ``.metadata``
+itself (see docs/explanation/performance-internals.md).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from .. import errors
+from ..errors import CkptError, CorruptCheckpointError, UnsafeCheckpointError
 from ..format import torchio
+from ..format.shardfiles import MANIFEST, META, check_bytes, manifest_of, parse_manifest, verify_files
 from ..storage.trees import Tree
+from .collective import Group, broadcast_object
+
+METADATA = ".metadata"
 
 
 def torch_load(tree: Tree, rel: str) -> dict[str, Any]:
+    return parse_meta(tree.read_bytes(rel), tree, rel)
+
+
+def parse_meta(data: bytes, tree: Tree, rel: str = META) -> dict[str, Any]:
+    """The plain entries ``data`` (the bytes of ``rel``), loaded with ``weights_only=True``."""
     path = tree.where(rel)
     try:
-        loaded = torchio.load(io.BytesIO(tree.read_bytes(rel)))
+        loaded = torchio.load(io.BytesIO(data))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"refusing to unpickle: {e}", path=path) from e
     except (OSError, RuntimeError, EOFError) as e:
@@ -55,14 +72,79 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_metadata(tree: Tree) -> None:
-    path = tree.where(".metadata")
+    parse_metadata(_read(tree, METADATA), tree)
+
+
+def _read(tree: Tree, rel: str, what: str = "DCP metadata") -> bytes:
     try:
-        _MetadataUnpickler(io.BytesIO(tree.read_bytes(".metadata"))).load()  # a FIFO in its place must not block
+        return tree.read_bytes(rel)  # a FIFO in its place must not block
+    except OSError as e:
+        raise CorruptCheckpointError(f"unreadable {what}: {e}", path=tree.where(rel)) from e
+
+
+def parse_metadata(data: bytes, tree: Tree) -> Metadata:
+    """DCP's metadata ``data`` (the bytes of ``.metadata``), unpickled with the allow-list."""
+    path = tree.where(METADATA)
+    try:
+        loaded = _MetadataUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, AttributeError, ImportError) as e:
         raise UnsafeCheckpointError(f"refusing to unpickle DCP metadata: {e}", path=path,
                                     hint="only load sharded checkpoints written by ckpt/DCP") from e
     except (OSError, EOFError, ValueError) as e:
         raise CorruptCheckpointError(f"unreadable DCP metadata: {e}", path=path) from e
+    if not isinstance(loaded, Metadata):
+        raise CorruptCheckpointError(f"DCP metadata holds a {type(loaded).__name__}, not DCP's Metadata", path=path)
+    return loaded
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A sharded checkpoint's small files, as every rank has them after :func:`open_checkpoint`."""
+
+    manifest: dict[str, Any]
+    metadata: Metadata
+    meta: dict[str, Any]
+
+
+def open_checkpoint(ctx: Group, tree: Tree, *, verify: bool, timeout: float, what: str) -> Opened:
+    """Collective: rank 0 reads the manifest, ``.metadata`` and ``ckpt-meta.pt`` once (and,
+    with ``verify``, checks every other file's CRC-32), checks the two against the
+    manifest, and broadcasts the bytes; no other rank opens them. Rank 0's error is raised
+    on every rank as the same typed error, with the same path and hint."""
+    outcome: tuple[Any, ...] | None = None
+    error: BaseException | None = None
+    if ctx.is_leader:
+        try:
+            outcome = ("ok", *_leader_read(tree, verify))
+        except Exception as e:  # noqa: BLE001 - every failure must reach the others
+            error = e if isinstance(e, CkptError) else CorruptCheckpointError(f"{type(e).__name__}: {e}",
+                                                                              path=tree.where())
+            assert isinstance(error, CkptError)
+            outcome = ("err", type(error).__name__, error.message, error.path, error.hint)
+    got = broadcast_object(ctx, outcome, timeout=timeout, what=f"{what} (manifest)")
+    if error is not None:
+        raise error
+    if got[0] == "err":
+        kind = getattr(errors, got[1], None)
+        kind = kind if isinstance(kind, type) and issubclass(kind, CkptError) else CorruptCheckpointError
+        raise kind(f"{got[2]} (read by rank 0)", path=got[3], hint=got[4])
+    manifest, metadata, meta = got[1:]
+    return Opened(manifest, parse_metadata(metadata, tree), parse_meta(meta, tree))
+
+
+def _leader_read(tree: Tree, verify: bool) -> tuple[dict[str, Any], bytes, bytes]:
+    """Rank 0: the manifest (parsed), the bytes of ``.metadata`` and ``ckpt-meta.pt``, all checked."""
+    manifest = parse_manifest(manifest_of(tree), tree.where(MANIFEST))
+    metadata, meta = _read(tree, METADATA), _read(tree, META, "plain entries")
+    parse_metadata(metadata, tree)
+    parse_meta(meta, tree)
+    held = {METADATA: metadata, META: meta}
+    if verify:
+        verify_files(tree.capabilities().local_only or tree, manifest, held=held)
+    else:
+        for name, data in held.items():  # read whole: checked even when the caller verified the rest already
+            check_bytes(tree.where(name), data, manifest["files"].get(name))
+    return manifest, metadata, meta
 
 
 class _SafeBytes:
