@@ -30,10 +30,7 @@ RESERVED = frozenset({"epoch", "step", "metrics", "rng", "extra", "ckpt"})
 NAME_RE = re.compile(r"ckpt-e([0-9]+)-s([0-9]+)\.(pt|dcp)")
 SHARDED_SUFFIX = ".dcp"  #: a sharded checkpoint: a directory (see ckpt.distributed.sharded)
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray,
-          torch.Size, torch.dtype, torch.device, torch.Tensor, torch.nn.Parameter)
 _MAX_FLOAT = 1.7976931348623157e308
-_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set)
 
 
 def file_name(epoch: int, step: int) -> str:
@@ -71,47 +68,36 @@ def check_loadable(obj: Any, where: str) -> int:
     float, a namedtuple is not a tuple. Returns the bytes of the tensors found.
     """
     try:
-        return _nbytes(obj)  # the common case, without keeping where each value sits
-    except (_Refused, RecursionError):
-        pass  # walk again, keeping track, to name the offending value
-    stack: List[Tuple[Any, Any]] = [(obj, where)]  # (value, where: str or (parent's, key, is_key))
-    nbytes = 0
-    while stack:
-        value, at = stack.pop()
-        kind = type(value)
-        if kind in _PLAIN and not (kind is bytes and not value):  # b"" pickles as a call to bytes()
-            if kind is torch.Tensor or kind is torch.nn.Parameter:
-                nbytes += value.nelement() * value.element_size()
-            continue
-        if kind in _CONTAINERS:
-            if kind in (dict, collections.OrderedDict):
-                for k, v in value.items():
-                    stack.append((k, (at, k, True)))
-                    stack.append((v, (at, k, False)))
-            else:
-                stack.extend((v, (at, i, False)) for i, v in enumerate(value))
-            continue
-        at = _where(at)
+        return _nbytes(obj)
+    except _Refused as refused:
+        kind = type(refused.value)
         what = "an empty bytes (b'')" if kind is bytes else f"a {kind.__module__}.{kind.__qualname__}"
         raise ConfigError(
-            f"{at} is {what}, which a safe (weights_only) load cannot read back",
+            f"{where}{''.join(reversed(refused.at))} is {what}, which a safe (weights_only) load cannot read back",
             hint="store plain numbers, strings, lists, dicts or tensors: use float(x), "
-                 "x.tolist(), torch.from_numpy(x) or a dict of the object's fields")
-    return nbytes
+                 "x.tolist(), torch.from_numpy(x) or a dict of the object's fields") from None
 
 
 class _Refused(Exception):
-    """A value :func:`_nbytes` does not accept (check_loadable says where and why)."""
+    """A value :func:`_nbytes` does not accept; ``at`` is where it sits, innermost first
+    (built only on the way out of an error: naming every key of a large state as it is
+    walked costs more than checking it)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value: Any = value
+        self.at: List[str] = []
 
 
-_LEAVES = frozenset(_PLAIN) - {bytes, torch.Tensor, torch.nn.Parameter}
+_LEAVES = frozenset((type(None), bool, int, float, complex, str, bytearray, torch.Size, torch.dtype, torch.device))
 _MAPPINGS = frozenset((dict, collections.OrderedDict))
 _SEQUENCES = frozenset((list, tuple, set))
 
 
 def _nbytes(value: Any) -> int:
-    """:func:`check_loadable`'s walk, recursive and without bookkeeping: the bytes of
-    the tensors in ``value``; :class:`_Refused` for anything that walk refuses."""
+    """The bytes of the tensors in ``value``; :class:`_Refused` for anything else than
+    plain values, tensors and the plain containers of them (``b""`` pickles as a call to
+    ``bytes()``: refused too)."""
     kind = type(value)
     if kind is torch.Tensor or kind is torch.nn.Parameter:
         return int(value.nelement() * value.element_size())
@@ -121,28 +107,30 @@ def _nbytes(value: Any) -> int:
     if kind in _MAPPINGS:
         for k, v in value.items():
             if type(k) not in _LEAVES:
-                n += _nbytes(k)
+                try:
+                    n += _nbytes(k)
+                except _Refused as e:
+                    e.at.append(f" key {k!r}")
+                    raise
             kind = type(v)
             if kind is torch.Tensor or kind is torch.nn.Parameter:
                 n += v.nelement() * v.element_size()
             elif kind not in _LEAVES:
-                n += _nbytes(v)
+                try:
+                    n += _nbytes(v)
+                except _Refused as e:
+                    e.at.append(f"[{k!r}]")
+                    raise
         return n
     if kind in _SEQUENCES:
-        for v in value:
-            n += _nbytes(v)
+        for i, v in enumerate(value):
+            try:
+                n += _nbytes(v)
+            except _Refused as e:
+                e.at.append(f"[{i!r}]")
+                raise
         return n
-    raise _Refused()
-
-
-def _where(at: Any) -> str:
-    """``state of 'model'['layer'] key 3`` from the chain check_loadable keeps (built only
-    for an error: formatting every key of a large state costs more than checking it)."""
-    parts: List[str] = []
-    while isinstance(at, tuple):
-        at, key, is_key = at
-        parts.append(f" key {key!r}" if is_key else f"[{key!r}]")
-    return str(at) + "".join(reversed(parts))
+    raise _Refused(value)
 
 
 def metrics_to_floats(metrics: Optional[Mapping[str, Any]]) -> Dict[str, float]:
