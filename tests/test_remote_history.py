@@ -136,3 +136,42 @@ def test_a_save_does_not_list_the_run(server: MotoServer, bucket: str) -> None:
         per_save.append(sum(counts.values()))
     assert max(per_save) <= 12, per_save  # was 21 (docs/explanation/remote-runs.md)
     mgr.close()
+
+
+def test_a_steady_save_is_four_puts_and_one_batch_delete(server: MotoServer, bucket: str) -> None:
+    """The checkpoint and its record, the index and the history segment (each written
+    whole in one PUT: no record of their own), and retention's record and object in one
+    DeleteObjects (was 10 requests: docs/explanation/remote-runs.md)."""
+    url = f"s3://{bucket}/run"
+    mgr = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(8, 8), keep_last=2)
+    mgr.save(epoch=0)
+    mgr.save(epoch=1)
+    counts = _counted(mgr)
+    for epoch in range(2, 6):
+        counts.clear()
+        mgr.save(epoch=epoch, metrics={"loss": 1.0 / epoch})
+        assert dict(counts) == {"PUT": 4, "POST delete": 1}, counts
+    mgr.close()
+    names = keys(server, f"{bucket}/run")
+    assert "ckpt-index.json.ckpt-commit" not in names and "ckpt-history.jsonl.ckpt-commit" not in names
+    again = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(8, 8))
+    assert [r.epoch for r in again.checkpoints] == [4, 5]
+    assert [e.epoch for e in history.read(again.catalog.store)] == list(range(6))
+
+
+def test_an_index_with_an_earlier_ckpts_record_is_read_and_its_record_dropped(server: MotoServer,
+                                                                             bucket: str) -> None:
+    from tests.test_remote import server_fs
+    url = f"s3://{bucket}/run"
+    _run(url, server, saves=3)
+    fs = server_fs(server)
+    stale = f"{bucket}/run/ckpt-index.json.ckpt-commit"
+    fs.pipe_file(stale, json.dumps({"size": 1, "checksum": "crc32:00000000"}).encode())  # as ckpt 0.x left it
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read as it is: no "index unreadable; rebuilding"
+        mgr = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2), keep_last=2)
+    assert [r.epoch for r in mgr.checkpoints] == [1, 2]
+    mgr.save(epoch=3)
+    mgr.close()
+    assert not fs.exists(stale)

@@ -32,9 +32,9 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 from .. import policy, schema
 from ..errors import ConfigError, CorruptCheckpointError
 from ..record import CheckpointRecord
+from ..storage.base import HISTORY_NAME as HISTORY_NAME  # the storage layer writes it whole
 from ..storage.base import Store, capabilities
 
-HISTORY_NAME = "ckpt-history.jsonl"
 #: A segment of an object store's history is rewritten whole until it holds this much.
 SEGMENT_MAX = 64 << 10
 #: A chain of segments longer than this is not one ckpt wrote.

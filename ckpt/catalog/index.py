@@ -23,9 +23,9 @@ from .. import record, schema
 from ..errors import FormatVersionError
 from ..record import CheckpointRecord
 from ..storage.base import INDEX_NAME as INDEX_NAME  # the name is the storage layer's: see there
+from ..storage.base import JOURNAL_NAME as JOURNAL_NAME  # the storage layer writes it whole
 from ..storage.base import Capabilities, Store, capabilities
 
-JOURNAL_NAME = "ckpt-index.log"
 INDEX_VERSION = 1
 #: An index larger than this is not one ckpt wrote (about 300 bytes per checkpoint).
 MAX_INDEX_BYTES = 256 << 20

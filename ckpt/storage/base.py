@@ -22,6 +22,17 @@ if TYPE_CHECKING:
 #: The catalog's index: the object that commits a run directory's checkpoints, so a store
 #: that mirrors objects (the tiered store) sends it after the checkpoints it lists.
 INDEX_NAME = "ckpt-index.json"
+#: The catalog's other bookkeeping objects: the index's journal, the metric history and
+#: its earlier segments (``ckpt-history-<ns>.jsonl``).
+JOURNAL_NAME = "ckpt-index.log"
+HISTORY_NAME = "ckpt-history.jsonl"
+
+
+def bookkeeping(name: str) -> bool:
+    """One of the catalog's small objects that describe a run but are not checkpoints
+    (an object store writes each whole, in one request: see ckpt.storage.remote_small)."""
+    return name in (INDEX_NAME, JOURNAL_NAME, HISTORY_NAME) or (
+        name.startswith("ckpt-history-") and name.endswith(".jsonl") and "/" not in name)
 #: Called with the byte count of each chunk written or read (progress bars).
 OnBytes = Optional[Callable[[int], object]]
 #: Writes a whole object into the file-like it is given.

@@ -38,7 +38,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, TypeVar
 from zlib import crc32
 
 from .. import schema
@@ -47,14 +47,17 @@ from ..io.checksum import ChecksumWriter, format_checksum
 from ..progress import Progress
 from . import lease as _lease
 from . import retry
-from .base import OnBytes, Produce, Written
+from .base import OnBytes, Produce, Written, bookkeeping
 from .claim import WriterClaim
 from .conditional import Objects, Precondition
 from .lease import WRITER_NAME, Lease
 from .local import TMP_PREFIX
 from .remote_fs import ObjectPath as ObjectPath
+from .remote_fs import abandon as _abandon
 from .remote_fs import filesystem as filesystem
+from .remote_fs import from_client as _from_client
 from .remote_fs import never_wait_for_continue, request_limit
+from .remote_small import SmallObjects
 from .remote_trees import COMMIT_SUFFIX, TreeObjects, mtime
 
 T = TypeVar("T")
@@ -67,7 +70,7 @@ STALE_AFTER = 3600.0
 _CHUNK = 8 << 20
 
 
-class FsspecStore(WriterClaim, TreeObjects):
+class FsspecStore(WriterClaim, TreeObjects, SmallObjects):
     """A run directory under ``url`` on any fsspec filesystem (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None, *,
@@ -93,6 +96,7 @@ class FsspecStore(WriterClaim, TreeObjects):
                            guard=lambda fn: self._retry(fn, WRITER_NAME, "taking or renewing the writer lease"))
         self._known: Optional[Dict[str, int]] = None
         self._generation = 0
+        self._bare: Set[str] = set()
         never_wait_for_continue(self.fs, per_request)  # first: opening the run is bounded too
         self._check_reachable()
 
@@ -200,6 +204,8 @@ class FsspecStore(WriterClaim, TreeObjects):
         return ObjectPath(f"{self.url}/{name}")
 
     def write(self, name: str, produce: Produce, *, on_write: OnBytes = None) -> Written:
+        if bookkeeping(name):
+            return self.put_whole(name, produce)
         if self._known is None or name in self._known or not self.lease.held:  # a stale record may exist
             try:
                 self._retry(lambda: self.fs.rm_file(self._key(name + COMMIT_SUFFIX)))
@@ -240,6 +246,8 @@ class FsspecStore(WriterClaim, TreeObjects):
         return Written(name, writer.size, format_checksum(writer.crc))
 
     def read_bytes(self, name: str) -> bytes:
+        if bookkeeping(name):
+            return self.read_whole(name)
         rec = self._commit_record(name)
         if rec is None:
             raise FileNotFoundError(2, "no committed object", str(self.where(name)))
@@ -294,6 +302,7 @@ class FsspecStore(WriterClaim, TreeObjects):
         held, epoch = self.lease.held, self.lease.epoch
         entries = self._entries()
         recorded = {n[:-len(COMMIT_SUFFIX)] for n in entries if n.endswith(COMMIT_SUFFIX)}
+        recorded |= {n for n in entries if bookkeeping(n)}  # written whole: no record
         self._listed(recorded, held, epoch)  # what the lease holder knows: names with a record
         return {n: int(e.get("size") or 0) for n, e in entries.items()
                 if n.startswith(prefix) and not n.startswith(TMP_PREFIX) and not n.endswith(COMMIT_SUFFIX)
@@ -304,11 +313,7 @@ class FsspecStore(WriterClaim, TreeObjects):
             self.delete_tree(name)
             self._noted(name, False)
             return
-        for key in (self._key(name + COMMIT_SUFFIX), self._key(name)):  # uncommit first
-            try:
-                self._retry(lambda key=key: self.fs.rm_file(key))  # type: ignore[misc]
-            except FileNotFoundError:
-                pass
+        self.delete_both(name)
         self._noted(name, False)
 
     def move(self, src: str, dst: str) -> None:
@@ -346,7 +351,7 @@ class FsspecStore(WriterClaim, TreeObjects):
         dirs, now = set(self._dirs(listed)), time.time()
         removed: List[str] = self.clean_trees(listed, entries)  # unfinished sharded saves
         for name, e in entries.items():
-            if name == WRITER_NAME:
+            if name == WRITER_NAME or bookkeeping(name):  # written whole: no record, never stale
                 continue
             if name.endswith(COMMIT_SUFFIX):
                 orphan = name[:-len(COMMIT_SUFFIX)] not in entries and name[:-len(COMMIT_SUFFIX)] not in dirs
@@ -380,21 +385,3 @@ class FsspecStore(WriterClaim, TreeObjects):
 
     def __repr__(self) -> str:
         return f"FsspecStore({self.url!r})"
-
-
-_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
-                    "fsspec", "google", "azure"}
-
-
-def _from_client(e: BaseException) -> bool:
-    """Raised by the storage client libraries (not by the code producing the bytes)."""
-    return type(e).__module__.split(".")[0] in _CLIENT_PACKAGES
-
-
-def _abandon(f: Any) -> None:
-    """Throw away a failed upload: abort the multipart upload and make sure neither
-    ``close()`` nor garbage collection completes it with partial data."""
-    with suppress(Exception):
-        f.discard()
-    with suppress(Exception):
-        f.closed = True

@@ -3,6 +3,7 @@ locations shown as URLs, and one fix to the S3 client (uploads never wait foreve
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import PurePosixPath
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -103,3 +104,21 @@ def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> No
 def _drop_expect(request: Any, **_: Any) -> None:
     if "Expect" in request.headers:
         del request.headers["Expect"]
+
+
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
+                    "fsspec", "google", "azure"}
+
+
+def from_client(e: BaseException) -> bool:
+    """Raised by the storage client libraries (not by the code producing the bytes)."""
+    return type(e).__module__.split(".")[0] in _CLIENT_PACKAGES
+
+
+def abandon(f: Any) -> None:
+    """Throw away a failed upload: abort the multipart upload and make sure neither
+    ``close()`` nor garbage collection completes it with partial data."""
+    with suppress(Exception):
+        f.discard()
+    with suppress(Exception):
+        f.closed = True
