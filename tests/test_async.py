@@ -164,16 +164,6 @@ def test_training_right_after_a_steady_state_save_does_not_leak_into_it(
     assert torch.equal(obj["optimizer"]["state"][0]["exp_avg"], saved_avg)
 
 
-def test_the_writer_thread_serves_every_save_and_ends_at_close(run_dir: Path, trainables: Callable) -> None:
-    mgr = CheckpointManager(run_dir, async_save=True, keep_last=3, **trainables())
-    for epoch in range(3):
-        mgr.save(epoch=epoch)
-        assert writer_threads() == 1
-    mgr.close()
-    assert writer_threads() == 0
-    assert [r.epoch for r in CheckpointManager(run_dir).checkpoints] == [0, 1, 2]
-
-
 def test_a_background_error_is_raised_by_wait_once_and_changes_nothing(
         run_dir: Path, trainables: Callable, monkeypatch: pytest.MonkeyPatch, snapshot: Callable) -> None:
     mgr = CheckpointManager(run_dir, async_save=True, keep_last=1, **trainables())

@@ -9,26 +9,20 @@ so the index and retention change only once the file is durable.
   (the disk is slower than the save interval).
 * An error in the background is kept and raised by the next ``save()``, ``wait()`` or
   ``close()``, once.
-* The thread outlives a save (handing a save over does not wait for a new thread to
-  be scheduled); it stops at ``close()``, when its writer is garbage-collected, or
-  after a failed save (the next save starts another).
-* At interpreter exit the save in flight finishes (an exit handler waits for it); an
+* At interpreter exit the save in flight finishes (its thread is not a daemon); an
   error that nobody collected is logged with its traceback, as is one held by a
   writer that is garbage-collected.
 """
 
 from __future__ import annotations
 
-import atexit
 import copy
-import functools
 import logging
-import queue
 import threading
 import time
 import weakref
 from pathlib import PurePath
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 from .. import record, schema
 from ..errors import ConfigError
@@ -54,42 +48,25 @@ class _Outcome:
     def __init__(self) -> None:
         self.error: Optional[BaseException] = None
         self.what = ""
-        self.idle = threading.Event()  # no save in flight
-        self.idle.set()
-        self.ended = False  # the thread has stopped taking saves (after an error)
-
-
-#: A save for the thread: the staged checkpoint and its commit; None: stop.
-_Job = Optional[Tuple[schema.Checkpoint, Commit]]
 
 
 class AsyncWriter:
-    """Commits staged checkpoints on a background thread, one at a time.
-
-    The thread lives from the first save to :meth:`close` (or to a save that fails:
-    the next one starts another), so that ``save()`` hands a checkpoint over without
-    waiting for a new thread to be scheduled. It is a daemon thread; a save in flight
-    at interpreter exit is finished by an exit handler (:func:`_finish_at_exit`).
-    """
+    """Commits staged checkpoints on a background thread, one at a time."""
 
     def __init__(self, where: str) -> None:
         self.directory = where
         self.stager = Stager()
         self._thread: Optional[threading.Thread] = None
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._outcome = _Outcome()
         self._lock = threading.Lock()
         weakref.finalize(self, _report_uncollected, self._outcome, where)
-        weakref.finalize(self, self._jobs.put, None)  # an abandoned writer's thread ends
-        self._at_exit = functools.partial(_finish_at_exit, self._outcome)
-        atexit.register(self._at_exit)  # after finalize's own handler: runs before it
-        weakref.finalize(self, atexit.unregister, self._at_exit)
 
     def ready(self) -> None:
         """Wait for the save in flight, logging the stall, then raise its error if it failed."""
-        if not self._outcome.idle.is_set():
+        thread = self._thread
+        if thread is not None and thread.is_alive():
             start = time.perf_counter()
-            self._outcome.idle.wait()
+            thread.join()
             log.warning("save() waited %.2f s for the checkpoint of %s to commit in %s "
                         "(one save in flight at most: saves come faster than the disk writes them)",
                         time.perf_counter() - start, self._outcome.what, self.directory)
@@ -109,26 +86,28 @@ class AsyncWriter:
             pending = record.make(checkpoint.header, path, size=0, checksum=None,
                                   extra=staged["extra"])
             self._outcome.what = f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}"
-            if self._thread is None:
-                self._start()
-            self._outcome.idle.clear()
-            self._jobs.put((schema.with_states(checkpoint, staged), commit))
+            go = threading.Event()
+            thread = threading.Thread(target=self._run, args=(schema.with_states(checkpoint, staged), commit, go),
+                                      name="ckpt-writer")
+            thread.start()
+            self._thread = thread  # visible to join() only once it has started
+            go.set()  # only now: a writer pickling at once would hold the GIL the caller needs to return
         return pending
 
-    def _start(self) -> None:
-        outcome, jobs, directory = self._outcome, self._jobs, self.directory
-        outcome.ended = False
-        thread = threading.Thread(target=_serve, args=(jobs, outcome, directory), name="ckpt-writer", daemon=True)
-        thread.start()
-        self._thread = thread
+    def _run(self, staged: schema.Checkpoint, commit: Commit, go: threading.Event) -> None:
+        go.wait()
+        try:
+            commit(staged)
+        except BaseException as e:  # kept for the caller: a thread has no one to raise to
+            if hasattr(e, "add_note"):
+                e.add_note(f"raised by the background save of {self._outcome.what} in {self.directory}")
+            self._outcome.error = e
 
     def join(self) -> None:
         """Wait for the save in flight; its error, if any, stays for :meth:`wait`."""
-        self._outcome.idle.wait()
         thread = self._thread
-        if thread is not None and self._outcome.ended:  # it stopped after a failure: gone now
+        if thread is not None:
             thread.join()
-            self._thread = None
 
     def wait(self) -> None:
         """Wait for the save in flight and raise its error (once) if it failed."""
@@ -138,40 +117,11 @@ class AsyncWriter:
             raise error
 
     def close(self) -> None:
-        """Flush, stop the thread, release the staging buffers, and raise an uncollected error."""
+        """Flush, release the staging buffers, and raise an uncollected error."""
         try:
             self.wait()
         finally:
-            thread, self._thread = self._thread, None
-            if thread is not None:
-                self._jobs.put(None)
-                thread.join()
-            atexit.unregister(self._at_exit)
             self.stager.release()
-
-
-def _serve(jobs: queue.SimpleQueue[_Job], outcome: _Outcome, directory: str) -> None:
-    """The writer thread: commit each save handed over, until told to stop or one fails."""
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        staged, commit = job
-        try:
-            commit(staged)
-        except BaseException as e:  # kept for the caller: a thread has no one to raise to
-            if hasattr(e, "add_note"):
-                e.add_note(f"raised by the background save of {outcome.what} in {directory}")
-            outcome.error, outcome.ended = e, True
-            return
-        finally:
-            del job, staged  # the staged dict must not outlive its save
-            outcome.idle.set()
-
-
-def _finish_at_exit(outcome: _Outcome) -> None:
-    """At interpreter exit: the save in flight commits before the process ends."""
-    outcome.idle.wait()
 
 
 def _report_uncollected(outcome: _Outcome, directory: str) -> None:
