@@ -15,13 +15,10 @@ uncommitted; either is cleaned later. Requests per save: docs/explanation/remote
 
 from __future__ import annotations
 
-import io
 from contextlib import suppress
 from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
-from zlib import crc32
 
-from ..io.checksum import format_checksum
-from .base import Produce, Written
+from .base import OnBytes, Produce, Written
 from .remote_trees import COMMIT_SUFFIX
 
 T = TypeVar("T")
@@ -45,18 +42,19 @@ class SmallObjects:
     def _noted(self, name: str, present: bool) -> None:
         raise NotImplementedError
 
+    def _upload(self, name: str, produce: Produce, on_write: OnBytes) -> Written:
+        raise NotImplementedError
+
     def put_whole(self, name: str, produce: Produce) -> Written:
-        """Write ``name`` in one request (see the module docstring)."""
-        buf = io.BytesIO()
-        produce(buf)
-        data = buf.getvalue()
+        """Write ``name`` in one request (see the module docstring): the store's one upload
+        path, which sends a small object as a single PUT."""
         if name not in self._bare:  # a record an earlier ckpt wrote may exist: once
             with suppress(FileNotFoundError):
                 self._retry(lambda: self.fs.rm_file(self._key(name + COMMIT_SUFFIX)))
             self._bare.add(name)
-        self._retry(lambda: self.fs.pipe_file(self._key(name), data), name, "writing")
+        written = self._retry(lambda: self._upload(name, produce, None), name, "writing")
         self._noted(name, True)
-        return Written(name, len(data), format_checksum(crc32(data)))
+        return written
 
     def read_whole(self, name: str) -> bytes:
         """The bytes of a bookkeeping object; :class:`FileNotFoundError` when absent."""
