@@ -86,11 +86,7 @@ def committed(store: Store, name: str, manifest: Dict[str, Any], meta: Dict[str,
     (its bytes are :func:`~ckpt.format.shardfiles.encode_manifest`'s: nothing is read back)."""
     where = store.where(name)
     head = schema.header(meta, str(where))
-    data = encode_manifest(manifest)
-    size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
-    extra = meta.get("extra")
-    return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),
-                       extra=dict(extra) if isinstance(extra, dict) else {})
+    return _record(where, head, encode_manifest(manifest), manifest, meta)
 
 
 def describe(store: Store, name: str) -> CheckpointRecord:
@@ -102,8 +98,15 @@ def describe(store: Store, name: str) -> CheckpointRecord:
     if head.key != schema.parse_name(name):
         raise CorruptCheckpointError(f"holds epoch {head.epoch}, step {head.step}, which does not match its name",
                                      path=where)
+    return _record(where, head, data, manifest, obj)
+
+
+def _record(where: Any, head: schema.Header, data: bytes, manifest: Dict[str, Any],
+            meta: Dict[str, Any]) -> CheckpointRecord:
+    """A sharded checkpoint's record: its size the total of its files and its manifest
+    (``data``), its checksum the manifest's CRC-32, ``extra`` from the plain entries ``meta``."""
     size = sum(int(f["size"]) for f in manifest["files"].values()) + len(data)
-    extra = obj.get("extra")
+    extra = meta.get("extra")
     return record.make(head, where, size=size, checksum=format_checksum(crc32(data)),
                        extra=dict(extra) if isinstance(extra, dict) else {})
 
