@@ -9,6 +9,7 @@ from typing import Callable, Dict, Iterator
 import pytest
 import torch
 
+from tests import children
 from tests.s3server import MotoServer
 
 
@@ -71,14 +72,30 @@ def snapshot() -> Callable[[Path], Dict[str, bytes]]:
     return take
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server() -> Iterator[MotoServer]:
-    """A real S3-compatible server (moto, its own process), one per test module that asks."""
+    """A real S3-compatible server (moto, its own process), one for the whole session: each
+    test works in a fresh :func:`bucket`; a test that must restart or break a server starts
+    its own (a test that pauses this one resumes it in a ``finally``)."""
     srv = MotoServer()
+    children.SESSION.add(srv.proc.pid)
     try:
         yield srv
     finally:
         srv.stop()
+        children.SESSION.discard(srv.proc.pid)
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left_behind() -> Iterator[None]:
+    """Fail a test that leaves a child process of pytest alive or unreaped (a zombie):
+    after its teardown, every child it started must be gone (see :mod:`children`)."""
+    before = children.of_pytest()
+    yield
+    left = children.left_behind(before)
+    if left:
+        children.kill(left)
+        pytest.fail(f"the test left child processes behind (now killed): {left}", pytrace=False)
 
 
 @pytest.fixture

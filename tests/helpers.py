@@ -6,16 +6,69 @@ Imported as ``helpers``, like ``dist_harness``: the tests folder is on ``sys.pat
 from __future__ import annotations
 
 import copy
+import os
 import selectors
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import IO, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ckpt.storage import local as storage
 
 # -- child processes -----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """This environment, with this checkout first on ``PYTHONPATH`` (and ``extra``)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+class Child(subprocess.Popen[str]):
+    """``python -c SCRIPT ARGS...`` (see :func:`spawn`): stdout a pipe to read lines from,
+    stderr a file, so that a child writing much there never blocks on a full pipe."""
+
+    def __init__(self, script: str, *args: str, env: Optional[Dict[str, str]] = None) -> None:
+        self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by err(), after the child
+        self._err: Optional[str] = None
+        super().__init__([sys.executable, "-c", script, *args], cwd=ROOT, env=env or child_env(),
+                         stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def err(self) -> str:
+        """Everything the child wrote to stderr (once it ended; read once, then kept)."""
+        if self._err is None:
+            self.log.seek(0)
+            self._err = self.log.read().decode(errors="replace")
+            self.log.close()
+        return self._err
+
+
+def spawn(script: str, *args: str, env: Optional[Dict[str, str]] = None) -> Child:
+    """Start ``python -c script args...`` in the checkout; end it with :func:`reap`."""
+    return Child(script, *args, env=env)
+
+
+def reap(*children: Child, timeout: float = 90, tail: int = 4000) -> List[str]:
+    """Each child's stdout and the last ``tail`` characters of its stderr, once it ended by
+    itself within ``timeout`` seconds; whatever is still running then (or when this raises)
+    is SIGKILLed and reaped. Called again on a reaped child, the same text."""
+    outs = []
+    try:
+        for c in children:
+            out, _ = c.communicate(timeout=timeout)
+            outs.append((out or "") + c.err()[-tail:])
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.communicate()
+            c.err()
+    return outs
+
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:

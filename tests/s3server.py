@@ -55,6 +55,11 @@ class MotoServer:
         opts.update(extra)
         return opts
 
+    def aws_env(self) -> Dict[str, str]:
+        """The environment variables that point boto/s3fs (a child, the CLI) at this server."""
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
     def pause(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)
 

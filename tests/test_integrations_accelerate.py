@@ -68,9 +68,8 @@ def test_killed_fit_resumes_bit_exact(tmp_path: Path, ranks: int) -> None:
     PID) after its mid-epoch save at step 8 of 12; a second launch resumes it."""
     launcher = trainer_runs.TORCHRUN_2 if ranks == 2 else (sys.executable,)
     run, full = tmp_path / "run", tmp_path / "full.pt"
-    trainer_runs.run_and_kill_ranks("accelerate", run, tmp_path / "killed.pt",
-                                    lambda d: full.exists() and trainer_runs.saves(d) >= 2, "--full", str(full),
-                                    ranks=ranks, launcher=launcher)
+    trainer_runs.run_and_kill("accelerate", run, lambda d: full.exists() and trainer_runs.saves(d) >= 2,
+                              "--full", str(full), out=tmp_path / "killed.pt", ranks=ranks, launcher=launcher)
     assert not (tmp_path / "killed.pt").exists(), "the kill came too late to test a resume"
     trainer_runs.run("accelerate", run, tmp_path / "resumed.pt", "--resume", launcher=launcher)
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(full))

@@ -229,9 +229,8 @@ def test_ddp_killed_fit_resumes_every_rank_rng(tmp_path: Path) -> None:
     one launch runs the uninterrupted fit, then the fit SIGKILLed (both ranks, by PID)
     after 3 saves; resumed with RankRNG, every rank's RNG and the weights continue exactly."""
     run, full, out = tmp_path / "run", tmp_path / "full.pt", tmp_path / "w.pt"
-    trainer_runs.run_and_kill_ranks("lightning", run, tmp_path / "killed.pt",
-                                    lambda d: full.exists() and _saved(3)(d), "--ddp", "--full", str(full),
-                                    ranks=2, launcher=trainer_runs.TORCHRUN_2)
+    trainer_runs.run_and_kill("lightning", run, lambda d: full.exists() and _saved(3)(d), "--ddp", "--full",
+                              str(full), out=tmp_path / "killed.pt", ranks=2, launcher=trainer_runs.TORCHRUN_2)
     assert not (tmp_path / "killed.pt").exists(), "the kill came too late to test a resume"
     start = last_checkpoint(run)
     assert start is not None and torch.load(start, weights_only=True)["epoch"] < trainer_runs.EPOCHS - 1

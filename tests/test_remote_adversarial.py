@@ -10,11 +10,8 @@ Every child process has a deadline and is reaped; nothing asserts timing.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any, List
 
 import pytest
 import torch
-from helpers import read_line
+from helpers import Child, read_line, reap, spawn
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -32,30 +29,12 @@ from ckpt.errors import StorageError  # noqa: E402
 from tests.s3server import MotoServer, free_port  # noqa: E402
 from tests.test_remote import QUICK, server_fs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _spawn(script: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _reap(proc: subprocess.Popen, timeout: float = 90) -> str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return out + err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def _wait_for_upload(server: MotoServer, bucket: str, proc: subprocess.Popen, deadline: float = 120) -> None:
+def _wait_for_upload(server: MotoServer, bucket: str, proc: Child, deadline: float = 120) -> None:
     fs = server_fs(server)
     end = time.monotonic() + deadline
     while not fs.list_multipart_uploads(bucket):
-        assert proc.poll() is None, _reap(proc)
+        assert proc.poll() is None, reap(proc)
         assert time.monotonic() < end, "no multipart upload started"
         time.sleep(0.02)
 
@@ -81,13 +60,13 @@ def test_client_sigkilled_mid_upload_restarts_at_once_and_aborts_the_upload(serv
                                                                            bucket: str) -> None:
     url = f"s3://{bucket}/run"
     opts = server.options(default_block_size=5 << 20)
-    child = _spawn(BIG, url, json.dumps(opts))
+    child = spawn(BIG, url, json.dumps(opts))
     try:
         assert read_line(child) == "saved"
         _wait_for_upload(server, bucket, child)
         child.send_signal(signal.SIGKILL)
     finally:
-        _reap(child)
+        reap(child)
     assert child.returncode == -signal.SIGKILL
     # what the kill left open (usually one upload: none if the kill landed between two)
     again = CheckpointManager(url, storage_options=opts, model=torch.nn.Linear(2048, 2048))
@@ -106,17 +85,17 @@ def test_server_frozen_mid_upload_fails_the_save_in_bounded_time(server: MotoSer
     url = f"s3://{bucket}/run"
     opts = dict(server.options(default_block_size=5 << 20, config_kwargs=QUICK), ckpt_retry_seconds=2,
                 ckpt_request_seconds=5)
-    child = _spawn(BIG, url, json.dumps(opts))
+    child = spawn(BIG, url, json.dumps(opts))
     try:
         assert read_line(child) == "saved"
         _wait_for_upload(server, bucket, child)
         server.pause()
         try:
-            out = _reap(child, timeout=120)  # the child raised and exited: it did not hang
+            out = reap(child, timeout=120)[0]  # the child raised and exited: it did not hang
         finally:
             server.resume()
     finally:
-        _reap(child)
+        reap(child)
     assert child.returncode in (0, 4), out  # 0: the last part went up just before the pause
     if child.returncode == 4:
         assert "StorageError" in out and url in out
@@ -186,8 +165,7 @@ def test_objects_overwritten_or_deleted_behind_ckpts_back_are_flagged(server: Mo
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, server: MotoServer) -> None:
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in server.aws_env().items():
         monkeypatch.setenv(k, v)
 
 
@@ -207,7 +185,7 @@ def test_a_reader_listing_while_a_writer_commits_never_reports_damage(server: Mo
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     url = f"s3://{bucket}/run"
-    child = _spawn(WRITER, url, json.dumps(server.options()), "25")
+    child = spawn(WRITER, url, json.dumps(server.options()), "25")
     _env(monkeypatch, server)
     codes: List[int] = []
     try:
@@ -218,7 +196,7 @@ def test_a_reader_listing_while_a_writer_commits_never_reports_damage(server: Mo
             assert all(c["status"] == "ok" for c in listed["checkpoints"]), listed
             assert not [p for p in listed["problems"] if p["status"] in ("damaged", "missing")], listed
     finally:
-        out = _reap(child)
+        out = reap(child)[0]
     assert child.returncode == 0, out
     assert codes and set(codes) == {0}
 

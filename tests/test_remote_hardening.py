@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import child_env
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -74,8 +75,7 @@ def test_cli_lists_a_url_as_json(server: MotoServer, bucket: str) -> None:
     for epoch in range(2):
         mgr.save(epoch=epoch, metrics={"val_loss": 1.0 / (epoch + 1)})
     mgr.close()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION="us-east-1")
+    env = child_env(**server.aws_env())
     out = subprocess.run([sys.executable, "-m", "ckpt", "list", url, "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -126,8 +126,7 @@ def test_an_upload_replaced_by_a_second_writer_is_reported_as_a_writer_conflict(
 
 
 def _cli(server: MotoServer, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION="us-east-1")
+    env = child_env(**server.aws_env())
     return subprocess.run([sys.executable, "-m", "ckpt", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
 

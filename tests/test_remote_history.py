@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Counter, List
 
 import pytest
 import torch
+from helpers import child_env
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(server: MotoServer, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION="us-east-1", MPLBACKEND="Agg")
+    env = child_env(**server.aws_env(), MPLBACKEND="Agg")
     return subprocess.run([sys.executable, "-m", "ckpt", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=90)
 

@@ -10,20 +10,16 @@ close frees the run; tools and readers never take it. Every child has a deadline
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
 import torch
-from helpers import read_line
+from helpers import read_line, reap, spawn
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -34,7 +30,6 @@ from ckpt.storage.lease import WRITER_NAME, Holder  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 from tests.test_remote import server_fs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TTL = 3.0  # short leases: renewed every 0.75 s, a dead holder's expires in 3 s
 
 
@@ -81,31 +76,11 @@ RACE = textwrap.dedent("""
 """)
 
 
-def _spawn(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _reap(procs: List[subprocess.Popen], timeout: float = 90) -> List[str]:
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            outs.append(out + err[-2000:])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return outs
-
-
 def test_two_writers_starting_at_once_exactly_one_writes(server: MotoServer, bucket: str) -> None:
     url = f"s3://{bucket}/run"
     start = f"{time.time() + 6:.3f}"  # both import torch first, then save at the same moment
-    procs = [_spawn(RACE, url, json.dumps(opts(server)), start, str(epoch)) for epoch in (0, 1)]
-    outs = _reap(procs)
+    procs = [spawn(RACE, url, json.dumps(opts(server)), start, str(epoch)) for epoch in (0, 1)]
+    outs = reap(*procs)
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 3], outs
     refused = next(o for o, p in zip(outs, procs) if p.returncode == 3)
@@ -128,13 +103,13 @@ HOLD = textwrap.dedent("""
 def test_a_job_sigkilled_and_restarted_at_once_on_the_same_machine_is_not_locked_out(
         server: MotoServer, bucket: str) -> None:
     url = f"s3://{bucket}/run"
-    child = _spawn(HOLD, url, json.dumps(server.options()))  # the default 60 s lease
+    child = spawn(HOLD, url, json.dumps(server.options()))  # the default 60 s lease
     try:
         assert read_line(child) == "saved"
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
-        _reap([child])
+        reap(child)
     again = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2))
     assert again.resume() == 1
     with warnings.catch_warnings():

@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -303,58 +304,56 @@ def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 
                    check=True, timeout=timeout, env=_env(), stdout=subprocess.DEVNULL)
 
 
-def run_and_kill_ranks(trainer: str, directory: Path, out: Path, saved: Callable[[Path], bool], *flags: str,
-                       ranks: int = 1, launcher: Tuple[str, ...] = (sys.executable,), deadline: float = 120) -> None:
-    """Start a slow run (``ranks`` processes under ``launcher``); once ``saved(directory)``,
-    SIGKILL every rank by the PID it wrote next to ``out``; the launcher reaps them and is reaped."""
-    proc = subprocess.Popen([*launcher, str(HERE), trainer, str(directory), str(out), "--slow", *flags],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    pid_files = [Path(f"{out}.rank{r}.pid") for r in range(ranks)]
-    try:
-        end = time.monotonic() + deadline
-        while not (directory.exists() and saved(directory) and all(p.exists() for p in pid_files)):
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before it was killed: {proc.stderr.read()!r}")  # type: ignore
-            if time.monotonic() > end:
-                raise AssertionError("no checkpoint appeared before the deadline")
-            time.sleep(0.02)
-        for p in pid_files:
-            os.kill(int(p.read_text()), signal.SIGKILL)
-        proc.wait(timeout=deadline)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        if proc.stderr is not None:
-            proc.stderr.close()
-    expected = -signal.SIGKILL if launcher == (sys.executable,) else 1  # torchrun: its workers failed
-    assert proc.returncode == expected, proc.returncode
-
-
 def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *flags: str,
-                 deadline: float = 90, sig: int = signal.SIGKILL, status: int = -signal.SIGKILL) -> None:
-    """Start a slow run, send it ``sig`` (SIGKILL) by PID from outside once ``saved(directory)``,
-    reap it; it must end with ``status`` (killed by the signal)."""
-    proc = subprocess.Popen([sys.executable, str(HERE), trainer, str(directory), str(directory / "unused.pt"),
-                             "--slow", *flags], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 out: Optional[Path] = None, ranks: int = 0, launcher: Tuple[str, ...] = (sys.executable,),
+                 deadline: float = 120, sig: int = signal.SIGKILL, status: Optional[int] = None) -> None:
+    """Start a slow run (in its own session, its output to a file: no pipe to fill); once
+    ``saved(directory)``, send ``sig`` from outside by PID: to the launched process, or with
+    ``ranks`` to each of that many ranks by the PID it wrote next to ``out`` (the launcher
+    reaps them). The run must end with ``status``: by default, killed by ``sig``, or 1 for
+    ``torchrun`` (its workers failed). Whatever is left of its session is SIGKILLed, and it is reaped."""
+    out = out or directory.parent / f"{directory.name}-unused.pt"
+    pid_files = [Path(f"{out}.rank{r}.pid") for r in range(ranks)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([*launcher, str(HERE), trainer, str(directory), str(out), "--slow", *flags],
+                                env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _signal_once(proc, lambda: directory.exists() and saved(directory) and all(p.exists() for p in pid_files),
+                         lambda: [int(p.read_text()) for p in pid_files] if ranks else [proc.pid], sig, deadline, log)
+            proc.wait(timeout=deadline)
+        finally:
+            _kill_session(proc)
+        log.seek(0)
+        text = log.read()[-3000:].decode(errors="replace")
+    if status is None:
+        status = -sig if launcher == (sys.executable,) else 1
+    assert proc.returncode == status, (proc.returncode, text)
+
+
+def _signal_once(proc: subprocess.Popen, ready: Callable[[], bool], pids: Callable[[], List[int]], sig: int,
+                 deadline: float, log: Any) -> None:
+    """Poll ``ready()`` until true (or fail once the run ended, or after ``deadline`` s), then
+    send ``sig`` to the processes ``pids()`` names."""
+    end = time.monotonic() + deadline
+    while not ready():
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the run ended before it was killed: {log.read()[-3000:]!r}")
+        if time.monotonic() > end:
+            raise AssertionError("no checkpoint appeared before the deadline")
+        time.sleep(0.02)
+    for pid in pids():
+        os.kill(pid, sig)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of ``proc``'s session (it, a launcher's workers, a data
+    loader's workers), then reap it."""
     try:
-        end = time.monotonic() + deadline
-        while not (directory.exists() and saved(directory)):
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before it was killed: {proc.stderr.read()!r}")  # type: ignore
-            if time.monotonic() > end:
-                raise AssertionError("no checkpoint appeared before the deadline")
-            time.sleep(0.02)
-        os.kill(proc.pid, sig)
-        proc.wait(timeout=deadline)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        err = proc.stderr.read() if proc.stderr is not None else b""
-        if proc.stderr is not None:
-            proc.stderr.close()
-    assert proc.returncode == status, (proc.returncode, err[-3000:])
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left: it ended and took its session with it
+        pass
+    proc.wait(timeout=30)
 
 
 class Baseline:
