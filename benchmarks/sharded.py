@@ -15,6 +15,12 @@ interleaved, the page cache dropped before each: ckpt's ``resume()`` of a fresh 
 tensors) against ``dcp.load`` into ``get_state_dict`` plus ``set_state_dict``.
 Ratios are given best against best, median against median, and round by round (the
 machine may be shared: compare within a round).
+
+The same rounds time the asynchronous saves too: ckpt's manager with ``async_save=True``
+(another run directory) against ``dcp.async_save`` (on a gloo group of its own). Their
+rows are the stall, what the training loop pays: on rank 0, from a barrier to save()
+returning (``dcp.async_save``: to its future being returned); the ``(durable)`` rows run
+on to ``wait()`` (the future's result) and a barrier, when the checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -66,9 +72,16 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
     opt.step()  # the optimizer holds its state: 3x the parameters in all
     root = Path(args.dir)
     mgr = CheckpointManager(root / "ckpt", model=model, optimizer=opt, keep_last=1, collective_timeout=600)
-    times: Dict[str, List[float]] = {"ckpt save": [], "dcp.save": [], "ckpt resume": [], "dcp.load": []}
+    background = CheckpointManager(root / "ckpt-async", model=model, optimizer=opt, keep_last=1,
+                                   collective_timeout=600, async_save=True)
+    own_group = dist.new_group(backend="gloo")  # dcp.async_save's collectives, beside the barriers
+    times: Dict[str, List[float]] = {m: [] for m in ("ckpt save", "dcp.save", "ckpt async", "dcp.async_save",
+                                                     "ckpt async (durable)", "dcp.async_save (durable)",
+                                                     "ckpt resume", "dcp.load")}
     kept = root / "dcp" / "kept"
     for r in range(args.rounds):
+        for method in ("ckpt async", "dcp.async_save"):
+            _async_round(method, r, background, model, opt, own_group, root, times)
         for method in ("ckpt save", "dcp.save"):
             dist.barrier()
             start = time.perf_counter()
@@ -87,6 +100,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
                     shutil.rmtree(target)
     size = mgr.latest.size if mgr.latest else 0
     mgr.close()
+    background.close()
     for _ in range(args.rounds):  # loads, interleaved; the page cache dropped before each
         for method in ("ckpt resume", "dcp.load"):
             again = CheckpointManager(root / "ckpt", model=model, optimizer=opt, collective_timeout=600) \
@@ -109,6 +123,31 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
     if rank == 0:
         out.put({"times": times, "bytes": size, "layers": layers})
     dist.destroy_process_group()
+
+
+def _async_round(method: str, r: int, mgr: Any, model: Any, opt: Any, group: Any, root: Path,
+                 times: Dict[str, List[float]]) -> None:
+    """One asynchronous save: its stall, then until it is durable on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    target = root / "dcp-async" / f"round{r}"
+    dist.barrier()
+    start = time.perf_counter()
+    if method == "ckpt async":
+        mgr.save(epoch=r)
+    else:
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+        future = dcp.async_save(state, checkpoint_id=target, process_group=group)
+    times[method].append(time.perf_counter() - start)
+    if method == "ckpt async":
+        mgr.wait()
+    else:
+        future.result()
+    dist.barrier()
+    times[f"{method} (durable)"].append(time.perf_counter() - start)
+    if method != "ckpt async" and dist.get_rank() == 0:
+        shutil.rmtree(target)
 
 
 def _drop_cache(root: Path) -> None:
@@ -156,10 +195,11 @@ def report(result: Dict[str, Any], args: argparse.Namespace) -> None:
     print(f"sharded save and resume, world size 2 (gloo, CPU), {result['layers']} x Linear(1024, 1024) + AdamW: "
           f"{mib:.1f} MiB per checkpoint, {args.rounds} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print(f"{'method':<12} {'best s':>7} {'median s':>9} {'max s':>7} {'MiB/s best':>11}")
+    print(f"{'method':<25} {'best s':>7} {'median s':>9} {'max s':>7} {'MiB/s best':>11}")
     for method, ts in times.items():
-        print(f"{method:<12} {min(ts):>7.3f} {statistics.median(ts):>9.3f} {max(ts):>7.3f} {mib / min(ts):>11.0f}")
-    for ours, theirs in (("ckpt save", "dcp.save"), ("ckpt resume", "dcp.load")):
+        print(f"{method:<25} {min(ts):>7.3f} {statistics.median(ts):>9.3f} {max(ts):>7.3f} {mib / min(ts):>11.0f}")
+    for ours, theirs in (("ckpt save", "dcp.save"), ("ckpt async", "dcp.async_save"),
+                         ("ckpt async", "ckpt save"), ("ckpt resume", "dcp.load")):
         per_round = [a / b for a, b in zip(times[ours], times[theirs])]
         print(f"{ours} / {theirs}: best/best {min(times[ours]) / min(times[theirs]):.2f}x, "
               f"median/median {statistics.median(times[ours]) / statistics.median(times[theirs]):.2f}x, "

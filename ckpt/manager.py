@@ -53,7 +53,8 @@ class CheckpointManager:
         only sets :attr:`preempted`; call :meth:`save_if_preempted` after each step.
     async_save
         ``True``: :meth:`save` copies the state into reused host buffers and returns;
-        a background thread commits it (one save in flight; see :mod:`ckpt.background`).
+        a background thread commits it (one save in flight; see :mod:`ckpt.background`;
+        under a process group every rank's, :mod:`ckpt.engine.collective_async`).
     differential
         ``True``: a tensor whose bytes equal those of the same entry in the previous
         checkpoint is stored once and referenced (a frozen backbone is written once;

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ddp_run(rank: int, world: int, directory: str, epochs: int, kill_at: tuple | None,
-             mid: bool) -> dict:
+             mid: bool, async_save: bool = False) -> dict:
     """Train a tiny DDP model with dropout (so each rank's RNG matters) over a
-    ResumableSampler; SIGKILL every rank right after the save at ``kill_at``."""
+    ResumableSampler; SIGKILL every rank right after the save at ``kill_at``
+    (``async_save``: that save may be committed or not, resume is exact either way)."""
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, TensorDataset
@@ -44,7 +45,7 @@ def _ddp_run(rank: int, world: int, directory: str, epochs: int, kill_at: tuple 
     sampler = ResumableSampler(data, seed=1)
     loader = DataLoader(data, batch_size=3, sampler=sampler)
     mgr = CheckpointManager(directory, model=model, optimizer=opt, sampler=sampler, keep_last=2,
-                            collective_timeout=30)
+                            collective_timeout=30, async_save=async_save)
     start = mgr.resume()
     step = mgr.step
     for epoch in range(start, epochs):
@@ -61,6 +62,7 @@ def _ddp_run(rank: int, world: int, directory: str, epochs: int, kill_at: tuple 
         mgr.save(epoch=epoch, step=step)
         if not mid and kill_at == (epoch, step):
             kill_self()
+    mgr.wait()  # async_save: the last save committed on every rank
     names = [r.name for r in mgr.checkpoints]
     mgr.close()
     return {"params": [p.detach().clone() for p in net.parameters()], "rng": torch.rand(3),

@@ -80,24 +80,32 @@ class AsyncWriter:
         """
         with self._lock:
             self.ready()
-            obj = checkpoint.obj
-            staged = self.stager.stage({k: v for k, v in obj.items() if k != "extra"})
-            staged["extra"] = copy.deepcopy(obj["extra"])  # small; kept by the record
-            pending = record.make(checkpoint.header, path, size=0, checksum=None,
-                                  extra=staged["extra"])
-            self._outcome.what = f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}"
-            go = threading.Event()
-            thread = threading.Thread(target=self._run, args=(schema.with_states(checkpoint, staged), commit, go),
-                                      name="ckpt-writer")
-            thread.start()
-            self._thread = thread  # visible to join() only once it has started
-            go.set()  # only now: a writer pickling at once would hold the GIL the caller needs to return
+            staged, pending = self.stage(checkpoint, path)
+            self.start(f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}", lambda: commit(staged))
         return pending
 
-    def _run(self, staged: schema.Checkpoint, commit: Commit, go: threading.Event) -> None:
+    def stage(self, checkpoint: schema.Checkpoint, path: PurePath) -> tuple[schema.Checkpoint, CheckpointRecord]:
+        """``checkpoint`` copied into the staging buffers (valid until the next stage), and
+        its pending record; call :meth:`ready` first (the save in flight reads the buffers)."""
+        obj = checkpoint.obj
+        staged = self.stager.stage({k: v for k, v in obj.items() if k != "extra"})
+        staged["extra"] = copy.deepcopy(obj["extra"])  # small; kept by the record
+        pending = record.make(checkpoint.header, path, size=0, checksum=None, extra=staged["extra"])
+        return schema.with_states(checkpoint, staged), pending
+
+    def start(self, what: str, work: Callable[[], object]) -> None:
+        """Run ``work`` (a save: ``what``) on a new writer thread; call :meth:`ready` first."""
+        self._outcome.what = what
+        go = threading.Event()
+        thread = threading.Thread(target=self._run, args=(work, go), name="ckpt-writer")
+        thread.start()
+        self._thread = thread  # visible to join() only once it has started
+        go.set()  # only now: a writer pickling at once would hold the GIL the caller needs to return
+
+    def _run(self, work: Callable[[], object], go: threading.Event) -> None:
         go.wait()
         try:
-            commit(staged)
+            work()
         except BaseException as e:  # kept for the caller: a thread has no one to raise to
             if hasattr(e, "add_note"):
                 e.add_note(f"raised by the background save of {self._outcome.what} in {self.directory}")

@@ -64,15 +64,16 @@ class _Channel:
     and this rank's heartbeat (a counter in the store that a thread bumps every second,
     so that a rank waiting for another can tell "slow" from "gone")."""
 
-    def __init__(self, store: Store, rank: int) -> None:
+    def __init__(self, store: Store, rank: int, *, beat: bool = True) -> None:
         self.store = store
-        self.calls: Iterator[int] = itertools.count()
+        self.calls: Iterator[int | str] = itertools.count()
         self.garbage: list[str] = []  # this rank's keys of the previous call
         self.seen: dict[int, tuple[int, float]] = {}  # rank -> (its last heartbeat, when it changed)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, args=(f"hb/{rank}",), name="ckpt-heartbeat",
-                                      daemon=True)
-        self._beat.start()
+                                      daemon=True) if beat else None  # beat=False: another channel beats
+        if self._beat is not None:
+            self._beat.start()
 
     def _heartbeat(self, key: str) -> None:
         while True:
@@ -97,7 +98,8 @@ class _Channel:
 
     def close(self) -> None:
         self._stop.set()
-        self._beat.join(timeout=10)
+        if self._beat is not None:
+            self._beat.join(timeout=10)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,16 @@ class Group:
     def store(self) -> Store | None:
         """The rendezvous store (background uploads mark their progress in it); None when inactive."""
         return self._channel.store if self._channel is not None else None
+
+    def background(self, name: str, after: Group | None = None) -> Group:
+        """These ranks, store, heartbeats and gloo group; calls of their own, ``<name>.0``, ...
+        (a background save's, named alike on every rank); ``after``: the previous one (its last keys go)."""
+        if self._channel is None:
+            return self
+        channel = _Channel(self._channel.store, self.rank, beat=False)
+        channel.calls = (f"{name}.{n}" for n in itertools.count())
+        channel.garbage = after._channel.garbage if after is not None and after._channel is not None else []
+        return Group(self.rank, self.world_size, self.control, channel)
 
     def close(self) -> None:
         """Stop the heartbeat and destroy the gloo group (local: no rank waits for another)."""

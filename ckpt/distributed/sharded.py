@@ -51,7 +51,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePath
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -91,7 +91,8 @@ from .shardread import reader_for
 from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, open_checkpoint, torch_load
 from .targets import LocalTarget, for_tree
 
-__all__ = ["MANIFEST", "META", "export_single", "load_sharded", "read_manifest", "save_sharded", "verify_files"]
+__all__ = ["MANIFEST", "META", "Captured", "capture", "export_single", "load_sharded", "read_manifest", "save_sharded",
+           "verify_files"]
 _T = TypeVar("_T")
 Trackable = torch.nn.Module | torch.optim.Optimizer
 
@@ -111,7 +112,20 @@ def save_sharded(ctx: Group, tmp_dir: Path, final_dir: Path, states: Mapping[str
     return save_to(ctx, LocalTarget(ctx, Path(tmp_dir), Path(final_dir), aside), states, meta, timeout=timeout)
 
 
-def save_into(ctx: Group, store: Store, name: str, tmp: str, states: Mapping[str, Trackable],
+class Captured(NamedTuple):
+    """What :func:`capture` took of the modules and optimizers: their kinds and DCP state
+    dicts (an asynchronous save stages these and writes them later)."""
+
+    kinds: dict[str, str]
+    state: dict[str, Any]
+
+
+def capture(states: Mapping[str, Trackable]) -> Captured:
+    """The kinds (``"module"``/``"optimizer"``) and DCP state dicts of ``states`` (local: no collective)."""
+    return Captured(*_capture(states))
+
+
+def save_into(ctx: Group, store: Store, name: str, tmp: str, states: Mapping[str, Trackable] | Captured,
               meta: Mapping[str, Any], *, timeout: float, aside: Path | None = None) -> dict[str, Any]:
     """:func:`save_to` the sharded checkpoint ``name`` of ``store`` (``tmp``: its scratch
     name where the store renames); collective."""
@@ -119,16 +133,17 @@ def save_into(ctx: Group, store: Store, name: str, tmp: str, states: Mapping[str
     return save_to(ctx, target, states, meta, timeout=timeout)
 
 
-def save_to(ctx: Group, target: Any, states: Mapping[str, Trackable], meta: Mapping[str, Any], *,
+def save_to(ctx: Group, target: Any, states: Mapping[str, Trackable] | Captured, meta: Mapping[str, Any], *,
             timeout: float) -> dict[str, Any]:
     """:func:`save_sharded` into any target of :mod:`.targets` (a directory, an object
-    store, a tiered cache); collective. Returns the manifest."""
+    store, a tiered cache); collective. Returns the manifest. ``states`` may be
+    :func:`capture`'s result, taken earlier (its tensors staged in host buffers)."""
     shown = target.shown
     what = f"save of {PurePath(shown).name}"
     sums: dict[str, dict[str, int]] = {}
 
     def prepare() -> dict[str, Any]:
-        kinds, state = _capture(states)
+        kinds, state = states if isinstance(states, Captured) else _capture(states)
         clash = sorted(set(kinds) & set(meta))
         if clash:
             raise ConfigError(f"{clash} name both a tracked state and a plain entry", path=shown,

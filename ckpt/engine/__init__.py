@@ -22,6 +22,4 @@ def select(options: Options, url: str) -> Engine:
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return LocalEngine(url, options)
     from . import collective
-    if options.async_save:
-        collective.warn_async()
-    return collective.CollectiveEngine.create(options.collective_timeout)
+    return collective.CollectiveEngine.create(options.collective_timeout, url if options.async_save else None)

@@ -14,6 +14,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Protocol, Tuple
 
 from ..cadence import Cadence
+from ..errors import CollectiveError
 from ..options import Options
 from ..policy import RetentionPolicy
 from ..record import CheckpointRecord
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from ..spec import SpecCache
 
 Key = Tuple[int, int]
+#: Rank 0's broadcast outcome of a collective step: ("ok", ..., ...) or ("err", its message, None).
+Outcome = Tuple[str, Any, Any]
 
 
 class ManagerView(Protocol):
@@ -114,3 +117,14 @@ def release(store: Any) -> None:
     release = capabilities(store).release
     if release is not None:
         release()
+
+
+def received(what: str, got: Outcome, error: Optional[BaseException]) -> Outcome:
+    """Rank 0's broadcast ``got``, unless it failed: rank 0 re-raises its own ``error``,
+    the others raise a :class:`CollectiveError` quoting it."""
+    if error is not None:
+        raise error
+    if got[0] == "err":
+        raise CollectiveError(f"{what} failed on rank 0: {got[1]}",
+                              hint="rank 0's own error (and traceback) is in its log")
+    return got

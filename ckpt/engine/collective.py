@@ -26,29 +26,27 @@ Two kinds of checkpoint, chosen per save:
   through DCP, every other tracked object and the plain entries in ``ckpt-meta.pt``
   (same layout as a single file, ``rng_per_rank`` included).
 
-``async_save=True`` has no effect with a process group: saves are synchronous (a
-warning says so once). Both kinds need every rank's part before the commit, and
-replying to ``save()`` only after rank 0's commit is what lets every rank see it.
+A synchronous ``save()`` returns on every rank once rank 0 committed, so every rank
+sees the commit. With ``async_save=True`` it returns once this rank's part is staged in
+host buffers; the write and the commit, the same as above, run on a background thread
+(:mod:`.collective_async`); ``wait()`` and ``close()`` return on every rank once the
+save in flight is committed everywhere, or raise its error on every rank.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from .. import record, schema, state
-from ..catalog import sharddir
-from ..catalog.commit import check_new
+from .. import record, state
 from ..distributed import agreement
 from ..distributed import collective as cl
 from ..errors import CollectiveError
 from ..record import CheckpointRecord
-from ..storage.local import TMP_PREFIX
-from . import saving
-from .base import ManagerView, flush, release
-from .collective_restore import Outcome, Restoring, records_of, split
+from . import saving, shardsave
+from .base import ManagerView, Outcome, flush, received, release
+from .collective_async import Saves
+from .collective_restore import Restoring, records_of, split
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -59,19 +57,22 @@ class CollectiveEngine(Restoring):
     """One rank's side of the collective protocol (see the module docstring); an
     :class:`~ckpt.engine.base.Engine`."""
 
-    def __init__(self, ctx: cl.Group, timeout: float) -> None:
+    def __init__(self, ctx: cl.Group, timeout: float, async_in: str | None = None) -> None:
         self.ctx = ctx
         self.timeout = timeout
+        #: async_save: the saves in flight (``async_in``: the run directory, for the writer's messages)
+        self.saves = None if async_in is None else Saves(ctx, timeout, async_in, self._adopt)
         self.broken = False  # a collective step raised (so on every rank): close() skips its barrier
         self._read_by_leader: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
 
     @classmethod
-    def create(cls, timeout: float | None) -> CollectiveEngine:
+    def create(cls, timeout: float | None, async_in: str | None = None) -> CollectiveEngine:
         """Collective: builds ckpt's gloo group (every rank, at manager construction).
-        ``timeout=None``: the process group's own timeout plus a margin."""
+        ``timeout=None``: the process group's own timeout plus a margin; ``async_in``:
+        saves are asynchronous, in that run directory."""
         seconds = cl.default_timeout() if timeout is None else timeout
-        return cls(cl.context(timeout=max(seconds, 1.0)), seconds)
+        return cls(cl.context(timeout=max(seconds, 1.0)), seconds, async_in)
 
     @classmethod
     def single(cls, timeout: float | None) -> CollectiveEngine:
@@ -83,13 +84,8 @@ class CollectiveEngine(Restoring):
     def _broadcast(self, what: str, outcome: Outcome | None, error: BaseException | None) -> Outcome:
         """Rank 0's outcome on every rank; rank 0 re-raises its own error, the others a
         :class:`CollectiveError` quoting it."""
-        got = self._collective(cl.broadcast_object, self.ctx, outcome, timeout=self.timeout, what=what)
-        if error is not None:
-            raise error
-        if got[0] == "err":
-            raise CollectiveError(f"{what} failed on rank 0: {got[1]}",
-                                  hint="rank 0's own error (and traceback) is in its log")
-        return got  # type: ignore[no-any-return]
+        return received(what, self._collective(cl.broadcast_object, self.ctx, outcome, timeout=self.timeout,
+                                               what=what), error)
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn``, a collective step; if it raises, it raises on every rank, whatever each
@@ -114,17 +110,24 @@ class CollectiveEngine(Restoring):
         self._collective(cl.sync, self.ctx, what, timeout=self.timeout)
 
     def settle(self) -> None:
-        """Nothing in flight: a collective save returns once committed."""
+        """This rank's save in flight finished (its error waits for save()/wait())."""
+        if self.saves is not None:
+            self.saves.join()
 
     def wait(self, mgr: ManagerView) -> None:
-        """Collective: this rank's uploads (a tiered store) flushed, then every rank's."""
+        """Collective: the save in flight committed on every rank (or its error raised on
+        every rank), this rank's uploads (a tiered store) flushed, then every rank's."""
+        if self.saves is not None:
+            self._collective(self.saves.wait)
         flush(mgr.catalog.store)
         self.barrier("wait()")
 
     def close(self, mgr: ManagerView) -> None:
-        """Collective (unless broken): uploads flushed, every rank arrived; then frees the
-        gloo group and heartbeat, even if the barrier raised, and releases the directory."""
+        """Collective (unless broken): :meth:`wait`'s work; then frees the gloo group and
+        heartbeat, even if that raised, and releases the directory."""
         try:
+            if self.saves is not None:
+                self._collective(self.saves.close)
             flush(mgr.catalog.store)
             if not self.broken:
                 self.barrier("close()")
@@ -152,17 +155,35 @@ class CollectiveEngine(Restoring):
     def save(self, mgr: ManagerView, epoch: int | None, step: int | None, *,
              metrics: Mapping[str, Any] | None, extra: Mapping[str, Any] | None,
              mid_epoch: bool, overwrite: bool) -> CheckpointRecord:
-        ctx = self.ctx
+        """Collective; returns once rank 0 committed, or with ``async_save`` once this save
+        is staged, agreed and started in the background (:mod:`.collective_async`)."""
+        if self.saves is not None:
+            self._collective(self.saves.ready)
         error: BaseException | None = None
         payload: Any = None
+        job = None
         try:
             args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
             sharded = cl.has_dtensor(list(mgr.trackables.values()))
-            payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4]), state.capture_rng())
+            rng = state.capture_rng() if self.saves is None else None  # async: gathered in the background
+            payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4]), rng)
+            if self.saves is not None:
+                job = self.saves.stage(mgr, args, sharded)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
+        rngs = self._agree_save(error, payload)
+        if job is not None and self.saves is not None:
+            rec = self.saves.start(mgr, job)
+        else:
+            save = self._save_sharded if payload[0].sharded else self._save_replicated
+            rec = save(mgr, args, rngs)
+        mgr.epoch, mgr.step = args[0], args[1]
+        return rec
+
+    def _agree_save(self, error: BaseException | None, payload: Any) -> list[Any]:
+        """Every rank's save() arguments (and RNG states) agreed, or every rank raises."""
         report = None if error is None else f"{type(error).__name__}: {error}"
-        posts = self._collective(cl.sync, ctx, "save()", timeout=self.timeout, payload=(report, payload))
+        posts = self._collective(cl.sync, self.ctx, "save()", timeout=self.timeout, payload=(report, payload))
         failed = [f"rank {r}: {msg}" for r, (msg, _) in enumerate(posts) if msg is not None]
         if error is not None:
             raise error
@@ -172,79 +193,37 @@ class CollectiveEngine(Restoring):
         if differ is not None:
             self.broken = True
             raise differ
-        epoch_, step_, mid = args[0], args[1], args[2]
-        metric_values, extra_ = args[4], args[5]
-        rngs = [p[1] for _, p in posts]
-        save = self._save_sharded if payload[0].sharded else self._save_replicated
-        rec = save(mgr, epoch_, step_, mid, metric_values, extra_, rngs, overwrite)
-        mgr.epoch, mgr.step = epoch_, step_
-        return rec
+        return [p[1] for _, p in posts if p[1] is not None]
 
-    def _save_replicated(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
-                         metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
-                         overwrite: bool) -> CheckpointRecord:
+    def _save_replicated(self, mgr: ManagerView, args: saving.SaveArgs, rngs: list[Any]) -> CheckpointRecord:
+        epoch, step = args.epoch, args.step
         outcome: Outcome | None = None
         error: BaseException | None = None
         if self.ctx.is_leader:
             try:
-                checkpoint = saving.build(mgr, state.capture(mgr.trackables), epoch, step, mid_epoch, metrics, extra,
-                                          rngs)
-                rec = saving.commit(mgr, checkpoint, overwrite)
+                checkpoint = saving.build(mgr, state.capture(mgr.trackables), epoch, step, args.mid_epoch,
+                                          args.metrics, args.extra, rngs)
+                rec = saving.commit(mgr, checkpoint, args.overwrite)
                 outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
         got = self._broadcast(f"save() of epoch {epoch}, step {step} (commit)", outcome, error)
         return self._adopt(mgr, got)
 
-    def _save_sharded(self, mgr: ManagerView, epoch: int, step: int, mid_epoch: bool,
-                      metrics: dict[str, float], extra: dict[str, Any], rngs: list[Any],
-                      overwrite: bool) -> CheckpointRecord:
-        from ..distributed.sharded import save_into
-
-        ctx, store = self.ctx, mgr.catalog.store
-        name = schema.dir_name(epoch, step)
-        tmp = f"{TMP_PREFIX}shard-{name}"  # the same on every rank: each writes its shards there
+    def _save_sharded(self, mgr: ManagerView, args: saving.SaveArgs, rngs: list[Any]) -> CheckpointRecord:
         dcp_states, plain = split(mgr.trackables)
-        with ExitStack() as held:
-            error: BaseException | None = None
-            meta: dict[str, Any] = {}
-            records: list[CheckpointRecord] = []
-            replacing: sharddir.Overwrite | None = None  # rank 0: what it replaces stays until the commit
-            if ctx.is_leader:  # the lock, for the whole save: no other writer, no cleanup of our tmp
-                try:
-                    held.enter_context(store.lock())
-                    records = mgr.catalog.scan(locked=True).records
-                    existing = check_new((epoch, step), mid_epoch, overwrite, records)
-                    checkpoint = saving.build(mgr, state.capture(plain), epoch, step, mid_epoch, metrics, extra, rngs)
-                    meta = checkpoint.obj
-                    meta["ckpt"]["objects"] = list(mgr.trackables)
-                    meta["ckpt"]["sharded"] = list(dcp_states)
-                    if existing is not None:
-                        replacing = sharddir.Overwrite(store, existing.name, name, records)
-                        records = replacing.begin()
-                except Exception as e:  # noqa: BLE001 - every failure must reach the others
-                    error = e
-            aside = store.where(replacing.aside) if replacing is not None and replacing.aside else None
-            try:
-                self._collective(cl.agree, ctx, f"save() of {name} (prepare)", error, timeout=self.timeout)
-                manifest = self._collective(save_into, ctx, store, name, tmp, dcp_states, meta,
-                                            timeout=self.timeout, aside=aside)
-            except BaseException:
-                if replacing is not None:
-                    replacing.undo()
-                raise
-            outcome: Outcome | None = None
-            if ctx.is_leader:
-                try:
-                    rec = sharddir.committed(store, name, manifest, meta)
-                    kept = saving.retain(mgr, records, rec, None if replacing is None else replacing.done)
-                    outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
-                except Exception as e:  # noqa: BLE001
-                    if replacing is not None:
-                        replacing.undo()
-                    error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
-            got = self._broadcast(f"save() of {name} (index)", outcome, error)
+        got = shardsave.save(self.ctx, mgr, args, dcp_states,
+                             lambda: shardsave.plain_entries(mgr, args, plain, dcp_states, rngs),
+                             timeout=self.timeout, guard=self._collective)
         return self._adopt(mgr, got)
+
+    def resume(self, mgr: ManagerView) -> int:
+        self.settle()  # a save in flight uses the gloo group, and rank 0's catalog
+        return super().resume(mgr)
+
+    def restore(self, mgr: ManagerView, which: Any, step: int | None) -> CheckpointRecord:
+        self.settle()
+        return super().restore(mgr, which, step)
 
     def _adopt(self, mgr: ManagerView, got: Outcome) -> CheckpointRecord:
         """Every rank's catalog holds rank 0's records; the committed record is returned."""
@@ -255,7 +234,3 @@ class CollectiveEngine(Restoring):
         catalog.adopt(records_of(catalog, got[2]))
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
 
-
-def warn_async() -> None:
-    warnings.warn("async_save=True has no effect with a process group: every rank's save() returns once "
-                  "rank 0 committed the checkpoint", stacklevel=3)

@@ -26,12 +26,11 @@ from ..errors import CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
 from . import restoring
-from .base import ManagerView
+from .base import ManagerView, Outcome
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
 
-Outcome = tuple[str, Any, Any]
 
 
 class Restoring:
