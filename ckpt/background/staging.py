@@ -11,7 +11,7 @@ thousands of small tensors. Host-to-host copies go out in one batched call. In t
 steady state of a CPU run (the same tensors as last time, by shape and dtype, each at
 its own address) one lean walk rebuilds the containers and collects the tensors, and
 the checks are made once for all of them afterwards, in C-level passes over the list
-(:func:`_same_layout`); anything else takes the general walk. Tensors
+(``_same_layout``); anything else takes the general walk. Tensors
 on CUDA are copied into pinned host memory with non-blocking copies and one
 synchronisation per device. The buffers are the only extra memory an async save
 needs (one copy of the state); :meth:`Stager.release` frees them.
@@ -196,7 +196,7 @@ class _Unusual(Exception):
 class _Collect:
     """The lean walk of the steady state: containers rebuilt as :meth:`_Run.walk`
     rebuilds them, the n-th tensor replaced by the n-th buffer and collected in ``src``
-    (checked afterwards by :func:`_same_layout`, copied by :func:`_copy_all`)."""
+    (checked afterwards by ``_same_layout``, copied by ``_copy_all``)."""
 
     __slots__ = ("buffers", "src")
 

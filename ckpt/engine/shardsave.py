@@ -4,7 +4,7 @@ and on the writer thread (``async_save``: :mod:`.collective_async`); see docs/ho
 Rank 0 takes the run directory's lock for the whole save (no other writer, no cleanup
 of the scratch directory), checks the name is new (or sets aside the checkpoint an
 overwrite replaces) and builds the plain entries; every rank agrees, writes its shards
-(:func:`ckpt.distributed.sharded.save_into`: complete on every rank, then renamed by
+(``ckpt.distributed.sharded.save_into``: complete on every rank, then renamed by
 rank 0); rank 0 indexes it through the catalog's commit-and-retention transaction and
 broadcasts the outcome: every rank returns the same records or raises.
 """
