@@ -72,17 +72,27 @@ class AsyncWriter:
                         time.perf_counter() - start, self._outcome.what, self.directory)
         self.wait()
 
-    def submit(self, checkpoint: schema.Checkpoint, path: PurePath, commit: Commit) -> CheckpointRecord:
-        """Stage ``checkpoint`` and commit it in the background; return its pending record.
+    def submit(self, build: Callable[[], schema.Checkpoint], where: Callable[[str], PurePath],
+               commit: Commit) -> CheckpointRecord:
+        """Build the checkpoint, stage it and commit it in the background; return its
+        pending record.
 
         The pending record has no size or checksum yet (0 and None); once the commit is
         done, the manager's :attr:`~ckpt.CheckpointManager.latest` is the committed record.
+        ``build`` is called here so that the live checkpoint dict (views of the training
+        tensors) is freed before the writer starts: freeing thousands of tensors lets go
+        of the GIL, and a started writer would take it each time, for a switch interval.
         """
         with self._lock:
             self.ready()
-            staged, pending = self.stage(checkpoint, path)
-            self.start(f"epoch {checkpoint.header.epoch}, step {checkpoint.header.step}", lambda: commit(staged))
+            staged, pending = self._stage_built(build, where)
+            self.start(f"epoch {pending.epoch}, step {pending.step}", lambda: commit(staged))
         return pending
+
+    def _stage_built(self, build: Callable[[], schema.Checkpoint],
+                     where: Callable[[str], PurePath]) -> tuple[schema.Checkpoint, CheckpointRecord]:
+        checkpoint = build()
+        return self.stage(checkpoint, where(checkpoint.name))  # the live dict dies with this frame
 
     def stage(self, checkpoint: schema.Checkpoint, path: PurePath) -> tuple[schema.Checkpoint, CheckpointRecord]:
         """``checkpoint`` copied into the staging buffers (valid until the next stage), and

@@ -38,13 +38,14 @@ class LocalEngine:
         if self.writer is not None:
             self.writer.ready()  # the save in flight commits (or raises) before this one starts
         args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
-        checkpoint = saving.build(mgr, state.capture(mgr.trackables), args.epoch, args.step, args.mid_epoch,
-                                  args.metrics, args.extra, [state.capture_rng()])
+        def build() -> schema.Checkpoint:
+            return saving.build(mgr, state.capture(mgr.trackables), args.epoch, args.step, args.mid_epoch,
+                                args.metrics, args.extra, [state.capture_rng()])
         if self.writer is not None:
-            path = mgr.catalog.store.where(checkpoint.name)
-            record = self.writer.submit(checkpoint, path, lambda staged: saving.commit(mgr, staged, args.overwrite))
+            record = self.writer.submit(build, mgr.catalog.store.where,
+                                        lambda staged: saving.commit(mgr, staged, args.overwrite))
         else:
-            record = saving.commit(mgr, checkpoint, args.overwrite)
+            record = saving.commit(mgr, build(), args.overwrite)
         mgr.epoch, mgr.step = args.epoch, args.step
         return record
 
