@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import operator
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -110,14 +110,7 @@ class _Run:
                 else:
                     out[k] = walk(v)
             return out
-        walk = self.walk
-        if kind is list:
-            return [walk(v) for v in value]
-        if kind is tuple:
-            return tuple([walk(v) for v in value])
-        if kind is bytearray or kind is set:
-            return kind(value)
-        return value  # immutable: numbers, strings, bytes, torch.Size, dtypes, devices
+        return _rebuild(value, kind, self.walk)
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if t.layout is not torch.strided or t.is_meta:  # rare kinds (no data pointer): not pooled
@@ -225,14 +218,19 @@ class _Collect:
             return buffer
         if isinstance(value, torch.Tensor):
             raise _Unusual(kind.__qualname__)
-        walk = self.walk
-        if kind is list:
-            return [walk(v) for v in value]
-        if kind is tuple:
-            return tuple([walk(v) for v in value])
-        if kind is bytearray or kind is set:
-            return kind(value)
-        return value
+        return _rebuild(value, kind, self.walk)
+
+
+def _rebuild(value: Any, kind: type, walk: Callable[[Any], Any]) -> Any:
+    """A container other than a dict rebuilt around ``walk`` of its items, as both walks
+    rebuild it; anything else is immutable (numbers, strings, bytes, torch.Size, dtypes)."""
+    if kind is list:
+        return [walk(v) for v in value]
+    if kind is tuple:
+        return tuple([walk(v) for v in value])
+    if kind is bytearray or kind is set:
+        return kind(value)
+    return value
 
 
 def _same_layout(src: List[torch.Tensor], layout: _Layout) -> bool:
