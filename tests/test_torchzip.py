@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -160,6 +161,51 @@ def test_threads_batches_and_writeback_give_the_same_file(tmp_path: Path, monkey
     streamed = io.BytesIO()
     plan.stream(streamed)
     assert streamed.getvalue() == path.read_bytes()  # one layout, written in order or at offsets
+
+
+def test_one_stream_writes_in_file_order_while_the_next_batch_is_summed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default large-state path: one stream, contiguous and in order (so the file is
+    laid out in few extents), the CRC-32s summed ahead on a helper thread, the writeback
+    asked for after every batch."""
+    monkeypatch.setattr(torchzip, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(torchzip, "WRITEBACK_EVERY", 3000)
+    writes: List[Any] = []
+    real = os.pwritev
+
+    def record(fd: int, buffers: List[Any], offset: int) -> int:
+        writes.append((offset, threading.current_thread().name))
+        return real(fd, buffers, offset)
+    flushed: List[int] = []
+    monkeypatch.setattr(torchzip, "_PWRITEV", record)
+    monkeypatch.setattr(torchzip, "start_writeback", lambda fd, start, end: flushed.append(end) or True)
+    obj = big_state()
+    plan = torchzip.Plan(obj)
+    assert torchzip.WRITERS == 1 and len(plan._groups()) == 1
+    path = tmp_path / "x.pt"
+    check_file(obj, path, write(plan, path))
+    offsets = [o for o, _ in writes]
+    assert len(writes) > 10 and offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    assert {name for _, name in writes} == {threading.current_thread().name}  # one stream: the caller's
+    assert len(flushed) > 5 and flushed == sorted(flushed) and flushed[-1] <= plan.data_end
+
+
+def test_a_failed_write_stops_the_helper_and_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torchzip, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(torchzip, "WRITEBACK_EVERY", 3000)
+    real, calls = os.pwritev, []
+
+    def failing(fd: int, buffers: List[Any], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(fd, buffers, offset)
+    monkeypatch.setattr(torchzip, "_PWRITEV", failing)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(OSError, match="No space"):
+        write(torchzip.Plan(big_state()), tmp_path / "x.pt")
+    assert len(calls) == 3
+    assert {t.ident for t in threading.enumerate() if t.name.startswith("ckpt-write")} - before == set()
 
 
 def test_short_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
