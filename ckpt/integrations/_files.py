@@ -5,11 +5,11 @@ reads it; a small sidecar ``NAME.ckpt-sum`` (JSON: size, CRC-32, step numbers) l
 verify it before loading. A file without a sidecar (written without ckpt) is verified
 by its zip records' own CRC-32.
 
-A save never makes a file visible before the record that verifies it is durable:
+A save never makes a file visible before the record that verifies it is durable. In a
+local directory (the store's capabilities name a real directory, where a rename is free):
 
 1. the file is committed under a staging name, ``NAME.ckpt-next`` (temporary name,
-   fsync, rename, directory fsync; commit-last on object stores), which gives its
-   size and CRC-32;
+   fsync, rename, directory fsync), which gives its size and CRC-32;
 2. its record is committed as ``NAME.ckpt-sum-next`` (the pending sidecar);
 3. ``NAME.ckpt-next`` is renamed to ``NAME`` (replacing the previous file, whose own
    sidecar still describes it until then);
@@ -20,6 +20,20 @@ take that record (:func:`current`), and the next writer finishes the step
 (:func:`settle`), which also rolls a save killed after 2 forward, drops what a save
 killed before 2 left, and drops sidecars whose file a killed removal deleted. At every
 instant each committed file has a record that verifies it (see docs/howto/lightning.md).
+
+On an object store (no rename: a "move" is a full copy) the file is written once, under
+its final key, with the store's own commit protocol (the object first, its commit
+record last: until then the name is not listed, so nothing a resume would load):
+
+1. the previous sidecar of ``NAME``, if there is one, is deleted (it describes bytes
+   about to be replaced);
+2. the file is committed as ``NAME``;
+3. its sidecar ``NAME.ckpt-sum`` is committed.
+
+A kill before 3 leaves ``NAME`` (the previous or the new one) without a sidecar: it is
+verified by its zip records, as a file written without ckpt. A name being rewritten
+(Lightning's ``last.ckpt``) is not there while it uploads; the run's other checkpoints
+are.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from ..errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
 from ..format import torchfile
 from ..io.checksum import file_checksum
 from ..storage import Store, is_url, open_existing, open_store
+from ..storage.base import Written, capabilities
 
 SIDECAR = ".ckpt-sum"
 #: The sidecar of a file not renamed in yet, and that file (steps 2 and 1 of the module doc).
@@ -61,20 +76,64 @@ def store_for(directory: str, storage_options: Optional[Mapping[str, Any]] = Non
 
 def save(store: Store, name: str, obj: Mapping[str, Any], numbers: Mapping[str, Any], *,
          clean: bool = False) -> None:
-    """Commit ``obj`` as ``name`` (torch.save format) and its sidecar, in the order of
-    the module doc, under the directory's writer lock. ``clean``: first settle what
-    killed writers left (:func:`settle`)."""
+    """Commit ``obj`` as ``name`` (torch.save format) and its sidecar, staged as in the
+    module doc, under the directory's writer lock. ``clean``: first settle what killed
+    writers left (:func:`settle`). A plug-in keeps a :class:`Directory` instead."""
     if clean:
         store.clean_temporaries()
     with store.lock():
         if clean:
             settle(store)
-        written = torchfile.write(store, name + STAGED, obj, nbytes=0, progress=False)
-        record = {"size": written.size, "checksum": written.checksum, "time": time.time(), **numbers}
-        data = json.dumps(record, sort_keys=True).encode()
-        store.write(name + PENDING, lambda f: f.write(data))
-        store.move(name + STAGED, name)
-        store.move(name + PENDING, name + SIDECAR)
+        _save_staged(store, name, obj, numbers)
+
+
+def _record(written: Written, numbers: Mapping[str, Any]) -> bytes:
+    record = {"size": written.size, "checksum": written.checksum, "time": time.time(), **numbers}
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def _save_staged(store: Store, name: str, obj: Mapping[str, Any], numbers: Mapping[str, Any]) -> None:
+    written = torchfile.write(store, name + STAGED, obj, nbytes=0, progress=False)
+    data = _record(written, numbers)
+    store.write(name + PENDING, lambda f: f.write(data))
+    store.move(name + STAGED, name)
+    store.move(name + PENDING, name + SIDECAR)
+
+
+class Directory:
+    """The directory a plug-in writes its checkpoints to: what killed writers left is
+    settled once, when it is opened; each save then commits as the module doc says for
+    this store (staged renames in a local directory, one write per file on an object store)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        caps = capabilities(store)
+        #: A real directory: renames are free, so a save is staged (module doc).
+        self.staged = caps.local_root is not None
+        self.release = caps.release
+        store.clean_temporaries()
+        with store.lock():
+            settle(store)
+            self._names = set(store.list())  # this writer's own view from now on (one writer per run)
+
+    def save(self, name: str, obj: Mapping[str, Any], numbers: Mapping[str, Any]) -> None:
+        with self.store.lock():
+            if self.staged:
+                _save_staged(self.store, name, obj, numbers)
+                return
+            for old in (name + SIDECAR, name + PENDING):
+                if old in self._names:  # it describes bytes about to be replaced
+                    self.store.delete(old)
+                    self._names.discard(old)
+            written = torchfile.write(self.store, name, obj, nbytes=0, progress=False)
+            self._names.add(name)
+            data = _record(written, numbers)
+            self.store.write(name + SIDECAR, lambda f: f.write(data))
+            self._names.add(name + SIDECAR)
+
+    def remove(self, name: str) -> None:
+        remove(self.store, name)
+        self._names -= {name, name + SIDECAR}
 
 
 def _read_record(store: Store, name: str) -> Optional[Record]:

@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import CorruptCheckpointError
 from ..state import capture_rng, restore_rng
-from ..storage.base import capabilities
 from . import _files
 
 try:
@@ -68,27 +67,23 @@ class CkptSaver(BaseSaveHandler):
     def __init__(self, dirname: str, *, storage_options: Optional[Mapping[str, Any]] = None) -> None:
         self.dirname = str(dirname)
         self.storage_options = storage_options
-        self._store = _files.store_for(self.dirname, storage_options)
-        self._store.clean_temporaries()  # what a killed run left: temporaries, unfinished saves
-        with self._store.lock():
-            _files.settle(self._store)
+        self._dir = _files.Directory(_files.store_for(self.dirname, storage_options))  # settles a killed run's
         self._evicted: List[str] = []
 
     def __call__(self, checkpoint: Mapping[str, Any], filename: str,
                  metadata: Optional[Mapping[str, Any]] = None) -> None:
         if idist.get_rank() == 0:
-            _files.save(self._store, filename, checkpoint, dict(zip(_KEYS, _numbers(checkpoint))))
+            self._dir.save(filename, checkpoint, dict(zip(_KEYS, _numbers(checkpoint))))
             evicted, self._evicted = self._evicted, []
             for name in evicted:  # only now that the new file is committed
                 if name != filename:
-                    _files.remove(self._store, name)
+                    self._dir.remove(name)
 
     def close(self) -> None:
         """Free the directory for another writer now (an object store's writer lease); a
         saver that is not closed frees it when its process ends."""
-        release = capabilities(self._store).release
-        if release is not None:
-            release()
+        if self._dir.release is not None:
+            self._dir.release()
 
     def remove(self, filename: str) -> None:
         """Called by ``Checkpoint`` before it saves the next file: deferred until that commits."""

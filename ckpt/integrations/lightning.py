@@ -37,8 +37,6 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..state import capture_rng, restore_rng
-from ..storage import Store
-from ..storage.base import capabilities
 from . import _files
 
 try:
@@ -105,7 +103,7 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: List[Future[None]] = []
         self._lock = threading.Lock()
-        self._stores: Dict[str, Store] = {}  # one writer per directory (an object store's writer lease)
+        self._dirs: Dict[str, _files.Directory] = {}  # one writer per directory (an object store's writer lease)
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         state = dict(checkpoint)
@@ -123,16 +121,14 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
 
     def _write(self, state: Dict[str, Any], path: Any, options: Optional[Any]) -> None:
         directory, name = _files.split(path)
-        clean = directory not in self._stores  # a killed run's leftovers, once per directory
-        store = self._writer(directory, options)
-        _files.save(store, name, state, dict(zip(_KEYS, _numbers(state))), clean=clean)
+        self._writer(directory, options).save(name, state, dict(zip(_KEYS, _numbers(state))))
 
-    def _writer(self, directory: str, options: Optional[Any]) -> Store:
+    def _writer(self, directory: str, options: Optional[Any]) -> _files.Directory:
         with self._lock:
-            store = self._stores.get(directory)
-            if store is None:
-                store = self._stores[directory] = _files.store_for(directory, options)
-            return store
+            found = self._dirs.get(directory)
+            if found is None:  # a killed run's leftovers are settled once per directory
+                found = self._dirs[directory] = _files.Directory(_files.store_for(directory, options))
+            return found
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable[..., Any]] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
@@ -160,8 +156,11 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
         self.wait()  # never delete the previous file while its successor is being written
         directory, name = _files.split(path)
         with self._lock:
-            store = self._stores.get(directory)
-        _files.remove(store or _files.store_for(directory, self.storage_options, create=False), name)
+            found = self._dirs.get(directory)
+        if found is not None:
+            found.remove(name)
+        else:
+            _files.remove(_files.store_for(directory, self.storage_options, create=False), name)
 
     def wait(self) -> None:
         """Block until every background save has committed; re-raise the first failure."""
@@ -186,13 +185,12 @@ class CheckpointIO(_Base):  # type: ignore[misc]  # Lightning is untyped for myp
         finally:
             with self._lock:
                 executor, self._executor = self._executor, None
-                stores, self._stores = list(self._stores.values()), {}
+                dirs, self._dirs = list(self._dirs.values()), {}
             if executor is not None:
                 executor.shutdown(wait=True)
-            for store in stores:  # frees an object store's writer lease at once
-                release = capabilities(store).release
-                if release is not None:
-                    release()
+            for found in dirs:  # frees an object store's writer lease at once
+                if found.release is not None:
+                    found.release()
 
 
 class RankRNG(pl.Callback):  # type: ignore[misc]
