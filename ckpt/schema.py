@@ -159,6 +159,9 @@ class Checkpoint:
     obj: Dict[str, Any]
     header: Header
     nbytes: int
+    #: False when the states and RNG states are still to be checked (:func:`check_states`):
+    #: an asynchronous save checks them in the walk that stages them.
+    checked: bool = True
 
     @property
     def key(self) -> Tuple[int, int]:
@@ -176,8 +179,12 @@ class Checkpoint:
 def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
           metrics: Dict[str, float], rng: Dict[str, Any], extra: Dict[str, Any],
           library_version: str, spec: Optional[Dict[str, Any]] = None,
-          cadence: Optional[Dict[str, Any]] = None) -> Checkpoint:
-    """The checkpoint dict to write; :class:`ConfigError` for values a safe load cannot read."""
+          cadence: Optional[Dict[str, Any]] = None, defer_check: bool = False) -> Checkpoint:
+    """The checkpoint dict to write; :class:`ConfigError` for values a safe load cannot read.
+
+    ``defer_check=True`` checks ``extra`` only and leaves the states and ``rng`` to
+    :func:`check_states` (the checkpoint's ``checked`` is then False).
+    """
     meta: Dict[str, Any] = {
         "format": FORMAT_VERSION, "library": f"ckpt {library_version}",
         "torch": str(torch.__version__), "created": time.time(), "mid_epoch": mid_epoch,
@@ -187,20 +194,33 @@ def build(states: Mapping[str, Any], *, epoch: int, step: int, mid_epoch: bool,
         meta["model_spec"] = spec
     if cadence is not None:
         meta["cadence"] = cadence  # when the next step checkpoint is due, after a resume
-    nbytes = check_loadable(extra, "extra") + check_loadable(rng, "rng")
-    for name, state in states.items():
-        nbytes += check_loadable(state, f"state of {name!r}")
     obj = {**states, "epoch": epoch, "step": step, "metrics": metrics, "rng": rng,
            "extra": extra, "ckpt": meta}
     head = Header(epoch=epoch, step=step, mid_epoch=mid_epoch, metrics=dict(metrics), created=meta["created"],
                   format=FORMAT_VERSION, library=meta["library"], torch=meta["torch"],
                   objects=tuple(states), model_spec=spec)
-    return Checkpoint(obj, head, nbytes)
+    nbytes = check_loadable(extra, "extra")
+    checkpoint = Checkpoint(obj, head, nbytes, checked=False)
+    return checkpoint if defer_check else with_states(checkpoint, obj, nbytes + check_states(checkpoint))
 
 
-def with_states(checkpoint: Checkpoint, obj: Dict[str, Any]) -> Checkpoint:
-    """The same checkpoint over another dict of the same content (a staged copy)."""
-    return Checkpoint(obj, checkpoint.header, checkpoint.nbytes)
+def check_states(checkpoint: Checkpoint) -> int:
+    """Check what :func:`build` left unchecked (``rng`` and the states, in that order)
+    and return the bytes of their tensors; :class:`ConfigError` for a value a safe load
+    cannot read back."""
+    obj = checkpoint.obj
+    nbytes = check_loadable(obj["rng"], "rng")
+    for name in checkpoint.header.objects:
+        nbytes += check_loadable(obj[name], f"state of {name!r}")
+    return nbytes
+
+
+def with_states(checkpoint: Checkpoint, obj: Dict[str, Any], nbytes: Optional[int] = None) -> Checkpoint:
+    """The same checkpoint over another dict of the same content (a staged copy);
+    ``nbytes``: the bytes of all its tensors, once its states are checked."""
+    if nbytes is None:
+        return Checkpoint(obj, checkpoint.header, checkpoint.nbytes, checkpoint.checked)
+    return Checkpoint(obj, checkpoint.header, nbytes, checked=True)
 
 
 def is_checkpoint(obj: Any) -> bool:

@@ -49,6 +49,29 @@ class Stager:
             staged = self._steady(obj)
             if staged is not None:
                 return staged
+        return self._general(obj)
+
+    def stage_checked(self, obj: Any, check: Callable[[], int]) -> Tuple[Any, int]:
+        """:meth:`stage`, and the bytes of ``obj``'s tensors, for a dict that must load
+        with ``torch.load(weights_only=True)``.
+
+        In the steady state the lean walk accepts only the values such a load reads back
+        (a subset of what ``check`` accepts: plain containers, numbers, strings, tensors),
+        so it is the check and no second walk is made. Anything else runs ``check()``
+        first (it raises for a value that does not load, before anything is copied; it
+        returns the bytes of the tensors), then the general walk.
+        """
+        layout = self._layout
+        with torch.no_grad():
+            staged = self._steady(obj, strict=True)
+        if staged is not None and layout is not None:  # no aliases: the buffers' bytes are the tensors'
+            return staged, layout.nbytes
+        nbytes = check()
+        return self._general(obj), nbytes
+
+    def _general(self, obj: Any) -> Any:
+        """The general walk: pairs, allocates or reuses buffers, copies."""
+        with torch.no_grad():
             run = _Run(self._buffers)
             staged = run.walk(obj)
             run.copy()
@@ -58,14 +81,15 @@ class Stager:
         self._layout = _layout(self._buffers) if run.fast else None
         return staged
 
-    def _steady(self, obj: Any) -> Optional[Any]:
+    def _steady(self, obj: Any, strict: bool = False) -> Optional[Any]:
         """The snapshot when ``obj``'s tensors are those of the last save (by order,
         shape and dtype; plain, strided, on the CPU, each at its own address): one lean
-        walk, the checks in batch, one batched copy. None (nothing copied) otherwise."""
+        walk, the checks in batch, one batched copy. None (nothing copied) otherwise, and
+        when ``strict`` also for any value a weights-only load would not read back."""
         layout = self._layout
         if layout is None:
             return None
-        walk = _Collect(layout.buffers)
+        walk = _Collect(layout.buffers, strict)
         try:
             staged = walk.walk(obj)
         except (_Unusual, IndexError):  # IndexError: more tensors than buffers
@@ -167,12 +191,13 @@ class _Run:
 class _Layout:
     """The buffers of the last save in slot order, with their shapes and dtypes."""
 
-    __slots__ = ("buffers", "shapes", "dtypes")
+    __slots__ = ("buffers", "shapes", "dtypes", "nbytes")
 
     def __init__(self, buffers: List[torch.Tensor]) -> None:
         self.buffers = buffers
         self.shapes = list(map(_SHAPE, buffers))
         self.dtypes = list(map(_DTYPE, buffers))
+        self.nbytes = sum(b.nelement() * b.element_size() for b in buffers)
 
 
 def _layout(buffers: Dict[int, torch.Tensor]) -> Optional[_Layout]:
@@ -189,17 +214,23 @@ class _Unusual(Exception):
 class _Collect:
     """The lean walk of the steady state: containers rebuilt as :meth:`_Run.walk`
     rebuilds them, the n-th tensor replaced by the n-th buffer and collected in ``src``
-    (checked afterwards by ``_same_layout``, copied by ``_copy_all``)."""
+    (checked afterwards by ``_same_layout``, copied by ``_copy_all``). ``strict``: only
+    what ``torch.load(weights_only=True)`` reads back passes (keys and leaves of the
+    exact types :func:`ckpt.schema.check_loadable` accepts, no empty bytes);
+    anything else raises :class:`_Unusual`, for the general walk and its check."""
 
-    __slots__ = ("buffers", "src")
+    __slots__ = ("buffers", "src", "strict")
 
-    def __init__(self, buffers: List[torch.Tensor]) -> None:
+    def __init__(self, buffers: List[torch.Tensor], strict: bool = False) -> None:
         self.buffers = buffers
         self.src: List[torch.Tensor] = []
+        self.strict = strict
 
     def walk(self, value: Any) -> Any:
         kind = type(value)
         if kind is dict or kind is collections.OrderedDict:
+            if self.strict and not _LEAVES.issuperset(map(type, value)):
+                raise _Unusual("a key")
             out = {} if kind is dict else kind()
             buffers, src, walk = self.buffers, self.src, self.walk
             for k, v in value.items():
@@ -207,7 +238,7 @@ class _Collect:
                 if kind is torch.Tensor or kind is torch.nn.Parameter:
                     out[k] = buffers[len(src)]
                     src.append(v)
-                elif kind in _IMMUTABLE:
+                elif kind in _LEAVES:
                     out[k] = v
                 else:
                     out[k] = walk(v)
@@ -218,16 +249,20 @@ class _Collect:
             return buffer
         if isinstance(value, torch.Tensor):
             raise _Unusual(kind.__qualname__)
+        if self.strict and kind not in _STRICT:
+            raise _Unusual(kind.__qualname__)
+        if kind is bytes and self.strict and not value:  # b"" pickles as a call to bytes()
+            raise _Unusual("b''")
         return _rebuild(value, kind, self.walk)
 
 
 def _rebuild(value: Any, kind: type, walk: Callable[[Any], Any]) -> Any:
     """A container other than a dict rebuilt around ``walk`` of its items, as both walks
     rebuild it; anything else is immutable (numbers, strings, bytes, torch.Size, dtypes)."""
-    if kind is list:
-        return [walk(v) for v in value]
+    if kind is list:  # a list of plain values (an optimizer's parameter ids): one C-level pass
+        return list(value) if _LEAVES.issuperset(map(type, value)) else [walk(v) for v in value]
     if kind is tuple:
-        return tuple([walk(v) for v in value])
+        return value if _LEAVES.issuperset(map(type, value)) else tuple([walk(v) for v in value])
     if kind is bytearray or kind is set:
         return kind(value)
     return value
@@ -259,6 +294,10 @@ _PTR = torch.Tensor.data_ptr
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 #: Values staged as they are (no copy): what a state dict holds besides tensors.
 _IMMUTABLE = frozenset((type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device))
+#: Of those, the ones a weights-only load reads back whatever their value (not bytes: b"" is refused).
+_LEAVES = _IMMUTABLE - {bytes}
+#: What a strict lean walk accepts besides dicts and tensors (sets' items are not walked: not here).
+_STRICT = _LEAVES | {list, tuple, bytes, bytearray}
 
 
 def _alias(t: torch.Tensor) -> _Alias:

@@ -31,6 +31,10 @@ from .staging import Stager
 
 log = logging.getLogger("ckpt")
 
+#: Entries of the checkpoint dict that staging does not walk: ``extra`` is deep-copied
+#: (the record keeps it), ``ckpt`` (the metadata) is ckpt's own, fresh for each save.
+_UNSTAGED = frozenset(("extra", "ckpt"))
+
 Commit = Callable[[schema.Checkpoint], CheckpointRecord]
 
 
@@ -96,12 +100,25 @@ class AsyncWriter:
 
     def stage(self, checkpoint: schema.Checkpoint, path: PurePath) -> tuple[schema.Checkpoint, CheckpointRecord]:
         """``checkpoint`` copied into the staging buffers (valid until the next stage), and
-        its pending record; call :meth:`ready` first (the save in flight reads the buffers)."""
+        its pending record; call :meth:`ready` first (the save in flight reads the buffers).
+
+        A checkpoint whose states are not checked yet (``checked`` False) is checked here,
+        by the walk that stages it (:meth:`Stager.stage_checked`): the same
+        :class:`~ckpt.errors.ConfigError` as a synchronous save's, raised by ``save()``
+        before anything is copied or written. The ``ckpt`` metadata is not walked: it is
+        built afresh for each save from values ckpt owns and never changes afterwards.
+        """
         obj = checkpoint.obj
-        staged = self.stager.stage({k: v for k, v in obj.items() if k != "extra"})
+        live = {k: v for k, v in obj.items() if k not in _UNSTAGED}
+        if checkpoint.checked:
+            staged, nbytes = self.stager.stage(live), checkpoint.nbytes
+        else:
+            staged, nbytes = self.stager.stage_checked(live, lambda: schema.check_states(checkpoint))
+            nbytes += checkpoint.nbytes  # extra's tensors, checked by schema.build
+        staged["ckpt"] = dict(obj["ckpt"])
         staged["extra"] = copy.deepcopy(obj["extra"])  # small; kept by the record
         pending = record.make(checkpoint.header, path, size=0, checksum=None, extra=staged["extra"])
-        return schema.with_states(checkpoint, staged), pending
+        return schema.with_states(checkpoint, staged, nbytes), pending
 
     def start(self, what: str, work: Callable[[], object]) -> None:
         """Run ``work`` (a save: ``what``) on a new writer thread; call :meth:`ready` first."""

@@ -38,9 +38,9 @@ class LocalEngine:
         if self.writer is not None:
             self.writer.ready()  # the save in flight commits (or raises) before this one starts
         args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
-        def build() -> schema.Checkpoint:
+        def build() -> schema.Checkpoint:  # an async save checks the states as it stages them
             return saving.build(mgr, state.capture(mgr.trackables), args.epoch, args.step, args.mid_epoch,
-                                args.metrics, args.extra, [state.capture_rng()])
+                                args.metrics, args.extra, [state.capture_rng()], defer_check=self.writer is not None)
         if self.writer is not None:
             record = self.writer.submit(build, mgr.catalog.store.where,
                                         lambda staged: saving.commit(mgr, staged, args.overwrite))

@@ -80,20 +80,24 @@ def protection(resumed: Optional[Key], key: Key) -> Tuple[Tuple[Key, ...], bool]
 
 
 def build(mgr: ManagerView, states: Dict[str, Any], epoch: int, step: int, mid_epoch: bool,
-          metrics: Dict[str, float], extra: Dict[str, Any], rngs: List[Dict[str, Any]]) -> schema.Checkpoint:
+          metrics: Dict[str, float], extra: Dict[str, Any], rngs: List[Dict[str, Any]], *,
+          defer_check: bool = False) -> schema.Checkpoint:
     """The checkpoint dict of ``states`` (captured from the manager's objects); ``rngs``
-    holds every rank's RNG states (rank 0's first)."""
+    holds every rank's RNG states (rank 0's first). ``defer_check``: the states are
+    checked when they are staged (see :func:`ckpt.schema.build`)."""
     args = SaveArgs(epoch, step, mid_epoch, False, metrics, extra)
-    return build_dict(states, args, rngs, trackables=mgr.trackables, specs=mgr.specs, cadence=mgr.cadence)
+    return build_dict(states, args, rngs, trackables=mgr.trackables, specs=mgr.specs, cadence=mgr.cadence,
+                      defer_check=defer_check)
 
 
 def build_dict(states: Dict[str, Any], args: SaveArgs, rngs: List[Dict[str, Any]], *,
-               trackables: Mapping[str, Any], specs: spec.SpecCache, cadence: Cadence) -> schema.Checkpoint:
+               trackables: Mapping[str, Any], specs: spec.SpecCache, cadence: Cadence,
+               defer_check: bool = False) -> schema.Checkpoint:
     """The checkpoint dict; ``rngs`` holds every rank's RNG states (rank 0's first)."""
     checkpoint = schema.build(states, epoch=args.epoch, step=args.step, mid_epoch=args.mid_epoch,
                               metrics=args.metrics, rng=rngs[0], extra=args.extra, library_version=__version__,
                               spec=spec.checkpoint_specs(trackables, specs),
-                              cadence=cadence.state_dict() if cadence.enabled else None)
+                              cadence=cadence.state_dict() if cadence.enabled else None, defer_check=defer_check)
     if len(rngs) > 1:  # a process group: each rank restores its own (see ckpt.distributed)
         checkpoint.obj["ckpt"]["rng_per_rank"] = rngs
     return checkpoint
