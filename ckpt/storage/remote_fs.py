@@ -64,6 +64,16 @@ def request_limit(options: Dict[str, Any]) -> float:
     return float(value)
 
 
+class RequestLimitError(OSError):
+    """One S3 request (its body included) ran past ``ckpt_request_seconds``. An ``OSError``
+    with ``errno.ETIMEDOUT`` (transient for ckpt's retries) but not a :class:`TimeoutError`:
+    s3fs retries those itself, each try with a fresh limit, which would multiply the bound."""
+
+    def __init__(self, message: str) -> None:
+        import errno
+        super().__init__(errno.ETIMEDOUT, f"{message} (storage_options[{REQUEST_OPTION!r}])")
+
+
 def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> None:
     """Make every S3 request end in bounded time. Two ways an upload to an endpoint that
     stopped answering (SIGSTOPped, a dead load balancer) hung forever, past every
@@ -71,9 +81,11 @@ def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> No
     timeout (the header is dropped), and a part's body that no longer drains into the
     socket (aiohttp has no write timeout). So each request s3fs sends (``_call_s3``: an
     upload's parts, a listing, a GET, a HEAD, a DELETE, the lease's conditional PUTs) is
-    given ``limit`` seconds, then cancelled: a :class:`TimeoutError`, transient, that the
-    store's retries and deadline handle. (Reading a GET's body after its headers came is
-    bounded by the client's own ``read_timeout``, per socket read.)"""
+    given ``limit`` seconds, then cancelled: a :class:`RequestLimitError`, transient, that the
+    store's retries and deadline handle. A GET's body, read after its headers came, is
+    bounded by the same ``limit`` in total, counted from the request's start
+    (:class:`BoundedBody`): the client's ``read_timeout`` bounds each socket read only,
+    so a server that drips a byte now and then would hold a resume for ever."""
     events = getattr(getattr(getattr(fs, "s3", None), "meta", None), "events", None)
     if events is None:
         return
@@ -86,11 +98,15 @@ def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> No
     from fsspec.asyn import sync
 
     async def bounded(method: Any, *args: Any, **kwargs: Any) -> Any:
+        what = getattr(method, "__name__", method)
+        end = asyncio.get_running_loop().time() + limit
         try:
-            return await asyncio.wait_for(inner(method, *args, **kwargs), limit)
+            out = await asyncio.wait_for(inner(method, *args, **kwargs), limit)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer to {getattr(method, '__name__', method)} within {limit:g} s "
-                               f"(storage_options[{REQUEST_OPTION!r}])") from None
+            raise RequestLimitError(f"no answer to {what} within {limit:g} s") from None
+        if isinstance(out, dict) and hasattr(out.get("Body"), "read"):
+            out["Body"] = BoundedBody(out["Body"], end, f"{what} (its body)", limit)
+        return out
 
     bounded.ckpt_bounded = True  # type: ignore[attr-defined]
     fs._call_s3 = bounded  # every s3fs method awaits this one: listings, GETs, uploads
@@ -99,6 +115,39 @@ def never_wait_for_continue(fs: Any, limit: float = DEFAULT_REQUEST_LIMIT) -> No
         return sync(fs.loop, bounded, method, *args, **kwargs)
 
     fs.call_s3 = call_s3
+
+
+class BoundedBody:
+    """A GET's streaming body whose reads all end by ``end`` (the event loop's clock):
+    past it, a :class:`RequestLimitError` (transient: retried within the store's deadline).
+    Everything else is the wrapped body's."""
+
+    def __init__(self, body: Any, end: float, what: str, limit: float) -> None:
+        self._body, self._end, self._what, self._limit = body, end, what, limit
+
+    async def read(self, *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+        left = self._end - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self._body.read(*args, **kwargs), left)
+        except asyncio.TimeoutError:
+            self.close()
+            raise RequestLimitError(f"{self._what} did not arrive within {self._limit:g} s") from None
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self._body.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)
+
+    async def __aenter__(self) -> BoundedBody:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _drop_expect(request: Any, **_: Any) -> None:

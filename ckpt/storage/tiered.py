@@ -20,8 +20,10 @@ is raised by :meth:`flush` (the manager's ``wait()``/``close()``), once, like an
 save error; the names it did not upload stay pending and go up with the next upload.
 Checkpoints committed locally by a process killed before their upload are found when
 the run is opened (local, not remote) and uploaded with this store's first commit.
-Only a lost writer claim (another writer took the run over) is raised by the next
-commit (:meth:`lock`) too: saving on would race that writer.
+A writer's first commit takes the remote run's writer lease before it commits locally,
+so a second writer is refused before it commits anything, as on a plain remote run; a
+lost lease (another writer took the run over) is raised by the next commit
+(:meth:`lock`) too: saving on would race that writer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import schema
-from ..errors import StorageError
+from ..errors import StorageError, WriterConflictError
 from ..io.checksum import file_checksum
 from ..progress import Progress
 from .base import INDEX_NAME, Capabilities, OnBytes, Produce, Written, capabilities, probed
@@ -231,8 +233,28 @@ class TieredStore:
             conflict = self._error if getattr(self._error, "writer_conflict", False) else None
         if conflict is not None:
             self._raise_pending()
-        with self.local.lock(timeout):  # the remote writer check runs with each upload
+        with self.local.lock(timeout):  # the remote writer check runs with each upload too
+            if timeout != 0:  # a writer's commit (never the repair when opening the run)
+                self._claim()
             yield self
+
+    def _claim(self) -> None:
+        """Before a writer's first local commit: hold the remote run's lease, as a plain
+        remote run does, so a second writer is refused before it commits anything (a
+        dead holder's lease is waited for, with a warning). Once held, nothing to do
+        (renewed by its heartbeat). An unreachable store does not stop the save: it
+        commits locally and the upload takes the lease (docs/explanation/remote-runs.md)."""
+        with self._cond:
+            down = self._remote_down
+        if down or self.remote.lease.held or self.remote.lease.lost is not None:
+            return  # lost: raised by the upload (kept above) or by the next upload
+        try:
+            self.remote.lease.acquire(wait=True)
+        except WriterConflictError:
+            raise  # another writer holds the run: nothing committed, locally or remotely
+        except StorageError as e:
+            warnings.warn(f"{e}; this save commits in the local tier only, its upload takes the writer lease",
+                          stacklevel=4)
 
     def clean_temporaries(self) -> List[str]:
         return self.local.clean_temporaries() + self.remote.clean_temporaries()
