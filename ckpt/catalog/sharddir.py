@@ -47,6 +47,12 @@ def manifest_checksum(store: Store, name: str) -> str:
     return format_checksum(crc32(_manifest(store, name)[0]))
 
 
+def checked_manifest(store: Store, name: str, expected: Any) -> Dict[str, Any]:
+    """The manifest, read once and checked against the record's checksum ``expected``
+    (the other files are left to the load, which sums them as it reads them)."""
+    return _checked(store, name, expected)[1]
+
+
 def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
     """Check the manifest against the record, then every file against the manifest."""
     return _verified(store, name, expected)[1]
@@ -55,13 +61,19 @@ def verify(store: Store, name: str, expected: Any) -> Dict[str, Any]:
 def _verified(store: Store, name: str, expected: Any) -> Tuple[bytes, Dict[str, Any]]:
     """:func:`verify`, returning the manifest's bytes too (read once)."""
     tree = store.tree(name)
+    data, manifest = _checked(store, name, expected)
+    verify_files(tree.capabilities().local_only or tree, manifest)  # a local directory: read in parallel
+    return data, manifest
+
+
+def _checked(store: Store, name: str, expected: Any) -> Tuple[bytes, Dict[str, Any]]:
+    tree = store.tree(name)
     data, manifest = _manifest(store, name)
     got = format_checksum(crc32(data))
     if expected is not None and got != expected:
         raise CorruptCheckpointError(f"manifest checksum {got}, the index says {expected}",
                                      path=tree.where(MANIFEST),
                                      hint="the manifest was changed after the save; resume from another checkpoint")
-    verify_files(tree.capabilities().local_only or tree, manifest)  # a local directory: read in parallel
     return data, manifest
 
 

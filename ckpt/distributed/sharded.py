@@ -14,8 +14,8 @@ and fsyncs it once (nothing is read back), then agree and gather the checksums; 
 writes the manifest, fsyncs it and the directory, renames ``tmp_dir`` to ``final_dir``
 and fsyncs the parent, then agree -- so a rank that fails or
 is killed at any step makes every other rank raise (bounded: see ckpt.distributed) and
-nothing appears under ``final_dir``. Load: rank 0 verifies the checksums, every rank
-reads its slices through DCP, which reshards: a checkpoint saved by 2 ranks loads on
+nothing appears under ``final_dir``. Load: every rank reads its slices through DCP,
+which reshards, each file's checksum summed as it is read: a checkpoint saved by 2 ranks loads on
 1, 2 or 3, and in a plain process with no process group at all.
 
 Findings on torch 2.13 (CPU build, gloo):
@@ -88,7 +88,7 @@ from ..storage.base import Store
 from ..storage.trees import LocalTree, Tree, as_tree
 from .collective import Group, agree, broadcast_object, sync
 from .shardread import reader_for
-from .shardsafe import SafeEmptyPlanner, SafeLoadPlanner, check_metadata, open_checkpoint, torch_load
+from .shardsafe import Held, SafeEmptyPlanner, SafeLoadPlanner, check_metadata, open_checkpoint, torch_load
 from .targets import LocalTarget, for_tree
 
 __all__ = ["MANIFEST", "META", "Captured", "capture", "export_single", "load_sharded", "read_manifest", "save_sharded",
@@ -178,20 +178,24 @@ def save_to(ctx: Group, target: Any, states: Mapping[str, Trackable] | Captured,
 
 
 def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Trackable], *, timeout: float,
-                 strict: bool = True, verify: bool = True) -> dict[str, Any]:
+                 strict: bool = True, verify: bool = True, held: Held | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` (a local directory, or a store's
     tree: :mod:`ckpt.storage.trees`) into ``states``, on any number of ranks (DCP reshards);
     collective. Returns the plain entries (``ckpt-meta.pt``).
 
-    Rank 0 alone reads the manifest, DCP's metadata and the plain entries, and verifies
-    every file's CRC-32 first (``verify``): one read of the directory, not one per rank;
-    the other ranks get them from it (:func:`~.shardsafe.open_checkpoint`) and read only
-    their shards. ``strict=False`` skips tracked states the checkpoint lacks.
+    Rank 0 alone reads the manifest, DCP's metadata and the plain entries (``held``: it
+    read them already, :func:`~.shardsafe.leader_read`); the other ranks get them from it
+    (:func:`~.shardsafe.open_checkpoint`) and read only their shards. With ``verify``,
+    each shard file's CRC-32 is summed while it loads, by the rank that reads most of it
+    (:class:`~.shardread.DirectReader`): a damaged file raises
+    :class:`~ckpt.errors.CorruptCheckpointError` on every rank, after the tensors were
+    partly written (load another checkpoint then). ``strict=False`` skips tracked
+    states the checkpoint lacks.
     """
     tree = as_tree(final_dir)
     shown = tree.where()
     what = f"load of {PurePath(shown).name}"
-    opened = open_checkpoint(ctx, tree, verify=verify, timeout=timeout, what=what)
+    opened = open_checkpoint(ctx, tree, timeout=timeout, what=what, held=held)
     manifest = opened.manifest
 
     def read() -> None:
@@ -207,7 +211,7 @@ def load_sharded(ctx: Group, final_dir: Path | Tree, states: Mapping[str, Tracka
             raise StateMismatchError(f"tracked objects differ from the saved ones ({'; '.join(wrong)})",
                                      path=shown, hint="track the same kinds of objects under the same names")
         with _quiet_no_dist():
-            dcp_load(state, storage_reader=reader_for(tree, opened.metadata),
+            dcp_load(state, storage_reader=reader_for(tree, opened.metadata, opened.shards if verify else None),
                      planner=SafeLoadPlanner(allow_partial_load=not strict),
                      process_group=ctx.control, no_dist=not ctx.active)
         options = StateDictOptions(strict=strict)

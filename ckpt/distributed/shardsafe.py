@@ -6,10 +6,11 @@ directory. ckpt first unpickles ``.metadata`` with an allow-list of DCP's metada
 classes and checks every non-tensor entry with ``weights_only=True``, so a sharded
 checkpoint is held to the same rule as a single file (see docs/howto/fsdp2.md).
 
-:func:`open_checkpoint`: rank 0 alone reads those three files, checks each against the
-manifest's CRC-32, and broadcasts their bytes; every rank parses them with the same
-checks, and DCP's reader takes the parsed metadata instead of opening ``.metadata``
-itself (see docs/explanation/performance-internals.md).
+:func:`open_checkpoint`: rank 0 alone reads those three files (once: when resume()
+chose the checkpoint, :func:`leader_read`), checks the two against the manifest's
+CRC-32, and broadcasts their bytes; every rank parses them with the same checks, and
+DCP's reader takes the parsed metadata instead of opening ``.metadata`` itself (see
+docs/explanation/performance-internals.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from .. import errors
 from ..errors import CkptError, CorruptCheckpointError, UnsafeCheckpointError
 from ..format import torchio
-from ..format.shardfiles import MANIFEST, META, check_bytes, manifest_of, parse_manifest, verify_files
+from ..format.shardfiles import MANIFEST, META, check_bytes, manifest_of, parse_manifest
 from ..storage.trees import Tree
 from .collective import Group, broadcast_object
 
@@ -105,17 +106,29 @@ class Opened:
     metadata: Metadata
     meta: dict[str, Any]
 
+    @property
+    def shards(self) -> dict[str, dict[str, int]]:
+        """Size and CRC-32 of every file but the two checked already (the shards, verified
+        while they load: :class:`~.shardread.DirectReader`)."""
+        return {name: want for name, want in self.manifest["files"].items() if name not in (METADATA, META)}
 
-def open_checkpoint(ctx: Group, tree: Tree, *, verify: bool, timeout: float, what: str) -> Opened:
-    """Collective: rank 0 reads the manifest, ``.metadata`` and ``ckpt-meta.pt`` once (and,
-    with ``verify``, checks every other file's CRC-32), checks the two against the
-    manifest, and broadcasts the bytes; no other rank opens them. Rank 0's error is raised
-    on every rank as the same typed error, with the same path and hint."""
+
+#: What rank 0 read to choose a checkpoint: its manifest (parsed, checked against the
+#: index), and the bytes of ``.metadata`` and ``ckpt-meta.pt`` (checked against it).
+Held = tuple[dict[str, Any], bytes, bytes]
+
+
+def open_checkpoint(ctx: Group, tree: Tree, *, timeout: float, what: str, held: Held | None = None) -> Opened:
+    """Collective: rank 0 reads the manifest, ``.metadata`` and ``ckpt-meta.pt`` once
+    (``held``: it read them already, to choose this checkpoint, see :func:`leader_read`),
+    checks the two against the manifest, and broadcasts the bytes; no other rank opens
+    them. Rank 0's error is raised on every rank as the same typed error, with the same
+    path and hint. The shard files are verified while they load, not here."""
     outcome: tuple[Any, ...] | None = None
     error: BaseException | None = None
     if ctx.is_leader:
         try:
-            outcome = ("ok", *_leader_read(tree, verify))
+            outcome = ("ok", *(held if held is not None else leader_read(tree)))
         except Exception as e:  # noqa: BLE001 - every failure must reach the others
             error = e if isinstance(e, CkptError) else CorruptCheckpointError(f"{type(e).__name__}: {e}",
                                                                               path=tree.where())
@@ -132,18 +145,16 @@ def open_checkpoint(ctx: Group, tree: Tree, *, verify: bool, timeout: float, wha
     return Opened(manifest, parse_metadata(metadata, tree), parse_meta(meta, tree))
 
 
-def _leader_read(tree: Tree, verify: bool) -> tuple[dict[str, Any], bytes, bytes]:
-    """Rank 0: the manifest (parsed), the bytes of ``.metadata`` and ``ckpt-meta.pt``, all checked."""
-    manifest = parse_manifest(manifest_of(tree), tree.where(MANIFEST))
+def leader_read(tree: Tree, manifest: dict[str, Any] | None = None) -> Held:
+    """Rank 0: the manifest (parsed; ``manifest``: read already), the bytes of ``.metadata``
+    and ``ckpt-meta.pt``, both parsed with their allow-lists and checked against it."""
+    if manifest is None:
+        manifest = parse_manifest(manifest_of(tree), tree.where(MANIFEST))
     metadata, meta = _read(tree, METADATA), _read(tree, META, "plain entries")
     parse_metadata(metadata, tree)
     parse_meta(meta, tree)
-    held = {METADATA: metadata, META: meta}
-    if verify:
-        verify_files(tree.capabilities().local_only or tree, manifest, held=held)
-    else:
-        for name, data in held.items():  # read whole: checked even when the caller verified the rest already
-            check_bytes(tree.where(name), data, manifest["files"].get(name))
+    for name, data in {METADATA: metadata, META: meta}.items():  # read whole: checked from memory
+        check_bytes(tree.where(name), data, manifest["files"].get(name))
     return manifest, metadata, meta
 
 

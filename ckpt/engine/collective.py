@@ -65,6 +65,8 @@ class CollectiveEngine(Restoring):
         self.broken = False  # a collective step raised (so on every rank): close() skips its barrier
         self._read_by_leader: tuple[str, dict[str, Any]] | None = None  # rank 0: the dict it just read to check it
         self._foreign: tuple[CheckpointRecord, dict[str, Any]] | None = None  # rank 0: the same, by path
+        self._held = None  # rank 0: a sharded checkpoint's small files, read to choose it
+        self._damaged = {}  # rank 0, in resume(): sharded checkpoints that failed to load
 
     @classmethod
     def create(cls, timeout: float | None, async_in: str | None = None) -> CollectiveEngine:

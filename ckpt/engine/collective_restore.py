@@ -22,6 +22,7 @@ import torch
 from .. import record, resume, schema, state
 from ..catalog import sharddir
 from ..distributed import collective as cl
+from ..distributed.shardsafe import Held, leader_read
 from ..errors import CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
@@ -41,6 +42,8 @@ class Restoring:
     timeout: float
     _read_by_leader: tuple[str, dict[str, Any]] | None  # rank 0: the dict it just read to check it
     _foreign: tuple[CheckpointRecord, dict[str, Any]] | None  # rank 0: the same, by path
+    _held: tuple[str, Held] | None  # rank 0: a sharded checkpoint's small files, read to choose it
+    _damaged: dict[str, CorruptCheckpointError]  # rank 0, in resume(): sharded ones that failed to load
 
     def _broadcast(self, what: str, outcome: Outcome | None, error: BaseException | None) -> Outcome:
         raise NotImplementedError
@@ -51,16 +54,22 @@ class Restoring:
     def resume(self, mgr: ManagerView) -> int:
         """Rank 0 chooses (the newest checkpoint that loads), every rank reads it; when a
         rank finds it gone or replaced since rank 0 read it (a concurrent writer), rank 0
-        reads the directory again and all choose again (a few times, then all raise)."""
-        for passes_left in reversed(range(resume.RESUME_PASSES)):
+        reads the directory again and all choose again (a few times, then all raise). A
+        sharded checkpoint found damaged while it loads is skipped as a damaged file is
+        (moved aside), and all choose again."""
+        self._damaged = {}
+        passes_left = resume.RESUME_PASSES - 1
+        while True:
             rec, _ = self._choose(mgr, None, None)
             if rec is None:
                 return 0
-            obj = self._read(mgr, rec, retry=passes_left > 0)
+            obj = self._read(mgr, rec, retry=passes_left > 0, damaged_too=True)
             if obj is not None:
+                self._damaged = {}
                 self._apply(mgr, rec, obj)
                 return rec.next_epoch
-        raise AssertionError("unreachable: the last pass raises instead of choosing again")
+            if rec.name not in self._damaged:  # each damaged one is left out once: no pass counted
+                passes_left -= 1
 
     def restore(self, mgr: ManagerView, which: Any, step: int | None) -> CheckpointRecord:
         rec, foreign = self._choose(mgr, which, step)
@@ -121,25 +130,25 @@ class Restoring:
         return applied
 
     def _check(self, mgr: ManagerView, rec: CheckpointRecord) -> None:
-        """Rank 0, resuming: raise unless ``rec`` verifies (a sharded directory) or loads (a
-        file, read once: :meth:`_read` takes the dict)."""
-        if schema.is_sharded(rec.name):
-            sharddir.verify(mgr.catalog.store, rec.name, rec.checksum)
+        """Rank 0, resuming: raise unless ``rec`` loads (a file, read once: :meth:`_read`
+        takes the dict), or its manifest and small files check (a sharded directory)."""
+        if rec.name in self._damaged:  # it failed to load on some rank: skipped now (moved aside)
+            raise self._damaged[rec.name]
+        if schema.is_sharded(rec.name):  # its shards are verified while they load
+            manifest = sharddir.checked_manifest(mgr.catalog.store, rec.name, rec.checksum)
+            self._held = (rec.name, leader_read(mgr.catalog.store.tree(rec.name), manifest))
         else:
             self._read_by_leader = (rec.name, restoring.load(mgr, rec)[0])
 
-    def _read(self, mgr: ManagerView, rec: CheckpointRecord, *, retry: bool) -> dict[str, Any] | None:
+    def _read(self, mgr: ManagerView, rec: CheckpointRecord, *, retry: bool,
+              damaged_too: bool = False) -> dict[str, Any] | None:
         """Every rank's dict of ``rec`` (rank 0: the one it read to choose it; a sharded
         checkpoint: loaded collectively, its tensors into the tracked objects). All succeed
         or all raise; but with ``retry``, when the ranks that failed found the file gone or
-        other bytes than rank 0 read (a concurrent replace or delete), None on every rank."""
-        if schema.is_sharded(rec.name):  # collective, and agreed inside: raises on every rank together
-            from ..distributed.sharded import load_sharded
-
-            loaded: dict[str, Any] = self._collective(load_sharded, self.ctx, mgr.catalog.store.tree(rec.name),
-                                                      split(mgr.trackables)[0], timeout=self.timeout,
-                                                      strict=mgr.options.strict, verify=False)
-            return loaded
+        other bytes than rank 0 read (a concurrent replace or delete), None on every rank;
+        with ``damaged_too``, a sharded checkpoint found damaged (None too: choose again)."""
+        if schema.is_sharded(rec.name):
+            return self._read_sharded(mgr, rec, damaged_too)
         error: BaseException | None = None
         obj: dict[str, Any] | None = None
         again = False
@@ -157,6 +166,31 @@ class Restoring:
                             timeout=self.timeout):
             return None
         return obj
+
+    def _read_sharded(self, mgr: ManagerView, rec: CheckpointRecord, damaged_too: bool) -> dict[str, Any] | None:
+        """Every rank loads ``rec`` (collective, agreed inside: all raise together); each
+        shard file's CRC-32 is summed by the rank reading most of it. When it is damaged,
+        one more agreement: with ``damaged_too`` every rank returns None (rank 0 leaves it
+        out of the next choice); otherwise, or on any other failure, all raise."""
+        from ..distributed.sharded import load_sharded
+
+        held, self._held = self._held, None
+        error: BaseException | None = None
+        loaded: dict[str, Any] | None = None
+        try:
+            loaded = load_sharded(self.ctx, mgr.catalog.store.tree(rec.name), split(mgr.trackables)[0],
+                                  timeout=self.timeout, strict=mgr.options.strict,
+                                  held=held[1] if held is not None and held[0] == rec.name else None)
+        except Exception as e:  # noqa: BLE001 - agreed below, then raised on every rank
+            error = e
+        damaged = isinstance(error, CorruptCheckpointError)
+        if error is not None and self._collective(cl.agree_or_retry, self.ctx, f"load of {rec.name}", error,
+                                                  retry=damaged and damaged_too, timeout=self.timeout):
+            if self.ctx.is_leader:
+                assert isinstance(error, CorruptCheckpointError)
+                self._damaged[rec.name] = error
+            return None
+        return loaded
 
     def _apply(self, mgr: ManagerView, rec: CheckpointRecord, obj: dict[str, Any]) -> CheckpointRecord:
         """Every rank applies ``obj``, the dict of ``rec`` (its own RNG states); all succeed or all raise."""
