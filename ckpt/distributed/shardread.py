@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from ..errors import CorruptCheckpointError
+from ..format import torchio
 from ..storage.trees import Tree
 from .shardio import TreeReader, fsspec_layer, tiered_layer
 from .shardscan import Layout, Stored, Sums, Unplaceable, _Pickle, read_at, scan
@@ -305,7 +306,7 @@ def _from_memory(data: bytes, item: ReadItem, planner: LoadPlanner) -> None:
         view = _bytes_of(target)
         view[:] = data[start: start + len(view)]
     else:
-        tensor = narrow_tensor_by_index(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        tensor = narrow_tensor_by_index(torchio.load(io.BytesIO(data)),
                                         item.storage_offsets, item.lengths)
         if target.size() != tensor.size():
             raise ValueError(f"a saved piece holds {tuple(tensor.size())}, the tensor is {tuple(target.size())}")
