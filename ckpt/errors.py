@@ -10,13 +10,17 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CkptError(Exception):
     """Base class of every error ckpt raises on purpose."""
+
+    #: Under a process group: the rank this error happened on, when another rank raises it
+    #: (rebuilt by :func:`from_wire`); None: it happened in this process.
+    rank: Optional[int] = None
 
     def __init__(self, message: str, *, path: Optional[PathLike] = None, hint: str = "") -> None:
         self.path = os.fspath(path) if path is not None else None
@@ -120,6 +124,52 @@ class CollectiveError(CkptError, RuntimeError):
 class RankLostError(CollectiveError):
     """A rank stopped answering during a collective (its process died, or its machine is
     gone): every surviving rank raises this at once, naming it, instead of waiting for it."""
+
+    #: The ranks that stopped answering.
+    lost: Tuple[int, ...] = ()
+    #: The checkpoint that was committed all the same (every rank's part was in: the loss
+    #: came after), which a resume restarts from; None: the save lost nothing committed.
+    committed: Optional[str] = None
+
+
+#: An error as one rank tells the others of it: plain values only, never a pickled class.
+Wire = Dict[str, Any]
+
+
+def to_wire(e: BaseException) -> Wire:
+    """``e`` as plain values for another rank: ``kind`` is the ckpt error class it is (or
+    derives from) in this module, None for any other exception; ``text`` its one-line form."""
+    kind = next((c for c in type(e).__mro__ if _ours(c.__name__) is c), None) if isinstance(e, CkptError) else None
+    wire: Wire = {"kind": None, "type": type(e).__name__, "text": f"{type(e).__name__}: {e}"}
+    if kind is not None and isinstance(e, CkptError):
+        wire.update(kind=kind.__name__, path=e.path, lead=e.lead, what=e.message, hint=e.hint,
+                    errno=getattr(e, "errno", None))
+    return wire
+
+
+def from_wire(wire: Wire, rank: int, during: str) -> CkptError:
+    """The error rank ``rank`` sent (:func:`to_wire`) during ``during``, raised here: the same
+    ckpt error class with the same path, lead, what and hint, its text saying where it
+    happened; a non-ckpt exception becomes a :class:`CollectiveError` naming its type.
+    Only classes of this module are rebuilt, looked up by name."""
+    kind = _ours(wire.get("kind"))
+    if kind is None:
+        return CollectiveError(f"{during} failed on rank {rank}: {wire['text']}",
+                               hint=f"rank {rank}'s own error (and traceback) is in its log")
+    err = kind(wire["what"], path=wire["path"], hint=wire["hint"])
+    err.lead, err.rank = wire["lead"], rank
+    text = f"{during} failed on rank {rank}: {headline(err.lead, err.message)}"
+    err.args = (f"{text}\n  hint: {err.hint}" if err.hint else text,)
+    if isinstance(err, OSError) and wire.get("errno") is not None:
+        err.errno = wire["errno"]
+    return err
+
+
+def _ours(name: Any) -> Optional[type[CkptError]]:
+    """The ckpt error class of this module called ``name``, or None."""
+    found = globals().get(name) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, CkptError) and found.__module__ == __name__ \
+        else None
 
 
 def storage_error(e: OSError, path: Any, action: str) -> StorageError:

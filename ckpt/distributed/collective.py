@@ -41,13 +41,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
-from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError, RankLostError
+from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError, RankLostError, to_wire
+from .failures import ORDER_HINT, lost_error, of_others, timeout_error
 
 if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store
 
-ORDER_HINT = ("every rank must call save()/resume()/restore()/wait()/close() in the same order; a rank "
-              "that crashed, or is stuck elsewhere (data loading, a collective of its own), shows up here")
 RngState = dict[str, Any]
 __all__ = ["CollectiveError", "CollectiveTimeoutError", "Group", "RankLostError", "agree", "broadcast_object",
            "context", "default_timeout", "gather_rng", "has_dtensor", "rng_for_rank", "scatter_rng", "sync"]
@@ -219,13 +218,13 @@ def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
             channel.garbage += posted
             arrived = [r for r, key in enumerate(arrivals) if store.check([key])]
             if verdict.startswith("lost"):
-                raise _lost_error(ctx, what, verdict, arrived)
+                raise lost_error(ctx.rank, what, verdict, arrived, LOST_AFTER_S)
             if outcome == "ok":  # this rank came late: every key is there, the others gave up
                 theirs = {n.decode() for r, n in enumerate(store.multi_get(arrivals)) if r != ctx.rank}
                 raise CollectiveTimeoutError(
                     f"rank {ctx.rank} reached {what} after the other ranks had given up waiting for it at "
                     f"{' / '.join(sorted(theirs))} ({verdict.split()[-1]} s)", hint=ORDER_HINT)
-            raise _timeout_error(ctx, what, timeout, arrived)
+            raise timeout_error(ctx.rank, ctx.world_size, what, timeout, arrived)
         names = [b.decode() for b in store.multi_get(arrivals)]
         values = [pickle.loads(b) for b in store.multi_get([f"{call}/{name}" for name in fetch])] if fetch else []
         for key in channel.garbage:
@@ -260,21 +259,6 @@ def _wait(channel: _Channel, arrivals: list[str], verdict: str, timeout: float) 
             return "lost " + ",".join(map(str, lost))
 
 
-def _lost_error(ctx: Group, what: str, verdict: str, arrived: list[int]) -> RankLostError:
-    lost = [int(r) for r in verdict.split()[1].split(",")]
-    msg = (f"{what}: rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} stopped answering "
-           f"(no heartbeat for {LOST_AFTER_S:g} s: the process died or its machine is gone); "
-           f"rank {ctx.rank} gives up" + (f" (ranks {arrived} had arrived)" if arrived else ""))
-    return RankLostError(msg, hint="see the lost rank's log and the launcher's (torchrun) output; resume "
-                                   "restarts from the newest complete checkpoint")
-
-
-def _timeout_error(ctx: Group, what: str, timeout: float, arrived: list[int]) -> CollectiveTimeoutError:
-    missing = [r for r in range(ctx.world_size) if r not in arrived]
-    msg = f"{what} timed out after {timeout:g} s on rank {ctx.rank}: ranks {missing} did not arrive"
-    return CollectiveTimeoutError(msg + (f" (ranks {arrived} did)" if arrived else ""), hint=ORDER_HINT)
-
-
 def sync(ctx: Group, what: str, *, timeout: float, payload: Any = None) -> list[Any]:
     """Barrier and all-gather of a small picklable ``payload``: entry ``r`` is rank ``r``'s.
 
@@ -293,8 +277,9 @@ def agree(ctx: Group, what: str, error: BaseException | None, *, timeout: float)
     """Tell every rank whether this rank's part of ``what`` failed; raise on every rank if any did.
 
     The failing rank re-raises its own ``error`` (after the others were told); the
-    others raise :class:`CollectiveError` naming the failing ranks and their messages,
-    so no rank reports success, or hangs, when another could not finish.
+    others raise rank 0's error when rank 0 alone failed (the same ckpt error class),
+    else :class:`CollectiveError` naming the failing ranks and their messages
+    (:mod:`.failures`), so no rank reports success, or hangs, when another could not finish.
     """
     agree_or_retry(ctx, what, error, retry=False, timeout=timeout)
 
@@ -303,7 +288,7 @@ def agree_or_retry(ctx: Group, what: str, error: BaseException | None, *, retry:
     """:func:`agree`, except that a failure every failing rank marks ``retry`` is not
     raised: True on every rank then (do ``what`` again, all together); False when every
     rank succeeded. Any other failure raises on every rank, as :func:`agree` does."""
-    report = None if error is None else (retry, f"{type(error).__name__}: {error}")
+    report = None if error is None else (retry, to_wire(error))
     try:
         reports = sync(ctx, what, timeout=timeout, payload=report)
     except RankLostError as lost:  # names the rank that is gone; this rank's own error is the cause
@@ -318,8 +303,7 @@ def agree_or_retry(ctx: Group, what: str, error: BaseException | None, *, retry:
     if error is not None:
         raise error
     if failed:
-        raise CollectiveError(f"{what} failed on {'; '.join(f'rank {r}: {msg}' for r, (_, msg) in failed)}",
-                              hint="the failing rank's own error (and traceback) is in its log")
+        raise of_others(what, [(r, wire) for r, (_, wire) in failed])
     return False
 
 

@@ -11,10 +11,11 @@ which holds exactly what they read and update of it.
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Protocol, Tuple
 
 from ..cadence import Cadence
-from ..errors import CollectiveError
+from ..distributed.failures import committed_anyway
+from ..errors import CollectiveTimeoutError, RankLostError, from_wire, to_wire
 from ..options import Options
 from ..policy import RetentionPolicy
 from ..record import CheckpointRecord
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..spec import SpecCache
 
 Key = Tuple[int, int]
-#: Rank 0's broadcast outcome of a collective step: ("ok", ..., ...) or ("err", its message, None).
+#: Rank 0's broadcast outcome of a collective step: ("ok", ..., ...) or :func:`failure`'s.
 Outcome = Tuple[str, Any, Any]
 
 
@@ -119,12 +120,30 @@ def release(store: Any) -> None:
         release()
 
 
+def announce(broadcast: Callable[[], Outcome], outcome: Optional[Outcome], where: Callable[[str], Any],
+             key: Key) -> Outcome:
+    """``broadcast()`` of rank 0's commit ``outcome``; if a rank is lost or late after rank 0
+    committed (``outcome`` ok), rank 0's error says the save of ``key`` was committed at
+    ``where(file)`` (:func:`ckpt.distributed.failures.committed_anyway`)."""
+    try:
+        return broadcast()
+    except (RankLostError, CollectiveTimeoutError) as e:
+        if outcome is None or outcome[0] != "ok":
+            raise
+        raise committed_anyway(e, str(where(outcome[1]["file"])), *key) from e
+
+
+def failure(e: BaseException) -> Outcome:
+    """Rank 0's outcome when its part failed with ``e``: ("err", its text, its fields)."""
+    return ("err", f"{type(e).__name__}: {e}", to_wire(e))
+
+
 def received(what: str, got: Outcome, error: Optional[BaseException]) -> Outcome:
     """Rank 0's broadcast ``got``, unless it failed: rank 0 re-raises its own ``error``,
-    the others raise a :class:`CollectiveError` quoting it."""
+    the others the same ckpt error, rebuilt from its fields and saying it happened on
+    rank 0 (any other exception: a :class:`CollectiveError` naming its type)."""
     if error is not None:
         raise error
     if got[0] == "err":
-        raise CollectiveError(f"{what} failed on rank 0: {got[1]}",
-                              hint="rank 0's own error (and traceback) is in its log")
+        raise from_wire(got[2], 0, what)
     return got

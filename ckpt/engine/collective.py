@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 from .. import record, state
 from ..distributed import agreement
 from ..distributed import collective as cl
-from ..errors import CollectiveError
+from ..distributed.failures import of_others
+from ..errors import to_wire
 from ..record import CheckpointRecord
 from . import saving, shardsave
-from .base import ManagerView, Outcome, flush, received, release
+from .base import ManagerView, Outcome, announce, failure, flush, received, release
 from .collective_async import Saves
 from .collective_restore import Restoring, records_of, split
 
@@ -147,7 +148,7 @@ class CollectiveEngine(Restoring):
             try:
                 outcome = ("ok", [r.to_json() for r in catalog.open()], None)
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
-                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+                error, outcome = e, failure(e)
         got = self._broadcast("CheckpointManager()", outcome, error)
         if not self.ctx.is_leader:
             catalog.adopt(records_of(catalog, got[1]))
@@ -168,7 +169,7 @@ class CollectiveEngine(Restoring):
             args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
             sharded = cl.has_dtensor(list(mgr.trackables.values()))
             rng = state.capture_rng() if self.saves is None else None  # async: gathered in the background
-            payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4]), rng)
+            payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4], _settings(mgr)), rng)
             if self.saves is not None:
                 job = self.saves.stage(mgr, args, sharded)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
@@ -184,13 +185,13 @@ class CollectiveEngine(Restoring):
 
     def _agree_save(self, error: BaseException | None, payload: Any) -> list[Any]:
         """Every rank's save() arguments (and RNG states) agreed, or every rank raises."""
-        report = None if error is None else f"{type(error).__name__}: {error}"
+        report = None if error is None else to_wire(error)
         posts = self._collective(cl.sync, self.ctx, "save()", timeout=self.timeout, payload=(report, payload))
-        failed = [f"rank {r}: {msg}" for r, (msg, _) in enumerate(posts) if msg is not None]
+        failed = [(r, wire) for r, (wire, _) in enumerate(posts) if wire is not None]
         if error is not None:
             raise error
         if failed:
-            raise CollectiveError(f"save() failed on {'; '.join(failed)}", hint="see that rank's log")
+            raise of_others("save()", failed)
         differ = agreement.disagreement([p[0] for _, p in posts])
         if differ is not None:
             self.broken = True
@@ -208,8 +209,9 @@ class CollectiveEngine(Restoring):
                 rec = saving.commit(mgr, checkpoint, args.overwrite)
                 outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
-                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
-        got = self._broadcast(f"save() of epoch {epoch}, step {step} (commit)", outcome, error)
+                error, outcome = e, failure(e)
+        what = f"save() of epoch {epoch}, step {step} (commit)"
+        got = announce(lambda: self._broadcast(what, outcome, error), outcome, mgr.catalog.store.where, (epoch, step))
         return self._adopt(mgr, got)
 
     def _save_sharded(self, mgr: ManagerView, args: saving.SaveArgs, rngs: list[Any]) -> CheckpointRecord:
@@ -236,3 +238,10 @@ class CollectiveEngine(Restoring):
         catalog.adopt(records_of(catalog, got[2]))
         return record.from_json(got[1], catalog.store.where(got[1]["file"]), catalog.extra_loader(got[1]["file"]))
 
+
+
+def _settings(mgr: ManagerView) -> agreement.Settings:
+    """The options every rank must share (see :mod:`ckpt.distributed.agreement`)."""
+    return agreement.settings(async_save=mgr.options.async_save, differential=mgr.options.differential,
+                              every_steps=mgr.cadence.every_steps, every_seconds=mgr.cadence.every_seconds,
+                              max_overhead=mgr.cadence.max_overhead, directory=mgr.directory.name)

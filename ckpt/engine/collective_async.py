@@ -30,7 +30,7 @@ from ..background.writer import AsyncWriter
 from ..distributed import collective as cl
 from ..record import CheckpointRecord
 from . import saving, shardsave
-from .base import ManagerView, Outcome, received
+from .base import ManagerView, Outcome, announce, failure, received
 from .collective_restore import split
 
 if TYPE_CHECKING:
@@ -129,9 +129,11 @@ class Saves:
                 rec = saving.commit(mgr, job.checkpoint, job.args.overwrite)
                 outcome = ("ok", rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
-                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+                error, outcome = e, failure(e)
         what = f"{job.what} (commit)"
-        self.adopt(mgr, received(what, cl.broadcast_object(ctx, outcome, timeout=self.timeout, what=what), error))
+        got = announce(lambda: cl.broadcast_object(ctx, outcome, timeout=self.timeout, what=what), outcome,
+                       mgr.catalog.store.where, (job.args.epoch, job.args.step))
+        self.adopt(mgr, received(what, got, error))
 
     def _sharded(self, mgr: ManagerView, job: Job, seq: int) -> None:
         rngs = self._rngs(job, seq)

@@ -27,7 +27,7 @@ from ..errors import CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..sampler import ResumableSampler
 from . import restoring
-from .base import ManagerView, Outcome
+from .base import ManagerView, Outcome, failure
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -101,7 +101,7 @@ class Restoring:
                 if outcome is None:
                     outcome = ("ok", None if rec is None else rec.to_json(), [r.to_json() for r in mgr.records])
             except Exception as e:  # noqa: BLE001
-                error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
+                error, outcome = e, failure(e)
         got = self._broadcast("resume()" if which is None else "restore()", outcome, error)
         if not self.ctx.is_leader:
             mgr.catalog.adopt(records_of(mgr.catalog, got[2]))

@@ -21,7 +21,7 @@ from ..distributed import collective as cl
 from ..record import CheckpointRecord
 from ..storage.local import TMP_PREFIX
 from . import saving
-from .base import ManagerView, Outcome, received
+from .base import ManagerView, Outcome, announce, failure, received
 
 if TYPE_CHECKING:
     from ..distributed.sharded import Captured
@@ -76,10 +76,11 @@ def save(ctx: cl.Group, mgr: ManagerView, args: SaveArgs, states: States, meta: 
                 outcome = ("ok", rec.to_json(), [r.to_json() for r in kept])
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 prep.undo()
-                prep.error, outcome = e, ("err", f"{type(e).__name__}: {e}", None)
-        return received(f"save() of {name} (index)",
-                        guard(cl.broadcast_object, ctx, outcome, timeout=timeout, what=f"save() of {name} (index)"),
-                        prep.error)
+                prep.error, outcome = e, failure(e)
+        what = f"save() of {name} (index)"
+        got = announce(lambda: guard(cl.broadcast_object, ctx, outcome, timeout=timeout, what=what), outcome,
+                       store.where, (args.epoch, args.step))
+        return received(what, got, prep.error)
 
 
 def _prepare(prep: _Prepared, held: ExitStack, mgr: ManagerView, args: SaveArgs, name: str,
