@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from ..errors import CorruptCheckpointError
+from ..errors import CkptError, CorruptCheckpointError
 from ..format import torchio
 from ..storage.trees import Tree
 from .shardio import TreeReader, fsspec_layer, tiered_layer
@@ -101,10 +101,15 @@ class DirectReader(TreeReader):
         transformed = {self.storage_data[item.storage_index].relative_path for item in rest}
         for rel in sorted(set(per_file) | owned):
             sums = Sums() if rel in owned and rel not in transformed else None
-            with self.fs.create_stream(self.fs.concat_path(self.path, rel), "rb") as stream:
-                self._file(stream, rel, per_file.get(rel, {}), planner, sums)
-                if sums is not None:
-                    self.summed[rel] = sums.crc()
+            try:
+                with self.fs.create_stream(self.fs.concat_path(self.path, rel), "rb") as stream:
+                    self._file(stream, rel, per_file.get(rel, {}), planner, sums)
+            except OSError as e:  # a file the manifest lists is gone or unreadable: damage too
+                raise CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=self._where(rel),
+                                             hint="the checkpoint was damaged after its save; resume() takes "
+                                                  "the previous one") from e
+            if sums is not None:
+                self.summed[rel] = sums.crc()
         if rest:
             super().read_data(dataclasses.replace(plan, items=rest), planner).wait()
         for rel in sorted(owned & transformed):  # ckpt writes no transforms: a second read, rare
@@ -179,7 +184,9 @@ class DirectReader(TreeReader):
                 sums.add(offset, data)
             for item in items:
                 _from_memory(data, item, planner)
-        except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, struct.error) as e:
+        except CkptError:
+            raise  # an unsafe pickle stays UnsafeCheckpointError
+        except Exception as e:  # noqa: BLE001 - what a damaged piece makes a decoder raise varies
             raise CorruptCheckpointError(f"the piece at bytes {offset}-{offset + length} does not load: "
                                          f"{type(e).__name__}: {e}", path=self._where(rel),
                                          hint="the checkpoint was damaged after its save; "
