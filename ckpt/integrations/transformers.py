@@ -49,7 +49,7 @@ from ..io.checksum import file_checksum
 from ..io.posix import fsync_dir
 from ..policy import RetentionPolicy, select_kept
 from ..storage.local import atomic_write
-from . import _dirs
+from ..storage.trees import checksum, open_tree
 
 try:
     from transformers import TrainerCallback
@@ -96,9 +96,9 @@ def verify_directory(directory: Union[str, os.PathLike[str]],
                      storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The manifest of a committed, intact checkpoint directory (a path or an fsspec URL);
     raises :class:`~ckpt.errors.CorruptCheckpointError` naming what is missing or damaged."""
-    folder = _dirs.tree(directory, storage_options)
+    folder = open_tree(directory, storage_options)
     shown = folder.where()
-    if folder.exists(INCOMPLETE):
+    if folder.size(INCOMPLETE) is not None:
         raise CorruptCheckpointError(f"{INCOMPLETE} is there: the save was interrupted", path=shown,
                                      hint="resume from an earlier checkpoint (last_checkpoint(output_dir))")
     try:
@@ -113,7 +113,7 @@ def verify_directory(directory: Union[str, os.PathLike[str]],
         if folder.size(rel) != entry["size"]:
             raise CorruptCheckpointError(f"{rel} is missing or has the wrong size", path=shown,
                                          hint="the checkpoint was damaged (or only partly copied) after it was saved")
-        if folder.checksum(rel) != entry["checksum"]:
+        if checksum(folder, rel) != entry["checksum"]:
             raise CorruptCheckpointError(f"{rel} fails its checksum: the file is damaged", path=shown,
                                          hint="the checkpoint was damaged after it was saved")
     return dict(manifest)
@@ -136,16 +136,17 @@ def last_checkpoint(output_dir: Union[str, os.PathLike[str]],
     Half-written directories (no manifest, or ``checkpoint-is-incomplete.txt``) and
     damaged ones are skipped with a warning.
     """
-    root = _dirs.tree(output_dir, storage_options)
+    root = open_tree(output_dir, storage_options)
     found = sorted((n for n in root.folders() if _CHECKPOINT.fullmatch(n)), key=lambda n: int(n.split("-")[1]),
                    reverse=True)
     for name in found:
+        where = str(root.sub(name).where())
         try:
-            verify_directory(root.sub(name).where(), storage_options)
+            verify_directory(where, storage_options)
         except CorruptCheckpointError as e:
-            warnings.warn(f"skipping {root.sub(name).where()}: {e}", stacklevel=2)
+            warnings.warn(f"skipping {where}: {e}", stacklevel=2)
             continue
-        return root.sub(name).where()
+        return where
     return None
 
 

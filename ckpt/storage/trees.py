@@ -13,6 +13,10 @@ entries, verification) and what the distributed layer needs to write and load it
   read from the cache when it holds it, else from the store (after the cache was
   lost, or for files another node wrote).
 
+The same trees serve a folder of files in a trainer's own layout (a Hugging Face
+``checkpoint-N``): :func:`open_tree` gives the local directory or objects under a URL,
+read-only, and :func:`checksum` sums one of its files, streamed.
+
 Callers never tell them apart by class: each says what it is made of,
 :meth:`capabilities` (:class:`TreeCapabilities`: a local directory, objects of a
 filesystem, background uploads), as a store does (:func:`ckpt.storage.base.capabilities`).
@@ -24,8 +28,9 @@ import os
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Protocol, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Union
 
+from ..io.checksum import file_checksum, format_checksum, stream_crc
 from ..io.posix import open_regular, read_regular
 
 #: Queues a job for a tiered store's upload thread: (name, job, as_writer).
@@ -63,6 +68,9 @@ class Tree(Protocol):
     def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
         """The file ``rel``, open for reading."""
 
+    def size(self, rel: str) -> Optional[int]:
+        """The size of the file ``rel``; None when there is no such file."""
+
     def capabilities(self) -> TreeCapabilities:
         """What this tree is made of (see :class:`TreeCapabilities`)."""
 
@@ -70,6 +78,33 @@ class Tree(Protocol):
 def as_tree(where: Union[str, os.PathLike[str], Tree]) -> Tree:
     """A tree as given, or a local directory's for a path."""
     return LocalTree(Path(where)) if isinstance(where, (str, os.PathLike)) else where
+
+
+def _read_only(size: int, checksum: str) -> None:
+    raise PermissionError("a tree opened with open_tree is read-only: it commits nothing")
+
+
+def open_tree(location: Union[str, os.PathLike[str]],
+              storage_options: Optional[Mapping[str, Any]] = None) -> Union[LocalTree, ObjectTree]:
+    """The folder at a local path or an fsspec URL, to read (fsspec imported for URLs only)."""
+    from . import is_url
+    text = os.fspath(location)
+    if not is_url(text):
+        return LocalTree(Path(text))
+    from .remote_fs import filesystem
+    url = text.rstrip("/")
+    fs, key = filesystem(url, storage_options)
+    return ObjectTree(fs, key, url, commit=_read_only)
+
+
+def checksum(tree: Tree, rel: str) -> str:
+    """``crc32:...`` of the file ``rel``: read from the local directory where that is all
+    the tree is, else streamed, one chunk in memory at a time."""
+    local = tree.capabilities().local_only
+    if local is not None:
+        return file_checksum(local / rel)
+    with tree.open(rel) as f:
+        return format_checksum(stream_crc(f)[1])
 
 
 @dataclass
@@ -89,6 +124,21 @@ class LocalTree:
 
     def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
         return open_regular(self.path / rel)
+
+    def size(self, rel: str) -> Optional[int]:
+        path = self.path / rel
+        return path.stat().st_size if path.is_file() else None
+
+    def sub(self, name: str) -> LocalTree:
+        """The folder ``name`` inside this one."""
+        return LocalTree(self.path / name)
+
+    def folders(self) -> List[str]:
+        """The names of the folders inside this one ([] when it is not there)."""
+        try:
+            return [p.name for p in self.path.iterdir() if p.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
 
 @dataclass
@@ -121,6 +171,25 @@ class ObjectTree:
         with self.fs.open(self.file_key(rel), "rb", block_size=8 << 20) as f:
             yield f
 
+    def size(self, rel: str) -> Optional[int]:
+        try:
+            info: Dict[str, Any] = self.retry(lambda: self.fs.info(self.file_key(rel)))
+        except (FileNotFoundError, OSError):
+            return None
+        return int(info["size"]) if info.get("type", "file") == "file" else None
+
+    def sub(self, name: str) -> ObjectTree:
+        """The folder ``name`` inside this one (its commit: this one's)."""
+        return ObjectTree(self.fs, self.file_key(name), f"{self.url}/{name}", self.commit, self.retry)
+
+    def folders(self) -> List[str]:
+        """The names of the folders inside this one ([] when it is not there)."""
+        try:
+            listed = self.retry(lambda: self.fs.ls(self.key, detail=True, refresh=True))
+        except (FileNotFoundError, OSError):
+            return []
+        return [str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in listed if e.get("type") == "directory"]
+
 
 @dataclass
 class TieredTree:
@@ -146,5 +215,8 @@ class TieredTree:
 
     def open(self, rel: str) -> AbstractContextManager[BinaryIO]:
         return self.local.open(rel) if self._here(rel) else self.remote.open(rel)
+
+    def size(self, rel: str) -> Optional[int]:
+        return self.local.size(rel) if self._here(rel) else self.remote.size(rel)
 
 
