@@ -2,14 +2,13 @@
 and real processes: a second writing process is refused at its first save, before it
 commits anything (not even in its own cache), with an error naming the run URL, the
 holder and the fix; opening the run, and a reader with a ``cache_dir`` (resume, verify),
-are never refused; a tiered writer SIGKILLed and restarted at once is not locked out.
+are never refused (a tiered writer SIGKILLed and restarted at once: test_remote_writers).
 Every child has a deadline.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import textwrap
 import warnings
 from pathlib import Path
@@ -22,11 +21,8 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from ckpt import CheckpointManager  # noqa: E402
-from ckpt.storage.conditional import Objects  # noqa: E402
-from ckpt.storage.lease import WRITER_NAME, Holder  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
-from tests.test_remote import server_fs  # noqa: E402
-from tests.test_remote_writers import opts  # noqa: E402
+from tests.test_remote_writers import holder_pid, opts  # noqa: E402
 
 HOLD = textwrap.dedent("""
     import json, sys, time, torch
@@ -56,21 +52,13 @@ SECOND = textwrap.dedent("""
 """)
 
 
-def _holder_pid(server: MotoServer, bucket: str) -> int:
-    lease = Objects(server_fs(server)).read(f"{bucket}/run/{WRITER_NAME}")
-    assert lease is not None
-    holder = Holder.parse(lease.data)
-    assert holder is not None
-    return holder.pid
-
-
 def test_a_second_tiered_writer_is_refused_before_it_commits_anything(server: MotoServer, bucket: str,
                                                                       tmp_path: Path) -> None:
     url = f"s3://{bucket}/run"
     first = spawn(HOLD, url, json.dumps(opts(server)), str(tmp_path / "a"))
     try:
         assert read_line(first) == "saved"
-        assert _holder_pid(server, bucket) == first.pid
+        assert holder_pid(server, bucket) == first.pid
         second = spawn(SECOND, url, json.dumps(opts(server)), str(tmp_path / "b"))
         out = reap(second, timeout=120)[0]
         assert second.returncode == 3, out
@@ -87,31 +75,10 @@ def test_a_second_tiered_writer_is_refused_before_it_commits_anything(server: Mo
             assert reader.resume() == 1
             assert reader.verify() == {"ckpt-e000000-s000000000.pt": "ok"}
         reader.close()
-        assert _holder_pid(server, bucket) == first.pid  # the reader took nothing
+        assert holder_pid(server, bucket) == first.pid  # the reader took nothing
         names = [r.name for r in CheckpointManager(url, storage_options=opts(server),
                                                    model=torch.nn.Linear(2, 2)).checkpoints]
         assert names == ["ckpt-e000000-s000000000.pt"]  # nothing of the refused writer reached the store
     finally:
         first.kill()
         reap(first)
-
-
-def test_a_tiered_writer_sigkilled_and_restarted_at_once_is_not_locked_out(server: MotoServer, bucket: str,
-                                                                           tmp_path: Path) -> None:
-    url, cache = f"s3://{bucket}/run", str(tmp_path / "cache")
-    child = spawn(HOLD, url, json.dumps(server.options()), cache)  # the default 60 s lease
-    try:
-        assert read_line(child) == "saved"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        reap(child)
-    again = CheckpointManager(url, storage_options=server.options(), cache_dir=cache, model=torch.nn.Linear(2, 2))
-    assert again.resume() == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "waiting for its lease": its process is provably gone
-        again.save(epoch=1)
-        again.wait()
-    assert _holder_pid(server, bucket) != child.pid
-    assert [r.epoch for r in again.checkpoints] == [0, 1]
-    again.close()

@@ -92,31 +92,43 @@ def test_two_writers_starting_at_once_exactly_one_writes(server: MotoServer, buc
 HOLD = textwrap.dedent("""
     import json, sys, time, torch
     from ckpt import CheckpointManager
-    url, opts = sys.argv[1], json.loads(sys.argv[2])
-    mgr = CheckpointManager(url, model=torch.nn.Linear(2, 2), storage_options=opts)
+    url, opts, cache = sys.argv[1], json.loads(sys.argv[2]), (sys.argv[3:] or [None])[0]
+    mgr = CheckpointManager(url, model=torch.nn.Linear(2, 2), storage_options=opts, cache_dir=cache)
     mgr.save(epoch=0)
+    mgr.wait()
     print("saved", flush=True)
     time.sleep(600)
 """)
 
 
+def holder_pid(server: MotoServer, bucket: str) -> int:
+    """The pid recorded in the run's writer lease."""
+    lease = Objects(server_fs(server)).read(f"{bucket}/run/{WRITER_NAME}")
+    assert lease is not None
+    holder = Holder.parse(lease.data)
+    assert holder is not None
+    return holder.pid
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["plain", "cache_dir"])
 def test_a_job_sigkilled_and_restarted_at_once_on_the_same_machine_is_not_locked_out(
-        server: MotoServer, bucket: str) -> None:
-    url = f"s3://{bucket}/run"
-    child = spawn(HOLD, url, json.dumps(server.options()))  # the default 60 s lease
+        server: MotoServer, bucket: str, tmp_path: Any, tiered: bool) -> None:
+    url, cache = f"s3://{bucket}/run", (str(tmp_path / "cache") if tiered else None)
+    child = spawn(HOLD, url, json.dumps(server.options()), *([cache] if cache else []))  # the default 60 s lease
     try:
         assert read_line(child) == "saved"
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
         reap(child)
-    again = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2))
+    again = CheckpointManager(url, storage_options=server.options(), cache_dir=cache, model=torch.nn.Linear(2, 2))
     assert again.resume() == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "waiting for its lease": its process is provably gone
         again.save(epoch=1)
+        again.wait()
     assert [r.epoch for r in again.checkpoints] == [0, 1]
-    again.close()
+    assert holder_pid(server, bucket) != child.pid
 
 
 def _rewrite_holder(server: MotoServer, bucket: str, **fields: Any) -> None:
