@@ -22,10 +22,13 @@ class CkptError(Exception):
     #: (rebuilt by :func:`from_wire`); None: it happened in this process.
     rank: Optional[int] = None
 
-    def __init__(self, message: str, *, path: Optional[PathLike] = None, hint: str = "") -> None:
+    def __init__(self, message: str, *, path: Optional[PathLike] = None, hint: str = "",
+                 summary: str = "") -> None:
         self.path = os.fspath(path) if path is not None else None
         self.message = message  # without the path and the hint, for an error that quotes this one
         self.hint = hint
+        #: What went wrong in a few words, for a table column (``ckpt ls``); the message by default.
+        self.summary = summary or message
         #: The path the text starts with (None: no path, or the message names it already).
         self.lead: Optional[str] = self.path if self.path is not None and self.path not in message else None
         text = message if self.lead is None else f"{self.lead}: {message}"
@@ -45,6 +48,10 @@ class CkptError(Exception):
         """The path and what went wrong, for a reader already shown ``shown`` (its path then
         left out); no hint. Made from the fields (see :func:`one_line`)."""
         return headline(self.lead, self.message, shown)
+
+    def short(self, shown: Optional[PathLike] = None) -> str:
+        """:meth:`headline` with the :attr:`summary` for the message."""
+        return headline(self.lead, self.summary, shown)
 
 
 def headline(lead: Optional[str], what: str, shown: Optional[PathLike] = None) -> str:
@@ -143,20 +150,20 @@ def to_wire(e: BaseException) -> Wire:
     wire: Wire = {"kind": None, "type": type(e).__name__, "text": f"{type(e).__name__}: {e}"}
     if kind is not None and isinstance(e, CkptError):
         wire.update(kind=kind.__name__, path=e.path, lead=e.lead, what=e.message, hint=e.hint,
-                    errno=getattr(e, "errno", None))
+                    summary=e.summary, errno=getattr(e, "errno", None))
     return wire
 
 
 def from_wire(wire: Wire, rank: int, during: str) -> CkptError:
     """The error rank ``rank`` sent (:func:`to_wire`) during ``during``, raised here: the same
-    ckpt error class with the same path, lead, what and hint, its text saying where it
+    ckpt error class with the same path, lead, what, hint and summary, its text saying where it
     happened; a non-ckpt exception becomes a :class:`CollectiveError` naming its type.
     Only classes of this module are rebuilt, looked up by name."""
     kind = _ours(wire.get("kind"))
     if kind is None:
         return CollectiveError(f"{during} failed on rank {rank}: {wire['text']}",
                                hint=f"rank {rank}'s own error (and traceback) is in its log")
-    err = kind(wire["what"], path=wire["path"], hint=wire["hint"])
+    err = kind(wire["what"], path=wire["path"], hint=wire["hint"], summary=wire.get("summary", ""))
     err.lead, err.rank = wire["lead"], rank
     text = f"{during} failed on rank {rank}: {headline(err.lead, err.message)}"
     err.args = (f"{text}\n  hint: {err.hint}" if err.hint else text,)

@@ -43,22 +43,29 @@ class Status(str, enum.Enum):
 
 class Detail(str):
     """A verdict's detail taken from an error: the error's text (what ``str`` gives and
-    reports print as JSON) with its fields kept, so a display picks from them
-    (:meth:`headline`) instead of cutting the text apart."""
+    reports print as JSON; its :meth:`headline` for a reader shown a path) with its fields
+    kept, so a display picks from them (:meth:`headline`, :meth:`short`) instead of
+    cutting the text apart."""
 
     lead: Optional[str]  #: the path the text starts with (see :class:`ckpt.errors.CkptError`)
     what: str  #: what went wrong
     hint: str
+    summary: str  #: what went wrong in a few words (:attr:`ckpt.errors.CkptError.summary`)
 
     @classmethod
-    def of(cls, error: CkptError) -> Detail:
-        detail = cls(str(error))
-        detail.lead, detail.what, detail.hint = error.lead, error.message, error.hint
+    def of(cls, error: CkptError, shown: Optional[PathLike] = None) -> Detail:
+        """``error``'s detail; given ``shown``, its text is ``error.headline(shown)``."""
+        detail = cls(str(error) if shown is None else error.headline(shown))
+        detail.lead, detail.what, detail.hint, detail.summary = error.lead, error.message, error.hint, error.summary
         return detail
 
     def headline(self, shown: Optional[PathLike] = None) -> str:
         """The path (unless it is ``shown``) and what went wrong, no hint."""
         return errors.headline(self.lead, self.what, shown)
+
+    def short(self, shown: Optional[PathLike] = None) -> str:
+        """The path (unless it is ``shown``) and what went wrong in a few words."""
+        return errors.headline(self.lead, self.summary, shown)
 
 
 class Verdict(NamedTuple):

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from ckpt import CheckpointManager
-from ckpt.catalog import history
+from ckpt.catalog import Catalog, history
 from ckpt.cli import main, parser
-from ckpt.cli.listing import reasons
+from ckpt.cli.listing import reasons, settled
 from ckpt.policy import RetentionPolicy
 from ckpt.storage.local import LocalStore
+from ckpt.verdicts import Detail
 
 ROOT = Path(__file__).resolve().parent.parent
 VALS = [0.9, 0.5, 0.2, 0.6, 0.7, 0.4, 0.8, 0.75]  # best: epoch 2; milestones (keep_every=4): 3, 7
@@ -140,6 +141,25 @@ def test_ls_flags_damaged_missing_and_unindexed_files(tmp_path: Path, capsys: py
     code, verified, _ = run_main(capsys, "ls", "--verify", str(tmp_path))
     assert code == 1 and "DAMAGED: checksum mismatch" in verified
     assert "verified" in verified  # the intact latest one
+
+
+def test_ls_shows_the_verdicts_own_short_detail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The status column is the verdict's short form (the error's summary), never its text
+    cut apart: a checksum mismatch's detail holds " (" before the words that matter."""
+    make_run(tmp_path).close()
+    flipped = tmp_path / KEPT[1]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    code, out, _ = run_main(capsys, "ls", "--verify", "--json", str(tmp_path))
+    detail = {c["file"]: c["detail"] for c in json.loads(out)["checkpoints"]}[KEPT[1]]
+    assert code == 1 and detail.startswith("checksum mismatch (recorded ") and "hint" not in detail, detail
+    verdict = settled(Catalog(LocalStore(tmp_path)), True).status[KEPT[1]]
+    assert verdict.detail == detail and isinstance(verdict.detail, Detail)
+    assert verdict.detail.short(flipped) == "checksum mismatch: the file is damaged"
+    code, out, _ = run_main(capsys, "ls", "--verify", str(tmp_path))
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.startswith("ckpt-")}
+    assert code == 1 and rows[KEPT[1]].endswith("DAMAGED: checksum mismatch: the file is damaged"), out
 
 
 def test_ls_notes_an_unreadable_index_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

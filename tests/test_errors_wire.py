@@ -13,6 +13,8 @@ def test_a_ckpt_error_is_rebuilt_with_the_same_class_and_fields() -> None:
     got = errors.from_wire(errors.to_wire(e), 0, "save() of epoch 1, step 0 (commit)")
     assert type(got) is errors.StorageError and isinstance(got, OSError)
     assert (got.path, got.lead, got.what, got.hint, got.errno) == (e.path, e.lead, e.what, e.hint, 28)
+    short = errors.CorruptCheckpointError("checksum mismatch (recorded a, file has b)", summary="checksum mismatch")
+    assert errors.from_wire(errors.to_wire(short), 1, "load()").summary == "checksum mismatch"
     assert got.rank == 0 and e.rank is None
     assert str(got) == f"save() of epoch 1, step 0 (commit) failed on rank 0: {e.headline()}\n  hint: {e.hint}"
 

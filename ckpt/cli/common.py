@@ -87,6 +87,12 @@ def message(e: Union[CkptError, str], path: PurePath) -> str:
     return e
 
 
+def short(detail: str, path: PurePath) -> str:
+    """A verdict's detail in a few words, for a table column: a :class:`Detail`'s
+    :meth:`~ckpt.verdicts.Detail.short`; a plain detail, written for this display, as it is."""
+    return detail.short(path) if isinstance(detail, Detail) else detail
+
+
 def catalog(directory: Any) -> Catalog:
     """A read-only view of a run directory, local or a URL (nothing is created or rewritten)."""
     return Catalog(open_existing(directory))

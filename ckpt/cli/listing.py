@@ -20,7 +20,7 @@ from ..errors import CkptError, UnsafeCheckpointError
 from ..format import torchfile
 from ..record import CheckpointRecord
 from ..storage import is_url
-from ..verdicts import Status, Verdict
+from ..verdicts import Detail, Status, Verdict
 from . import common, table
 from .common import Key, UsageError
 
@@ -193,7 +193,7 @@ def _status(cat: Any, records: List[CheckpointRecord], on_disk: Dict[str, int], 
             except FileNotFoundError:
                 status[rec.name] = Verdict(Status.MISSING, "deleted while listing")
             except CkptError as e:
-                status[rec.name] = Verdict(Status.DAMAGED, common.message(e, rec.path))
+                status[rec.name] = Verdict(Status.DAMAGED, Detail.of(e, rec.path))
     return status
 
 
@@ -246,7 +246,7 @@ def _print_table(records: List[CheckpointRecord], status: Dict[str, Verdict], wh
         step = f"{rec.step}*" if rec.mid_epoch else str(rec.step)
         kept = ", ".join(why[rec.key]) or "- (prune would delete)"
         shown = st and st != Status.VERIFIED
-        flag = st.upper() + (f": {detail.split(' (')[0][:60]}" if detail else "") if shown else st
+        flag = st.upper() + (f": {common.short(detail, rec.path)[:60]}" if detail else "") if shown else st
         rows_text.append([rec.name, str(rec.epoch), step, _metrics(rec), table.size(rec.size),
                           table.age(now - rec.time), kept, flag])
     for p in problems:

@@ -99,7 +99,8 @@ def load(fd: int, path: PurePath, *, checksum: Optional[str], map_location: Any,
     if actual != checksum:
         raise CorruptCheckpointError(f"checksum mismatch (recorded {checksum}, file has {actual}): the file is "
                                      "damaged", path=path,
-                                     hint="ckpt skips it on resume; restore an earlier checkpoint")
+                                     hint="ckpt skips it on resume; restore an earlier checkpoint",
+                                     summary="checksum mismatch: the file is damaged")
     if device.type != "cpu":
         obj = to_device(obj, device)
     filler = Filler(os.dup(fd), [r for r in ordered if r.dest is not None], path) if direct else None

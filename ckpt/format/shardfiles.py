@@ -199,7 +199,8 @@ def _compare(path: PurePath, size: int, crc: int, want: Mapping[str, int]) -> No
         raise CorruptCheckpointError(
             f"checksum mismatch: {size} bytes, CRC-32 {crc:08x}; the manifest says "
             f"{want['size']} bytes, {want['crc32']:08x}", path=path,
-            hint="the file was damaged after the save; resume from an older checkpoint")
+            hint="the file was damaged after the save; resume from an older checkpoint",
+            summary="checksum mismatch: the file is damaged")
 
 
 def commit(tmp_dir: Path, final_dir: Path, manifest: dict[str, Any],

@@ -124,7 +124,8 @@ def verify(path: Path, expected: Optional[str], *, progress: Optional[bool] = No
     if actual != expected:
         raise CorruptCheckpointError(
             f"checksum mismatch (recorded {expected}, file has {actual}): the file is damaged",
-            path=shown, hint="ckpt skips it on resume; restore an earlier checkpoint")
+            path=shown, hint="ckpt skips it on resume; restore an earlier checkpoint",
+            summary="checksum mismatch: the file is damaged")
 
 
 def load(path: Path, *, map_location: MapLocation = "cpu", weights_only: bool = True,
