@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -85,6 +86,37 @@ def test_a_damaged_tensor_record_is_found_before_anything_is_applied(tmp_path: P
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k  # not one byte of the damaged file reached the model
     assert fresh_opt.state_dict()["state"] == {}
+
+
+
+def test_a_record_rewritten_in_place_after_the_check_is_refused_by_the_fill(tmp_path: Path) -> None:
+    """The first pass sums a module's records only into the file's CRC-32; the fill
+    checks each one against the zip directory's CRC-32 (verified with the file): bytes
+    changed in place between the passes are refused, naming the record."""
+    from ckpt import CorruptCheckpointError
+    from ckpt.format import torchfile
+    from ckpt.state import direct_targets
+    _trained(tmp_path)
+    fresh = _model()
+    with CheckpointManager(tmp_path, model=fresh) as mgr:
+        record = mgr.latest
+        assert record is not None
+    path = Path(record.path)
+    loaded = torchfile.load(path, checksum=record.checksum, targets=direct_targets({"model": fresh}))
+    assert isinstance(loaded, directread.Loaded)
+    with zipfile.ZipFile(path) as archive:  # records of the first layer's weight's size (its Adam state's too)
+        heads = [i.header_offset for i in archive.infolist() if i.file_size == fresh[0].weight.nbytes]
+    with open(path, "r+b") as f:
+        for head in heads:
+            f.seek(head + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))  # the local header's, padding included
+            at = head + 30 + name_len + extra_len
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CorruptCheckpointError, match="changed between its check and its load"):
+        loaded.fill()
 
 
 @pytest.fixture

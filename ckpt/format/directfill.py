@@ -3,7 +3,9 @@
 :mod:`~ckpt.format.directread` reads a checkpoint once, checks it, and leaves the
 records of the modules' tensors in the page cache; :class:`Filler` then reads them
 straight into the live tensors (in two streams on two threads, the copies out of the
-page cache being CPU work), checking each record's CRC-32 against the first pass.
+page cache being CPU work), checking each record's CRC-32 against the zip
+directory's (part of the file the first pass verified; a mismatch means the file was
+rewritten in place meanwhile).
 Here too are the small helpers both passes share. See
 docs/explanation/performance-internals.md.
 """
@@ -29,11 +31,11 @@ class Record:
 
     __slots__ = ("key", "offset", "size", "view", "dest", "crc")
 
-    def __init__(self, key: str, offset: int, size: int) -> None:
+    def __init__(self, key: str, offset: int, size: int, crc: int) -> None:
         self.key, self.offset, self.size = key, offset, size
         self.view: Optional[memoryview] = None  # fresh storage to read into
         self.dest: Optional[torch.Tensor] = None  # live tensor, filled after the checks
-        self.crc = 0  # of the record, summed in the first pass when it has a dest
+        self.crc = crc  # the zip directory's, trusted once the whole file's CRC-32 matched
 
 
 def memory(st: torch.UntypedStorage) -> memoryview:
@@ -100,7 +102,7 @@ class Filler:
         if got != r.crc:
             raise CorruptCheckpointError(
                 f"record {r.key} changed between its check and its load (CRC-32 {got:08x}, "
-                f"was {r.crc:08x})", path=self.path,
+                f"the verified file's is {r.crc:08x})", path=self.path,
                 hint="something rewrote the file in place; restore an earlier checkpoint")
 
     def _cpu(self, records: List[Record], chunk: int) -> List[Tuple[Record, int]]:

@@ -7,12 +7,14 @@ filled; then the file is read once, in order, every byte summed into the file's
 CRC-32: records of storages that stay (optimizer state: ``load_state_dict`` keeps the
 tensors it is given) are read into their storage, records whose destination is a
 live tensor of the same shape, dtype and layout (a module's parameters and buffers)
-are only summed (their pages stay in the page cache). Only once the whole file
-matches its recorded checksum is anything applied: :attr:`Loaded.fill` then reads
-those records from the page cache straight into the live tensors, checking each
-record's CRC-32 again. Anything this cannot do exactly as ``torch.load`` would (a
-legacy or compressed file, another byte order, ``weights_only=False``, a map_location
-other than one device) returns None, and the caller loads the usual way. See
+are only summed into the file's CRC-32 (their pages stay in the page cache). Only
+once the whole file matches its recorded checksum is anything applied:
+:attr:`Loaded.fill` then reads those records from the page cache straight into the
+live tensors, checking each against its CRC-32 in the zip directory (verified with
+the file: those bytes are summed once per pass). Anything this cannot do exactly as
+``torch.load`` would (a legacy or compressed file, another byte order,
+``weights_only=False``, a map_location other than one device) returns None, and the
+caller loads the usual way. See
 docs/explanation/performance-internals.md.
 """
 
@@ -170,8 +172,8 @@ def _unpickle(pkl: bytes, prefix: str, infos: Dict[str, Tuple[int, int, int]], r
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         key = key.decode() if isinstance(key, bytes) else str(key)
         if key not in storages:
-            offset, size, _ = infos[f"{prefix}data/{key}"]
-            records[key] = Record(key, offset, size)
+            offset, size, crc = infos[f"{prefix}data/{key}"]
+            records[key] = Record(key, offset, size, crc)
             # allocated, not touched: pages that are never written are never resident
             nbytes = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
             storages[key] = (torch.UntypedStorage(nbytes), dtype)  # type: ignore[no-untyped-call]
@@ -288,7 +290,7 @@ def _segments(ordered: List[Record], lo: int, hi: int, chunk: int, path: PurePat
 
 
 def _scatter(ordered: List[Record], starts: List[int], view: memoryview, pos: int) -> None:
-    """Copy the parts of records in ``view`` (file bytes from ``pos``) to their storages."""
+    """Copy the parts of records in ``view`` (file bytes from ``pos``) to their fresh storages."""
     end = pos + len(view)
     i = max(0, bisect_right(starts, pos) - 1)
     while i < len(ordered) and ordered[i].offset < end:
@@ -298,6 +300,4 @@ def _scatter(ordered: List[Record], starts: List[int], view: memoryview, pos: in
             part = view[a - pos: b - pos]
             if r.view is not None:
                 r.view[a - r.offset: b - r.offset] = part
-            elif r.dest is not None:
-                r.crc = crc32(part, r.crc)
         i += 1
