@@ -2,7 +2,8 @@
 
 Every error subclasses :class:`CkptError` *and* the builtin a caller would already
 catch (``ValueError``, ``FileNotFoundError``, ...), names the path involved, says what
-was expected, and ends with a hint on how to fix it. Causes are chained by the raiser.
+was expected, and ends with a hint on how to fix it. Causes are chained by the raiser;
+an error that wraps another (:func:`wrapped`) quotes it without its hint: one hint each.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+E = TypeVar("E", bound="CkptError")
 
 
 class CkptError(Exception):
@@ -67,6 +69,17 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, CkptError):
         return f"{e.headline()} (hint: {e.hint})" if e.hint else e.headline()
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def wrapped(kind: Type[E], what: str, cause: BaseException, *, path: Optional[PathLike] = None,
+            hint: str = "") -> E:
+    """A ``kind`` error saying ``what`` went wrong because of ``cause``, quoted in one line
+    without its hint: the result carries exactly one hint, ``hint`` when given, else the
+    cause's; its summary is ``what``. Chained to ``cause``."""
+    quoted = cause.headline() if isinstance(cause, CkptError) else one_line(cause)
+    err = kind(f"{what}: {quoted}", path=path, hint=hint or getattr(cause, "hint", "") or "", summary=what)
+    err.__cause__ = cause
+    return err
 
 
 class ConfigError(CkptError, ValueError):

@@ -301,10 +301,13 @@ def test_tiered_upload_error_is_raised_like_an_async_error(server: MotoServer, b
     try:
         with pytest.warns(UserWarning, match="local tier only"):  # warned when the upload fails
             mgr.save(epoch=1, step=1)  # commits locally, returns; the upload fails in the background
-            with pytest.raises(StorageError, match="background upload of ckpt-e000001"):
+            with pytest.raises(StorageError, match="background upload of ckpt-e000001") as caught:
                 mgr.wait()
     finally:
         server.resume()
+    inner = caught.value.__cause__  # the remote store's own error, its hint left out of the text
+    assert isinstance(inner, StorageError) and inner.hint and inner.headline() in caught.value.what
+    assert str(caught.value).count("hint:") == 1 and caught.value.hint.startswith("the local tier holds it")
     assert (tmp_path / "c" / "ckpt-e000001-s000000001.pt").is_file()  # the local commit stands
     mgr.save(epoch=2, step=2)
     mgr.close()  # the pending upload went up with this one

@@ -14,7 +14,7 @@ from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, 
 from filelock import Timeout
 
 from .. import policy, record, schema
-from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from ..errors import CkptError, CorruptCheckpointError, FormatVersionError, wrapped
 from ..format import torchfile, torchio
 from ..io.checksum import file_checksum
 from ..record import CheckpointRecord
@@ -346,8 +346,10 @@ class Catalog:
 
     # -- integrity -------------------------------------------------------------------
 
-    def verify_one(self, rec: CheckpointRecord, checked: Dict[str, str], progress: Optional[bool] = None) -> None:
-        """Raise unless ``rec``'s file (or sharded directory) and its blobs match their checksums."""
+    def verify_one(self, rec: CheckpointRecord, checked: Dict[str, Optional[Exception]],
+                   progress: Optional[bool] = None) -> None:
+        """Raise unless ``rec``'s file (or sharded directory) and its blobs match their
+        checksums (``checked``: blob -> what is wrong with it, None: nothing, filled in here)."""
         if schema.is_sharded(rec.name):
             sharddir.verify(self.store, rec.name, rec.checksum)
         else:
@@ -356,19 +358,21 @@ class Catalog:
         for blob, checksum in rec.blobs:
             if blob not in checked:
                 checked[blob] = self._verify_blob(blob, checksum, progress)
-            if checked[blob]:
-                raise CorruptCheckpointError(f"its tensor file {blob} {checked[blob]}", path=rec.path)
+            wrong = checked[blob]
+            if isinstance(wrong, FileNotFoundError):
+                raise CorruptCheckpointError(f"its tensor file {blob} is missing", path=rec.path,
+                                             hint="restore an earlier checkpoint")
+            if wrong is not None:
+                raise wrapped(CorruptCheckpointError, f"its tensor file {blob} is damaged", wrong, path=rec.path)
 
-    def _verify_blob(self, name: str, checksum: str, progress: Optional[bool]) -> str:
-        """"" when the blob verifies, else what is wrong with it."""
+    def _verify_blob(self, name: str, checksum: str, progress: Optional[bool]) -> Optional[Exception]:
+        """None when the blob verifies, else the error that says what is wrong with it."""
         try:
             with self.store.local_path(name) as local, torchfile.opened(local) as real:
                 torchfile.verify(real, checksum, progress=progress, shown=self.store.where(name))
-        except FileNotFoundError:
-            return "is missing"
-        except CkptError as e:
-            return f"is damaged ({e})"
-        return ""
+        except (FileNotFoundError, CkptError) as e:
+            return e
+        return None
 
     def verify(self, *, progress: Optional[bool] = None) -> Dict[str, Verdict]:
         """File name -> :class:`~ckpt.verdicts.Verdict` (ok, damaged or missing, and the

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 
 from .. import schema
-from ..errors import CkptError, CorruptCheckpointError, FormatVersionError
+from ..errors import CkptError, CorruptCheckpointError, FormatVersionError, wrapped
 from ..format import changes, chunks, torchfile
 from ..record import CheckpointRecord
 from ..storage.base import Store, capabilities
@@ -270,9 +270,9 @@ def resolve(store: Store, obj: Dict[str, Any], header: schema.Header, *, map_loc
                                          hint="restore an earlier checkpoint (resume() falls back to "
                                               "the newest one that restores)") from e
         except CorruptCheckpointError as e:
-            raise CorruptCheckpointError(f"its tensor file {name} is damaged: {e}", path=where,
-                                         hint="restore an earlier checkpoint (resume() falls back to "
-                                              "the newest one that restores)") from e
+            raise wrapped(CorruptCheckpointError, f"its tensor file {name} is damaged", e, path=where,
+                          hint="restore an earlier checkpoint (resume() falls back to the newest one that "
+                               "restores)") from e
         if not isinstance(piece, torch.Tensor):
             raise CorruptCheckpointError(f"{name} does not hold a tensor", path=store.where(name))
         return piece
@@ -296,6 +296,8 @@ def _chunked(ref: Dict[str, Any], load: Callable[[str], torch.Tensor], where: An
                                  hint="upgrade ckpt to read it")
     try:
         tensor, _ = chunks.gather(ref, load)
+    except CkptError:  # a piece missing or damaged (a ValueError too): not a malformed reference
+        raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CorruptCheckpointError(f"a chunked tensor reference is malformed ({e})", path=where) from e
     if tensor is None or list(tensor.shape) != [int(d) for d in ref["shape"]]:
@@ -381,5 +383,5 @@ def verify_beside(path: Path, blobs: Iterable[Tuple[str, str]], *, progress: Opt
             raise CorruptCheckpointError(f"its tensor file {name} is missing", path=path,
                                          hint="restore an earlier checkpoint") from e
         except CorruptCheckpointError as e:
-            raise CorruptCheckpointError(f"its tensor file {name} is damaged: {e}", path=path,
-                                         hint="restore an earlier checkpoint") from e
+            raise wrapped(CorruptCheckpointError, f"its tensor file {name} is damaged", e, path=path,
+                          hint="restore an earlier checkpoint") from e

@@ -31,7 +31,7 @@ def verify(cat: Catalog, *, progress: Optional[bool] = None) -> Dict[str, Verdic
     listing = cat.scan()
     report: Dict[str, Verdict] = {}
     pending, unlisted = list(listing.records), list(listing.missing)
-    checked: Dict[str, str] = {}  # a blob shared by several checkpoints is read once
+    checked: Dict[str, Optional[Exception]] = {}  # a blob shared by several checkpoints is read once
     for _ in range(VERIFY_PASSES):
         gone: List[str] = []
         suspect: Dict[str, Optional[str]] = {}

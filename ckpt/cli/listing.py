@@ -182,7 +182,7 @@ def _status(cat: Any, records: List[CheckpointRecord], on_disk: Dict[str, int], 
             verify: bool) -> Dict[str, Verdict]:
     """File name -> verdict of the committed checkpoints that are not simply ok."""
     status: Dict[str, Verdict] = {}
-    checked: Dict[str, str] = {}
+    checked: Dict[str, Optional[Exception]] = {}
     for rec in records:
         if rec.name in on_disk and on_disk[rec.name] != rec.size:
             status[rec.name] = Verdict(Status.DAMAGED, f"{on_disk[rec.name]} bytes on disk, {rec.size} recorded")

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from ..errors import CkptError, CorruptCheckpointError
+from ..errors import CkptError, CorruptCheckpointError, wrapped
 from ..format import torchio
 from ..storage.trees import Tree
 from .shardio import TreeReader, fsspec_layer, tiered_layer
@@ -105,9 +105,9 @@ class DirectReader(TreeReader):
                 with self.fs.create_stream(self.fs.concat_path(self.path, rel), "rb") as stream:
                     self._file(stream, rel, per_file.get(rel, {}), planner, sums)
             except OSError as e:  # a file the manifest lists is gone or unreadable: damage too
-                raise CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=self._where(rel),
-                                             hint="the checkpoint was damaged after its save; resume() takes "
-                                                  "the previous one") from e
+                raise wrapped(CorruptCheckpointError, "a file of the checkpoint is unreadable", e,
+                              path=self._where(rel), hint="the checkpoint was damaged after its save; resume() "
+                                                          "takes the previous one") from e
             if sums is not None:
                 self.summed[rel] = sums.crc()
         if rest:

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, wrapped
 from ..io.checksum import crc32, stream_crc
 from ..io.posix import open_regular, read_regular
 from ..storage.trees import Tree
@@ -188,7 +188,8 @@ def _check_file(files: Files, name: str, want: Mapping[str, int]) -> CorruptChec
             size, crc = stream_crc(f, _CHUNK)
         _compare(path, size, crc, want)
     except OSError as e:
-        return CorruptCheckpointError(f"a file of the checkpoint is unreadable: {e}", path=path)
+        return wrapped(CorruptCheckpointError, "a file of the checkpoint is unreadable", e, path=path,
+                       hint="the file was damaged after the save; resume from an older checkpoint")
     except CorruptCheckpointError as e:
         return e
     return None

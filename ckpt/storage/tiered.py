@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import schema
-from ..errors import StorageError, WriterConflictError
+from ..errors import StorageError, WriterConflictError, wrapped
 from ..io.checksum import file_checksum
 from ..progress import Progress
 from .base import INDEX_NAME, Capabilities, OnBytes, Produce, Written, capabilities, probed
@@ -328,10 +328,10 @@ class TieredStore:
                     else:
                         self.remote.delete(name)
             except BaseException as e:  # kept for the next commit, wait() or close()
-                error = StorageError(f"the background upload of {name} failed ({e})", path=self.remote.where(name),
-                                     hint="the local tier holds it and it is uploaded again with the next save, "
-                                          "wait() or close(); check the remote store")
-                error.__cause__ = e
+                error = wrapped(StorageError, f"the background upload of {name} failed", e,
+                                path=self.remote.where(name),
+                                hint="the local tier holds it and it is uploaded again with the next save, "
+                                     "wait() or close(); check the remote store")
                 error.writer_conflict = getattr(e, "writer_conflict", False)  # type: ignore[attr-defined]
                 warnings.warn(f"{error}; saves go on in the local tier only until an upload succeeds",
                               stacklevel=1)
