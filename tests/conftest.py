@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
-import pytest
-import torch
+# One intra-op thread for torch, here and in every child (they inherit it): the models are
+# tiny, and on a loaded machine OpenMP's spinning threads cost several times the work
+# itself (the README example's 12 epochs: 47 s of CPU with 2 threads, 6 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests import children
 from tests.s3server import MotoServer
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have been imported before
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
