@@ -235,6 +235,31 @@ def test_staging_buffers_are_reused_across_saves(run_dir: Path, trainables: Call
     assert all(torch.equal(restored.weights()[k], v) for k, v in t.weights().items())
 
 
+def test_one_writer_thread_serves_every_save_and_ends_with_close(
+        run_dir: Path, trainables: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread is started once, not per save (save() waited for each new one to be
+    scheduled), idles between saves under another name, and ends when the manager closes."""
+    writers: List[threading.Thread] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name == WRITER:
+            writers.append(threading.current_thread())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    mgr = CheckpointManager(run_dir, async_save=True, **trainables())
+    for epoch in range(3):
+        mgr.save(epoch=epoch)
+        mgr.wait()
+        assert writer_threads() == 0  # idle between saves
+    assert len(writers) >= 3 and len(set(writers)) == 1
+    mgr.close()
+    writers[0].join(timeout=30)
+    assert not writers[0].is_alive()
+    assert [r.epoch for r in CheckpointManager(run_dir).checkpoints] == [0, 1, 2]
+
+
 def test_the_context_manager_flushes(run_dir: Path, trainables: Callable) -> None:
     with CheckpointManager(run_dir, async_save=True, **trainables()) as mgr:
         mgr.save(epoch=0, metrics={"loss": 1.0})

@@ -9,15 +9,23 @@ so the index and retention change only once the file is durable.
   (the disk is slower than the save interval).
 * An error in the background is kept and raised by the next ``save()``, ``wait()`` or
   ``close()``, once.
-* At interpreter exit the save in flight finishes (its thread is not a daemon); an
-  error that nobody collected is logged with its traceback, as is one held by a
-  writer that is garbage-collected.
+* The thread is started by the first save and then waits for the next one: a thread
+  started per save made ``save()`` wait until the new thread was scheduled (the
+  handshake of ``Thread.start``), milliseconds of the loop's stall on a loaded machine.
+  It is named ``ckpt-writer`` while it writes, ``ckpt-writer (idle)`` between saves,
+  and ends when the writer is closed or collected.
+* At interpreter exit the save in flight finishes (the exit waits for it before daemon
+  threads stop); an error that nobody collected is logged with its traceback, as is
+  one held by a writer that is garbage-collected.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import os
+import queue
 import threading
 import time
 import weakref
@@ -36,6 +44,7 @@ log = logging.getLogger("ckpt")
 _UNSTAGED = frozenset(("extra", "ckpt"))
 
 Commit = Callable[[schema.Checkpoint], CheckpointRecord]
+NAME, IDLE_NAME = "ckpt-writer", "ckpt-writer (idle)"
 
 
 def create(where: str, async_save: bool) -> Optional[AsyncWriter]:
@@ -60,17 +69,16 @@ class AsyncWriter:
     def __init__(self, where: str) -> None:
         self.directory = where
         self.stager = Stager()
-        self._thread: Optional[threading.Thread] = None
+        self._worker: Optional[_Worker] = None  # started by the first save
         self._outcome = _Outcome()
         self._lock = threading.Lock()
         weakref.finalize(self, _report_uncollected, self._outcome, where)
 
     def ready(self) -> None:
         """Wait for the save in flight, logging the stall, then raise its error if it failed."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
+        if self.busy():
             start = time.perf_counter()
-            thread.join()
+            self.join()
             log.warning("save() waited %.2f s for the checkpoint of %s to commit in %s "
                         "(one save in flight at most: saves come faster than the disk writes them)",
                         time.perf_counter() - start, self._outcome.what, self.directory)
@@ -121,28 +129,22 @@ class AsyncWriter:
         return schema.with_states(checkpoint, staged, nbytes), pending
 
     def start(self, what: str, work: Callable[[], object]) -> None:
-        """Run ``work`` (a save: ``what``) on a new writer thread; call :meth:`ready` first."""
+        """Run ``work`` (a save: ``what``) on the writer thread; call :meth:`ready` first."""
         self._outcome.what = what
-        go = threading.Event()
-        thread = threading.Thread(target=self._run, args=(work, go), name="ckpt-writer")
-        thread.start()
-        self._thread = thread  # visible to join() only once it has started
-        go.set()  # only now: a writer pickling at once would hold the GIL the caller needs to return
+        worker = self._worker
+        if worker is None or worker.pid != os.getpid():  # none yet, or this is a forked child
+            worker = self._worker = _Worker()
+            weakref.finalize(self, worker.stop)  # a writer collected unclosed: its thread ends
+        worker.run(functools.partial(_run, work, self._outcome, self.directory))
 
-    def _run(self, work: Callable[[], object], go: threading.Event) -> None:
-        go.wait()
-        try:
-            work()
-        except BaseException as e:  # kept for the caller: a thread has no one to raise to
-            if hasattr(e, "add_note"):
-                e.add_note(f"raised by the background save of {self._outcome.what} in {self.directory}")
-            self._outcome.error = e
+    def busy(self) -> bool:
+        """A save is in flight."""
+        return self._worker is not None and self._worker.busy()
 
     def join(self) -> None:
         """Wait for the save in flight; its error, if any, stays for :meth:`wait`."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
+        if self._worker is not None:
+            self._worker.join()
 
     def wait(self) -> None:
         """Wait for the save in flight and raise its error (once) if it failed."""
@@ -152,11 +154,80 @@ class AsyncWriter:
             raise error
 
     def close(self) -> None:
-        """Flush, release the staging buffers, and raise an uncollected error."""
+        """Flush, end the thread, release the staging buffers, and raise an uncollected error."""
         try:
             self.wait()
         finally:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker = None
             self.stager.release()
+
+
+def _run(work: Callable[[], object], outcome: _Outcome, directory: str) -> None:
+    try:
+        work()
+    except BaseException as e:  # kept for the caller: a thread has no one to raise to
+        if hasattr(e, "add_note"):
+            e.add_note(f"raised by the background save of {outcome.what} in {directory}")
+        outcome.error = e
+
+
+class _Worker:
+    """The writer's thread and the one job it runs at a time. A daemon, so that an idle
+    one never holds up the exit; the exit waits for its job first (:func:`_drain`). It
+    holds no reference to its writer, which can then be collected (and stop it)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=_loop, args=(self._jobs, self._idle), name=IDLE_NAME, daemon=True)
+        self._thread.start()
+        _LIVE.add(self._idle)
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (the previous one is done: the caller waited for it)."""
+        self._idle.clear()
+        self._thread.name = NAME
+        self._jobs.put(job)  # only now can the thread take the GIL the caller needs to return
+
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def join(self) -> None:
+        self._idle.wait()
+
+    def stop(self) -> None:
+        """End the thread once its job is done (not waited for)."""
+        self._jobs.put(None)
+
+
+def _loop(jobs: queue.SimpleQueue[Optional[Callable[[], None]]], idle: threading.Event) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            job()
+        finally:
+            del job  # the staged checkpoint it holds goes before the next save's
+            threading.current_thread().name = IDLE_NAME
+            idle.set()
+
+
+#: The idle events of the live writer threads, waited for at exit.
+_LIVE: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+
+
+def _drain() -> None:
+    """At interpreter exit, before daemon threads stop: every save in flight finishes."""
+    for idle in list(_LIVE):
+        idle.wait()
+
+
+threading._register_atexit(_drain)  # type: ignore[attr-defined]  # as concurrent.futures does (3.9+)
 
 
 def _report_uncollected(outcome: _Outcome, directory: str) -> None:
