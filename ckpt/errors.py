@@ -150,6 +150,9 @@ class RankLostError(CollectiveError):
     #: The checkpoint that was committed all the same (every rank's part was in: the loss
     #: came after), which a resume restarts from; None: the save lost nothing committed.
     committed: Optional[str] = None
+    #: ckpt's own: in a broadcast, what its source rank (alive) had sent when this rank gave
+    #: up (rank 0's commit outcome, for :attr:`committed`); None: nothing arrived.
+    sent: Any = None
 
 
 #: An error as one rank tells the others of it: plain values only, never a pickled class.

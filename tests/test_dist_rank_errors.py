@@ -1,24 +1,27 @@
 """What every rank raises when one rank's part of a save fails, under a real gloo process
 group (tests/dist_harness.py), synchronous and with ``async_save=True``.
 
-* Rank 0's error (it commits) is raised on every rank as the same ckpt error class with
-  the same fields, rebuilt by name; any other exception stays a ``CollectiveError``
-  naming its type.
+* The lowest failing rank's error (rank 0's, when it commits) is raised on every rank as
+  the same ckpt error class with the same fields and its ``rank``, rebuilt by name; any
+  other exception stays a ``CollectiveError`` naming its type.
 * Options every rank must share (``async_save``, the run directory's name, ...) are
   checked by the first save's agreement: ``ConfigError`` on every rank, nothing saved.
 * A rank SIGKILLed after its part reached rank 0 (its RNG state): rank 0 commits the
-  complete save, then raises ``RankLostError`` saying that it was committed.
+  complete save, then raises ``RankLostError`` saying that it was committed; so does a
+  third rank that survives (``committed=None`` on both when rank 0's commit failed).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from dist_harness import kill_self, launch, run
+from helpers import fsdp_mlp
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +181,155 @@ def test_a_rank_killed_after_its_part_arrived_leaves_the_save_committed_and_rank
     obj = torch.load(tmp_path / E1, weights_only=True)  # complete: every rank's RNG state in it
     assert len(obj["ckpt"]["rng_per_rank"]) == 2
     assert run(_resume, 2, str(tmp_path), timeout=120) == [(2, [E0, E1])] * 2
+
+
+# ------------------------------------------------------------------ 3 ranks
+
+
+def _gave_up_flag() -> Any:
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def _lost_with_a_survivor(rank: int, world: int, directory: str, async_save: bool, case: str) -> dict:
+    from ckpt import CheckpointManager
+    from ckpt.distributed import collective as cd
+    from ckpt.engine import saving
+
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(4, 4), async_save=async_save, collective_timeout=90)
+    mgr.save(epoch=0)
+    mgr.wait()
+    if rank == 1:  # killed once its part (its RNG state) reached rank 0, before the commit's outcome
+        real = cd.broadcast_object
+
+        def broadcast(*args: Any, **kwargs: Any) -> Any:
+            if "(commit)" in kwargs.get("what", ""):
+                kill_self()
+            return real(*args, **kwargs)
+        cd.broadcast_object = broadcast
+    if rank == 2 and case == "committed late":  # tells rank 0 that it gave up on rank 1
+        real_lost = cd.lost_error
+
+        def lost_error(*args: Any) -> Any:
+            _gave_up_flag().set("test/rank 2 gave up", "1")
+            return real_lost(*args)
+        cd.lost_error = lost_error
+    replace, commit = os.replace, saving.commit
+    if rank == 0 and case == "committed late":  # commits only after rank 2 gave up waiting for rank 1
+        def late(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + 80  # polled: a blocking wait on the store would stall the heartbeat
+            while not _gave_up_flag().check(["test/rank 2 gave up"]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return commit(*args, **kwargs)
+        saving.commit = late
+    if rank == 0 and case == "commit fails":
+        def full(src: object, dst: object) -> None:
+            raise OSError(28, "No space left on device")
+        os.replace = full
+    try:
+        mgr.save(epoch=1)
+        mgr.wait()
+        got: dict[str, Any] = {"type": "returned"}
+    except Exception as e:  # noqa: BLE001 - the test checks what each rank raised
+        cause = e.__cause__
+        got = {**_fields(e), "lost": getattr(e, "lost", None), "committed": getattr(e, "committed", None),
+               "cause": None if cause is None else {**_fields(cause), "type": type(cause).__name__}}
+    os.replace, saving.commit = replace, commit
+    mgr.close()  # after the failure: no barrier waits for the dead rank
+    return {**got, "names": [r.name for r in mgr.checkpoints]}
+
+
+@pytest.mark.parametrize(("async_save", "case"), [(False, "committed"), (True, "committed late"),
+                                                  (False, "commit fails")])
+def test_a_surviving_third_rank_learns_whether_rank_0_committed_after_a_rank_was_lost(
+        tmp_path: Path, async_save: bool, case: str) -> None:
+    """Rank 2 gives up on rank 1 (no heartbeat) at the commit's broadcast; it learns rank
+    0's outcome without rank 1, also when rank 0 commits only after rank 2 gave up."""
+    outs = launch(_lost_with_a_survivor, 3, str(tmp_path), async_save, case, timeout=200)
+    assert outs[1].killed, outs[1]
+    assert outs[0].ok and outs[2].ok, (outs[0].traceback, outs[2].traceback)
+    leader, survivor = outs[0].value, outs[2].value
+    for got in (leader, survivor):
+        assert got["type"] == "RankLostError" and got["lost"] == (1,), got
+        assert "rank 1 stopped answering" in got["text"], got["text"]
+    if case == "commit fails":  # nothing committed; rank 0's error is the cause on both
+        assert leader["committed"] is survivor["committed"] is None
+        assert leader["cause"]["type"] == survivor["cause"]["type"] == "StorageError", (leader, survivor)
+        assert {k: survivor["cause"][k] for k in FIELDS} == {k: leader["cause"][k] for k in FIELDS}
+        assert leader["cause"]["errno"] == 28 and (leader["cause"]["rank"], survivor["cause"]["rank"]) == (None, 0)
+        assert leader["names"] == survivor["names"] == [E0]
+        return
+    where = str(tmp_path / E1)
+    assert leader["committed"] == survivor["committed"] == where, (leader, survivor)
+    for got in (leader, survivor):
+        assert f"the save of epoch 1, step 0 WAS committed before that ({where})" in got["text"], got["text"]
+        assert f"resume() restarts from {where}" in got["hint"]
+    assert leader["names"] == [E0, E1]
+    assert len(torch.load(tmp_path / E1, weights_only=True)["ckpt"]["rng_per_rank"]) == 3
+
+
+def _checks_fail(rank: int, world: int, directory: str, failing: tuple[int, ...]) -> dict:
+    from ckpt import CheckpointManager
+
+    bad: dict[str, Any] = {1: {"extra": ["not", "a", "dict"]}, 2: {"metrics": {"loss": "high"}}}.get(rank, {})
+    mgr = CheckpointManager(directory, model=torch.nn.Linear(2, 2), collective_timeout=60)
+    try:
+        mgr.save(epoch=0, **(bad if rank in failing else {}))
+        got: dict[str, Any] = {"type": "returned"}
+    except Exception as e:  # noqa: BLE001 - the test compares what each rank raised
+        got = {**_fields(e), "cause": None if e.__cause__ is None else str(e.__cause__)}
+    mgr.close()
+    return got
+
+
+@pytest.mark.parametrize("failing", [(2,), (1, 2)], ids=["rank 2", "ranks 1 and 2"])
+def test_the_lowest_failing_ranks_ckpt_error_is_raised_on_every_rank(tmp_path: Path,
+                                                                     failing: tuple[int, ...]) -> None:
+    outs = run(_checks_fail, 3, str(tmp_path), failing, timeout=120)
+    first = failing[0]
+    own = outs[first]
+    what = {1: "extra must be a dict, got list", 2: "metric 'loss' must be a number, got 'high'"}[first]
+    assert own["type"] == "ConfigError" and own["rank"] is None and own["what"].startswith(what), own
+    for rank, out in enumerate(outs):
+        if rank == first:
+            continue
+        assert out["type"] == "ConfigError" and out["rank"] == first, (rank, out)
+        assert {k: out[k] for k in FIELDS} == {k: own[k] for k in FIELDS}
+        assert out["text"].startswith(f"save() failed on rank {first}: {what}"), out["text"]
+    if failing == (1, 2):  # rank 2 raises rank 1's error, its own as the cause
+        assert "metric 'loss' must be a number" in outs[2]["cause"], outs[2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt-e")]
+
+
+def _shard_write_fails_on_rank_2(rank: int, world: int, directory: str) -> dict:
+    from ckpt import CheckpointManager
+
+    model, opt = fsdp_mlp(world, 0)
+    mgr = CheckpointManager(directory, model=model, optimizer=opt, collective_timeout=60)
+    mgr.save(epoch=0)
+    fsync, sync = os.fsync, os.sync
+    if rank == 2:  # its disk is full: DCP's fsync of its shard file fails (ENOSPC)
+        def full(*args: Any) -> None:
+            raise OSError(28, "No space left on device")
+        os.fsync, os.sync = full, full  # type: ignore[assignment]
+    try:
+        mgr.save(epoch=1)
+        got: dict[str, Any] = {"type": "returned"}
+    except Exception as e:  # noqa: BLE001 - the test compares what each rank raised
+        got = _fields(e)
+    os.fsync, os.sync = fsync, sync  # type: ignore[assignment]
+    mgr.close()
+    return {**got, "names": [r.name for r in mgr.checkpoints]}
+
+
+def test_a_shard_write_that_fails_on_rank_2_raises_its_storage_error_on_every_rank(tmp_path: Path) -> None:
+    outs = run(_shard_write_fails_on_rank_2, 3, str(tmp_path), timeout=150)
+    own = outs[2]
+    assert own["type"] == "StorageError" and own["rank"] is None and own["errno"] == 28, own
+    assert "No space left on device" in own["what"] and "disk is full" in own["hint"], own
+    for out in outs[:2]:
+        assert out["type"] == "StorageError" and out["rank"] == 2, out
+        assert {k: out[k] for k in FIELDS} == {k: own[k] for k in FIELDS}
+        assert "(write) failed on rank 2: " in out["text"], out["text"]
+    assert [o["names"] for o in outs] == [["ckpt-e000000-s000000000.dcp"]] * 3

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError, RankLostError, to_wire
-from .failures import ORDER_HINT, lost_error, of_others, timeout_error
+from .failures import ORDER_HINT, first_failure, lost_error, timeout_error
 
 if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store
@@ -198,12 +198,14 @@ def _check_timeout(timeout: float) -> None:
 
 
 def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
-                fetch: Sequence[str]) -> list[Any]:
-    """Post ``posts`` (key suffix -> object), wait for every rank, return the ``fetch`` objects."""
+                fetch: Sequence[str], source: int | None = None) -> list[Any]:
+    """Post ``posts`` (key suffix -> object), wait for every rank, return the ``fetch`` objects.
+    ``source``: the rank that posts the one ``fetch`` object (a broadcast), see :func:`_sent`."""
     _check_timeout(timeout)
     channel = ctx._channel
     assert channel is not None  # callers check ctx.active
     store, call = channel.store, next(channel.calls)
+    deadline = time.monotonic() + timeout
     arrivals = [f"{call}/{r}" for r in range(ctx.world_size)]
     mine = [f"{call}/{name}" for name in posts]
     # deleted once every rank reached the next call: by then nobody reads them, the verdict included
@@ -212,13 +214,16 @@ def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
         for key, obj in zip(mine, posts.values()):
             store.set(key, pickle.dumps(obj))  # type: ignore[arg-type]  # takes bytes too
         store.set(arrivals[ctx.rank], what)  # after the payloads: arrival means they are there
-        outcome = _wait(channel, arrivals, f"{call}/verdict", timeout)
+        outcome = _wait(channel, arrivals, f"{call}/verdict", deadline, timeout)
         verdict = store.compare_set(f"{call}/verdict", "", outcome).decode()
         if verdict != "ok":
             channel.garbage += posted
             arrived = [r for r, key in enumerate(arrivals) if store.check([key])]
             if verdict.startswith("lost"):
-                raise lost_error(ctx.rank, what, verdict, arrived, LOST_AFTER_S)
+                lost = lost_error(ctx.rank, what, verdict, arrived, LOST_AFTER_S)
+                if source is not None and source != ctx.rank and source not in lost.lost:
+                    lost.sent = _sent(channel, arrivals[source], f"{call}/{fetch[0]}", source, deadline)
+                raise lost
             if outcome == "ok":  # this rank came late: every key is there, the others gave up
                 theirs = {n.decode() for r, n in enumerate(store.multi_get(arrivals)) if r != ctx.rank}
                 raise CollectiveTimeoutError(
@@ -240,10 +245,10 @@ def _rendezvous(ctx: Group, what: str, timeout: float, posts: Mapping[str, Any],
     return values
 
 
-def _wait(channel: _Channel, arrivals: list[str], verdict: str, timeout: float) -> str:
-    """Wait for every key of ``arrivals``: ``"ok"``, ``"timeout <s>"``, or ``"lost <ranks>"``
-    when a missing rank's heartbeat stopped; stops early once another rank decided."""
-    store, deadline = channel.store, time.monotonic() + timeout
+def _wait(channel: _Channel, arrivals: list[str], verdict: str, deadline: float, timeout: float) -> str:
+    """Wait for every key of ``arrivals`` until ``deadline``: ``"ok"``, ``"timeout <s>"``, or
+    ``"lost <ranks>"`` when a missing rank's heartbeat stopped; stops early once another rank decided."""
+    store = channel.store
     while True:
         left = deadline - time.monotonic()
         try:
@@ -257,6 +262,31 @@ def _wait(channel: _Channel, arrivals: list[str], verdict: str, timeout: float) 
         lost = channel.lost(missing)
         if lost:
             return "lost " + ",".join(map(str, lost))
+
+
+def _sent(channel: _Channel, arrival: str, key: str, source: int, deadline: float) -> Any:
+    """What the broadcast's ``source`` posted under ``key``, for a rank that gave up on a lost
+    rank while ``source`` lives; None when ``source`` does not arrive by ``deadline`` (the
+    collective's own) or its heartbeat stops too.
+
+    Why: with 3+ ranks, a survivor must learn rank 0's commit outcome although the
+    broadcast failed (:func:`ckpt.engine.base.announce`). It needs nothing of the lost
+    rank: ``source`` posts its payload before its arrival key, and its keys of a failed
+    call are never deleted (deletion waits for a call every rank completes). The store,
+    not a marker file, because every rank reaches it (an object store or node-local
+    disks share no directory), and a failed wait is bounded like the collective itself."""
+    store = channel.store
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                store.wait([arrival], timedelta(seconds=max(0.001, min(_SLICE_S, left))))
+                return pickle.loads(store.get(key))
+            except dist.DistStoreError:
+                if channel.lost([source]):
+                    return None
+    except dist.DistError:  # the store is gone: nothing more to learn
+        pass
+    return None
 
 
 def sync(ctx: Group, what: str, *, timeout: float, payload: Any = None) -> list[Any]:
@@ -276,9 +306,8 @@ def sync(ctx: Group, what: str, *, timeout: float, payload: Any = None) -> list[
 def agree(ctx: Group, what: str, error: BaseException | None, *, timeout: float) -> None:
     """Tell every rank whether this rank's part of ``what`` failed; raise on every rank if any did.
 
-    The failing rank re-raises its own ``error`` (after the others were told); the
-    others raise rank 0's error when rank 0 alone failed (the same ckpt error class),
-    else :class:`CollectiveError` naming the failing ranks and their messages
+    Every rank raises the lowest failing rank's error: that rank its own ``error`` (after
+    the others were told), the others the same ckpt error class with ``rank`` set
     (:mod:`.failures`), so no rank reports success, or hangs, when another could not finish.
     """
     agree_or_retry(ctx, what, error, retry=False, timeout=timeout)
@@ -300,10 +329,7 @@ def agree_or_retry(ctx: Group, what: str, error: BaseException | None, *, retry:
     failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
     if failed and all(again for _, (again, _) in failed):
         return True
-    if error is not None:
-        raise error
-    if failed:
-        raise of_others(what, [(r, wire) for r, (_, wire) in failed])
+    first_failure(ctx.rank, what, error, [(r, wire) for r, (_, wire) in failed])
     return False
 
 
@@ -314,7 +340,7 @@ def broadcast_object(ctx: Group, obj: Any, src: int = 0, *, timeout: float, what
     if not ctx.active:
         _check_timeout(timeout)
         return obj
-    return _rendezvous(ctx, what, timeout, {"b": obj} if ctx.rank == src else {}, ["b"])[0]
+    return _rendezvous(ctx, what, timeout, {"b": obj} if ctx.rank == src else {}, ["b"], source=src)[0]
 
 
 def gather_rng(ctx: Group, local_rng: RngState, *, timeout: float) -> list[RngState] | None:

@@ -2,30 +2,33 @@
 (see docs/explanation/distributed.md).
 
 Every such error names the rank(s) at fault and what the survivors were doing. When
-rank 0 -- the rank that commits -- failed alone, every other rank raises rank 0's own
-error: the same ckpt error class, rebuilt by name from its fields
-(:func:`ckpt.errors.from_wire`; never an unpickled class), its text saying it happened
-on rank 0. Any other failure is a :class:`~ckpt.errors.CollectiveError` on the ranks
-that did not fail, quoting every failing rank's one-line error.
+ranks failed, every rank raises the error of the lowest failing rank (the same on every
+rank, whichever failed): that rank its own, every other the same ckpt error class,
+rebuilt by name from its fields (:func:`ckpt.errors.from_wire`; never an unpickled
+class), with ``rank`` set and its text saying where it happened (another failing rank
+chains its own error as the cause). An exception that is not a ckpt error becomes a
+:class:`~ckpt.errors.CollectiveError` naming its type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, RankLostError, Wire, from_wire
+from ..errors import CkptError, CollectiveTimeoutError, RankLostError, Wire, from_wire
 
 ORDER_HINT = ("every rank must call save()/resume()/restore()/wait()/close() in the same order; a rank "
               "that crashed, or is stuck elsewhere (data loading, a collective of its own), shows up here")
 
 
-def of_others(what: str, failed: Sequence[tuple[int, Wire]]) -> CkptError:
-    """What a rank that did not fail raises when the ranks ``failed`` did (rank, its error)."""
-    if len(failed) == 1 and failed[0][0] == 0:
-        return from_wire(failed[0][1], 0, what)
-    listed = "; ".join(f"rank {r}: {wire['text']}" for r, wire in failed)
-    return CollectiveError(f"{what} failed on {listed}",
-                           hint="the failing rank's own error (and traceback) is in its log")
+def first_failure(rank: int, what: str, error: BaseException | None, failed: Sequence[tuple[int, Wire]]) -> None:
+    """Raise what rank ``rank`` (its own ``error``, or None) raises when the ranks ``failed``
+    did (rank, its error; none: return): the lowest failing rank's error (module docstring)."""
+    if not failed:
+        return
+    first, wire = min(failed, key=lambda f: f[0])
+    if first == rank and error is not None:
+        raise error
+    raise from_wire(wire, first, what) from error
 
 
 def lost_error(rank: int, what: str, verdict: str, arrived: list[int], lost_after: float) -> RankLostError:

@@ -73,6 +73,7 @@ from ..errors import (
     CorruptCheckpointError,
     StateMismatchError,
     StorageError,
+    storage_error,
 )
 from ..format import torchio
 from ..format.shardfiles import (
@@ -262,15 +263,18 @@ def export_single(final_dir: Path, out_path: Path, *, verify: bool = True) -> Pa
 
 def _step(ctx: Group, what: str, timeout: float, fn: Callable[[], _T], path: PurePath | os.PathLike[str],
           kind: type[CkptError]) -> _T:
-    """Run this rank's part of ``what``, then agree with every rank on the outcome."""
+    """Run this rank's part of ``what``, then agree with every rank on the outcome. DCP
+    raises the failures it gathered on every rank: only its lowest failing rank reports
+    one, so every other rank raises that rank's error, with its ``rank`` (see :func:`agree`)."""
     try:
         result = fn()
     except (Exception, CheckpointException) as e:  # every failure must reach the others
         error = _translate(e, path, kind)
         if error is not e:
             error.__cause__ = e
-        agree(ctx, what, error, timeout=timeout)
-        raise  # agree() raised already
+        mine = not isinstance(e, CheckpointException) or min(e.failures) == ctx.rank
+        agree(ctx, what, error if mine else None, timeout=timeout)
+        raise error  # agree() raised already (the failing rank reported it)
     agree(ctx, what, None, timeout=timeout)
     return result
 
@@ -284,6 +288,8 @@ def _translate(e: BaseException, path: PurePath | os.PathLike[str], kind: type[C
         inner = e.failures[first][0]
         if isinstance(inner, CkptError):
             return inner
+        if isinstance(inner, OSError) and kind is StorageError:  # a full or read-only disk: its errno and hint
+            return storage_error(inner, path, "writing the shards")
         msg = f"{type(inner).__name__} on rank {first}: {inner}"
     else:
         msg = f"{type(e).__name__}: {e}"

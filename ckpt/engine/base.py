@@ -120,17 +120,22 @@ def release(store: Any) -> None:
         release()
 
 
-def announce(broadcast: Callable[[], Outcome], outcome: Optional[Outcome], where: Callable[[str], Any],
-             key: Key) -> Outcome:
-    """``broadcast()`` of rank 0's commit ``outcome``; if a rank is lost or late after rank 0
-    committed (``outcome`` ok), rank 0's error says the save of ``key`` was committed at
-    ``where(file)`` (:func:`ckpt.distributed.failures.committed_anyway`)."""
+def announce(what: str, broadcast: Callable[[], Outcome], outcome: Optional[Outcome],
+             error: Optional[BaseException], where: Callable[[str], Any], key: Key) -> Outcome:
+    """``broadcast()`` of rank 0's commit ``outcome`` (``error``: rank 0's, when it failed).
+    If a rank is lost or late, every rank that knows the outcome says so: rank 0, and a
+    surviving rank that got it anyway (:attr:`RankLostError.sent`). Committed: the error
+    says the save of ``key`` was committed at ``where(file)``
+    (:func:`ckpt.distributed.failures.committed_anyway`); failed: rank 0's error is its cause."""
     try:
         return broadcast()
     except (RankLostError, CollectiveTimeoutError) as e:
-        if outcome is None or outcome[0] != "ok":
-            raise
-        raise committed_anyway(e, str(where(outcome[1]["file"])), *key) from e
+        sent = outcome if outcome is not None else getattr(e, "sent", None)
+        if sent is not None and sent[0] == "ok":
+            raise committed_anyway(e, str(where(sent[1]["file"])), *key) from e
+        if sent is not None and sent[0] == "err":
+            raise e from (error if error is not None else from_wire(sent[2], 0, what))
+        raise
 
 
 def failure(e: BaseException) -> Outcome:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from .. import record, state
 from ..distributed import agreement
 from ..distributed import collective as cl
-from ..distributed.failures import of_others
+from ..distributed.failures import first_failure
 from ..errors import to_wire
 from ..record import CheckpointRecord
 from . import saving, shardsave
@@ -85,15 +85,15 @@ class CollectiveEngine(Restoring):
     # -- the collectives, failing every rank together --------------------------------
 
     def _broadcast(self, what: str, outcome: Outcome | None, error: BaseException | None) -> Outcome:
-        """Rank 0's outcome on every rank; rank 0 re-raises its own error, the others a
-        :class:`CollectiveError` quoting it."""
+        """Rank 0's outcome on every rank; rank 0 re-raises its own error, the others the
+        same ckpt error class (:func:`~ckpt.engine.base.received`)."""
         return received(what, self._collective(cl.broadcast_object, self.ctx, outcome, timeout=self.timeout,
                                                what=what), error)
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn``, a collective step; if it raises, it raises on every rank, whatever each
-        raises: a failure is agreed (the failing rank re-raises its own error, the others
-        a :class:`CollectiveError`) and a timeout is one verdict for all. So every rank
+        raises: a failure is agreed (every rank raises the lowest failing rank's error:
+        :mod:`ckpt.distributed.failures`) and a timeout is one verdict for all. So every rank
         marks itself broken alike, and every rank skips close()'s barrier: none waits there
         for a rank that does not come."""
         try:
@@ -188,10 +188,7 @@ class CollectiveEngine(Restoring):
         report = None if error is None else to_wire(error)
         posts = self._collective(cl.sync, self.ctx, "save()", timeout=self.timeout, payload=(report, payload))
         failed = [(r, wire) for r, (wire, _) in enumerate(posts) if wire is not None]
-        if error is not None:
-            raise error
-        if failed:
-            raise of_others("save()", failed)
+        first_failure(self.ctx.rank, "save()", error, failed)
         differ = agreement.disagreement([p[0] for _, p in posts])
         if differ is not None:
             self.broken = True
@@ -211,7 +208,8 @@ class CollectiveEngine(Restoring):
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, failure(e)
         what = f"save() of epoch {epoch}, step {step} (commit)"
-        got = announce(lambda: self._broadcast(what, outcome, error), outcome, mgr.catalog.store.where, (epoch, step))
+        got = announce(what, lambda: self._broadcast(what, outcome, error), outcome, error, mgr.catalog.store.where,
+                       (epoch, step))
         return self._adopt(mgr, got)
 
     def _save_sharded(self, mgr: ManagerView, args: saving.SaveArgs, rngs: list[Any]) -> CheckpointRecord:

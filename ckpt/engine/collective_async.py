@@ -131,8 +131,8 @@ class Saves:
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, failure(e)
         what = f"{job.what} (commit)"
-        got = announce(lambda: cl.broadcast_object(ctx, outcome, timeout=self.timeout, what=what), outcome,
-                       mgr.catalog.store.where, (job.args.epoch, job.args.step))
+        got = announce(what, lambda: cl.broadcast_object(ctx, outcome, timeout=self.timeout, what=what), outcome,
+                       error, mgr.catalog.store.where, (job.args.epoch, job.args.step))
         self.adopt(mgr, received(what, got, error))
 
     def _sharded(self, mgr: ManagerView, job: Job, seq: int) -> None:

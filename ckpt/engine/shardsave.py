@@ -78,8 +78,8 @@ def save(ctx: cl.Group, mgr: ManagerView, args: SaveArgs, states: States, meta: 
                 prep.undo()
                 prep.error, outcome = e, failure(e)
         what = f"save() of {name} (index)"
-        got = announce(lambda: guard(cl.broadcast_object, ctx, outcome, timeout=timeout, what=what), outcome,
-                       store.where, (args.epoch, args.step))
+        got = announce(what, lambda: guard(cl.broadcast_object, ctx, outcome, timeout=timeout, what=what), outcome,
+                       prep.error, store.where, (args.epoch, args.step))
         return received(what, got, prep.error)
 
 
