@@ -345,7 +345,7 @@ def test_prune_prints_then_deletes_with_yes_under_the_lock(tmp_path: Path,
 
 def test_prune_waits_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
     make_run(tmp_path).close()
-    lock = LocalStore(tmp_path, create=False).lock()
+    lock = LocalStore(tmp_path, create=False).lock(commit=True)
     with lock:  # a writer committing
         prune = subprocess.Popen([sys.executable, "-m", "ckpt", "prune", str(tmp_path), "--keep-last", "1", "--yes"],
                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,

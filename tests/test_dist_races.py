@@ -75,7 +75,7 @@ def _concurrent_writer(directory: Path, name: str, mode: str, fill: float) -> No
     cat = Catalog(LocalStore(directory))
     epoch, step = schema.parse_name(name) or (0, 0)
     if mode == "delete":
-        with cat.store.lock():
+        with cat.store.lock(commit=True):
             records = cat.scan(locked=True).records
             cat.retain([r for r in records if r.name != name], RetentionPolicy())
             cat.store.delete(name)

@@ -183,7 +183,7 @@ def test_clean_temporaries_leaves_a_busy_writers_temporaries(tmp_path):
     storage.prepare_directory(tmp_path)
     live = tmp_path / f"{storage.TMP_PREFIX}999-beef-ckpt-e000001-s000000000.pt"
     live.write_bytes(b"being written")
-    with LocalStore(tmp_path).lock():  # another writer holds the directory lock
+    with LocalStore(tmp_path).lock(commit=True):  # another writer holds the directory lock
         assert LocalStore(tmp_path).clean_temporaries() == []
     assert live.exists()
     assert LocalStore(tmp_path).clean_temporaries() == [live.name]

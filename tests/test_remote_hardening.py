@@ -113,13 +113,13 @@ def test_an_upload_replaced_by_a_second_writer_is_reported_as_a_writer_conflict(
             if name == "ckpt-index.json":
                 other = FsspecStore(url, opts)
                 with pytest.raises(WriterConflictError, match="a writer holds this run directory") as info, \
-                        pytest.warns(UserWarning, match="waiting"), other.lock():
+                        pytest.warns(UserWarning, match="waiting"), other.lock(commit=True):
                     other.write(name, lambda f: f.write(b"{}"))
                 refused.append(str(info.value))
             return super()._upload(name, produce, on_write)
 
     first = Raced(url, opts)
-    with first.lock():
+    with first.lock(commit=True):
         first.write("ckpt-index.json", lambda f: f.write(b'{"a": 1}'))
     assert refused and first.read_bytes("ckpt-index.json") == b'{"a": 1}'
     first.release()

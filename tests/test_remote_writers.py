@@ -201,7 +201,7 @@ def test_readers_and_tools_never_take_the_run(server: MotoServer, bucket: str) -
     from ckpt.storage import open_existing
     tool = open_existing(url, opts(server))
     with pytest.raises(WriterConflictError, match="a writer holds"):
-        with tool.lock(timeout=0):
+        with tool.lock(timeout=0, commit=False):
             pass
     live.save(epoch=1)  # untouched by all of it
     live.close()

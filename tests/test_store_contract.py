@@ -197,7 +197,7 @@ def test_move_renames_and_replaces_its_target(store: Store) -> None:
 
 def test_the_lock_is_a_context_manager_taken_again_after_release(store: Store) -> None:
     for _ in range(2):
-        with store.lock():
+        with store.lock(commit=True):
             put(store, NAME, b"under the lock")
     assert store.read_bytes(NAME) == b"under the lock"
 

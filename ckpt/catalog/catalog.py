@@ -88,7 +88,7 @@ class Catalog:
             self._book.show(listing.records)
             return listing.records
         try:
-            with self.store.lock(timeout=0):
+            with self.store.lock(timeout=0, commit=False):  # the repair when opening the run
                 listing = self.scan(locked=True)  # a writer may have committed meanwhile
                 if listing.changed:
                     self._book.write(listing.records)
@@ -246,7 +246,7 @@ class Catalog:
         ``differential_save``: tensors unchanged since the newest committed checkpoint are
         referenced, not written again (:mod:`ckpt.catalog.differential`).
         """
-        with self.store.lock():
+        with self.store.lock(commit=True):
             records = self._book.current()  # no other writer committed: nothing to read
             if records is None:
                 records = self.scan(locked=True).records
@@ -317,7 +317,7 @@ class Catalog:
         under the lock (a concurrent writer may have replaced it meanwhile: then it is
         left alone). Returns what happened."""
         try:
-            with self.store.lock():
+            with self.store.lock(commit=True):
                 listing = self.scan(locked=True)
                 now = next((r for r in listing.records if r.name == rec.name), None)
                 if now is None:

@@ -344,14 +344,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _locked(cat: Any) -> Iterator[None]:
     """The directory's writer lock; says so when it has to wait for a writer."""
     try:
-        with cat.store.lock(timeout=0):
+        with cat.store.lock(timeout=0, commit=False):  # a tool's change
             yield
             return
     except Timeout:
         pass
     print(f"ckpt: note: waiting up to {LOCK_TIMEOUT:.0f}s for the directory's lock (a writer is saving)",
           file=sys.stderr, flush=True)
-    with cat.store.lock(timeout=LOCK_TIMEOUT):
+    with cat.store.lock(timeout=LOCK_TIMEOUT, commit=False):
         yield
 
 

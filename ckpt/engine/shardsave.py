@@ -88,7 +88,7 @@ def _prepare(prep: _Prepared, held: ExitStack, mgr: ManagerView, args: SaveArgs,
     """Rank 0: the lock, the records, the name checked, the plain entries; an error is kept in ``prep``."""
     store = mgr.catalog.store
     try:
-        held.enter_context(store.lock())
+        held.enter_context(store.lock(commit=True))
         prep.listed = mgr.catalog.scan(locked=True).records
         existing = check_new((args.epoch, args.step), args.mid_epoch, args.overwrite, prep.listed)
         prep.meta = meta()

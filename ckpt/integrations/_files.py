@@ -81,7 +81,7 @@ def save(store: Store, name: str, obj: Mapping[str, Any], numbers: Mapping[str, 
     writers left (:func:`settle`). A plug-in keeps a :class:`Directory` instead."""
     if clean:
         store.clean_temporaries()
-    with store.lock():
+    with store.lock(commit=True):
         if clean:
             settle(store)
         _save_staged(store, name, obj, numbers)
@@ -112,12 +112,12 @@ class Directory:
         self.staged = caps.local_root is not None
         self.release = caps.release
         store.clean_temporaries()
-        with store.lock():
+        with store.lock(commit=True):
             settle(store)
             self._names = set(store.list())  # this writer's own view from now on (one writer per run)
 
     def save(self, name: str, obj: Mapping[str, Any], numbers: Mapping[str, Any]) -> None:
-        with self.store.lock():
+        with self.store.lock(commit=True):
             if self.staged:
                 _save_staged(self.store, name, obj, numbers)
                 return

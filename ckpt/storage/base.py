@@ -80,8 +80,11 @@ class Store(Protocol):
     def keep_aside(self, name: str) -> Optional[str]:
         """A temporary second name for ``name``'s current bytes (to undo an overwrite), or None."""
 
-    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
-        """The writers' lock (``timeout=0``: try once, raise ``filelock.Timeout`` if held)."""
+    def lock(self, timeout: float = -1, *, commit: bool) -> AbstractContextManager[object]:
+        """The writers' lock (``timeout=0``: try once, raise ``filelock.Timeout`` if held).
+        ``commit``: held for a writer's commit, which a remote run's writer makes under its
+        writer lease (taken the first time); False: a repair or a tool's change, which only
+        borrows the lease (see :mod:`ckpt.storage.claim`)."""
 
     def clean_temporaries(self) -> List[str]:
         """Remove what crashed writers left (only when no writer holds the lock); their names."""

@@ -7,7 +7,7 @@ stopped renewing it for a whole time to live) stops at its next commit. While th
 lease is held, the store knows the run as only its writer can change it: what it
 listed, wrote and deleted (:meth:`WriterClaim.identity`), so a commit needs no listing
 of the run. A clean ``close()`` frees the lease at once. A tool (``ckpt prune``), or a
-writer's short repair when opening the run (``lock(timeout=0)``), borrows the lease for
+writer's short repair when opening the run (``lock(commit=False)``), borrows the lease for
 the duration of the lock only, and never takes it from a live writer.
 """
 
@@ -34,14 +34,14 @@ class WriterClaim:
     _known: Optional[Dict[str, int]]  # names with a commit record -> generation, while the lease is held
     _generation: int
 
-    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
-        return self._writer_check(timeout)
+    def lock(self, timeout: float = -1, *, commit: bool) -> AbstractContextManager[object]:
+        return self._writer_check(commit)
 
     @contextmanager
-    def _writer_check(self, timeout: float) -> Iterator[object]:
+    def _writer_check(self, commit: bool) -> Iterator[object]:
         """A writer's commit: take the lease (the first time; waiting for a dead writer's
-        lease to expire) or check it. A tool, or ``timeout=0`` without the lease: borrow it."""
-        if self.writer and (timeout != 0 or self.lease.held):
+        lease to expire) or check it. A tool, or a writer's repair without the lease: borrow it."""
+        if self.writer and (commit or self.lease.held):
             if self.lease.held:
                 self.lease.check()
             else:

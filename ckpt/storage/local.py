@@ -87,7 +87,7 @@ def write_file(path: Path, produce: Produce) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(path.parent / LOCK_NAME):
-        with LocalStore(path.parent, create=False).lock():
+        with LocalStore(path.parent, create=False).lock(commit=True):
             atomic_write(path.parent, path.name, produce)
     else:
         atomic_write(path.parent, path.name, produce)
@@ -306,13 +306,13 @@ class LocalStore:
         self.move(name, found[1])
         return True
 
-    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
+    def lock(self, timeout: float = -1, *, commit: bool) -> AbstractContextManager[object]:
         return _DirectoryLock(str(self.directory / LOCK_NAME), thread_local=False, timeout=timeout)
 
     def clean_temporaries(self) -> List[str]:
         removed: List[str] = []
         try:
-            with self.lock(timeout=0):
+            with self.lock(timeout=0, commit=False):
                 with os.scandir(self.directory) as it:
                     stale = [e.name for e in it if e.name.startswith(TMP_PREFIX)
                              and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))]

@@ -224,17 +224,17 @@ class TieredStore:
 
     # -- writers ---------------------------------------------------------------------
 
-    def lock(self, timeout: float = -1) -> AbstractContextManager[object]:
-        return self._locked(timeout)
+    def lock(self, timeout: float = -1, *, commit: bool) -> AbstractContextManager[object]:
+        return self._locked(timeout, commit)
 
     @contextmanager
-    def _locked(self, timeout: float) -> Iterator[object]:
+    def _locked(self, timeout: float, commit: bool) -> Iterator[object]:
         with self._cond:
             conflict = self._error if getattr(self._error, "writer_conflict", False) else None
         if conflict is not None:
             self._raise_pending()
-        with self.local.lock(timeout):  # the remote writer check runs with each upload too
-            if timeout != 0:  # a writer's commit (never the repair when opening the run)
+        with self.local.lock(timeout, commit=commit):  # the remote writer check runs with each upload too
+            if commit:  # a writer's commit (never the repair when opening the run)
                 self._claim()
             yield self
 
@@ -320,7 +320,7 @@ class TieredStore:
                 job = self._jobs.get(name) if kind == "upload" else None
             try:
                 # one writer per run directory: stop if taken over (a rank's own shards: not the writer)
-                with self.remote.lock() if job is None or job[1] else nullcontext():
+                with self.remote.lock(commit=True) if job is None or job[1] else nullcontext():
                     if job is not None:
                         self._uploaded = job[0](self.remote)
                     elif kind == "upload":
