@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 import zlib
 from datetime import timedelta
 from pathlib import Path
@@ -128,11 +129,7 @@ class TieredTarget(LocalTarget):
         super().__init__(ctx, tmp, caps.directory)
         self.remote, self.later, self.timeout = caps.objects, caps.upload, timeout
         self.shown = caps.objects.where()
-        cache = self.final.parent
-        st = os.stat(cache)
-        places = sync(ctx, f"save of {self.final.name} (nodes)", timeout=timeout,
-                      payload=(socket.gethostname(), str(cache.resolve()), st.st_dev, st.st_ino))
-        self.owner = places.index(places[ctx.rank]) == ctx.rank
+        self.owner = node_owner(ctx, self.final.parent, f"save of {self.final.name} (nodes)", timeout)
 
     def commit(self, manifest: dict[str, Any], known: Sums) -> dict[str, Any]:
         elsewhere = {k: v for k, v in known.items() if not (self.tmp / k).is_file()}  # other nodes' caches
@@ -142,10 +139,33 @@ class TieredTarget(LocalTarget):
         if self.owner and not self.ctx.is_leader and self.tmp.exists():
             shutil.rmtree(self.final, ignore_errors=True)  # a leftover of an earlier save of this name
             os.replace(self.tmp, self.final)
-        tag = f"{zlib.crc32(json.dumps(manifest['files'], sort_keys=True).encode()):08x}"
         files = sorted(mine)  # rank 0's include .metadata and ckpt-meta.pt
-        upload = _Upload(self.ctx, LocalTree(self.final), self.remote, self.tmp, tag, files, self.timeout)
+        upload = _Upload(self.ctx, LocalTree(self.final), self.remote, self.tmp, upload_tag(manifest["files"]),
+                         files, self.timeout)
         self.later(self.final.name, upload.run, self.ctx.is_leader)
+
+
+def node_owner(ctx: Group, cache: Path, what: str, timeout: float) -> bool:
+    """Collective: is this rank the lowest of the ranks that share its cache directory ``cache``?"""
+    st = os.stat(cache)
+    places = sync(ctx, what, timeout=timeout, payload=(socket.gethostname(), str(cache.resolve()), st.st_dev,
+                                                       st.st_ino))
+    return places.index(places[ctx.rank]) == ctx.rank
+
+
+def upload_tag(files: dict[str, Any]) -> str:
+    """The name of one upload of a checkpoint in the rendezvous store: its files' sums."""
+    return f"{zlib.crc32(json.dumps(files, sort_keys=True).encode()):08x}"
+
+
+def upload_again(ctx: Group, tree: Tree, tag: str, files: list[str], timeout: float) -> None:
+    """Queue the upload of a sharded checkpoint committed in the caches and not on the
+    store (a killed job's): this rank uploads ``files`` (those of its node's cache: the
+    node's lowest rank), rank 0 the manifest and the record last, with the next save's."""
+    caps = tree.capabilities()
+    assert caps.directory is not None and caps.objects is not None and caps.upload is not None
+    upload = _Upload(ctx, LocalTree(caps.directory), caps.objects, caps.directory, tag, files, timeout)
+    caps.upload(caps.directory.name, upload.run, ctx.is_leader, held=True)
 
 
 class _Upload:
@@ -157,6 +177,8 @@ class _Upload:
         self.prefix = f"ckpt-up/{cache.path.name}/{tag}/"
 
     def run(self, remote: Any) -> int:
+        """This rank's files up; rank 0: then the commit record, once every file is up
+        (-1: some file is in no cache, nothing committed, with a warning)."""
         store = self.ctx.store
         try:
             for rel in self.files:
@@ -167,11 +189,16 @@ class _Upload:
             raise
         if not self.ctx.is_leader:
             if store is not None:
-                store.set(f"{self.prefix}{self.ctx.rank}", "ok")
+                store.set(f"{self.prefix}{self.ctx.rank}", "ok " + json.dumps(self.files))
             return 0
-        self._others_done()
+        sent = set(self.files) | self._others_done()
         data = self.cache.read_bytes(shardfiles.MANIFEST)
         manifest = shardfiles.parse_manifest(data, self.cache.path / shardfiles.MANIFEST)
+        missing = sorted(set(manifest["files"]) - sent)
+        if missing:  # a node's cache lost its part: committing would list a checkpoint with files missing
+            warnings.warn(f"{self.remote.where()}: not uploaded, {missing} are in no node's cache "
+                          "(the checkpoint stays in the caches that hold it)", stacklevel=1)
+            return -1
         obj = self.remote
         obj.retry(lambda: obj.fs.pipe_file(obj.file_key(shardfiles.MANIFEST), data))
         size = _total(manifest, data)
@@ -195,10 +222,11 @@ class _Upload:
 
         obj.retry(put)
 
-    def _others_done(self) -> None:
+    def _others_done(self) -> set[str]:
+        """The files the other ranks uploaded, once every one has reported."""
         store = self.ctx.store
         if store is None or self.ctx.world_size == 1:
-            return
+            return set()
         keys = [f"{self.prefix}{r}" for r in range(1, self.ctx.world_size)]
         try:
             store.wait(keys, timedelta(seconds=self.timeout))
@@ -206,12 +234,14 @@ class _Upload:
             raise StorageError(f"not every rank uploaded its files within {self.timeout:g} s ({e})",
                                path=self.remote.where(), hint="the checkpoint stays committed in the "
                                "caches; the next save uploads a newer one") from e
-        failed = [(k, v) for k in keys if (v := store.get(k).decode()) != "ok"]
+        got = {k: store.get(k).decode() for k in keys}
         for k in keys:
             store.delete_key(k)
+        failed = [(k, v) for k, v in got.items() if not v.startswith("ok ")]
         if failed:
             raise StorageError(f"ranks failed to upload their files: {failed}", path=self.remote.where(),
                                hint="see those ranks' warnings; the next save uploads a newer checkpoint")
+        return {rel for v in got.values() for rel in json.loads(v[3:])}
 
 
 def for_tree(ctx: Group, tree: Tree, tmp_name: str, *, aside: Path | None, timeout: float) -> Any:

@@ -39,11 +39,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import record, state
-from ..distributed import agreement
+from ..distributed import agreement, nodecache
 from ..distributed import collective as cl
 from ..distributed.failures import first_failure
 from ..errors import to_wire
 from ..record import CheckpointRecord
+from ..storage.base import capabilities
 from . import saving, shardsave
 from .base import ManagerView, Outcome, announce, failure, flush, received, release
 from .collective_async import Saves
@@ -144,14 +145,19 @@ class CollectiveEngine(Restoring):
         """Rank 0 opens the directory (cleaning leftovers); every rank's catalog gets its records."""
         outcome: Outcome | None = None
         error: BaseException | None = None
+        cached = capabilities(catalog.store).cache is not None
         if self.ctx.is_leader:
             try:
-                outcome = ("ok", [r.to_json() for r in catalog.open()], None)
+                records = catalog.open()
+                unsent = nodecache.backlog(catalog.store, records) if cached else []
+                outcome = ("ok", [r.to_json() for r in records], unsent)
             except Exception as e:  # noqa: BLE001 - every failure must reach the others
                 error, outcome = e, failure(e)
         got = self._broadcast("CheckpointManager()", outcome, error)
         if not self.ctx.is_leader:
             catalog.adopt(records_of(catalog, got[1]))
+        if cached:  # each node's own cache: what a killed job left there
+            self._collective(nodecache.reopen, self.ctx, catalog.store, catalog.records, got[2], self.timeout)
 
     # -- saving ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from ..catalog import sharddir
 from ..catalog.commit import check_new
 from ..distributed import collective as cl
 from ..record import CheckpointRecord
-from ..storage.local import TMP_PREFIX
+from ..storage.local import scratch_dir
 from . import saving
 from .base import ManagerView, Outcome, announce, failure, received
 
@@ -55,7 +55,7 @@ def save(ctx: cl.Group, mgr: ManagerView, args: SaveArgs, states: States, meta: 
 
     store = mgr.catalog.store
     name = schema.dir_name(args.epoch, args.step)
-    tmp = f"{TMP_PREFIX}shard-{name}"  # the same on every rank: each writes its shards there
+    tmp = scratch_dir(name)  # the same on every rank: each writes its shards there
     with ExitStack() as held:
         prep = _Prepared()
         if ctx.is_leader:

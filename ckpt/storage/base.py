@@ -147,6 +147,17 @@ class RecordsChecksums(Protocol):
         """The checksum recorded when ``name`` was committed, None when there is none."""
 
 
+@runtime_checkable
+class Caches(Protocol):
+    """A local cache in front of the run (a tiered store): each node of a job has its own."""
+
+    def clean_cache(self) -> List[str]:
+        """Remove what crashed writers left in the cache alone; their names."""
+
+    def unsent_dirs(self) -> List[str]:
+        """Sharded checkpoints committed in the cache and not on the remote tier."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one store can do beyond :class:`Store`, each None (or False) where it cannot."""
@@ -163,6 +174,8 @@ class Capabilities:
     release: Optional[Callable[[], None]] = None
     #: See :class:`RecordsChecksums`.
     recorded_checksum: Optional[Callable[[str], Optional[str]]] = None
+    #: See :class:`Caches`.
+    cache: Optional[Caches] = None
     #: The run directory is this real (local or shared POSIX) directory: files can be
     #: opened, appended to and hold directories (the metrics history, sharded checkpoints).
     local_root: Optional[Path] = None
@@ -199,4 +212,5 @@ def probed(store: object) -> Capabilities:
         list_dirs=store.list_dirs if isinstance(store, ListsDirectories) else None,
         flush=store.flush if isinstance(store, Flushes) else None,
         release=store.release if isinstance(store, Releases) else None,
-        recorded_checksum=store.recorded_checksum if isinstance(store, RecordsChecksums) else None)
+        recorded_checksum=store.recorded_checksum if isinstance(store, RecordsChecksums) else None,
+        cache=store if isinstance(store, Caches) else None)

@@ -35,6 +35,11 @@ QUARANTINE_SUFFIX = ".corrupt"
 _ASIDE = re.compile(re.escape(TMP_PREFIX) + r"\d+-[0-9a-f]{8}-prev-(.+)")
 
 
+def scratch_dir(name: str) -> str:
+    """Where a sharded save of ``name`` stages, beside it (the same name on every rank)."""
+    return f"{TMP_PREFIX}shard-{name}"
+
+
 def temporary_name(name: str, tag: str = "") -> str:
     """A name no other writer uses, which listings skip and the next open cleans."""
     return f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{tag}{name}"

@@ -70,6 +70,7 @@ class TieredStore:
         #: Uploads of sharded checkpoints: name -> (the job, run as the run's writer or not).
         self._jobs: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}
         self._remote_dirs: Optional[Dict[str, int]] = None  # the remote tier's sharded checkpoints, listed once
+        self._held: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}  # uploads for the next sharded save
 
     def capabilities(self) -> Capabilities:
         """Its own methods' (uploads to flush, the remote claim to release, directories
@@ -101,10 +102,21 @@ class TieredStore:
         """A sharded checkpoint: this node's cached files in front of the uploaded ones."""
         return TieredTree(self.local.tree(name), self.remote.tree(name), self._later)
 
-    def _later(self, name: str, job: Callable[[FsspecStore], int], as_writer: bool) -> None:
+    def _later(self, name: str, job: Callable[[FsspecStore], int], as_writer: bool, *, held: bool = False) -> None:
         """Queue ``job`` (a sharded checkpoint's upload, see ckpt.distributed.targets) in
-        commit order; ``as_writer``: under the run's writer check (rank 0 only)."""
+        commit order; ``as_writer``: under the run's writer check (rank 0 only). ``held``:
+        a killed job's checkpoint, uploaded again with the next sharded save (a writer's:
+        opening the run uploads nothing), before it."""
         with self._cond:
+            if held:
+                self._held[name] = (job, as_writer)
+                return
+            for left, queued in self._held.items():
+                if left != name:
+                    self._jobs[left] = queued
+                    self._writes += 1
+                    self._uploads[left] = self._writes
+            self._held = {}
             self._jobs[name] = (job, as_writer)
             self._deletes.pop(name, None)
             self._uploads.pop(name, None)
@@ -131,6 +143,7 @@ class TieredStore:
         self.local.delete(name)
         with self._cond:
             self._uploads.pop(name, None)
+            self._held.pop(name, None)
             self._deletes[name] = None
             self._start()
 
@@ -259,6 +272,18 @@ class TieredStore:
     def clean_temporaries(self) -> List[str]:
         return self.local.clean_temporaries() + self.remote.clean_temporaries()
 
+    def clean_cache(self) -> List[str]:
+        """What crashed writers left in this cache only (a node's other than rank 0's)."""
+        return self.local.clean_temporaries()
+
+    def unsent_dirs(self) -> List[str]:
+        """Sharded checkpoints committed in this cache and not on the remote tier (a killed
+        job's whose upload did not finish), oldest first; none while it is unreachable."""
+        self.list_dirs()  # the remote tier listed, once
+        with self._cond:
+            remote, down = self._remote_dirs or {}, self._remote_down
+        return [] if down else sorted(n for n in self.local.list_dirs() if schema.is_sharded(n) and n not in remote)
+
     # -- the upload thread -----------------------------------------------------------
 
     def flush(self, raise_error: bool = True) -> None:
@@ -350,7 +375,7 @@ class TieredStore:
                     if self._remote_dirs is not None:
                         self._remote_dirs.pop(name, None)
                 elif job is not None:
-                    if self._remote_dirs is not None and job[1]:
+                    if self._remote_dirs is not None and job[1] and self._uploaded >= 0:
                         self._remote_dirs[name] = self._uploaded
                     if self._uploads.get(name) == n:
                         del self._uploads[name]
