@@ -9,9 +9,9 @@ rank with a cache (:func:`reopen`):
   but the scratch directory of a checkpoint rank 0 committed (the node was killed
   before its own rename) holds that node's part of it: it is renamed into place;
 - a sharded checkpoint committed in the caches whose upload did not finish (no commit
-  record on the store, :func:`backlog`) is uploaded again, as a single-file checkpoint
-  left behind is: with the next save (a writer's; opening the run uploads nothing), each
-  node's lowest rank its cache's files, rank 0 the manifest and the record last
+  record on the store, :func:`backlog`) is uploaded again, each node's lowest rank its
+  cache's files, rank 0 the manifest and the record last, and the open waits for it:
+  its files are spread over the nodes' caches, so no rank could load it before
   (docs/explanation/remote-runs.md).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import schema
-from ..errors import CkptError
+from ..errors import CkptError, StorageError
 from ..format.shardfiles import read_manifest
 from ..record import CheckpointRecord
 from ..storage.base import Store, capabilities
@@ -72,3 +72,9 @@ def reopen(ctx: Group, store: Store, records: list[CheckpointRecord], unsent: li
         here = root / name
         mine = [f for f in files if (here / f).is_file()] if owner else []
         upload_again(ctx, store.tree(name), tag, mine, timeout)
+    flush = caps.flush
+    if unsent and flush is not None:
+        try:
+            flush()
+        except StorageError:
+            pass  # warned by the upload; left pending: retried by wait() and close(), raised if it fails again

@@ -161,11 +161,11 @@ def upload_tag(files: dict[str, Any]) -> str:
 def upload_again(ctx: Group, tree: Tree, tag: str, files: list[str], timeout: float) -> None:
     """Queue the upload of a sharded checkpoint committed in the caches and not on the
     store (a killed job's): this rank uploads ``files`` (those of its node's cache: the
-    node's lowest rank), rank 0 the manifest and the record last, with the next save's."""
+    node's lowest rank), rank 0 the manifest and the record last."""
     caps = tree.capabilities()
     assert caps.directory is not None and caps.objects is not None and caps.upload is not None
     upload = _Upload(ctx, LocalTree(caps.directory), caps.objects, caps.directory, tag, files, timeout)
-    caps.upload(caps.directory.name, upload.run, ctx.is_leader, held=True)
+    caps.upload(caps.directory.name, upload.run, ctx.is_leader)
 
 
 class _Upload:

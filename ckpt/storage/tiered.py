@@ -70,7 +70,6 @@ class TieredStore:
         #: Uploads of sharded checkpoints: name -> (the job, run as the run's writer or not).
         self._jobs: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}
         self._remote_dirs: Optional[Dict[str, int]] = None  # the remote tier's sharded checkpoints, listed once
-        self._held: Dict[str, Tuple[Callable[[FsspecStore], int], bool]] = {}  # uploads for the next sharded save
 
     def capabilities(self) -> Capabilities:
         """Its own methods' (uploads to flush, the remote claim to release, directories
@@ -102,21 +101,10 @@ class TieredStore:
         """A sharded checkpoint: this node's cached files in front of the uploaded ones."""
         return TieredTree(self.local.tree(name), self.remote.tree(name), self._later)
 
-    def _later(self, name: str, job: Callable[[FsspecStore], int], as_writer: bool, *, held: bool = False) -> None:
+    def _later(self, name: str, job: Callable[[FsspecStore], int], as_writer: bool) -> None:
         """Queue ``job`` (a sharded checkpoint's upload, see ckpt.distributed.targets) in
-        commit order; ``as_writer``: under the run's writer check (rank 0 only). ``held``:
-        a killed job's checkpoint, uploaded again with the next sharded save (a writer's:
-        opening the run uploads nothing), before it."""
+        commit order; ``as_writer``: under the run's writer check (rank 0 only)."""
         with self._cond:
-            if held:
-                self._held[name] = (job, as_writer)
-                return
-            for left, queued in self._held.items():
-                if left != name:
-                    self._jobs[left] = queued
-                    self._writes += 1
-                    self._uploads[left] = self._writes
-            self._held = {}
             self._jobs[name] = (job, as_writer)
             self._deletes.pop(name, None)
             self._uploads.pop(name, None)
@@ -143,7 +131,6 @@ class TieredStore:
         self.local.delete(name)
         with self._cond:
             self._uploads.pop(name, None)
-            self._held.pop(name, None)
             self._deletes[name] = None
             self._start()
 

@@ -33,11 +33,8 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optio
 from ..io.checksum import file_checksum, format_checksum, stream_crc
 from ..io.posix import open_regular, read_regular
 
-
-class Later(Protocol):
-    """Queues a job for a tiered store's upload thread (``held``: with the next job queued)."""
-
-    def __call__(self, name: str, job: Callable[[Any], int], as_writer: bool, *, held: bool = False) -> None: ...
+#: Queues a job for a tiered store's upload thread: (name, job, as_writer).
+Later = Callable[[str, Callable[[Any], int], bool], None]
 
 
 @dataclass(frozen=True)
