@@ -19,7 +19,8 @@ and returns. An upload that fails (after the remote store's retries) warns at on
 is raised by :meth:`flush` (the manager's ``wait()``/``close()``), once, like an async
 save error; the names it did not upload stay pending and go up with the next upload.
 Checkpoints committed locally by a process killed before their upload are found when
-the run is opened (local, not remote) and uploaded with this store's first commit.
+the run is opened (local, not remote) and uploaded with this store's first commit
+(sharded ones, spread over the nodes' caches, by the open: ckpt.distributed.nodecache).
 A writer's first commit takes the remote run's writer lease before it commits locally,
 so a second writer is refused before it commits anything, as on a plain remote run; a
 lost lease (another writer took the run over) is raised by the next commit
