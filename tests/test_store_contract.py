@@ -218,8 +218,8 @@ EXPECTED = {
     "local": {"identity", "append", "list_dirs", "flush", "local_root", "local_copies", "exclusive_lock"},
     "memory": {"identity", "list_dirs", "release", "recorded_checksum"},
     "s3": {"identity", "list_dirs", "release", "recorded_checksum"},
-    "tiered-memory": {"list_dirs", "flush", "release", "local_copies"},
-    "tiered-s3": {"list_dirs", "flush", "release", "local_copies"},
+    "tiered-memory": {"list_dirs", "flush", "release", "local_copies", "cache"},
+    "tiered-s3": {"list_dirs", "flush", "release", "local_copies", "cache"},
 }
 
 
