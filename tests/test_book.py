@@ -4,6 +4,8 @@ committed, readers replay the journal, anything odd is rebuilt from the files.""
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -16,6 +18,7 @@ from ckpt.catalog import Catalog, book, history, index
 from ckpt.policy import RetentionPolicy
 from ckpt.storage import LocalStore
 from ckpt.storage import local as storage
+from ckpt.verdicts import MissingFilesWarning
 
 
 @pytest.fixture
@@ -67,6 +70,46 @@ def test_a_save_reads_and_lists_nothing_when_no_other_writer_committed(tmp_path,
         catalog.commit(checkpoint(epoch, 1.0), retention=retention)
     assert store.calls == opened  # seven commits, no listing and no index read
     assert fresh_names(store.directory) == [schema.file_name(e, 0) for e in (5, 6, 7)]
+
+
+def _past_a_tick(directory: Path, probe: Path) -> None:
+    """Wait until the filesystem's (coarse) clock has moved past ``directory``'s mtime, so
+    that a change made now shows in it."""
+    while True:
+        probe.touch()
+        if probe.stat().st_mtime_ns > directory.stat().st_mtime_ns:
+            return
+
+
+def test_its_own_background_deletes_send_no_commit_to_a_scan_but_a_hand_deletion_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "RECLAIM_MIN", 1)  # every evicted file is freed in the background
+    released, real_unlink = threading.Event(), os.unlink
+
+    def late(path, *a, **k):  # the background unlink lands after the commit has returned
+        if threading.current_thread().name == "ckpt-reclaim":
+            assert released.wait(60)
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(os, "unlink", late)
+    store = CountingStore(tmp_path / "run")
+    catalog = Catalog(store)
+    catalog.open()
+    retention = RetentionPolicy(keep_last=2)
+    catalog.commit(checkpoint(0, 1.0), retention=retention)
+    opened = dict(store.calls)
+    for epoch in range(1, 6):
+        released.clear()
+        catalog.commit(checkpoint(epoch, 1.0), retention=retention)  # evicts epoch - 2 from 2 on
+        _past_a_tick(store.directory, tmp_path / "probe")
+        released.set()
+        store.flush()
+    assert store.calls == opened  # the evicted files' unlinks changed nothing the book watches
+    _past_a_tick(store.directory, tmp_path / "probe")
+    os.unlink(store.directory / schema.file_name(5, 0))  # by hand: the index still lists it
+    with pytest.warns(MissingFilesWarning):
+        _, kept = catalog.commit(checkpoint(6, 1.0), retention=retention)
+    assert store.calls["list"] == opened["list"] + 1  # seen: the directory was scanned again
+    assert [r.epoch for r in kept] == [4, 6]
+    assert fresh_names(store.directory) == [schema.file_name(e, 0) for e in (4, 6)]
 
 
 def test_the_journal_holds_one_json_line_per_commit_and_readers_replay_it(tmp_path, journal_always):

@@ -395,8 +395,9 @@ threading.Event().wait(300)
 def test_a_kill_before_the_background_unlink_leaves_a_temporary_the_next_open_removes(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RECLAIM, str(tmp_path)], timeout=300)
     assert proc.returncode == -9
-    left = temporaries(tmp_path)
+    assert temporaries(tmp_path) == []  # the run directory holds no temporary: the reclaim one does
+    left = temporaries(tmp_path / storage.RECLAIM_DIR)
     assert len(left) == 1 and "del-ckpt-e000000" in left[0]
     mgr = _linear_run(tmp_path)
-    assert temporaries(tmp_path) == []  # removed, not put back as a checkpoint
+    assert temporaries(tmp_path / storage.RECLAIM_DIR) == []  # removed, not put back as a checkpoint
     assert [r.epoch for r in mgr.checkpoints] == [1] and mgr.resume() == 2

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 TMP_PREFIX = ".ckpt-tmp-"
 LOCK_NAME = ".ckpt.lock"
+#: Where large deleted files wait for the background unlink: a directory of its own, so
+#: that the unlink leaves the run directory's mtime alone (the catalog's book takes a
+#: changed run directory for a foreign change and scans it again).
+RECLAIM_DIR = ".ckpt-reclaim"
 QUARANTINE_SUFFIX = ".corrupt"
 #: The temporary name of a checkpoint kept aside while it is overwritten; group 1: its own name.
 _ASIDE = re.compile(re.escape(TMP_PREFIX) + r"\d+-[0-9a-f]{8}-prev-(.+)")
@@ -269,7 +273,8 @@ class LocalStore:
         A large file or a directory leaves its name now (renamed to a temporary name,
         which listings skip) and its blocks are freed on a background thread: freeing a multi-GB file
         takes the filesystem tens to hundreds of milliseconds the training loop need not
-        wait for. A crash before that leaves a temporary file the next open removes.
+        wait for. It waits in :data:`RECLAIM_DIR`, so the unlink does not change the run
+        directory. A crash before that leaves a temporary file the next open removes.
         """
         path = self.directory / name
         with suppress(FileNotFoundError):
@@ -279,11 +284,22 @@ class LocalStore:
             elif (stat.S_ISDIR(st.st_mode) or st.st_size >= RECLAIM_MIN
                   or (st.st_size >= PACK_RECLAIM_MIN and name.startswith(PACK_PREFIX))) \
                     and not name.startswith(TMP_PREFIX):
-                aside = self.directory / temporary_name(name, "del-")
+                aside = self._reclaim_dir() / temporary_name(name, "del-")
                 os.replace(path, aside)
                 self._reclaimer.add(aside)
             else:
                 os.unlink(path)
+
+    def _reclaim_dir(self) -> Path:
+        """:data:`RECLAIM_DIR`, created if needed; the run directory itself where that name
+        is taken by something else (a file, a symlink)."""
+        path = self.directory / RECLAIM_DIR
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(path, 0o755)
+            return path if stat.S_ISDIR(os.lstat(path).st_mode) else self.directory
+        except OSError:
+            return self.directory
 
     def flush(self) -> None:
         """Wait until the files :meth:`delete` handed to the background are gone."""
@@ -326,9 +342,29 @@ class LocalStore:
                         if not self._put_back(name):
                             self.delete(name)
                             removed.append(name)
+                removed += self._clean_reclaim()
         except Timeout:
             pass  # another writer holds the lock: its temporaries are live
         return removed
+
+    def _clean_reclaim(self) -> List[str]:
+        """Empty :data:`RECLAIM_DIR` of what a killed process left to unlink (the caller
+        holds the lock); the directory stays, so the run directory does not change."""
+        path = self.directory / RECLAIM_DIR
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return []
+            with os.scandir(path) as it:
+                left = [e.name for e in it if e.name.startswith(TMP_PREFIX)]
+        except FileNotFoundError:
+            return []
+        for name in left:
+            with suppress(FileNotFoundError):
+                if os.path.isdir(path / name) and not os.path.islink(path / name):
+                    shutil.rmtree(path / name)
+                else:
+                    os.unlink(path / name)
+        return [f"{RECLAIM_DIR}/{name}" for name in left]
 
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"
