@@ -112,38 +112,45 @@ class _Pickler(pickle.Pickler):
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=torch.serialization.DEFAULT_PROTOCOL)
         self.storages: List[torch.UntypedStorage] = []
-        self._keys: Dict[int, Tuple[str, torch.dtype, str]] = {}
+        self._keys: Dict[int, Tuple[Tuple[Any, ...], torch.dtype]] = {}  # storage -> (persistent id, dtype)
         self._tag: Optional[str] = None
 
     def _expect_ref(self) -> None:
         """A storage reference is about to be pickled (see :class:`_TogglingPickler`)."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is _Hooks:
-            return (collections.OrderedDict, ())
-        if type(obj) is not torch.Tensor:
+        kind = type(obj)  # per-tensor costs below are what a state of small tensors pays
+        if kind is _Hooks:
+            return _EMPTY_ORDERED_DICT
+        if kind is not torch.Tensor:
             if isinstance(obj, (torch.Tensor, torch.storage.TypedStorage, torch.UntypedStorage)):
-                raise Unsupported(type(obj).__qualname__)
+                raise Unsupported(kind.__qualname__)
             return NotImplemented
-        if (not obj.is_cpu or obj.layout is not torch.strided or obj.is_quantized
-                or obj.__dict__ or obj._backward_hooks or any(getattr(obj, "names", ()))
-                or _METADATA(obj)):
+        if (not obj.is_cpu or obj.layout is not _STRIDED or obj.is_quantized
+                or obj.__dict__ or obj._backward_hooks or any(getattr(obj, "names", ())) or _METADATA(obj)):
             raise Unsupported("a tensor torch serialises specially")
         storage = obj.untyped_storage()
+        dtype = obj.dtype
         known = self._keys.get(storage._cdata)
         if known is None:
             if self._tag is None:  # torch's location tag: every storage here is on the CPU
                 self._tag = torch.serialization.location_tag(storage)
-            known = (str(len(self.storages)), obj.dtype, self._tag)
-            self._keys[storage._cdata] = known
+            pid = ("storage", _STORAGE_TYPES.get(dtype) or _storage_type(dtype), str(len(self.storages)), self._tag,
+                   storage.nbytes() // obj.element_size())
+            self._keys[storage._cdata] = (pid, dtype)
             self.storages.append(storage)
-        elif known[1] != obj.dtype:  # torch refuses this: let it say so
+        elif known[1] is not dtype:  # torch refuses this: let it say so
             raise Unsupported("one storage viewed with two dtypes")
-        kind = _STORAGE_TYPES.get(obj.dtype) or _storage_type(obj.dtype)
-        ref = _StorageRef(("storage", kind, known[0], known[2], storage.nbytes() // obj.element_size()))
+        else:
+            pid = (*known[0],)  # a fresh tuple, pickled afresh as torch does (not a memo reference)
         self._expect_ref()
         return (_REBUILD,
-                (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), obj.requires_grad, _Hooks()))
+                (_StorageRef(pid), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad, _Hooks()))
+
+
+#: How :class:`_Hooks` pickles (one constant: the pickler needs no fresh tuple).
+_EMPTY_ORDERED_DICT = (collections.OrderedDict, ())
+_STRIDED = torch.strided
 
 
 class _MethodPickler(_Pickler):
@@ -212,11 +219,14 @@ class _Record:
         """Sum the data and build the local header (which holds the CRC); the header."""
         self.crc = crc32(self.data)
         size = len(self.data)
-        extra = struct.pack("<HHQQ", 1, 16, size, size) if self.zip64 else b""
-        extra += _PAD_ID + struct.pack("<H", self.pad) + b"Z" * self.pad
-        small = _FULL32 if self.zip64 else size
-        self.head = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if self.zip64 else 20, 0, 0, 0, _DATE, self.crc,
-                                small, small, len(self.name), len(extra)) + self.name + extra
+        pad = _PAD_ID + _U16.pack(self.pad) + b"Z" * self.pad
+        if self.zip64:
+            extra = _ZIP64_EXTRA.pack(1, 16, size, size) + pad
+            fixed = _LOCAL.pack(0x04034B50, 45, 0, 0, 0, _DATE, self.crc, _FULL32, _FULL32, len(self.name), len(extra))
+        else:
+            extra = pad
+            fixed = _LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DATE, self.crc, size, size, len(self.name), len(extra))
+        self.head = b"".join((fixed, self.name, extra))
         return self.head
 
     def central(self) -> bytes:
@@ -231,9 +241,14 @@ class _Record:
             extra = struct.pack("<HH", 1, len(extra)) + extra
         version = 45 if extra else 20
         small = _FULL32 if big_size else size
-        return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, 0, 0, _DATE, self.crc,
-                           small, small, len(self.name), len(extra), 0, 0, 0, 0,
-                           _FULL32 if big_offset else self.offset) + self.name + extra
+        return b"".join((_CENTRAL.pack(0x02014B50, version, version, 0, 0, 0, _DATE, self.crc, small, small,
+                                       len(self.name), len(extra), 0, 0, 0, 0, _FULL32 if big_offset else self.offset),
+                         self.name, extra))
+
+
+#: The zip structures written once per record, compiled once (a record per tensor).
+_LOCAL, _CENTRAL = struct.Struct("<IHHHHHIIIHH"), struct.Struct("<IHHHHHHIIIHHHHHII")
+_ZIP64_EXTRA, _U16 = struct.Struct("<HHQQ"), struct.Struct("<H")
 
 
 def _view(storage: torch.UntypedStorage) -> memoryview:
