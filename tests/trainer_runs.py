@@ -3,6 +3,9 @@
 Run as a script (``python tests/trainer_runs.py TRAINER DIR OUT [--resume] [--slow]
 [--async]``) so that a test can SIGKILL it from outside; the final weights go to OUT.
 Imported as ``trainer_runs`` (the tests folder is on ``sys.path``) for the kill harness.
+A test module's single-process runs go through one :class:`Zygote`: an interpreter that
+imports torch and the trainer once and forks each run (a forked run still dies by a real
+SIGKILL), instead of paying that import (up to 8 s of CPU for Lightning) per run.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -298,33 +302,46 @@ def saves(directory: Path) -> int:
 
 
 def run(trainer: str, directory: Path, out: Path, *flags: str, timeout: float = 120,
-        launcher: Tuple[str, ...] = (sys.executable,)) -> None:
-    """Run to the end in a subprocess (``launcher``: ``TORCHRUN_2`` for 2 processes)."""
-    subprocess.run([*launcher, str(HERE), trainer, str(directory), str(out), *flags],
-                   check=True, timeout=timeout, env=_env(), stdout=subprocess.DEVNULL)
+        launcher: Tuple[str, ...] = (sys.executable,), zygote: Optional[Zygote] = None) -> None:
+    """Run to the end in a subprocess (``launcher``: ``TORCHRUN_2`` for 2 processes), or
+    forked by ``zygote``."""
+    if zygote is None:
+        subprocess.run([*launcher, str(HERE), trainer, str(directory), str(out), *flags],
+                       check=True, timeout=timeout, env=_env(), stdout=subprocess.DEVNULL)
+        return
+    with tempfile.NamedTemporaryFile() as log:
+        forked = zygote.fork([trainer, str(directory), str(out), *flags], log.name)
+        try:
+            forked.wait(timeout)
+        finally:
+            _kill_session(forked)
+        assert forked.returncode == 0, (forked.returncode, Path(log.name).read_bytes()[-3000:].decode(errors="replace"))
 
 
 def run_and_kill(trainer: str, directory: Path, saved: Callable[[Path], bool], *flags: str,
                  out: Optional[Path] = None, ranks: int = 0, launcher: Tuple[str, ...] = (sys.executable,),
-                 deadline: float = 120, sig: int = signal.SIGKILL, status: Optional[int] = None) -> None:
+                 deadline: float = 120, sig: int = signal.SIGKILL, status: Optional[int] = None,
+                 zygote: Optional[Zygote] = None) -> None:
     """Start a slow run (in its own session, its output to a file: no pipe to fill); once
     ``saved(directory)``, send ``sig`` from outside by PID: to the launched process, or with
     ``ranks`` to each of that many ranks by the PID it wrote next to ``out`` (the launcher
     reaps them). The run must end with ``status``: by default, killed by ``sig``, or 1 for
-    ``torchrun`` (its workers failed). Whatever is left of its session is SIGKILLed, and it is reaped."""
+    ``torchrun`` (its workers failed). Whatever is left of its session (or, forked by
+    ``zygote``, its process group) is SIGKILLed, and it is reaped."""
     out = out or directory.parent / f"{directory.name}-unused.pt"
     pid_files = [Path(f"{out}.rank{r}.pid") for r in range(ranks)]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([*launcher, str(HERE), trainer, str(directory), str(out), "--slow", *flags],
-                                env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with tempfile.NamedTemporaryFile() as log:
+        argv = [trainer, str(directory), str(out), "--slow", *flags]
+        proc: Any = (zygote.fork(argv, log.name) if zygote else
+                     subprocess.Popen([*launcher, str(HERE), *argv], env=_env(), stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
         try:
             _signal_once(proc, lambda: directory.exists() and saved(directory) and all(p.exists() for p in pid_files),
                          lambda: [int(p.read_text()) for p in pid_files] if ranks else [proc.pid], sig, deadline, log)
             proc.wait(timeout=deadline)
         finally:
             _kill_session(proc)
-        log.seek(0)
-        text = log.read()[-3000:].decode(errors="replace")
+        text = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
     if status is None:
         status = -sig if launcher == (sys.executable,) else 1
     assert proc.returncode == status, (proc.returncode, text)
@@ -337,8 +354,7 @@ def _signal_once(proc: subprocess.Popen, ready: Callable[[], bool], pids: Callab
     end = time.monotonic() + deadline
     while not ready():
         if proc.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"the run ended before it was killed: {log.read()[-3000:]!r}")
+            raise AssertionError(f"the run ended before it was killed: {Path(log.name).read_bytes()[-3000:]!r}")
         if time.monotonic() > end:
             raise AssertionError("no checkpoint appeared before the deadline")
         time.sleep(0.02)
@@ -346,7 +362,7 @@ def _signal_once(proc: subprocess.Popen, ready: Callable[[], bool], pids: Callab
         os.kill(pid, sig)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
+def _kill_session(proc: Any) -> None:
     """SIGKILL whatever is left of ``proc``'s session (it, a launcher's workers, a data
     loader's workers), then reap it."""
     try:
@@ -375,6 +391,145 @@ class Baseline:
         return torch.load(self.path)
 
 
+# -- the zygote: one import of torch and a trainer, a fork per run ------------------------------
+
+#: What a zygote imports before its first fork, by trainer (the costly part of a run's start).
+WARM = {"lightning": ("pytorch_lightning", "ckpt.integrations.lightning"),
+        "hf": ("transformers", "ckpt.integrations.transformers"),
+        "ignite": ("ignite.engine", "ignite.handlers", "ckpt.integrations.ignite"),
+        "torchdata": ("torchdata.stateful_dataloader", "ckpt"),
+        "accelerate": ("accelerate", "ckpt")}
+
+
+class Forked:
+    """A run the zygote forked, in a process group of its own: ``pid``, ``poll()``,
+    ``wait(timeout)`` and ``returncode`` as for a ``Popen`` (the zygote reaps it and
+    reports its status)."""
+
+    def __init__(self, zygote: Zygote, pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            line = self.zygote.line(0)
+            if line is not None:
+                self.returncode = int(line.removeprefix("exit "))
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        if self.returncode is None:
+            line = self.zygote.line(timeout)
+            if line is None:
+                raise subprocess.TimeoutExpired(f"run {self.pid}", timeout)
+            self.returncode = int(line.removeprefix("exit "))
+        return self.returncode
+
+
+class Zygote:
+    """``python trainer_runs.py --zygote TRAINER``: imports once, then forks one run per
+    request (one at a time). ``close()`` ends and reaps it (a test module's fixture)."""
+
+    def __init__(self, trainer: str, timeout: float = 300) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE), "--zygote", trainer], env=_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        if self.line(timeout) != "ready":
+            self.close()
+            raise AssertionError(f"the {trainer} zygote did not start within {timeout:.0f} s")
+
+    def line(self, timeout: float) -> Optional[str]:
+        """The zygote's next line, or None if none within ``timeout`` s (it ended: an error)."""
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the zygote ended (status {self.proc.wait(30)})")
+        return line.strip()
+
+    def fork(self, argv: List[str], log: str) -> Forked:
+        """Start ``main(argv)`` in a fork, its output to the file ``log``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": log}) + "\n")
+        self.proc.stdin.flush()
+        line = self.line(60)
+        assert line is not None and line.startswith("pid "), line
+        return Forked(self, int(line.removeprefix("pid ")))
+
+    def close(self) -> None:
+        """End the zygote (EOF on its input) and reap it; SIGKILL its session if it lingers."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        finally:
+            _kill_session(self.proc)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+def zygote(trainer: str) -> Iterator[Zygote]:
+    """A test module's fixture: ``yield from trainer_runs.zygote("hf")`` (closed at its end;
+    until then one of the session's children, like the moto server, for the check in conftest)."""
+    from tests import children
+
+    z = Zygote(trainer)
+    children.SESSION.add(z.proc.pid)
+    try:
+        yield z
+    finally:
+        z.close()
+        children.SESSION.discard(z.proc.pid)
+
+
+def _serve(trainer: str) -> None:
+    """The zygote's loop: import, say ``ready``; per request line, fork the run, say ``pid N``,
+    reap it, say ``exit STATUS`` (negative: the signal that ended it); end at EOF."""
+    import importlib
+    import threading
+
+    for name in WARM[trainer]:
+        importlib.import_module(name)
+    assert threading.active_count() == 1, "a thread started on import: forking would copy its locks"
+    print("ready", flush=True)
+    for request in sys.stdin:
+        job = json.loads(request)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the run: its own process group, so that the harness's killpg reaches its workers too
+            os.setpgid(0, 0)
+            os.close(r)
+            os.close(w)  # the zygote may report the PID now
+            _die_with_parent()
+            fd = os.open(job["log"], os.O_WRONLY | os.O_APPEND)
+            for target in (1, 2):
+                os.dup2(fd, target)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            main(job["argv"])
+            return  # the interpreter ends as after the script: threads joined, atexit run; an error: 1
+        os.close(w)
+        os.read(r, 1)  # EOF once the child is in its process group
+        os.close(r)
+        print(f"pid {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process if the zygote dies (Linux prctl; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _env() -> Dict[str, str]:
     env = dict(os.environ)
     root = str(HERE.parents[1])
@@ -385,4 +540,7 @@ def _env() -> Dict[str, str]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1:])
+    if sys.argv[1] == "--zygote":
+        _serve(sys.argv[2])
+    else:
+        main(sys.argv[1:])
