@@ -135,10 +135,13 @@ def hf(directory: str, out: str, resume: bool, slow: bool, jit: bool = False) ->
                 time.sleep(30)
             super()._save_rng_state(output_dir)
 
-    class Steady(TrainerCallback):  # with --jit: slow steps, so that a SIGTERM at step 3 (and the
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:  # Trainer's 3 s wait) stops it early
-            if slow:
-                time.sleep(0.8)
+    class Steady(TrainerCallback):  # with --jit: past the first save, hold each step until the JIT
+        def on_step_end(self, _: Any, state: Any, *args: Any, **kwargs: Any) -> None:  # request the
+            if slow and state.global_step > HF_SAVE_EVERY:  # test's SIGTERM makes (3 s later) is set
+                jit = next(c.jit_manager for c in trainer.callback_handler.callbacks if getattr(c, "jit_manager", None))
+                deadline = time.monotonic() + 120
+                while not jit.is_checkpoint_requested and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
     args = TrainingArguments(output_dir=directory, max_steps=HF_STEPS,
                              save_steps=HF_SAVE_EVERY, save_strategy="steps", save_total_limit=1,
