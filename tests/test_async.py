@@ -19,6 +19,7 @@ from typing import Callable, Dict, List
 
 import pytest
 import torch
+from helpers import reap, spawn
 
 from ckpt import CheckpointManager, ConfigError, StorageError
 from ckpt.format import torchfile as fileio
@@ -348,3 +349,30 @@ def test_an_error_nobody_collected_is_logged_at_exit(tmp_path: Path) -> None:
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0
     assert "background save of epoch 0, step 0" in err and "FAILED" in err and "No space left" in err
+
+
+def test_a_child_forked_during_a_save_exits() -> None:
+    """The exit waits for the saves in flight of this process, not for its parent's: a
+    child forked while the parent's writer thread was busy has no such thread."""
+    script = textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from ckpt.background.writer import _Worker
+        release = threading.Event()
+        worker = _Worker()
+        worker.run(release.wait)        # the parent's save, in flight at the fork
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)                 # the child's normal exit: must not wait for it
+        deadline, done = time.monotonic() + 30, (0, 0)
+        while done == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            done = os.waitpid(pid, os.WNOHANG)
+        if done == (0, 0):                  # still there: it hung in its exit
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        print("child", "hung" if done == (0, 0) else "exited")
+        release.set()
+        worker.join()
+    """)
+    (out,) = reap(spawn(script), timeout=60)
+    assert "child exited" in out, out

@@ -228,6 +228,9 @@ def _drain() -> None:
 
 
 threading._register_atexit(_drain)  # type: ignore[attr-defined]  # as concurrent.futures does (3.9+)
+# A forked child has none of its parent's threads: an event cleared by a save in flight
+# at the fork would never be set there, and the child's exit would wait for it forever.
+os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 def _report_uncollected(outcome: _Outcome, directory: str) -> None:
