@@ -8,12 +8,13 @@ import collections
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Counter, List
 
 import pytest
 import torch
-from helpers import child_env
+from helpers import child_env, reap, spawn
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -83,7 +84,8 @@ def _has_matplotlib() -> bool:
 def test_tiered_runs_keep_the_history_on_both_tiers(server: MotoServer, bucket: str, tmp_path: Path) -> None:
     url = f"s3://{bucket}/run"
     _run(url, server, cache_dir=str(tmp_path / "cache"))
-    assert history.HISTORY_NAME in keys(server, f"{bucket}/run")
+    assert history.HISTORY_NAME not in keys(server, f"{bucket}/run")  # the segment is in the index
+    assert len(_segment(server, f"{bucket}/run").splitlines()) == 6
     remote = history.read(open_existing(url, server.options()))
     assert [e.epoch for e in remote] == list(range(6))
     assert history.last(open_existing(url, server.options())).retention.keep_best == 1  # type: ignore[union-attr]
@@ -100,7 +102,7 @@ def test_a_long_history_is_a_chain_of_small_segments(server: MotoServer, bucket:
     names = keys(server, f"{bucket}/run")
     segments = [n for n in names if n.startswith("ckpt-history-") and n.endswith(".jsonl")]
     assert len(segments) >= 2 and all(names[n] <= 600 for n in segments)
-    assert names[history.HISTORY_NAME] <= 600  # the object rewritten at each commit stays small
+    assert len(_segment(server, f"{bucket}/run")) <= 600  # what each commit rewrites stays small
     again = open_existing(url, server.options())
     assert [e.epoch for e in history.read(again)] == list(range(10))
     # a restarted writer goes on with the same chain
@@ -108,6 +110,31 @@ def test_a_long_history_is_a_chain_of_small_segments(server: MotoServer, bucket:
     more.save(epoch=10, metrics={"loss": 0.05})
     more.close()
     assert [e.epoch for e in history.read(again)] == list(range(11))
+
+
+def _segment(server: MotoServer, prefix: str) -> str:
+    """The current history segment, as the index on the store holds it."""
+    from tests.test_remote import server_fs
+    segment = json.loads(server_fs(server).cat_file(f"{prefix}/ckpt-index.json"))[history.INDEX_FIELD]
+    assert isinstance(segment, str)
+    return segment
+
+
+def test_a_run_an_earlier_ckpt_wrote_keeps_its_history_and_moves_it_into_the_index(server: MotoServer,
+                                                                                   bucket: str) -> None:
+    from tests.test_remote import server_fs
+    url, prefix = f"s3://{bucket}/run", f"{bucket}/run"
+    _run(url, server, saves=3)
+    fs = server_fs(server)
+    index = json.loads(fs.cat_file(f"{prefix}/ckpt-index.json"))
+    fs.pipe_file(f"{prefix}/{history.HISTORY_NAME}", index.pop(history.INDEX_FIELD).encode())  # as ckpt 0.x left it
+    fs.pipe_file(f"{prefix}/ckpt-index.json", json.dumps(index).encode())
+    assert [e.epoch for e in history.read(open_existing(url, server.options()))] == [0, 1, 2]
+    mgr = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2), keep_last=2)
+    mgr.save(epoch=3, metrics={"val_loss": 0.4})
+    mgr.close()
+    assert [e.epoch for e in history.read(open_existing(url, server.options()))] == [0, 1, 2, 3]
+    assert len(_segment(server, prefix).splitlines()) == 4  # carried into the index
 
 
 def _counted(mgr: CheckpointManager) -> Counter[str]:
@@ -137,10 +164,10 @@ def test_a_save_does_not_list_the_run(server: MotoServer, bucket: str) -> None:
     mgr.close()
 
 
-def test_a_steady_save_is_four_puts_and_one_batch_delete(server: MotoServer, bucket: str) -> None:
-    """The checkpoint and its record, the index and the history segment (each written
-    whole in one PUT: no record of their own), and retention's record and object in one
-    DeleteObjects (was 10 requests: docs/explanation/remote-runs.md)."""
+def test_a_steady_save_is_three_puts_and_one_batch_delete(server: MotoServer, bucket: str) -> None:
+    """The checkpoint and its record, the index with the history segment inside (written
+    whole in one PUT: no record of its own), and retention's record and object in one
+    DeleteObjects (was 10 requests, then 5: docs/explanation/remote-runs.md)."""
     url = f"s3://{bucket}/run"
     mgr = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(8, 8), keep_last=2)
     mgr.save(epoch=0)
@@ -149,10 +176,10 @@ def test_a_steady_save_is_four_puts_and_one_batch_delete(server: MotoServer, buc
     for epoch in range(2, 6):
         counts.clear()
         mgr.save(epoch=epoch, metrics={"loss": 1.0 / epoch})
-        assert dict(counts) == {"PUT": 4, "POST delete": 1}, counts
+        assert dict(counts) == {"PUT": 3, "POST delete": 1}, counts
     mgr.close()
     names = keys(server, f"{bucket}/run")
-    assert "ckpt-index.json.ckpt-commit" not in names and "ckpt-history.jsonl.ckpt-commit" not in names
+    assert "ckpt-index.json.ckpt-commit" not in names and history.HISTORY_NAME not in names
     again = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(8, 8))
     assert [r.epoch for r in again.checkpoints] == [4, 5]
     assert [e.epoch for e in history.read(again.catalog.store)] == list(range(6))
@@ -174,3 +201,51 @@ def test_an_index_with_an_earlier_ckpts_record_is_read_and_its_record_dropped(se
     mgr.save(epoch=3)
     mgr.close()
     assert not fs.exists(stale)
+
+
+_KILLED = textwrap.dedent("""
+    import json, os, signal, sys, torch
+    from ckpt import CheckpointManager
+    url, opts, kill_at = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    mgr = CheckpointManager(url, storage_options=opts, model=torch.nn.Linear(2, 2), keep_last=2)
+    for epoch in range(3):
+        mgr.save(epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
+    sent = []
+    def seen(request, **_):
+        if ".ckpt-writer" not in request.url:  # the lease's heartbeat: not the save's
+            path = request.url.split("?", 1)[0].rsplit("/", 1)[-1]
+            sent.append("DeleteObjects" if "?delete" in request.url else request.method + " " + path)
+            if len(sent) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    mgr.catalog.store.fs.s3.meta.events.register("before-send.s3", seen)
+    mgr.save(epoch=3, metrics={"loss": 0.25})
+    print(sent, flush=True)
+""")
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5], ids=["object", "record", "index", "delete", "none"])
+def test_a_steady_save_killed_before_each_request_leaves_a_run_that_resumes(server: MotoServer, bucket: str,
+                                                                           kill_at: int) -> None:
+    """SIGKILL just before each request of a steady save (the checkpoint object, its
+    commit record, the index with the history, retention's delete): a restart resumes
+    from a checkpoint that verifies, the history holds the save exactly when its index
+    did, and the next save goes on."""
+    url = f"s3://{bucket}/run"
+    child = spawn(_KILLED, url, json.dumps(server.options()), str(kill_at))
+    out = reap(child, timeout=120)[0]
+    assert child.returncode == (-9 if kill_at < 5 else 0), out
+    if kill_at == 5:  # what the kill points are
+        assert out.splitlines()[0] == str(["PUT ckpt-e000003-s000000000.pt",
+                                           "PUT ckpt-e000003-s000000000.pt.ckpt-commit",
+                                           "PUT ckpt-index.json", "DeleteObjects"]), out
+    mgr = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2), keep_last=2)
+    committed = kill_at >= 3  # its record is in: the object is listed (and the index adopts it)
+    assert mgr.checkpoints[-1].epoch == (3 if committed else 2)
+    assert set(mgr.verify().values()) == {"ok"}
+    assert mgr.resume() == mgr.checkpoints[-1].epoch + 1
+    assert [e.epoch for e in history.read(mgr.catalog.store)] == [0, 1, 2, 3][:4 if kill_at >= 4 else 3]
+    mgr.save(epoch=4, metrics={"loss": 0.2})
+    mgr.close()
+    again = CheckpointManager(url, storage_options=server.options(), model=torch.nn.Linear(2, 2))
+    assert [r.epoch for r in again.checkpoints] == [3 if committed else 2, 4]
+    assert [e.epoch for e in history.read(again.catalog.store)][-1] == 4

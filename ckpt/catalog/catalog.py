@@ -275,7 +275,7 @@ class Catalog:
         """
         keep = set(protected) | ({new.key} if new is not None else set())
         try:
-            kept, evicted = _commit.index_kept(self.store, self._book, candidates, retention, keep)
+            kept, evicted = _commit.index_kept(self.store, self._book, candidates, retention, keep, new=new)
         except BaseException:
             if new is not None:
                 self.store.delete(new.name)

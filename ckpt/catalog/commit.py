@@ -84,7 +84,7 @@ def commit(store: Store, records: List[CheckpointRecord], book: Book,
         candidates = others + [rec]
         if others and others[-1].key > key:
             candidates.sort(key=lambda r: r.key)
-        kept, evicted = index_kept(store, book, candidates, retention, {key, *protected}, added=[rec])
+        kept, evicted = index_kept(store, book, candidates, retention, {key, *protected}, added=[rec], new=rec)
     except BaseException:
         _undo(store, name, book, records, replacing=replacing, backup=backup, written=written)
         differential.remove(store, new_blobs)
@@ -109,27 +109,29 @@ def partition(candidates: List[CheckpointRecord], retention: policy.RetentionPol
 
 
 def index_kept(store: Store, book: Book, candidates: List[CheckpointRecord], retention: policy.RetentionPolicy,
-               protected: Collection[Key], *,
-               added: Optional[List[CheckpointRecord]] = None) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
+               protected: Collection[Key], *, added: Optional[List[CheckpointRecord]] = None,
+               new: Optional[CheckpointRecord] = None) -> Tuple[List[CheckpointRecord], List[CheckpointRecord]]:
     """Commit the index as the ``candidates`` (sorted) that ``retention`` keeps, the
     ``protected`` keys always; return (kept, evicted). Nothing is deleted yet (:func:`finish`).
 
     ``added``: the records new since the records ``book`` holds, so the change can be one
     journal line; None rewrites the whole index (the caller changed it behind the book).
+    ``new``: the save being committed, whose history line the index carries on a store
+    that keeps its history there (elsewhere :func:`finish` appends it).
     """
     kept, evicted = partition(candidates, retention, protected)
     change: Optional[Change] = None if added is None else (added, [r.name for r in evicted])
-    _write_index(store, book, kept, change)
+    _write_index(store, book, kept, change, new=new, retention=retention, protected=protected)
     return kept, evicted
 
 
 def finish(store: Store, kept: List[CheckpointRecord], evicted: List[CheckpointRecord], *,
            new: Optional[CheckpointRecord], retention: policy.RetentionPolicy, protected: Collection[Key],
            replaced: Collection[Tuple[str, str]] = ()) -> None:
-    """After the index commit: the history line of the ``new`` save (evicted or not), then
-    the evicted files, then the blobs no kept record references (the evicted ones' and
-    the ``replaced`` checkpoint's)."""
-    if new is not None:
+    """After the index commit: the history line of the ``new`` save (evicted or not; where
+    the index does not carry it), then the evicted files, then the blobs no kept record
+    references (the evicted ones' and the ``replaced`` checkpoint's)."""
+    if new is not None and not history.in_index(store):
         history.append(store, new, retention, protected)
     _delete(store, evicted)
     still = {b for r in kept for b, _ in r.blobs}
@@ -160,8 +162,12 @@ def _write_checkpoint(store: Store, checkpoint: schema.Checkpoint, progress: Opt
         raise storage_error(e, store.where(checkpoint.name), "writing the checkpoint") from e
 
 
-def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Optional[Change]) -> None:
+def _write_index(store: Store, book: Book, records: List[CheckpointRecord], change: Optional[Change], *,
+                 new: Optional[CheckpointRecord] = None, retention: Optional[policy.RetentionPolicy] = None,
+                 protected: Collection[Key] = ()) -> None:
     try:
+        if new is not None and retention is not None and history.in_index(store):
+            history.stage(store, new, retention, protected)
         book.write(records, change)
     except OSError as e:
         raise storage_error(e, store.where(index.INDEX_NAME), "updating the index") from e

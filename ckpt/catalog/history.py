@@ -10,12 +10,16 @@ and the append, or a power cut, loses at most the newest lines (readers merge th
 index's records back in).
 
 Object stores (and a tiered run's two tiers) cannot append: there the history is a
-chain of segments. The writer keeps the current segment ``ckpt-history.jsonl`` (at
-most :data:`SEGMENT_MAX` bytes) in memory and rewrites it whole at each commit: one
-small object, whatever the run's length. A full segment is first written under a name
-of its own (``ckpt-history-<ns>.jsonl``), and the new current segment starts with a
-line naming it (``{"previous": ...}``), so a reader of the newest saves (``ckpt ls``)
-reads one object and ``ckpt plot`` walks the chain back.
+chain of segments. The writer keeps the current segment (at most :data:`SEGMENT_MAX`
+bytes) in memory and writes it inside the index, its field ``"history"``, at each
+commit (:func:`stage` before the index write): the same PUT as the index, so the save's
+line and its commit are one atomic write and cost no request of their own. A full
+segment is first written under a name of its own (``ckpt-history-<ns>.jsonl``), and
+the new current segment starts with a line naming it (``{"previous": ...}``), so a
+reader of the newest saves (``ckpt ls``) reads the index and ``ckpt plot`` walks the
+chain back. A run written by an earlier ckpt kept its current segment in its own
+object, ``ckpt-history.jsonl``: read when the index has no such field, and carried
+into the index by the next commit.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .. import policy, schema
 from ..errors import ConfigError, CorruptCheckpointError
 from ..record import CheckpointRecord
 from ..storage.base import HISTORY_NAME as HISTORY_NAME  # the storage layer writes it whole
-from ..storage.base import Store, capabilities
+from ..storage.base import INDEX_NAME, Store, capabilities
 
 #: A segment of an object store's history is rewritten whole until it holds this much.
 SEGMENT_MAX = 64 << 10
@@ -41,6 +45,10 @@ SEGMENT_MAX = 64 << 10
 MAX_SEGMENTS = 100_000
 #: The current segment's bytes, as this process last wrote or read them, per store.
 _TAILS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+#: The segment :func:`stage` prepared for the index write in progress, per store.
+_STAGED: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+#: The index's field that holds the current segment on a store that cannot append.
+INDEX_FIELD = "history"
 #: A line longer than this is not one ckpt wrote.
 MAX_LINE = 1 << 16
 Key = Tuple[int, int]
@@ -73,15 +81,13 @@ def encode(rec: CheckpointRecord, retention: policy.RetentionPolicy, protected: 
 
 def append(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolicy,
            protected: Collection[Key] = ()) -> None:
-    """Append ``rec``'s line (the caller holds the lock and has committed the index).
+    """Append ``rec``'s line to the run directory's file (a store that appends: see
+    :func:`in_index`; the caller holds the lock and has committed the index).
 
     Best effort: the checkpoint is already committed, so a failure warns and the save
     succeeds.
     """
     data = encode(rec, retention, protected)
-    if capabilities(store).local_root is None:  # no real file to append to
-        _rewrite(store, data)
-        return
     try:
         fd = os.open(store.where(HISTORY_NAME), os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
                      0o644)
@@ -97,29 +103,71 @@ def append(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolic
                       "the checkpoint is committed", stacklevel=2)
 
 
-def _rewrite(store: Store, line: bytes) -> None:
-    """Append ``line`` to the current segment of a store that cannot append (best effort)."""
-    try:
-        tail = _TAILS.get(store)
-        if tail is None:
-            try:
-                tail = store.read_bytes(HISTORY_NAME)
-            except FileNotFoundError:
-                tail = b""
-            if tail and not tail.endswith(b"\n"):
-                tail += b"\n"
-        if tail and len(tail) + len(line) > SEGMENT_MAX:
-            archive = f"ckpt-history-{time.time_ns():020d}.jsonl"
-            full = tail
-            store.write(archive, lambda f: f.write(full))
-            tail = json.dumps({"previous": archive}, separators=(",", ":")).encode() + b"\n"
-        data = tail + line
-        _TAILS.pop(store, None)  # until the write succeeded
-        store.write(HISTORY_NAME, lambda f: f.write(data))
+def in_index(store: Store) -> bool:
+    """Whether ``store`` keeps its current segment in the index (it has no real file to
+    append to): then a commit calls :func:`stage`, not :func:`append`."""
+    return capabilities(store).local_root is None
+
+
+def stage(store: Store, rec: CheckpointRecord, retention: policy.RetentionPolicy,
+          protected: Collection[Key] = ()) -> None:
+    """Before the index commit (the caller holds the lock): the current segment with
+    ``rec``'s line, for that index write to carry (:func:`for_index`); a full segment is
+    written under a name of its own first."""
+    line = encode(rec, retention, protected)
+    tail = _tail(store, keep=True)
+    if tail and len(tail) + len(line) > SEGMENT_MAX:
+        archive = f"ckpt-history-{time.time_ns():020d}.jsonl"
+        store.write(archive, lambda f: f.write(tail))
+        tail = json.dumps({"previous": archive}, separators=(",", ":")).encode() + b"\n"
+    _STAGED[store] = tail + line
+
+
+def for_index(store: Store) -> Optional[str]:
+    """The current segment the index write about to happen carries (None: ``store``
+    appends its history to a file of its own): the staged one, else the current one."""
+    if not in_index(store):
+        return None
+    data = _STAGED.get(store)
+    return (data if data is not None else _tail(store)).decode("utf-8", "replace")
+
+
+def indexed(store: Store, written: bool) -> None:
+    """The index write is over: the segment it carried is the current one if ``written``."""
+    data = _STAGED.pop(store, None)
+    if written and data is not None:
         _TAILS[store] = data
-    except (OSError, TypeError) as e:
-        warnings.warn(f"{store.where(HISTORY_NAME)}: could not record the save in the metric history ({e}); "
-                      "the checkpoint is committed", stacklevel=3)
+
+
+def _tail(store: Store, keep: bool = False) -> bytes:
+    """The current segment as this process knows it, else as the store has it; ``keep``:
+    remember it (a writer's commit, under the lock: no one else writes it from now on)."""
+    tail = _TAILS.get(store)
+    if tail is None:
+        tail = _stored(store)
+        if tail and not tail.endswith(b"\n"):
+            tail += b"\n"
+        if keep:
+            _TAILS[store] = tail
+    return tail
+
+
+def _stored(store: Store) -> bytes:
+    """The current segment in the store: the index's field, else (a run an earlier ckpt
+    wrote) the object ``ckpt-history.jsonl``; empty when there is neither."""
+    try:
+        data = json.loads(store.read_bytes(INDEX_NAME).decode("utf-8"))
+    except FileNotFoundError:
+        data = None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = None  # an index ckpt did not write: its segment (if any) is lost with it
+    field = data.get(INDEX_FIELD) if isinstance(data, dict) else None
+    if isinstance(field, str):
+        return field.encode("utf-8")
+    try:
+        return store.read_bytes(HISTORY_NAME)
+    except FileNotFoundError:
+        return b""
 
 
 def _previous(raw: bytes) -> Optional[str]:
@@ -137,7 +185,7 @@ def _previous(raw: bytes) -> Optional[str]:
 def _segments(store: Store) -> List[bytes]:
     """The history's bytes, oldest segment first (a missing segment ends the chain)."""
     try:
-        raw = store.read_bytes(HISTORY_NAME)
+        raw = _stored(store) if in_index(store) else store.read_bytes(HISTORY_NAME)
     except OSError:
         return []
     out, seen = [raw], set()
@@ -176,7 +224,7 @@ def last(store: Store) -> Optional[Entry]:
                 raw = f.read()
                 lines = raw.split(b"\n")[1 if size > 4 * MAX_LINE else 0:]  # the first may be cut
         else:
-            lines = store.read_bytes(HISTORY_NAME).split(b"\n")
+            lines = _stored(store).split(b"\n")
     except OSError:
         return None
     for line in reversed(lines):

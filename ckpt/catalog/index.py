@@ -4,7 +4,9 @@ It lists each committed checkpoint's file, epoch, step, metrics, size, checksum 
 time. It is a cache: checkpoint files describe themselves, so an index that is
 missing, torn, or odd in any way (a field of the wrong type, a name that does not
 match its epoch and step, no checksum, a FIFO in its place) is discarded whole and
-rebuilt from the files; it is never the only copy of anything.
+rebuilt from the files; it is never the only copy of a checkpoint's record (on a store
+that cannot append it carries the current metric history segment: its field
+``"history"``, :mod:`ckpt.catalog.history`, read apart from the entries).
 
 A large index is not rewritten on every save: the snapshot ``ckpt-index.json`` is
 followed by a journal ``ckpt-index.log`` (JSON lines, one per commit: the records it
@@ -25,6 +27,7 @@ from ..record import CheckpointRecord
 from ..storage.base import INDEX_NAME as INDEX_NAME  # the name is the storage layer's: see there
 from ..storage.base import JOURNAL_NAME as JOURNAL_NAME  # the storage layer writes it whole
 from ..storage.base import Capabilities, Store, capabilities
+from . import history
 
 INDEX_VERSION = 1
 #: An index larger than this is not one ckpt wrote (about 300 bytes per checkpoint).
@@ -159,9 +162,13 @@ def identity(store: Store, caps: Optional[Capabilities] = None) -> Optional[Iden
     return ident(INDEX_NAME), ident(JOURNAL_NAME)
 
 
-def encode(records: Iterable[CheckpointRecord]) -> bytes:
+def encode(records: Iterable[CheckpointRecord], segment: Optional[str] = None) -> bytes:
+    """The snapshot's bytes; ``segment``: the current metric history segment, kept in the
+    index on a store that cannot append (:func:`ckpt.catalog.history.stage`)."""
     ordered = sorted(records, key=lambda r: r.key)
-    payload = {"format": INDEX_VERSION, "checkpoints": [r.to_json() for r in ordered]}
+    payload: Dict[str, Any] = {"format": INDEX_VERSION, "checkpoints": [r.to_json() for r in ordered]}
+    if segment is not None:
+        payload[history.INDEX_FIELD] = segment
     return (json.dumps(payload, indent=1) + "\n").encode("utf-8")
 
 
@@ -174,9 +181,16 @@ def encode_line(added: Iterable[CheckpointRecord], dropped: Iterable[str]) -> by
 def write(store: Store, records: Iterable[CheckpointRecord]) -> int:
     """Commit the index whole, atomically and durably (same protocol as checkpoints),
     then drop the journal it folds in; returns the snapshot's size. A journal that
-    outlives its snapshot (a crash in between) replays to the same records."""
-    data = encode(records)
-    store.write(INDEX_NAME, lambda f: f.write(data))
+    outlives its snapshot (a crash in between) replays to the same records. On a store
+    that cannot append, the current metric history segment rides along (the save's
+    line too, once staged: :func:`ckpt.catalog.history.stage`)."""
+    written = False
+    try:
+        data = encode(records, history.for_index(store))
+        store.write(INDEX_NAME, lambda f: f.write(data))
+        written = True
+    finally:
+        history.indexed(store, written)
     ident = identity(store)
     if ident is None or ident[1] is not None:
         store.delete(JOURNAL_NAME)
