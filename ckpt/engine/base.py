@@ -124,7 +124,7 @@ def announce(what: str, broadcast: Callable[[], Outcome], outcome: Optional[Outc
              error: Optional[BaseException], where: Callable[[str], Any], key: Key) -> Outcome:
     """``broadcast()`` of rank 0's commit ``outcome`` (``error``: rank 0's, when it failed).
     If a rank is lost or late, every rank that knows the outcome says so: rank 0, and a
-    surviving rank that got it anyway (:attr:`RankLostError.sent`). Committed: the error
+    surviving rank that got it anyway (:attr:`ckpt.errors.RankLostError.sent`). Committed: the error
     says the save of ``key`` was committed at ``where(file)``
     (:func:`ckpt.distributed.failures.committed_anyway`); failed: rank 0's error is its cause."""
     try:
