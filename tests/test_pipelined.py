@@ -87,63 +87,6 @@ def test_leaving_early_stops_the_reader(data_fd: tuple[int, bytes]) -> None:
     assert not _readers()
 
 
-
-def _mapped_now(path: Path) -> int:
-    """How many mappings of ``path`` this process holds."""
-    with open("/proc/self/maps") as f:
-        return sum(line.rstrip().endswith(str(path)) for line in f)
-
-
-@pytest.fixture
-def mapping_fd(tmp_path: Path, data_fd: tuple[int, bytes]) -> tuple[int, bytes, Path]:
-    """``data_fd`` where this kernel maps and fills file ranges (Linux 5.14 and later)."""
-    probe = pipelined._Mapping.of(data_fd[0], 0, 10)
-    if probe is None:
-        pytest.skip("no MADV_POPULATE_READ here: MAPPED segments are read through bounce buffers")
-    probe.close()
-    return data_fd[0], data_fd[1], tmp_path / "data.bin"
-
-
-@pytest.mark.parametrize("threaded", [False, True])
-def test_mapped_segments_arrive_as_the_files_pages_and_are_unmapped(mapping_fd: tuple[int, bytes, Path],
-                                                                   threaded: bool) -> None:
-    """Bytes only to be summed come as read-only views of the file's own pages (no
-    copy), at offsets that are not page-aligned too, each unmapped once the next is taken."""
-    fd, data, path = mapping_fd
-    segments = [*pipelined.split(0, 1_000, 7_000), *pipelined.split(1_000, 299_000, 7_000, pipelined.MAPPED)]
-    got, most = [], 0
-    for offset, view, bounced in pipelined.Reader(_read_at, fd, segments, 7_000, threaded=threaded):
-        assert bounced and view.readonly == (offset >= 1_000)
-        got.append(bytes(view))
-        most = max(most, _mapped_now(path))
-    assert b"".join(got) == data
-    assert 1 <= most <= pipelined.BOUNCES + 2  # mapped piece by piece, not all at once
-    assert _mapped_now(path) == 0 and not _readers()
-
-
-def test_a_mapped_segment_past_the_end_is_read_and_reported(mapping_fd: tuple[int, bytes, Path]) -> None:
-    """A range the file no longer holds is not mapped (touching it would be a SIGBUS): it
-    is read, and the short read raises as for any segment."""
-    fd, _, path = mapping_fd
-    segments = list(pipelined.split(0, 400_000, 10_000, pipelined.MAPPED))
-    seen = 0
-    with pytest.raises(EOFError, match="ends at 300000"):
-        for _ in pipelined.Reader(_read_at, fd, segments, 10_000, threaded=True):
-            seen += 1
-    assert seen == 30 and _mapped_now(path) == 0 and not _readers()
-
-
-def test_leaving_early_unmaps_what_was_read_ahead(mapping_fd: tuple[int, bytes, Path]) -> None:
-    fd, _, path = mapping_fd
-    reader = pipelined.Reader(_read_at, fd, list(pipelined.split(0, 300_000, 1_000, pipelined.MAPPED)), 1_000,
-                              threaded=True)
-    for i, _ in enumerate(reader):
-        if i == 2:
-            break
-    reader.close()
-    assert _mapped_now(path) == 0 and not _readers()
-
-
 def test_prefault_keeps_what_the_memory_holds() -> None:
     st = torch.UntypedStorage(3 << 20)
     t = torch.empty(0, dtype=torch.uint8).set_(st)  # type: ignore[call-overload]

@@ -113,7 +113,7 @@ class Filler:
             assert r.dest is not None
             crc = 0
             for offset, _, view in pipelined.split(r.offset, r.size, chunk, at(r.dest.data_ptr(), r.size)):
-                assert isinstance(view, memoryview)
+                assert view is not None
                 read_at(self.fd, view, offset, self.path)
                 crc = crc32(view, crc)
             sums.append((r, crc))

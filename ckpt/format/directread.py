@@ -273,17 +273,17 @@ def _alternating(fresh: List[Tuple[int, int, int]], middle: int) -> List[Tuple[i
 
 
 def _segments(ordered: List[Record], lo: int, hi: int, chunk: int, path: PurePath) -> List[pipelined.Segment]:
-    """File bytes ``[lo, hi)`` in pieces: big fresh records into their storage, big
-    records of live tensors (only summed now) mapped, the rest through a bounce buffer."""
+    """File bytes ``[lo, hi)`` in pieces: big fresh records into their storage, the rest
+    through a bounce buffer."""
     segments: List[pipelined.Segment] = []
     pos = lo
     for r in ordered:
         if r.offset < pos:
             raise CorruptCheckpointError("overlapping records", path=path, hint="the file is damaged")
-        if r.size < DIRECT_MIN or (r.view is None and (r.dest is None or r.offset + r.size > hi)):
+        if r.view is None or r.size < DIRECT_MIN:
             continue
         segments += pipelined.split(pos, r.offset - pos, chunk)
-        segments += pipelined.split(r.offset, r.size, chunk, r.view if r.view is not None else pipelined.MAPPED)
+        segments += pipelined.split(r.offset, r.size, chunk, r.view)
         pos = r.offset + r.size
     segments += pipelined.split(pos, hi - pos, chunk)
     return segments

@@ -3,8 +3,7 @@
 A cold read is bound by the disk; what the CPU adds (the CRC-32, copies out of a
 bounce buffer, faulting in fresh memory) can run while the disk works on the next
 range. :class:`Reader` reads a list of segments (file ranges, each into the memory
-it ends in, into one of a few reusable bounce buffers, or, for bytes only summed,
-``MAPPED``: the file's own pages mapped read-only, no copy) in order on a ``ckpt-read``
+it ends in or into one of a few reusable bounce buffers) in order on a ``ckpt-read``
 thread and hands each one back, in order, once its bytes are there; ``preadv``
 and zlib-ng's CRC-32 both release the GIL, so on two cores the CRC costs no wall
 time. :func:`prefault` asks the kernel to fault in fresh memory ahead of the reads
@@ -28,87 +27,24 @@ THREAD_MIN = 8 << 20
 #: Bounce buffers in flight: the reader fills one while the caller sums another.
 BOUNCES = 3
 
-
-
-class _Mapped:
-    """A segment's destination meaning "only summed": the file's own pages, mapped."""
-
-
-#: Bytes that are only looked at (summed), not kept: where the kernel can, they are
-#: mapped and faulted in (``MADV_POPULATE_READ``) instead of copied into a bounce buffer.
-MAPPED = _Mapped()
-#: (file offset, length, destination: memory to read into, None for a bounce buffer, or MAPPED)
-Segment = Tuple[int, int, Union[memoryview, None, _Mapped]]
+#: (file offset, length, destination or None for a bounce buffer)
+Segment = Tuple[int, int, Optional[memoryview]]
 ReadAt = Callable[[int, memoryview, int], None]
-_Item = Union[Tuple[int, memoryview, Union[bytearray, "_Mapping", None]], BaseException]  # noqa: UP037 - defined below
+_Item = Union[Tuple[int, memoryview, Optional[bytearray]], BaseException]
 
-_MADV_SEQUENTIAL = 2
 _MADV_HUGEPAGE = 14
-_MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 #: Transparent huge pages: 2 MiB, where the kernel has them (faulting 512x fewer pages).
 _HUGE = 2 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _madvise: Optional[Callable[..., int]] = None
-_mmap: Optional[Callable[..., int]] = None
-_munmap: Optional[Callable[..., int]] = None
 if sys.platform.startswith("linux"):
     try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _madvise = _libc.madvise  # releases the GIL while it runs
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise  # releases the GIL while it runs
         _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         _madvise.restype = ctypes.c_int
-        _mmap, _munmap = _libc.mmap, _libc.munmap
-        _mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-        _mmap.restype = ctypes.c_void_p
-        _munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-        _munmap.restype = ctypes.c_int
     except (OSError, AttributeError):  # pragma: no cover - an unusual libc
-        _madvise = _mmap = _munmap = None
-_PROT_READ, _MAP_SHARED, _MAP_FAILED = 1, 1, ctypes.c_void_p(-1).value
-_PYBUF_READ = 0x100
-try:  # a memoryview of raw memory (CPython)
-    _FROM_MEMORY = ctypes.pythonapi.PyMemoryView_FromMemory
-    _FROM_MEMORY.restype = ctypes.py_object
-    _FROM_MEMORY.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
-except AttributeError:  # pragma: no cover - not CPython: no mappings, bounce buffers as before
-    _mmap = None
-
-
-class _Mapping:
-    """File bytes ``[offset, offset + length)`` mapped read-only and faulted in, as a
-    memoryview; :meth:`close` unmaps them (they leave the resident set again)."""
-
-    def __init__(self, address: int, size: int, skip: int, length: int, token: bytearray) -> None:
-        self._address, self._size, self.token = address, size, token
-        self.view: memoryview = _FROM_MEMORY(address + skip, length, _PYBUF_READ)
-
-    @classmethod
-    def of(cls, fd: int, offset: int, length: int, token: Optional[bytearray] = None) -> Optional[_Mapping]:
-        """The mapping, or None where it cannot be made or filled (an old kernel, a file
-        shorter than the range: the caller then reads the range, which reports it)."""
-        if _mmap is None or _munmap is None or _madvise is None or length <= 0:
-            return None
-        start = offset - offset % _PAGE
-        size = offset + length - start
-        address = _mmap(None, size, _PROT_READ, _MAP_SHARED, fd, start)
-        if address is None or address == _MAP_FAILED:
-            return None
-        _madvise(address, size, _MADV_SEQUENTIAL)
-        # fills every page or fails (EINVAL before Linux 5.14, EFAULT past the end of
-        # the file): never a SIGBUS on a short file, as touching the mapping would be
-        if _madvise(address, size, _MADV_POPULATE_READ) != 0:
-            _munmap(address, size)
-            return None
-        return cls(address, size, offset - start, length, bytearray() if token is None else token)
-
-    def close(self) -> bytearray:
-        """Unmap (once); the bounce buffer whose place it took, free again."""
-        if self._size:
-            self.view.release()
-            _munmap(self._address, self._size)  # type: ignore[misc]
-            self._size = 0
-        return self.token
+        _madvise = None
 
 
 def chunk_size(total: int) -> int:
@@ -118,27 +54,24 @@ def chunk_size(total: int) -> int:
     return size - size % _PAGE
 
 
-def split(offset: int, length: int, chunk: int,
-          view: Union[memoryview, None, _Mapped] = None) -> Iterator[Segment]:
-    """``[offset, offset + length)`` in pieces of at most ``chunk`` bytes (of ``view`` if
-    it is memory; ``None`` or ``MAPPED`` for every piece otherwise)."""
+def split(offset: int, length: int, chunk: int, view: Optional[memoryview] = None) -> Iterator[Segment]:
+    """``[offset, offset + length)`` in pieces of at most ``chunk`` bytes (of ``view`` if given)."""
     done = 0
     while done < length:
         n = min(chunk, length - done)
-        yield offset + done, n, (view[done: done + n] if isinstance(view, memoryview) else view)
+        yield offset + done, n, (view[done: done + n] if view is not None else None)
         done += n
 
 
 class Reader:
     """Reads ``segments`` in order (on a thread for large reads); iterate for
-    ``(offset, view, bounced)``: the bytes read, in a bounce buffer or a mapping of the
-    file (valid until the next item is taken) where ``bounced``, else in the segment's
-    own destination."""
+    ``(offset, view, bounced)``: the bytes read, in a bounce buffer (valid until the
+    next item is taken) where ``bounced``, else in the segment's own destination."""
 
     def __init__(self, read_at: ReadAt, fd: int, segments: List[Segment], chunk: int, threaded: bool) -> None:
         self._read_at, self._fd, self._segments = read_at, fd, segments
         self._threaded = threaded and len(segments) > 1
-        need = max((n for _, n, v in segments if not isinstance(v, memoryview)), default=0)
+        need = max((n for _, n, v in segments if v is None), default=0)
         count = BOUNCES if self._threaded else 1
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(count if need else 0):
@@ -146,20 +79,15 @@ class Reader:
         self._ready: queue.SimpleQueue[Optional[_Item]] = queue.SimpleQueue()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
-        self._held: Union[bytearray, _Mapping, None] = None  # what the caller has now
 
     def __iter__(self) -> Iterator[Tuple[int, memoryview, bool]]:
         if not self._threaded:
-            try:
-                for offset, n, view in self._segments:
-                    target, self._held = self._target(view, offset, n)
-                    if not isinstance(self._held, _Mapping):
-                        self._read_at(self._fd, target, offset)
-                    yield offset, target, self._held is not None
-                    self._release(self._held)
-                    self._held = None
-            finally:
-                self.close()
+            for offset, n, view in self._segments:
+                target, buffer = self._target(view, n)
+                self._read_at(self._fd, target, offset)
+                yield offset, target, buffer is not None
+                if buffer is not None:
+                    self._free.put(buffer)
             return
         self._thread = threading.Thread(target=self._run, name="ckpt-read", daemon=True)
         self._thread.start()
@@ -170,10 +98,10 @@ class Reader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                offset, target, self._held = item
-                yield offset, target, self._held is not None
-                self._release(self._held)
-                self._held = None
+                offset, target, buffer = item
+                yield offset, target, buffer is not None
+                if buffer is not None:
+                    self._free.put(buffer)
         finally:
             self.close()
 
@@ -182,50 +110,29 @@ class Reader:
             for offset, n, view in self._segments:
                 if self._stop:
                     return
-                target, buffer = self._target(view, offset, n)
+                target, buffer = self._target(view, n)
                 if self._stop:
-                    self._release(buffer)
                     return
-                if not isinstance(buffer, _Mapping):
-                    self._read_at(self._fd, target, offset)
+                self._read_at(self._fd, target, offset)
                 self._ready.put((offset, target, buffer))
             self._ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
             self._ready.put(e)
 
-    def _target(self, view: Union[memoryview, None, _Mapped], offset: int,
-                n: int) -> Tuple[memoryview, Union[bytearray, _Mapping, None]]:
-        """Where a segment's bytes go: its own view, the file's pages (mapped and read
-        in already), or a bounce buffer (waited for; also where a mapping fails)."""
-        if isinstance(view, memoryview):
+    def _target(self, view: Optional[memoryview], n: int) -> Tuple[memoryview, Optional[bytearray]]:
+        """Where a segment's bytes go: its own view, or a bounce buffer (waited for)."""
+        if view is not None:
             return view, None
-        buffer = self._free.get()  # a mapping takes a buffer's place: as few in flight
-        if view is MAPPED and not self._stop:
-            mapping = _Mapping.of(self._fd, offset, n, buffer)
-            if mapping is not None:
-                return mapping.view, mapping
+        buffer = self._free.get()
         return memoryview(buffer)[:n], buffer
 
-    def _release(self, buffer: Union[bytearray, _Mapping, None]) -> None:
-        if isinstance(buffer, _Mapping):
-            self._free.put(buffer.close())
-        elif buffer is not None:
-            self._free.put(buffer)
-
     def close(self) -> None:
-        """Stop the reader (it may be waiting for a bounce buffer), wait for it, and
-        unmap what it read ahead but nobody took, and what the caller holds."""
+        """Stop the reader (it may be waiting for a bounce buffer) and wait for it."""
         self._stop = True
-        if isinstance(self._held, _Mapping):
-            self._held.close()
         if self._thread is not None:
             self._free.put(bytearray(1))  # wakes a reader waiting for a buffer
             self._thread.join()
             self._thread = None
-            while not self._ready.empty():
-                item = self._ready.get()
-                if isinstance(item, tuple):
-                    self._release(item[2])
 
 
 def prefetch(fd: int, nbytes: int, offset: int = 0) -> None:
