@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 import warnings
 import zipfile
@@ -134,6 +135,36 @@ def test_read_in_pieces_on_a_thread_bit_exact(tmp_path: Path, direct_calls: List
 
 def test_read_in_pieces_on_a_thread_damage_is_found_first(tmp_path: Path, small_pieces: None) -> None:
     test_a_damaged_tensor_record_is_found_before_anything_is_applied(tmp_path)
+
+
+
+def test_damage_in_any_record_is_found_before_anything_is_applied(tmp_path: Path, small_pieces: None) -> None:
+    """Read in pieces on a thread: a byte flipped in any one record, one read into a
+    live tensor later or one read into fresh optimizer state, fails the resume with the
+    model and the optimizer untouched."""
+    good = tmp_path / "good"
+    _trained(good)
+    (path,) = good.glob("*.pt")
+    with zipfile.ZipFile(path) as archive:
+        heads = [i.header_offset for i in archive.infolist() if "/data/" in i.filename and i.file_size]
+    for i, head in enumerate(heads):
+        run = tmp_path / f"flip{i}"
+        shutil.copytree(good, run)
+        data = bytearray((run / path.name).read_bytes())
+        name_len, extra_len = struct.unpack("<HH", data[head + 26: head + 30])  # the local header's
+        data[head + 30 + name_len + extra_len] ^= 0x02
+        (run / path.name).write_bytes(bytes(data))
+        fresh = _model()
+        fresh_opt = torch.optim.Adam(fresh.parameters())
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with CheckpointManager(run, model=fresh, optimizer=fresh_opt) as mgr, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(CheckpointNotFoundError):
+                mgr.resume()
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, before[k]), (head, k)
+        assert fresh_opt.state_dict()["state"] == {}
+    assert len(heads) > 10
 
 
 def test_damage_in_the_second_stream_is_found_before_anything_is_applied(tmp_path: Path,
