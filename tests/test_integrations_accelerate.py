@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -61,23 +61,15 @@ def test_prepared_objects_resume_mid_epoch_exactly(tmp_path: Path, stop: int) ->
     assert same_weights(resumed, full)
 
 
-@pytest.fixture(scope="module")
-def zygote() -> Iterator[trainer_runs.Zygote]:
-    """One import of torch and accelerate for this module's runs, each forked from it."""
-    yield from trainer_runs.zygote("accelerate")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2], ids=["1-process", "2-processes"])
-def test_killed_fit_resumes_bit_exact(tmp_path: Path, ranks: int, request: pytest.FixtureRequest) -> None:
+def test_killed_fit_resumes_bit_exact(tmp_path: Path, ranks: int) -> None:
     """One launch runs the uninterrupted fit, then the fit that is SIGKILLed (every rank, by
     PID) after its mid-epoch save at step 8 of 12; a second launch resumes it."""
     launcher = trainer_runs.TORCHRUN_2 if ranks == 2 else (sys.executable,)
-    zygote = request.getfixturevalue("zygote") if ranks == 1 else None  # torchrun starts its own ranks
     run, full = tmp_path / "run", tmp_path / "full.pt"
     trainer_runs.run_and_kill("accelerate", run, lambda d: full.exists() and trainer_runs.saves(d) >= 2,
-                              "--full", str(full), out=tmp_path / "killed.pt", ranks=ranks, launcher=launcher,
-                              zygote=zygote)
+                              "--full", str(full), out=tmp_path / "killed.pt", ranks=ranks, launcher=launcher)
     assert not (tmp_path / "killed.pt").exists(), "the kill came too late to test a resume"
-    trainer_runs.run("accelerate", run, tmp_path / "resumed.pt", "--resume", launcher=launcher, zygote=zygote)
+    trainer_runs.run("accelerate", run, tmp_path / "resumed.pt", "--resume", launcher=launcher)
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(full))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -18,20 +18,14 @@ from ckpt.errors import CorruptCheckpointError  # noqa: E402
 from ckpt.integrations.ignite import CkptSaver, last_checkpoint, load  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def zygote() -> Iterator[trainer_runs.Zygote]:
-    """One import of torch and ignite for this module's runs, each forked from it."""
-    yield from trainer_runs.zygote("ignite")
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_bit_exact(tmp_path: Path, zygote: trainer_runs.Zygote) -> None:
+def test_killed_run_resumes_bit_exact(tmp_path: Path) -> None:
     run, full = tmp_path / "run", tmp_path / "full.pt"
     trainer_runs.run_and_kill("ignite", run, lambda d: full.exists() and any(d.glob("checkpoint_3.pt.ckpt-sum")),
-                              "--full", str(full), zygote=zygote)  # one launch: the uninterrupted run, the killed one
+                              "--full", str(full))  # one launch: the uninterrupted run, then the killed one
     start = last_checkpoint(str(run))
     assert start is not None and torch.load(start)["trainer"]["iteration"] < 6 * trainer_runs.EPOCHS
-    trainer_runs.run("ignite", run, tmp_path / "resumed.pt", "--resume", zygote=zygote)
+    trainer_runs.run("ignite", run, tmp_path / "resumed.pt", "--resume")
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
     files = {p.name for p in run.glob("*.pt")}  # a new Checkpoint handler does not rediscover old files
     assert {"checkpoint_5.pt", "checkpoint_6.pt"} <= files

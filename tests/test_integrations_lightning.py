@@ -30,24 +30,24 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> trainer_runs.Baseline:
 
 
 @pytest.fixture(scope="module")
-def zygote() -> Iterator[trainer_runs.Zygote]:
-    """One import of torch and lightning for this module's runs, each forked from it."""
-    yield from trainer_runs.zygote("lightning")
+def zygotes() -> Iterator[trainer_runs.Zygotes]:
+    """Two imports of torch and lightning for this module's four runs, each forked from one."""
+    yield from trainer_runs.zygotes("lightning")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [(), ("--async",)], ids=["sync", "async"])
 def test_killed_fit_resumes_bit_exact(tmp_path: Path, baseline: trainer_runs.Baseline, flags: tuple,
-                                     zygote: trainer_runs.Zygote) -> None:
+                                     zygotes: trainer_runs.Zygotes) -> None:
     run = tmp_path / "run"
     trainer_runs.run_and_kill("lightning", run, lambda d: baseline.ready(d) and _saved(3)(d), *flags,
-                              *baseline.flags(), zygote=zygote)
+                              *baseline.flags(), zygote=zygotes.killed)
     uninterrupted = baseline.weights()
     start = last_checkpoint(run)
     assert start is not None
     done = torch.load(start, weights_only=True)["epoch"]
     assert done < trainer_runs.EPOCHS - 1, "the kill came too late to test a resume"
-    trainer_runs.run("lightning", run, tmp_path / "w.pt", "--resume", *flags, zygote=zygote)
+    trainer_runs.run("lightning", run, tmp_path / "w.pt", "--resume", *flags, zygote=zygotes.resumed)
     assert same_weights(torch.load(tmp_path / "w.pt"), uninterrupted)
     # ModelCheckpoint's top-k removal went through the plug-in: every sidecar went with its file.
     # (A resumed ModelCheckpoint forgets its top-k list, so the resume point itself may stay.)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -18,19 +17,13 @@ from ckpt import CheckpointManager  # noqa: E402
 from ckpt.errors import StateMismatchError  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def zygote() -> Iterator[trainer_runs.Zygote]:
-    """One import of torch and torchdata for this module's runs, each forked from it."""
-    yield from trainer_runs.zygote("torchdata")
-
-
 @pytest.mark.slow
-def test_killed_mid_epoch_resumes_bit_exact_without_generator(tmp_path: Path, zygote: trainer_runs.Zygote) -> None:
+def test_killed_mid_epoch_resumes_bit_exact_without_generator(tmp_path: Path) -> None:
     run, full = tmp_path / "run", tmp_path / "full.pt"
     # one launch: the uninterrupted run, then the one killed after step 15 (inside epoch 1 of 12 steps)
     trainer_runs.run_and_kill("torchdata", run, lambda d: full.exists() and trainer_runs.saves(d) >= 3,
-                              "--full", str(full), zygote=zygote)
-    trainer_runs.run("torchdata", run, tmp_path / "resumed.pt", "--resume", zygote=zygote)
+                              "--full", str(full))
+    trainer_runs.run("torchdata", run, tmp_path / "resumed.pt", "--resume")
     assert same_weights(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
 
 

@@ -31,9 +31,9 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> trainer_runs.Baseline:
 
 
 @pytest.fixture(scope="module")
-def zygote() -> Iterator[trainer_runs.Zygote]:
-    """One import of torch and hf for this module's runs, each forked from it."""
-    yield from trainer_runs.zygote("hf")
+def zygotes() -> Iterator[trainer_runs.Zygotes]:
+    """Two imports of torch and hf for this module's four runs, each forked from one."""
+    yield from trainer_runs.zygotes("hf")
 
 
 def _writing_second(d: Path) -> bool:
@@ -44,16 +44,16 @@ def _writing_second(d: Path) -> bool:
 
 @pytest.mark.slow
 def test_kill_during_save_never_resumes_from_it_and_resume_is_bit_exact(
-        tmp_path: Path, baseline: trainer_runs.Baseline, zygote: trainer_runs.Zygote) -> None:
+        tmp_path: Path, baseline: trainer_runs.Baseline, zygotes: trainer_runs.Zygotes) -> None:
     run = tmp_path / "run"
     trainer_runs.run_and_kill("hf", run, lambda d: baseline.ready(d) and _writing_second(d), *baseline.flags(),
-                              zygote=zygote)
+                              zygote=zygotes.killed)
     uninterrupted = baseline.weights()
     # the Trainer's own choice is the half-written directory; ckpt's is the committed one
     assert get_last_checkpoint(str(run)) == str(run / f"checkpoint-{SECOND}")
     with pytest.warns(UserWarning, match=f"checkpoint-{SECOND}"):
         assert last_checkpoint(run) == str(run / f"checkpoint-{trainer_runs.HF_SAVE_EVERY}")
-    trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume", zygote=zygote)
+    trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume", zygote=zygotes.resumed)
     assert same_weights(torch.load(tmp_path / "resumed.pt"), uninterrupted)
     # save_total_limit=1, applied by ckpt after each commit: only the newest committed remains
     left = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
@@ -90,14 +90,14 @@ def test_damaged_and_incomplete_directories_are_skipped(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_with_jit_checkpoint_is_committed_and_resumes_bit_exact(
-        tmp_path: Path, baseline: trainer_runs.Baseline, zygote: trainer_runs.Zygote) -> None:
+        tmp_path: Path, baseline: trainer_runs.Baseline, zygotes: trainer_runs.Zygotes) -> None:
     """transformers' enable_jit_checkpoint saves on SIGTERM without calling on_save: ckpt
     commits that checkpoint at the end of training, and a resume from it is exact."""
     run = tmp_path / "run"
     first = f"checkpoint-{trainer_runs.HF_SAVE_EVERY}"
     trainer_runs.run_and_kill("hf", run, lambda d: baseline.ready(d) and (d / first / MANIFEST).exists(),
                               "--jit", *baseline.flags(), sig=signal.SIGTERM, status=0,  # it stops by itself
-                              zygote=zygote)
+                              zygote=zygotes.killed)
     uninterrupted = baseline.weights()
     start = last_checkpoint(run)
     assert start is not None
@@ -110,7 +110,7 @@ def test_sigterm_with_jit_checkpoint_is_committed_and_resumes_bit_exact(
     jit = [d.name for d in run.glob("checkpoint-*")
            if (d / MANIFEST).exists() and json.loads((d / MANIFEST).read_text()).get("jit") is True]
     assert jit, f"no committed JIT checkpoint among {sorted(p.name for p in run.glob('checkpoint-*'))}"
-    trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume", zygote=zygote)
+    trainer_runs.run("hf", run, tmp_path / "resumed.pt", "--resume", zygote=zygotes.resumed)
     assert same_weights(torch.load(tmp_path / "resumed.pt"), uninterrupted)
 
 

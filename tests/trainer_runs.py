@@ -3,9 +3,11 @@
 Run as a script (``python tests/trainer_runs.py TRAINER DIR OUT [--resume] [--slow]
 [--async]``) so that a test can SIGKILL it from outside; the final weights go to OUT.
 Imported as ``trainer_runs`` (the tests folder is on ``sys.path``) for the kill harness.
-A test module's single-process runs go through one :class:`Zygote`: an interpreter that
-imports torch and the trainer once and forks each run (a forked run still dies by a real
-SIGKILL), instead of paying that import (up to 8 s of CPU for Lightning) per run.
+The Lightning and HF modules' single-process runs fork from a pair of zygotes:
+interpreters that imported torch and the trainer once (a forked run still dies by a real
+SIGKILL), instead of paying that import (up to 8 s of CPU for Lightning) per run. The
+killed runs fork from one, the resumes from the other: a resume still starts in another
+interpreter than the run it resumes (its own hash seed and address layout).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -398,10 +400,7 @@ class Baseline:
 
 #: What a zygote imports before its first fork, by trainer (the costly part of a run's start).
 WARM = {"lightning": ("pytorch_lightning", "ckpt.integrations.lightning"),
-        "hf": ("transformers", "ckpt.integrations.transformers"),
-        "ignite": ("ignite.engine", "ignite.handlers", "ckpt.integrations.ignite"),
-        "torchdata": ("torchdata.stateful_dataloader", "ckpt"),
-        "accelerate": ("accelerate", "ckpt")}
+        "hf": ("transformers", "ckpt.integrations.transformers")}
 
 
 class Forked:
@@ -433,13 +432,16 @@ class Zygote:
     """``python trainer_runs.py --zygote TRAINER``: imports once, then forks one run per
     request (one at a time). ``close()`` ends and reaps it (a test module's fixture)."""
 
-    def __init__(self, trainer: str, timeout: float = 300) -> None:
+    def __init__(self, trainer: str) -> None:
+        self.trainer = trainer
         self.proc = subprocess.Popen([sys.executable, str(HERE), "--zygote", trainer], env=_env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      start_new_session=True)
+
+    def ready(self, timeout: float = 300) -> None:
+        """Wait until it imported all it needs."""
         if self.line(timeout) != "ready":
-            self.close()
-            raise AssertionError(f"the {trainer} zygote did not start within {timeout:.0f} s")
+            raise AssertionError(f"the {self.trainer} zygote did not start within {timeout:.0f} s")
 
     def line(self, timeout: float) -> Optional[str]:
         """The zygote's next line, or None if none within ``timeout`` s (it ended: an error)."""
@@ -476,18 +478,29 @@ class Zygote:
                 self.proc.stdout.close()
 
 
-def zygote(trainer: str) -> Iterator[Zygote]:
-    """A test module's fixture: ``yield from trainer_runs.zygote("hf")`` (closed at its end;
-    until then one of the session's children, like the moto server, for the check in conftest)."""
+class Zygotes(NamedTuple):
+    """Runs to kill fork from ``killed``, their resumes from ``resumed``: two interpreters."""
+
+    killed: Zygote
+    resumed: Zygote
+
+
+def zygotes(trainer: str) -> Iterator[Zygotes]:
+    """A test module's fixture: ``yield from trainer_runs.zygotes("hf")`` (both started at
+    once, closed at its end; until then children of the session, like the moto server, for
+    the check in conftest)."""
     from tests import children
 
-    z = Zygote(trainer)
-    children.SESSION.add(z.proc.pid)
+    pair = Zygotes(Zygote(trainer), Zygote(trainer))
+    children.SESSION.update(z.proc.pid for z in pair)
     try:
-        yield z
+        for z in pair:
+            z.ready()
+        yield pair
     finally:
-        z.close()
-        children.SESSION.discard(z.proc.pid)
+        for z in pair:
+            z.close()
+            children.SESSION.discard(z.proc.pid)
 
 
 def _serve(trainer: str) -> None:
