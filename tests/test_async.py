@@ -351,17 +351,24 @@ def test_an_error_nobody_collected_is_logged_at_exit(tmp_path: Path) -> None:
     assert "background save of epoch 0, step 0" in err and "FAILED" in err and "No space left" in err
 
 
-def test_a_child_forked_during_a_save_exits() -> None:
-    """The exit waits for the saves in flight of this process, not for its parent's: a
-    child forked while the parent's writer thread was busy has no such thread."""
+@pytest.mark.parametrize("child_does", ["exit", "close"])
+def test_a_child_forked_during_a_save_exits(child_does: str) -> None:
+    """The exit, and the writer's wait/close (a ``with CheckpointManager`` left in the
+    child), wait for the saves in flight of this process, not for its parent's: a child
+    forked while the parent's writer thread was busy has no such thread."""
     script = textwrap.dedent("""
         import os, signal, sys, threading, time
-        from ckpt.background.writer import _Worker
+        from ckpt.background.writer import AsyncWriter, _Worker
         release = threading.Event()
         worker = _Worker()
         worker.run(release.wait)        # the parent's save, in flight at the fork
+        writer = AsyncWriter("run")
+        writer.start("epoch 0, step 0", release.wait)
         pid = os.fork()
         if pid == 0:
+            if sys.argv[1] == "close":
+                assert not writer.busy()
+                writer.close()          # must not wait for the parent's save
             sys.exit(0)                 # the child's normal exit: must not wait for it
         deadline, done = time.monotonic() + 30, (0, 0)
         while done == (0, 0) and time.monotonic() < deadline:
@@ -370,9 +377,10 @@ def test_a_child_forked_during_a_save_exits() -> None:
         if done == (0, 0):                  # still there: it hung in its exit
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        print("child", "hung" if done == (0, 0) else "exited")
+        print("child", "hung" if done == (0, 0) else f"exited {os.waitstatus_to_exitcode(done[1])}")
         release.set()
         worker.join()
+        writer.close()
     """)
-    (out,) = reap(spawn(script), timeout=60)
-    assert "child exited" in out, out
+    (out,) = reap(spawn(script, child_does), timeout=60)
+    assert "child exited 0" in out, out

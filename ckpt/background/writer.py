@@ -194,10 +194,12 @@ class _Worker:
         self._jobs.put(job)  # only now can the thread take the GIL the caller needs to return
 
     def busy(self) -> bool:
-        return not self._idle.is_set()
+        """In a forked child, never: its parent's job runs on a thread the child lacks."""
+        return self.pid == os.getpid() and not self._idle.is_set()
 
     def join(self) -> None:
-        self._idle.wait()
+        if self.busy():
+            self._idle.wait()
 
     def stop(self) -> None:
         """End the thread once its job is done (not waited for)."""
