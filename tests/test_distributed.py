@@ -17,6 +17,7 @@ from dist_harness import kill_self, launch, run
 from helpers import equal, fsdp_mlp, full_state
 
 from ckpt.distributed import collective as cd
+from ckpt.distributed.dtensors import has_dtensor
 
 # ---------------------------------------------------------------- bounded collectives
 
@@ -183,8 +184,8 @@ def test_rng_for_rank_at_another_world_size_keeps_own_streams() -> None:
 
 def test_has_dtensor_finds_nothing_in_plain_state() -> None:
     model = torch.nn.Linear(2, 2)
-    assert not cd.has_dtensor({"model": model.state_dict(), "list": [torch.zeros(1)], "n": 3})
-    assert not cd.has_dtensor(model)
+    assert not has_dtensor({"model": model.state_dict(), "list": [torch.zeros(1)], "n": 3})
+    assert not has_dtensor(model)
 
 
 # ------------------------------------------------------------- sharded checkpoints (DCP)
@@ -204,7 +205,7 @@ def _save_rank(rank: int, world: int, root: Path) -> tuple:
     ctx = cd.context(timeout=30)
     model, opt = fsdp_mlp(world, seed=0)
     _train(model, opt)
-    assert cd.has_dtensor(model) and cd.has_dtensor(opt.state_dict())
+    assert has_dtensor(model) and has_dtensor(opt.state_dict())
     rngs = cd.gather_rng(ctx, {"torch": torch.get_rng_state()}, timeout=10)
     manifest = save_sharded(ctx, root / ".tmp-e3", root / "e3", {"model": model, "optimizer": opt},
                             {"epoch": 3, "rng": rngs}, timeout=10)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt import CheckpointManager
-from ckpt.format import torchzip
+from ckpt.format import torchpickle, torchzip
 from ckpt.io.checksum import file_checksum, format_checksum
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -273,11 +273,11 @@ def test_the_switching_pickler_writes_the_method_picklers_bytes() -> None:
            "tied": [shared, shared[2:], {"again": shared.view(2, 3)}], "n": (1, 2.5, "s", None, b"x"),
            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4, dtype=torch.float16)}}}}
     out = []
-    for cls in (torchzip._MethodPickler, torchzip._TogglingPickler):
+    for cls in (torchpickle._MethodPickler, torchpickle._TogglingPickler):
         buffer = io.BytesIO()
         cls(buffer).dump(obj)
         out.append(buffer.getvalue())
-    if torchzip._pickler_class() is torchzip._TogglingPickler:
+    if torchpickle._pickler_class() is torchpickle._TogglingPickler:
         assert out[0] == out[1]
     else:  # this interpreter ignores the switch: the method pickler is the one used
-        assert torchzip._pickler_class() is torchzip._MethodPickler
+        assert torchpickle._pickler_class() is torchpickle._MethodPickler

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
 import torch.distributed as dist
 
 from ..errors import CkptError, CollectiveError, CollectiveTimeoutError, ConfigError, RankLostError, to_wire
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
 
 RngState = dict[str, Any]
 __all__ = ["CollectiveError", "CollectiveTimeoutError", "Group", "RankLostError", "agree", "broadcast_object",
-           "context", "default_timeout", "gather_rng", "has_dtensor", "rng_for_rank", "scatter_rng", "sync"]
+           "context", "default_timeout", "gather_rng", "rng_for_rank", "scatter_rng", "sync"]
 #: Seconds between a rank's heartbeats, and without one after which a missing rank counts as lost.
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 15.0
@@ -387,24 +386,3 @@ def scatter_rng(ctx: Group, saved: Sequence[RngState] | RngState | None, *,
         rng_for_rank(ctx, entries)  # the warning
         posts = {f"s{r}": dict(entries[r]) if r < len(entries) else None for r in range(ctx.world_size)}
     return cast(RngState | None, _rendezvous(ctx, "scatter_rng", timeout, posts, [f"s{ctx.rank}"])[0])
-
-
-def has_dtensor(states: Any) -> bool:
-    """Whether a ``DTensor`` is anywhere in ``states``: nested state dicts, lists, or modules
-    (their parameters and buffers). Decides between one replicated file and a sharded directory."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    def walk(obj: Any) -> bool:
-        if isinstance(obj, DTensor):
-            return True
-        if isinstance(obj, torch.nn.Module):
-            return any(isinstance(t, DTensor) for t in itertools.chain(obj.parameters(), obj.buffers()))
-        if isinstance(obj, Mapping):
-            return any(walk(v) for v in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return any(walk(v) for v in obj)
-        return False
-
-    return walk(states)

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import record, state
-from ..distributed import agreement, nodecache
+from ..distributed import agreement, dtensors, nodecache
 from ..distributed import collective as cl
 from ..distributed.failures import first_failure
 from ..errors import to_wire
@@ -173,7 +173,7 @@ class CollectiveEngine(Restoring):
         job = None
         try:
             args = saving.checked(mgr, epoch, step, metrics, extra, mid_epoch, overwrite)
-            sharded = cl.has_dtensor(list(mgr.trackables.values()))
+            sharded = dtensors.has_dtensor(list(mgr.trackables.values()))
             rng = state.capture_rng() if self.saves is None else None  # async: gathered in the background
             payload = (agreement.call(args[0], args[1], args[2], sharded, mgr.policy, args[4], _settings(mgr)), rng)
             if self.saves is not None:
