@@ -21,6 +21,7 @@ so the index and retention change only once the file is durable.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import logging
@@ -229,7 +230,9 @@ def _drain() -> None:
         idle.wait()
 
 
-threading._register_atexit(_drain)  # type: ignore[attr-defined]  # as concurrent.futures does (3.9+)
+# Before daemon threads stop, as concurrent.futures does (3.9+); a Python without the
+# private hook runs it with the atexit handlers, while daemon threads still run.
+getattr(threading, "_register_atexit", atexit.register)(_drain)
 # A forked child has none of its parent's threads: an event cleared by a save in flight
 # at the fork would never be set there, and the child's exit would wait for it forever.
 os.register_at_fork(after_in_child=_LIVE.clear)
