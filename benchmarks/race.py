@@ -220,12 +220,12 @@ def targets(s: Dict[str, Any], tensors: int = 0) -> List[Tuple[str, str, Optiona
     for peer in ("dcp_default", "dcp_threads", "safetensors", "torch_atomic"):
         if peer in s:
             best = c["best"] / s[peer]["best"]
+            median = 1 / s[peer]["vs_ckpt"]  # met: by the best rounds and by the median round
             rows.append((f"ckpt sync ≤ 1.0x {peer} (best vs best; median of per-round ratios)",
-                         f"{best:.2f}x; {1 / s[peer]['vs_ckpt']:.2f}x", best <= 1.0))
-    speed = s["best_floor"]["best"] / c["best"]
-    rows.append(("ckpt sync ≥ 0.8x the best durable write's speed (best rounds; median of rounds; worst round)",
-                 f"{speed:.2f}x; {c['speed_vs_floor']:.2f}x; {c.get('speed_vs_floor_worst', float('nan')):.2f}x",
-                 speed >= 0.8))
+                         f"{best:.2f}x; {median:.2f}x", best <= 1.0 and median <= 1.0))
+    speed, worst = s["best_floor"]["best"] / c["best"], c.get("speed_vs_floor_worst", float("nan"))
+    rows.append(("ckpt sync ≥ 0.8x the best durable write's speed in every round (best rounds; median of "
+                 "rounds; worst round)", f"{speed:.2f}x; {c['speed_vs_floor']:.2f}x; {worst:.2f}x", worst >= 0.8))
     a, copy = s["ckpt_async"], s["copy_floor"]
     stall = a["stall_median"] / copy["median"]
     per_round = statistics.median(r["stall"] / c["time"] for r, c in zip(a["runs"], copy["runs"]))
