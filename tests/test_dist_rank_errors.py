@@ -134,21 +134,27 @@ def test_options_that_differ_across_ranks_raise_a_config_error_on_every_rank_at_
     assert not [p for p in tmp_path.rglob("ckpt-e*")]
 
 
+def _die_at_the_commit_broadcast() -> None:
+    """This rank SIGKILLs itself when the commit's outcome is broadcast."""
+    from ckpt.distributed import collective as cd
+
+    real = cd.broadcast_object
+
+    def broadcast(*args: Any, **kwargs: Any) -> Any:
+        if "(commit)" in kwargs.get("what", ""):
+            kill_self()
+        return real(*args, **kwargs)
+    cd.broadcast_object = broadcast
+
+
 def _lost_after_its_part(rank: int, world: int, directory: str, async_save: bool) -> dict:
     from ckpt import CheckpointManager
-    from ckpt.distributed import collective as cd
 
     mgr = CheckpointManager(directory, model=torch.nn.Linear(4, 4), async_save=async_save, collective_timeout=60)
     mgr.save(epoch=0)
     mgr.wait()
     if rank == 1:  # killed once its part (its RNG state) reached rank 0, before the commit's outcome
-        real = cd.broadcast_object
-
-        def broadcast(*args: Any, **kwargs: Any) -> Any:
-            if "(commit)" in kwargs.get("what", ""):
-                kill_self()
-            return real(*args, **kwargs)
-        cd.broadcast_object = broadcast
+        _die_at_the_commit_broadcast()
     try:
         mgr.save(epoch=1)
         mgr.wait()
@@ -201,13 +207,7 @@ def _lost_with_a_survivor(rank: int, world: int, directory: str, async_save: boo
     mgr.save(epoch=0)
     mgr.wait()
     if rank == 1:  # killed once its part (its RNG state) reached rank 0, before the commit's outcome
-        real = cd.broadcast_object
-
-        def broadcast(*args: Any, **kwargs: Any) -> Any:
-            if "(commit)" in kwargs.get("what", ""):
-                kill_self()
-            return real(*args, **kwargs)
-        cd.broadcast_object = broadcast
+        _die_at_the_commit_broadcast()
     if rank == 2 and case == "committed late":  # tells rank 0 that it gave up on rank 1
         real_lost = cd.lost_error
 
